@@ -1,0 +1,421 @@
+//! Emits the Rust source for the validated tables.
+//!
+//! The output is deterministic (table order, fixed phf seed) and formatted with
+//! prettyplease, so a diff of the generated code is a diff of the data.
+
+use proc_macro2::{Ident, Literal, Span, TokenStream};
+use quote::quote;
+use unicase::Ascii;
+
+use super::dfa;
+use super::diag::Source;
+use super::validate::{PatternKind, Profile, Tables};
+
+/// `small` -> `Small`, `m1` -> `M1`, `x_large` -> `XLarge`.
+pub fn camel(name: &str) -> String {
+    name.split('_')
+        .map(|part| {
+            let mut chars = part.chars();
+            match chars.next() {
+                Some(c) => c.to_ascii_uppercase().to_string() + chars.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect()
+}
+
+fn ident(name: &str) -> Ident {
+    Ident::new(name, Span::call_site())
+}
+
+/// FNV-1a, 64 bits: enough to tell table versions apart in the provenance
+/// header (not a security hash; a dependency would be heavier than these
+/// five lines).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A `phf::Map<Ascii<&'static str>, V>` static, keys compared ASCII
+/// case-insensitively.
+fn phf_map(
+    name: &str,
+    value_ty: TokenStream,
+    doc: &str,
+    entries: &[(String, String)],
+) -> TokenStream {
+    let mut map = phf_codegen::Map::<Ascii<&str>>::new();
+    map.phf_path("::phf");
+    for (k, v) in entries {
+        map.entry(Ascii::new(k.as_str()), v.as_str());
+    }
+    let body: TokenStream = map
+        .build()
+        .to_string()
+        .parse()
+        .expect("phf_codegen emits valid Rust");
+    let name = ident(name);
+    let doc = format!(" {doc}");
+    quote! {
+        #[doc = #doc]
+        pub static #name: ::phf::Map<Ascii<&'static str>, #value_ty> = #body;
+    }
+}
+
+/// A fieldless enum over table names, with `ALL`, `name()` and a phf lookup.
+fn name_enum(ty: &str, doc: &str, names: &[String], lookup: &str) -> TokenStream {
+    let ty_ident = ident(ty);
+    let variants: Vec<Ident> = names.iter().map(|n| ident(&camel(n))).collect();
+    let n = Literal::usize_unsuffixed(names.len());
+    let docs: Vec<String> = names.iter().map(|n| format!(" `{n}`")).collect();
+    let doc = format!(" {doc}");
+    let entries: Vec<(String, String)> = names
+        .iter()
+        .zip(&variants)
+        .map(|(name, v)| (name.clone(), format!("{ty}::{v}")))
+        .collect();
+    let map = phf_map(
+        lookup,
+        quote!(#ty_ident),
+        &format!("[`{ty}`] by name, ASCII case-insensitive."),
+        &entries,
+    );
+    quote! {
+        #[doc = #doc]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum #ty_ident {
+            #( #[doc = #docs] #variants, )*
+        }
+        impl #ty_ident {
+            /// Every value, in table order.
+            pub const ALL: [#ty_ident; #n] = [ #( #ty_ident::#variants ),* ];
+            /// The name used in the tables and in profiles.
+            pub const fn name(self) -> &'static str {
+                match self { #( #ty_ident::#variants => #names, )* }
+            }
+            /// Position in table order.
+            pub const fn index(self) -> usize {
+                self as usize
+            }
+        }
+        #map
+    }
+}
+
+fn u32_lit(v: u32) -> Literal {
+    Literal::u32_unsuffixed(v)
+}
+
+fn u64_lit(v: u64) -> Literal {
+    Literal::u64_unsuffixed(v)
+}
+
+fn f64_lit(v: f64) -> Literal {
+    Literal::f64_unsuffixed(v)
+}
+
+fn profile_expr(t: &Tables, p: &Profile) -> TokenStream {
+    let batch = u32_lit(p.batch_size);
+    let rank = u32_lit(p.lora_rank);
+    let layers = u32_lit(p.lora_num_layers);
+    let gc = p.grad_checkpoint;
+    let tier = ident(&camel(&t.tiers[p.tier]));
+    quote! {
+        Profile {
+            batch_size: #batch,
+            lora_rank: #rank,
+            lora_num_layers: #layers,
+            grad_checkpoint: #gc,
+            model_tier: Tier::#tier,
+        }
+    }
+}
+
+fn aligned_dfa(name: &str, file: &str, doc: &str) -> TokenStream {
+    let name = ident(name);
+    let path = format!("/{file}");
+    let doc = format!(" {doc}");
+    quote! {
+        #[doc = #doc]
+        pub static #name: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
+            _align: [],
+            bytes: *include_bytes!(concat!(env!("OUT_DIR"), #path)),
+        };
+    }
+}
+
+/// The whole generated file.
+pub fn emit(t: &Tables, sources: &[Source]) -> String {
+    let mut items = Vec::new();
+
+    // Tiers and categories.
+    items.push(name_enum(
+        "Tier",
+        "Model tiers, smallest first (`tables/size.toml`, `[tiers]`).",
+        &t.tiers,
+        "TIER_BY_NAME",
+    ));
+    let default_tier = ident(&camel(&t.tiers[t.default_tier]));
+    items.push(quote! {
+        impl Tier {
+            /// The tier of a profile whose tier is missing or unknown.
+            pub const DEFAULT: Tier = Tier::#default_tier;
+        }
+    });
+    let cat_names: Vec<String> = t.categories.iter().map(|c| c.name.clone()).collect();
+    items.push(name_enum(
+        "SizeCategory",
+        "Size categories of models, smallest first (`tables/size.toml`, `[[category]]`).",
+        &cat_names,
+        "CATEGORY_BY_NAME",
+    ));
+    let configs = t.categories.iter().map(|c| {
+        let cat = ident(&camel(&c.name));
+        let max = match c.max_params {
+            Some(m) => {
+                let m = u64_lit(m);
+                quote!(Some(#m))
+            }
+            None => quote!(None),
+        };
+        let rank = u32_lit(c.lora_rank);
+        let layers = u32_lit(c.lora_num_layers);
+        let mult = f64_lit(c.batch_size_multiplier);
+        let tier = ident(&camel(&t.tiers[c.tier]));
+        quote! {
+            SizeConfig {
+                category: SizeCategory::#cat,
+                max_params: #max,
+                lora_rank: #rank,
+                lora_num_layers: #layers,
+                batch_size_multiplier: #mult,
+                tier: Tier::#tier,
+            }
+        }
+    });
+    let n_cat = Literal::usize_unsuffixed(t.categories.len());
+    let cap = u32_lit(t.batch_size_cap);
+    let default_batch = u32_lit(t.default_batch_size);
+    let l = &t.limits;
+    let (rmin, rmax, rmul) = (
+        u32_lit(l.lora_rank_min),
+        u32_lit(l.lora_rank_max),
+        u32_lit(l.lora_rank_multiple_of),
+    );
+    let (lmin, lmax) = (
+        u32_lit(l.lora_num_layers_min),
+        u32_lit(l.lora_num_layers_max),
+    );
+    let mmax = f64_lit(l.batch_size_multiplier_max);
+    items.push(quote! {
+        /// The scaling configuration of each category, in the order of
+        /// [`SizeCategory::ALL`].
+        pub const SIZE_CONFIGS: [SizeConfig; #n_cat] = [ #( #configs ),* ];
+        /// Scaled batch sizes never exceed this.
+        pub const BATCH_SIZE_CAP: u32 = #cap;
+        /// Batch size assumed when a profile has none.
+        pub const DEFAULT_BATCH_SIZE: u32 = #default_batch;
+        /// Bounds on ranks, layer counts and multipliers.
+        pub const LIMITS: Limits = Limits {
+            lora_rank_min: #rmin,
+            lora_rank_max: #rmax,
+            lora_rank_multiple_of: #rmul,
+            lora_num_layers_min: #lmin,
+            lora_num_layers_max: #lmax,
+            batch_size_multiplier_max: #mmax,
+        };
+    });
+
+    // Detection.
+    let kinds = t.patterns.iter().map(|(k, _)| match k {
+        PatternKind::Size => quote!(PatternKind::Size),
+        PatternKind::Ignore => quote!(PatternKind::Ignore),
+    });
+    let texts = t.patterns.iter().map(|(_, p)| p.as_str());
+    let n_pat = Literal::usize_unsuffixed(t.patterns.len());
+    let units = t.units.iter().map(|&u| u64_lit(u));
+    let families = t.families.iter().map(|(s, p)| {
+        let p = u64_lit(*p);
+        quote!(Family { substring: #s, params: #p })
+    });
+    let n_fam = Literal::usize_unsuffixed(t.families.len());
+    items.push(quote! {
+        /// What each detection pattern marks, by pattern id.
+        pub const PATTERN_KINDS: [PatternKind; #n_pat] = [ #( #kinds ),* ];
+        /// The regex of each detection pattern, by pattern id.
+        pub const PATTERN_SOURCES: [&str; #n_pat] = [ #( #texts ),* ];
+        /// Parameters per unit, indexed by the unit's lower-case letter minus `b'a'`;
+        /// 0 where the letter is no unit.
+        pub const UNIT_PARAMS: [u64; 26] = [ #( #units ),* ];
+        /// Family fallbacks, in priority order (by pattern id of [`FAMILY_DFA`]).
+        pub const FAMILIES: [Family; #n_fam] = [ #( #families ),* ];
+    });
+    items.push(aligned_dfa(
+        "SIZE_FWD_DFA",
+        dfa::SIZE_FWD,
+        "Forward DFA of the size patterns (leftmost-first).",
+    ));
+    items.push(aligned_dfa(
+        "SIZE_REV_DFA",
+        dfa::SIZE_REV,
+        "Reverse DFA of the size patterns, to find where a match starts.",
+    ));
+    items.push(aligned_dfa(
+        "FAMILY_DFA",
+        dfa::FAMILY,
+        "DFA of the family substrings (all matches, overlapping search).",
+    ));
+
+    // Hardware.
+    items.push(name_enum(
+        "ChipVariant",
+        "Apple Silicon chip variants (`tables/hardware.toml`, `apple.variants`).",
+        &t.variants,
+        "VARIANT_BY_NAME",
+    ));
+    let gen_names: Vec<String> = t.generations.iter().map(|g| g.name.clone()).collect();
+    items.push(name_enum(
+        "Generation",
+        "Apple Silicon generations (`tables/hardware.toml`, `[[apple.generation]]`).",
+        &gen_names,
+        "GENERATION_BY_NAME",
+    ));
+    let n_var = Literal::usize_unsuffixed(t.variants.len());
+    let n_gen = Literal::usize_unsuffixed(t.generations.len());
+    let cores = t.generations.iter().map(|g| {
+        let c = g.gpu_cores.iter().map(|&c| u32_lit(c));
+        quote!([ #( #c ),* ])
+    });
+    let detect_order = t
+        .variant_detect_order
+        .iter()
+        .map(|&v| ident(&camel(&t.variants[v])));
+    let n_detect = Literal::usize_unsuffixed(t.variant_detect_order.len());
+    let default_variant = ident(&camel(&t.variants[t.default_variant]));
+    let memory = t.memory_options.iter().map(|m| {
+        let m = m.iter().map(|&x| u32_lit(x));
+        quote!(&[ #( #m ),* ])
+    });
+    let floors = t.gpu_core_batch_floors.iter().map(|&(c, b)| {
+        let (c, b) = (u32_lit(c), u32_lit(b));
+        quote!(CoreBatchFloor { min_gpu_cores: #c, min_batch_size: #b })
+    });
+    let n_floor = Literal::usize_unsuffixed(t.gpu_core_batch_floors.len());
+    let fallback = profile_expr(t, &t.fallback_profile);
+    let budget = f64_lit(t.budget_fraction);
+    let by_variant = (0..t.variants.len()).map(|v| {
+        let rows = t.profiles.iter().filter(|r| r.variant == v).map(|r| {
+            let variant = ident(&camel(&t.variants[r.variant]));
+            let mem = u32_lit(r.memory_gb);
+            let p = profile_expr(t, &r.profile);
+            quote!(HardwareRow { variant: ChipVariant::#variant, memory_gb: #mem, profile: #p })
+        });
+        quote!(&[ #( #rows ),* ])
+    });
+    items.push(quote! {
+        /// Share of memory a training run may use.
+        pub const BUDGET_FRACTION: f64 = #budget;
+        /// GPU cores by generation, then variant (both by `index()`).
+        pub const GPU_CORES: [[u32; #n_var]; #n_gen] = [ #( #cores ),* ];
+        /// Variants read from a chip name, first match wins.
+        pub const VARIANT_DETECT_ORDER: [ChipVariant; #n_detect] = [ #( ChipVariant::#detect_order ),* ];
+        /// The variant of a chip name that names none.
+        pub const DEFAULT_VARIANT: ChipVariant = ChipVariant::#default_variant;
+        /// Memory sizes (GB) each variant is sold with, by variant `index()`.
+        pub const MEMORY_OPTIONS_GB: [&[u32]; #n_var] = [ #( #memory ),* ];
+        /// Batch-size floors by GPU core count; every one that applies is applied.
+        pub const GPU_CORE_BATCH_FLOORS: [CoreBatchFloor; #n_floor] = [ #( #floors ),* ];
+        /// The profile used when no row matches the variant.
+        pub const FALLBACK_PROFILE: Profile = #fallback;
+        /// Hardware profile rows by variant `index()`, in table order.
+        pub const HARDWARE_ROWS: [&[HardwareRow]; #n_var] = [ #( #by_variant ),* ];
+    });
+
+    // Recommendations and defaults.
+    let tight = u32_lit(t.tight_below_gb);
+    let comfortable = u32_lit(t.comfortable_below_gb);
+    let advice = t.tight_advice.as_str();
+    let models = t.models.iter().map(|m| {
+        let (key, id, params) = (m.key.as_str(), m.id.as_str(), m.params.as_str());
+        let (inf, tr) = (u32_lit(m.inference_gb), u32_lit(m.training_gb));
+        let tier = ident(&camel(&t.tiers[m.tier]));
+        let rec = m.recommended;
+        let warning = match &m.warning {
+            Some(w) => quote!(Some(#w)),
+            None => quote!(None),
+        };
+        quote! {
+            KnownModel {
+                key: #key,
+                id: #id,
+                inference_gb: #inf,
+                training_gb: #tr,
+                params: #params,
+                tier: Tier::#tier,
+                recommended: #rec,
+                warning: #warning,
+            }
+        }
+    });
+    let n_models = Literal::usize_unsuffixed(t.models.len());
+    let key_entries: Vec<(String, String)> = t
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.key.clone(), i.to_string()))
+        .collect();
+    let id_entries: Vec<(String, String)> = t
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id.clone(), i.to_string()))
+        .collect();
+    items.push(phf_map(
+        "MODEL_BY_KEY",
+        quote!(usize),
+        "Index into [`KNOWN_MODELS`] by key, ASCII case-insensitive.",
+        &key_entries,
+    ));
+    items.push(phf_map(
+        "MODEL_BY_ID",
+        quote!(usize),
+        "Index into [`KNOWN_MODELS`] by Hugging Face id, ASCII case-insensitive.",
+        &id_entries,
+    ));
+    let default_model = t.default_model.as_str();
+    let alpha = f64_lit(t.lora_alpha_per_rank);
+    items.push(quote! {
+        /// Headroom (GB) below which a fitting model is a tight fit.
+        pub const TIGHT_BELOW_GB: u32 = #tight;
+        /// Headroom (GB) below which a fitting model is a comfortable fit.
+        pub const COMFORTABLE_BELOW_GB: u32 = #comfortable;
+        /// Advice shown for a tight fit.
+        pub const TIGHT_ADVICE: &str = #advice;
+        /// Models known to the recommender, in table order.
+        pub const KNOWN_MODELS: [KnownModel; #n_models] = [ #( #models ),* ];
+        /// The model trained when none is given.
+        pub const DEFAULT_MODEL: &str = #default_model;
+        /// LoRA alpha defaults to this many times the rank.
+        pub const LORA_ALPHA_PER_RANK: f64 = #alpha;
+    });
+
+    let file: syn::File = syn::parse2(quote!( #( #items )* )).expect("generated code parses");
+    let mut out = String::from(
+        "// @generated by build/emit.rs (qlora-scale's table generator). Do not edit:\n",
+    );
+    out.push_str("// change tables/*.toml and rebuild. Inputs (FNV-1a 64):\n");
+    for s in sources {
+        out.push_str(&format!(
+            "//   {} {:016x}\n",
+            s.display,
+            fnv1a64(s.text.as_bytes())
+        ));
+    }
+    out.push('\n');
+    out.push_str(&prettyplease::unparse(&file));
+    out
+}

@@ -1,0 +1,264 @@
+//! The tables as written: serde models with spans, and loading them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::diag::{Diagnostic, Source};
+
+type S<T> = Spanned<T>;
+
+/// The table files, in the order they are read and hashed.
+pub const FILES: [&str; 5] = [
+    "size.toml",
+    "detect.toml",
+    "hardware.toml",
+    "models.toml",
+    "defaults.toml",
+];
+pub const SIZE: usize = 0;
+pub const DETECT: usize = 1;
+pub const HARDWARE: usize = 2;
+pub const MODELS: usize = 3;
+pub const DEFAULTS: usize = 4;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeFile {
+    pub category: Vec<S<Category>>,
+    pub tiers: S<Tiers>,
+    pub scaling: S<Scaling>,
+    pub limits: S<Limits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Category {
+    pub name: S<String>,
+    pub max_params_b: Option<S<i64>>,
+    pub lora_rank: S<i64>,
+    pub lora_num_layers: S<i64>,
+    pub batch_size_multiplier: S<f64>,
+    pub tier: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tiers {
+    pub order: Vec<S<String>>,
+    pub default: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scaling {
+    pub batch_size_cap: S<i64>,
+    pub default_batch_size: S<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub lora_rank_min: S<i64>,
+    pub lora_rank_max: S<i64>,
+    pub lora_rank_multiple_of: S<i64>,
+    pub lora_num_layers_min: S<i64>,
+    pub lora_num_layers_max: S<i64>,
+    pub batch_size_multiplier_max: S<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectFile {
+    pub pattern: Vec<S<Pattern>>,
+    pub unit: Vec<S<Unit>>,
+    pub family: Vec<S<Family>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pattern {
+    pub kind: S<String>,
+    pub regex: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unit {
+    pub letter: S<String>,
+    pub params: S<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Family {
+    pub substring: S<String>,
+    pub params_b: S<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareFile {
+    pub budget_fraction: S<f64>,
+    pub apple: S<Apple>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Apple {
+    pub variants: Vec<S<String>>,
+    pub variant_detect_order: Vec<S<String>>,
+    pub default_variant: S<String>,
+    pub generation: Vec<S<Generation>>,
+    pub memory_options_gb: S<BTreeMap<String, S<Vec<S<i64>>>>>,
+    pub gpu_core_batch_floor: Vec<S<Floor>>,
+    pub fallback_profile: S<RawProfile>,
+    pub profile: Vec<S<RawProfile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Generation {
+    pub name: S<String>,
+    pub gpu_cores: S<BTreeMap<String, S<i64>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Floor {
+    pub min_gpu_cores: S<i64>,
+    pub min_batch_size: S<i64>,
+}
+
+/// A training profile row; `variant` and `memory_gb` are set on hardware rows
+/// and absent on the fallback profile.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    pub variant: Option<S<String>>,
+    pub memory_gb: Option<S<i64>>,
+    pub batch_size: S<i64>,
+    pub lora_rank: S<i64>,
+    pub lora_num_layers: S<i64>,
+    pub grad_checkpoint: S<bool>,
+    pub tier: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsFile {
+    pub fit: S<Fit>,
+    pub model: Vec<S<Model>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fit {
+    pub tight_below_gb: S<i64>,
+    pub comfortable_below_gb: S<i64>,
+    pub tight_advice: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub key: S<String>,
+    pub id: S<String>,
+    pub inference_gb: S<i64>,
+    pub training_gb: S<i64>,
+    pub params: S<String>,
+    pub tier: S<String>,
+    pub recommended: S<bool>,
+    pub warning: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsFile {
+    pub train: S<TrainDefaults>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainDefaults {
+    pub default_model: S<String>,
+    pub lora_alpha_per_rank: S<f64>,
+}
+
+/// All tables, parsed but not yet validated.
+pub struct Loaded {
+    /// One per entry of [`FILES`], in that order.
+    pub sources: Vec<Source>,
+    pub size: SizeFile,
+    pub detect: DetectFile,
+    pub hardware: HardwareFile,
+    pub models: ModelsFile,
+    pub defaults: DefaultsFile,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(src: &Source, errors: &mut Vec<Diagnostic>) -> Option<T> {
+    match toml::from_str::<T>(&src.text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let message = e.message().trim_end().to_string();
+            errors.push(match e.span() {
+                Some(span) => src.error(span, message),
+                None => Diagnostic::file(src.display.clone(), message),
+            });
+            None
+        }
+    }
+}
+
+/// Reads and parses every table file in `dir`, reporting every problem.
+pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
+    let mut errors = Vec::new();
+    let mut sources = Vec::new();
+    for name in FILES {
+        let path = dir.join(name);
+        let display = format!("tables/{name}");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => sources.push(Source {
+                path,
+                display,
+                text,
+            }),
+            Err(e) => {
+                errors.push(Diagnostic::file(
+                    display.clone(),
+                    format!("cannot read: {e}"),
+                ));
+                sources.push(Source {
+                    path,
+                    display,
+                    text: String::new(),
+                });
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let size = parse::<SizeFile>(&sources[SIZE], &mut errors);
+    let detect = parse::<DetectFile>(&sources[DETECT], &mut errors);
+    let hardware = parse::<HardwareFile>(&sources[HARDWARE], &mut errors);
+    let models = parse::<ModelsFile>(&sources[MODELS], &mut errors);
+    let defaults = parse::<DefaultsFile>(&sources[DEFAULTS], &mut errors);
+    match (size, detect, hardware, models, defaults) {
+        (Some(size), Some(detect), Some(hardware), Some(models), Some(defaults))
+            if errors.is_empty() =>
+        {
+            Ok(Loaded {
+                sources,
+                size,
+                detect,
+                hardware,
+                models,
+                defaults,
+            })
+        }
+        _ => Err(errors),
+    }
+}

@@ -1,0 +1,803 @@
+//! Every rule a table must satisfy, checked at once, into a clean model.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use super::diag::{Diagnostic, Source};
+use super::model::{self, Loaded, RawProfile};
+
+/// What a detection pattern marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatternKind {
+    /// A parameter count.
+    Size,
+    /// A token that looks like a size but is not; skipped.
+    Ignore,
+}
+
+pub struct Category {
+    pub name: String,
+    /// Inclusive upper bound in parameters; `None` for the last category.
+    pub max_params: Option<u64>,
+    pub max_params_b: Option<i64>,
+    pub lora_rank: u32,
+    pub lora_num_layers: u32,
+    pub batch_size_multiplier: f64,
+    /// Index into `Tables::tiers`.
+    pub tier: usize,
+}
+
+pub struct Limits {
+    pub lora_rank_min: u32,
+    pub lora_rank_max: u32,
+    pub lora_rank_multiple_of: u32,
+    pub lora_num_layers_min: u32,
+    pub lora_num_layers_max: u32,
+    pub batch_size_multiplier_max: f64,
+}
+
+#[derive(Clone)]
+pub struct Profile {
+    pub batch_size: u32,
+    pub lora_rank: u32,
+    pub lora_num_layers: u32,
+    pub grad_checkpoint: bool,
+    pub tier: usize,
+}
+
+pub struct HardwareRow {
+    pub variant: usize,
+    pub memory_gb: u32,
+    pub profile: Profile,
+}
+
+pub struct Generation {
+    pub name: String,
+    /// GPU cores per variant, in the order of `Tables::variants`.
+    pub gpu_cores: Vec<u32>,
+}
+
+pub struct Model {
+    pub key: String,
+    pub id: String,
+    pub inference_gb: u32,
+    pub training_gb: u32,
+    pub params: String,
+    pub tier: usize,
+    pub recommended: bool,
+    pub warning: Option<String>,
+}
+
+/// The validated tables.
+pub struct Tables {
+    pub tiers: Vec<String>,
+    pub default_tier: usize,
+    pub categories: Vec<Category>,
+    pub batch_size_cap: u32,
+    pub default_batch_size: u32,
+    pub limits: Limits,
+    pub patterns: Vec<(PatternKind, String)>,
+    /// Parameters per unit, indexed by `letter - b'a'`; 0 where no unit.
+    pub units: [u64; 26],
+    /// (lower-case substring, parameters).
+    pub families: Vec<(String, u64)>,
+    pub budget_fraction: f64,
+    pub variants: Vec<String>,
+    pub variant_detect_order: Vec<usize>,
+    pub default_variant: usize,
+    pub generations: Vec<Generation>,
+    /// Memory options per variant.
+    pub memory_options: Vec<Vec<u32>>,
+    /// (min GPU cores, min batch size).
+    pub gpu_core_batch_floors: Vec<(u32, u32)>,
+    pub fallback_profile: Profile,
+    pub profiles: Vec<HardwareRow>,
+    pub tight_below_gb: u32,
+    pub comfortable_below_gb: u32,
+    pub tight_advice: String,
+    pub models: Vec<Model>,
+    pub default_model: String,
+    pub lora_alpha_per_rank: f64,
+}
+
+const BILLION: u64 = 1_000_000_000;
+
+struct Checker<'a> {
+    sources: &'a [Source],
+    errors: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, file: usize, span: Range<usize>, msg: impl Into<String>) {
+        self.errors.push(self.sources[file].error(span, msg));
+    }
+
+    /// An integer that must lie in `lo..=hi`.
+    fn int(&mut self, file: usize, v: &toml::Spanned<i64>, what: &str, lo: i64, hi: i64) -> u32 {
+        let x = *v.get_ref();
+        if x < lo || x > hi {
+            self.err(
+                file,
+                v.span(),
+                format!("{what} is {x}, must be in {lo}..={hi}"),
+            );
+            return lo.max(0) as u32;
+        }
+        x as u32
+    }
+
+    fn identifier(&mut self, file: usize, v: &toml::Spanned<String>, what: &str) {
+        let s = v.get_ref();
+        let ok = s.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            self.err(
+                file,
+                v.span(),
+                format!("{what} \"{s}\" must be lower-case ASCII letters, digits and '_', starting with a letter"),
+            );
+        }
+    }
+
+    /// Records `name`; reports it when already seen.
+    fn unique(
+        &mut self,
+        file: usize,
+        seen: &mut HashMap<String, Range<usize>>,
+        key: String,
+        span: Range<usize>,
+        what: &str,
+    ) {
+        if let Some(first) = seen.get(&key) {
+            let at = self.sources[file].at(first);
+            self.err(
+                file,
+                span,
+                format!("duplicate {what} \"{key}\" (first at {at})"),
+            );
+        } else {
+            seen.insert(key, span);
+        }
+    }
+
+    fn lookup(
+        &mut self,
+        file: usize,
+        names: &[String],
+        v: &toml::Spanned<String>,
+        what: &str,
+    ) -> usize {
+        match names.iter().position(|n| n == v.get_ref()) {
+            Some(i) => i,
+            None => {
+                self.err(
+                    file,
+                    v.span(),
+                    format!(
+                        "unknown {what} \"{}\" (known: {})",
+                        v.get_ref(),
+                        names.join(", ")
+                    ),
+                );
+                0
+            }
+        }
+    }
+}
+
+/// Checks every rule; returns the clean model or every problem found.
+pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
+    let mut c = Checker {
+        sources: &t.sources,
+        errors: Vec::new(),
+    };
+    use model::{DEFAULTS, DETECT, HARDWARE, MODELS, SIZE};
+
+    // ---- size.toml: tiers, limits, categories, scaling
+    let mut seen = HashMap::new();
+    let mut tiers = Vec::new();
+    for tier in &t.size.tiers.get_ref().order {
+        c.identifier(SIZE, tier, "tier name");
+        c.unique(SIZE, &mut seen, tier.get_ref().clone(), tier.span(), "tier");
+        tiers.push(tier.get_ref().clone());
+    }
+    if tiers.is_empty() {
+        c.err(SIZE, t.size.tiers.span(), "tiers.order lists no tier");
+    }
+    let default_tier = c.lookup(SIZE, &tiers, &t.size.tiers.get_ref().default, "tier");
+
+    let l = t.size.limits.get_ref();
+    let rank_min = c.int(SIZE, &l.lora_rank_min, "lora_rank_min", 1, 1 << 16);
+    let rank_max = c.int(SIZE, &l.lora_rank_max, "lora_rank_max", 1, 1 << 16);
+    let rank_mult = c.int(
+        SIZE,
+        &l.lora_rank_multiple_of,
+        "lora_rank_multiple_of",
+        1,
+        1 << 16,
+    );
+    let layers_min = c.int(
+        SIZE,
+        &l.lora_num_layers_min,
+        "lora_num_layers_min",
+        1,
+        1 << 16,
+    );
+    let layers_max = c.int(
+        SIZE,
+        &l.lora_num_layers_max,
+        "lora_num_layers_max",
+        1,
+        1 << 16,
+    );
+    let mult_max = *l.batch_size_multiplier_max.get_ref();
+    if !(mult_max.is_finite() && mult_max > 0.0) {
+        c.err(
+            SIZE,
+            l.batch_size_multiplier_max.span(),
+            format!("batch_size_multiplier_max is {mult_max}, must be a positive number"),
+        );
+    }
+    if rank_min > rank_max {
+        c.err(
+            SIZE,
+            l.lora_rank_min.span(),
+            format!("lora_rank_min {rank_min} is above lora_rank_max {rank_max}"),
+        );
+    }
+    if layers_min > layers_max {
+        c.err(
+            SIZE,
+            l.lora_num_layers_min.span(),
+            format!("lora_num_layers_min {layers_min} is above lora_num_layers_max {layers_max}"),
+        );
+    }
+    let limits = Limits {
+        lora_rank_min: rank_min,
+        lora_rank_max: rank_max,
+        lora_rank_multiple_of: rank_mult,
+        lora_num_layers_min: layers_min,
+        lora_num_layers_max: layers_max,
+        batch_size_multiplier_max: mult_max,
+    };
+
+    let mut categories: Vec<Category> = Vec::new();
+    let mut seen = HashMap::new();
+    let n = t.size.category.len();
+    if n == 0 {
+        c.err(SIZE, 0..0, "no [[category]] is defined");
+    }
+    for (i, cat) in t.size.category.iter().enumerate() {
+        let r = cat.get_ref();
+        c.identifier(SIZE, &r.name, "category name");
+        c.unique(
+            SIZE,
+            &mut seen,
+            r.name.get_ref().clone(),
+            r.name.span(),
+            "category",
+        );
+        let last = i + 1 == n;
+        let max_params = match (&r.max_params_b, last) {
+            (Some(m), false) => {
+                let v = c.int(SIZE, m, "max_params_b", 0, 1_000_000);
+                if let Some(prev) = categories
+                    .last()
+                    .and_then(|p| p.max_params_b)
+                    .filter(|&prev| *m.get_ref() <= prev)
+                {
+                    {
+                        c.err(
+                            SIZE,
+                            m.span(),
+                            format!(
+                                "max_params_b {} of \"{}\" must be above the previous category's {prev} (thresholds ascend)",
+                                m.get_ref(),
+                                r.name.get_ref()
+                            ),
+                        );
+                    }
+                }
+                Some(u64::from(v) * BILLION)
+            }
+            (None, false) => {
+                c.err(
+                    SIZE,
+                    cat.span(),
+                    format!("category \"{}\" needs max_params_b (only the last category has no upper bound)", r.name.get_ref()),
+                );
+                None
+            }
+            (Some(m), true) => {
+                c.err(
+                    SIZE,
+                    m.span(),
+                    format!("the last category \"{}\" takes every larger size and must not set max_params_b", r.name.get_ref()),
+                );
+                None
+            }
+            (None, true) => None,
+        };
+        let rank = rank_in_limits(&mut c, SIZE, &r.lora_rank, &limits);
+        let layers = layers_in_limits(&mut c, SIZE, &r.lora_num_layers, &limits);
+        let m = *r.batch_size_multiplier.get_ref();
+        if !(m > 0.0 && m <= mult_max) {
+            c.err(
+                SIZE,
+                r.batch_size_multiplier.span(),
+                format!("batch_size_multiplier is {m}, must be in (0, {mult_max}]"),
+            );
+        }
+        if let Some(prev) = categories.last() {
+            if rank <= prev.lora_rank {
+                c.err(
+                    SIZE,
+                    r.lora_rank.span(),
+                    format!(
+                        "lora_rank {rank} of \"{}\" must be above {} of \"{}\" (ranks strictly increase with size)",
+                        r.name.get_ref(),
+                        prev.lora_rank,
+                        prev.name
+                    ),
+                );
+            }
+            if layers <= prev.lora_num_layers {
+                c.err(
+                    SIZE,
+                    r.lora_num_layers.span(),
+                    format!(
+                        "lora_num_layers {layers} of \"{}\" must be above {} of \"{}\" (layers strictly increase with size)",
+                        r.name.get_ref(),
+                        prev.lora_num_layers,
+                        prev.name
+                    ),
+                );
+            }
+        }
+        let tier = c.lookup(SIZE, &tiers, &r.tier, "tier");
+        categories.push(Category {
+            name: r.name.get_ref().clone(),
+            max_params,
+            max_params_b: r.max_params_b.as_ref().map(|m| *m.get_ref()),
+            lora_rank: rank,
+            lora_num_layers: layers,
+            batch_size_multiplier: m,
+            tier,
+        });
+    }
+    let s = t.size.scaling.get_ref();
+    let batch_size_cap = c.int(SIZE, &s.batch_size_cap, "batch_size_cap", 1, 1 << 20);
+    let default_batch_size = c.int(
+        SIZE,
+        &s.default_batch_size,
+        "default_batch_size",
+        1,
+        1 << 20,
+    );
+
+    // ---- detect.toml
+    let mut patterns = Vec::new();
+    let mut any_size = false;
+    for p in &t.detect.pattern {
+        let r = p.get_ref();
+        let kind = match r.kind.get_ref().as_str() {
+            "size" => {
+                any_size = true;
+                PatternKind::Size
+            }
+            "ignore" => PatternKind::Ignore,
+            other => {
+                c.err(
+                    DETECT,
+                    r.kind.span(),
+                    format!("unknown pattern kind \"{other}\" (known: size, ignore)"),
+                );
+                PatternKind::Ignore
+            }
+        };
+        let parsed = regex_syntax::ParserBuilder::new()
+            .unicode(false)
+            .utf8(false)
+            .case_insensitive(true)
+            .build()
+            .parse(r.regex.get_ref());
+        match parsed {
+            Ok(hir) => {
+                if hir.properties().minimum_len() == Some(0) {
+                    c.err(DETECT, r.regex.span(), "pattern can match the empty string");
+                }
+            }
+            Err(e) => {
+                let first = e.to_string();
+                let msg = first.lines().last().unwrap_or("").trim().to_string();
+                c.err(DETECT, r.regex.span(), format!("invalid regex: {msg}"));
+            }
+        }
+        patterns.push((kind, r.regex.get_ref().clone()));
+    }
+    if !any_size {
+        c.err(
+            DETECT,
+            0..0,
+            "no [[pattern]] of kind \"size\": nothing could ever be detected",
+        );
+    }
+    let mut units = [0u64; 26];
+    let mut seen = HashMap::new();
+    for u in &t.detect.unit {
+        let r = u.get_ref();
+        let letter = r.letter.get_ref();
+        let b = letter.as_bytes();
+        if b.len() != 1 || !b[0].is_ascii_alphabetic() {
+            c.err(
+                DETECT,
+                r.letter.span(),
+                format!("unit letter \"{letter}\" must be one ASCII letter"),
+            );
+            continue;
+        }
+        let lower = b[0].to_ascii_lowercase();
+        c.unique(
+            DETECT,
+            &mut seen,
+            (lower as char).to_string(),
+            r.letter.span(),
+            "unit",
+        );
+        let params = *r.params.get_ref();
+        if params <= 0 {
+            c.err(
+                DETECT,
+                r.params.span(),
+                format!("unit params is {params}, must be positive"),
+            );
+            continue;
+        }
+        units[usize::from(lower - b'a')] = params as u64;
+    }
+    let mut families: Vec<(String, u64)> = Vec::new();
+    let mut family_spans: Vec<Range<usize>> = Vec::new();
+    for f in &t.detect.family {
+        let r = f.get_ref();
+        let s = r.substring.get_ref();
+        if s.is_empty() || !s.is_ascii() {
+            c.err(
+                DETECT,
+                r.substring.span(),
+                format!("family substring \"{s}\" must be non-empty ASCII"),
+            );
+            continue;
+        }
+        let lower = s.to_ascii_lowercase();
+        if let Some((i, (earlier, _))) = families
+            .iter()
+            .enumerate()
+            .find(|(_, (e, _))| lower.contains(e.as_str()))
+        {
+            let at = t.sources[DETECT].at(&family_spans[i]);
+            let msg = if *earlier == lower {
+                format!("duplicate family \"{s}\" (first at {at})")
+            } else {
+                format!(
+                    "family \"{s}\" can never match: every name containing it also contains \"{earlier}\" (at {at}), which comes first"
+                )
+            };
+            c.err(DETECT, r.substring.span(), msg);
+            continue;
+        }
+        let pb = *r.params_b.get_ref();
+        if !(pb > 0.0 && pb < 1.0e6) {
+            c.err(
+                DETECT,
+                r.params_b.span(),
+                format!("params_b is {pb}, must be in (0, 1000000)"),
+            );
+            continue;
+        }
+        families.push((lower, (pb * BILLION as f64).round() as u64));
+        family_spans.push(r.substring.span());
+    }
+
+    // ---- hardware.toml
+    let h = &t.hardware;
+    let bf = *h.budget_fraction.get_ref();
+    if !(bf > 0.0 && bf <= 1.0) {
+        c.err(
+            HARDWARE,
+            h.budget_fraction.span(),
+            format!("budget_fraction is {bf}, must be in (0, 1]"),
+        );
+    }
+    let a = h.apple.get_ref();
+    let mut variants = Vec::new();
+    let mut seen = HashMap::new();
+    for v in &a.variants {
+        c.identifier(HARDWARE, v, "variant name");
+        c.unique(
+            HARDWARE,
+            &mut seen,
+            v.get_ref().clone(),
+            v.span(),
+            "variant",
+        );
+        variants.push(v.get_ref().clone());
+    }
+    let mut variant_detect_order = Vec::new();
+    for v in &a.variant_detect_order {
+        variant_detect_order.push(c.lookup(HARDWARE, &variants, v, "variant"));
+    }
+    let default_variant = c.lookup(HARDWARE, &variants, &a.default_variant, "variant");
+    let mut generations = Vec::new();
+    let mut seen = HashMap::new();
+    for g in &a.generation {
+        let r = g.get_ref();
+        c.identifier(HARDWARE, &r.name, "generation name");
+        c.unique(
+            HARDWARE,
+            &mut seen,
+            r.name.get_ref().clone(),
+            r.name.span(),
+            "generation",
+        );
+        let cores = r.gpu_cores.get_ref();
+        let mut per_variant = Vec::new();
+        for v in &variants {
+            match cores.get(v) {
+                Some(n) => per_variant.push(c.int(HARDWARE, n, "gpu_cores", 1, 100_000)),
+                None => {
+                    c.err(
+                        HARDWARE,
+                        r.gpu_cores.span(),
+                        format!(
+                            "gpu_cores of \"{}\" has no entry for variant \"{v}\"",
+                            r.name.get_ref()
+                        ),
+                    );
+                    per_variant.push(0);
+                }
+            }
+        }
+        for (k, n) in cores {
+            if !variants.contains(k) {
+                c.err(
+                    HARDWARE,
+                    n.span(),
+                    format!(
+                        "gpu_cores names unknown variant \"{k}\" (known: {})",
+                        variants.join(", ")
+                    ),
+                );
+            }
+        }
+        generations.push(Generation {
+            name: r.name.get_ref().clone(),
+            gpu_cores: per_variant,
+        });
+    }
+    let mem = a.memory_options_gb.get_ref();
+    let mut memory_options = Vec::new();
+    for v in &variants {
+        match mem.get(v) {
+            Some(list) => memory_options.push(
+                list.get_ref()
+                    .iter()
+                    .map(|m| c.int(HARDWARE, m, "memory option", 1, 1 << 20))
+                    .collect(),
+            ),
+            None => {
+                c.err(
+                    HARDWARE,
+                    a.memory_options_gb.span(),
+                    format!("memory_options_gb has no entry for variant \"{v}\""),
+                );
+                memory_options.push(Vec::new());
+            }
+        }
+    }
+    for (k, list) in mem {
+        if !variants.contains(k) {
+            c.err(
+                HARDWARE,
+                list.span(),
+                format!(
+                    "memory_options_gb names unknown variant \"{k}\" (known: {})",
+                    variants.join(", ")
+                ),
+            );
+        }
+    }
+    let mut gpu_core_batch_floors = Vec::new();
+    for f in &a.gpu_core_batch_floor {
+        let r = f.get_ref();
+        gpu_core_batch_floors.push((
+            c.int(HARDWARE, &r.min_gpu_cores, "min_gpu_cores", 1, 100_000),
+            c.int(HARDWARE, &r.min_batch_size, "min_batch_size", 1, 1 << 20),
+        ));
+    }
+    let fb = a.fallback_profile.get_ref();
+    if let Some(v) = &fb.variant {
+        c.err(
+            HARDWARE,
+            v.span(),
+            "the fallback profile applies to every variant and must not name one",
+        );
+    }
+    if let Some(m) = &fb.memory_gb {
+        c.err(
+            HARDWARE,
+            m.span(),
+            "the fallback profile applies to every memory size and must not name one",
+        );
+    }
+    let fallback_profile = profile(&mut c, fb, &tiers, &limits);
+    let mut profiles = Vec::new();
+    let mut seen = HashMap::new();
+    for p in &a.profile {
+        let r = p.get_ref();
+        let (Some(v), Some(m)) = (&r.variant, &r.memory_gb) else {
+            c.err(
+                HARDWARE,
+                p.span(),
+                "a hardware profile needs both variant and memory_gb",
+            );
+            continue;
+        };
+        let variant = c.lookup(HARDWARE, &variants, v, "variant");
+        let memory_gb = c.int(HARDWARE, m, "memory_gb", 1, 1 << 20);
+        c.unique(
+            HARDWARE,
+            &mut seen,
+            format!("{} {}", v.get_ref(), m.get_ref()),
+            p.span(),
+            "profile for (variant, memory_gb)",
+        );
+        profiles.push(HardwareRow {
+            variant,
+            memory_gb,
+            profile: profile(&mut c, r, &tiers, &limits),
+        });
+    }
+    for (i, v) in variants.iter().enumerate() {
+        if !profiles.iter().any(|p| p.variant == i) {
+            c.err(
+                HARDWARE,
+                a.variants[i].span(),
+                format!("variant \"{v}\" has no [[apple.profile]] row"),
+            );
+        }
+    }
+
+    // ---- models.toml
+    let fit = t.models.fit.get_ref();
+    let tight_below_gb = c.int(MODELS, &fit.tight_below_gb, "tight_below_gb", 0, 1 << 20);
+    let comfortable_below_gb = c.int(
+        MODELS,
+        &fit.comfortable_below_gb,
+        "comfortable_below_gb",
+        0,
+        1 << 20,
+    );
+    if tight_below_gb > comfortable_below_gb {
+        c.err(
+            MODELS,
+            fit.tight_below_gb.span(),
+            format!("tight_below_gb {tight_below_gb} is above comfortable_below_gb {comfortable_below_gb}"),
+        );
+    }
+    let mut models = Vec::new();
+    let mut seen_keys = HashMap::new();
+    let mut seen_ids = HashMap::new();
+    for m in &t.models.model {
+        let r = m.get_ref();
+        c.unique(
+            MODELS,
+            &mut seen_keys,
+            r.key.get_ref().to_ascii_lowercase(),
+            r.key.span(),
+            "model key",
+        );
+        c.unique(
+            MODELS,
+            &mut seen_ids,
+            r.id.get_ref().to_ascii_lowercase(),
+            r.id.span(),
+            "model id",
+        );
+        models.push(Model {
+            key: r.key.get_ref().clone(),
+            id: r.id.get_ref().clone(),
+            inference_gb: c.int(MODELS, &r.inference_gb, "inference_gb", 0, 1 << 24),
+            training_gb: c.int(MODELS, &r.training_gb, "training_gb", 0, 1 << 24),
+            params: r.params.get_ref().clone(),
+            tier: c.lookup(MODELS, &tiers, &r.tier, "tier"),
+            recommended: *r.recommended.get_ref(),
+            warning: r.warning.as_ref().map(|w| w.get_ref().clone()),
+        });
+    }
+
+    // ---- defaults.toml
+    let d = t.defaults.train.get_ref();
+    if d.default_model.get_ref().trim().is_empty() {
+        c.err(DEFAULTS, d.default_model.span(), "default_model is empty");
+    }
+    let alpha = *d.lora_alpha_per_rank.get_ref();
+    if !(alpha > 0.0 && alpha.is_finite()) {
+        c.err(
+            DEFAULTS,
+            d.lora_alpha_per_rank.span(),
+            format!("lora_alpha_per_rank is {alpha}, must be positive"),
+        );
+    }
+
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    Ok(Tables {
+        tiers,
+        default_tier,
+        categories,
+        batch_size_cap,
+        default_batch_size,
+        limits,
+        patterns,
+        units,
+        families,
+        budget_fraction: bf,
+        variants,
+        variant_detect_order,
+        default_variant,
+        generations,
+        memory_options,
+        gpu_core_batch_floors,
+        fallback_profile,
+        profiles,
+        tight_below_gb,
+        comfortable_below_gb,
+        tight_advice: fit.tight_advice.get_ref().clone(),
+        models,
+        default_model: d.default_model.get_ref().clone(),
+        lora_alpha_per_rank: alpha,
+    })
+}
+
+fn rank_in_limits(c: &mut Checker, file: usize, v: &toml::Spanned<i64>, l: &Limits) -> u32 {
+    let rank = c.int(
+        file,
+        v,
+        "lora_rank",
+        i64::from(l.lora_rank_min),
+        i64::from(l.lora_rank_max),
+    );
+    if l.lora_rank_multiple_of > 0 && !rank.is_multiple_of(l.lora_rank_multiple_of) {
+        c.err(
+            file,
+            v.span(),
+            format!(
+                "lora_rank {rank} must be a multiple of {}",
+                l.lora_rank_multiple_of
+            ),
+        );
+    }
+    rank
+}
+
+fn layers_in_limits(c: &mut Checker, file: usize, v: &toml::Spanned<i64>, l: &Limits) -> u32 {
+    c.int(
+        file,
+        v,
+        "lora_num_layers",
+        i64::from(l.lora_num_layers_min),
+        i64::from(l.lora_num_layers_max),
+    )
+}
+
+fn profile(c: &mut Checker, r: &RawProfile, tiers: &[String], l: &Limits) -> Profile {
+    Profile {
+        batch_size: c.int(model::HARDWARE, &r.batch_size, "batch_size", 1, 1 << 20),
+        lora_rank: rank_in_limits(c, model::HARDWARE, &r.lora_rank, l),
+        lora_num_layers: layers_in_limits(c, model::HARDWARE, &r.lora_num_layers, l),
+        grad_checkpoint: *r.grad_checkpoint.get_ref(),
+        tier: c.lookup(model::HARDWARE, tiers, &r.tier, "tier"),
+    }
+}

@@ -1,0 +1,106 @@
+//! The saved hardware profile: JSON in the per-user config directory,
+//! written atomically.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::hardware::HardwareProfile;
+
+/// Environment variable that overrides where the profile is kept.
+pub const PROFILE_PATH_ENV: &str = "QLORA_SCALE_PROFILE";
+
+/// Errors reading or writing the saved profile. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file exists but cannot be read.
+    #[error("cannot read saved profile {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid profile; it is left untouched.
+    #[error(
+        "saved profile {path} is not a valid profile (left untouched; fix or delete it): {source}"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// Writing failed; any previous file is intact.
+    #[error("cannot write saved profile {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No place to keep the profile could be found.
+    #[error("no config directory found: set {PROFILE_PATH_ENV} or pass --profile-path")]
+    NoConfigDir,
+}
+
+/// Where the profile is kept: `$QLORA_SCALE_PROFILE`, else
+/// `<config dir>/qlora-scale/hardware_profile.json`.
+pub fn default_profile_path() -> Result<PathBuf, StoreError> {
+    if let Some(p) = std::env::var_os(PROFILE_PATH_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    dirs::config_dir()
+        .map(|d| d.join("qlora-scale").join("hardware_profile.json"))
+        .ok_or(StoreError::NoConfigDir)
+}
+
+/// Loads the profile at `path`. A missing file is `Ok(None)`; an unreadable
+/// or invalid one is an error, and the file is not touched.
+pub fn load_profile(path: &Path) -> Result<Option<HardwareProfile>, StoreError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory, flushed to disk, then renamed over `path`. A crash leaves the
+/// old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    // Make the rename itself durable where the platform allows it.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Saves `profile` to `path` atomically, as pretty JSON.
+pub fn save_profile(path: &Path, profile: &HardwareProfile) -> Result<(), StoreError> {
+    let mut json = serde_json::to_vec_pretty(profile).expect("a profile always serialises");
+    json.push(b'\n');
+    write_atomic(path, &json).map_err(|source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,304 @@
+//! The tables of `tables/*.toml`, compiled by `build.rs` into constants, enums,
+//! `phf` maps and DFAs.
+//!
+//! Everything here is generated except the types below and the `const`
+//! assertions at the end, which re-check the tables' invariants at compile
+//! time: a table that slipped past the generator still fails to build.
+
+use unicase::Ascii;
+
+/// The scaling configuration of one size category.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SizeConfig {
+    /// The category this configuration belongs to.
+    pub category: SizeCategory,
+    /// Largest parameter count in the category (inclusive); `None` for the
+    /// last category, which has no bound.
+    pub max_params: Option<u64>,
+    /// LoRA rank for models of this size.
+    pub lora_rank: u32,
+    /// Number of transformer layers that get LoRA adapters.
+    pub lora_num_layers: u32,
+    /// Factor applied to the batch size when a profile is scaled down.
+    pub batch_size_multiplier: f64,
+    /// The hardware tier that matches this size.
+    pub tier: Tier,
+}
+
+/// Bounds the tables respect.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// Smallest allowed LoRA rank.
+    pub lora_rank_min: u32,
+    /// Largest allowed LoRA rank.
+    pub lora_rank_max: u32,
+    /// LoRA ranks are multiples of this.
+    pub lora_rank_multiple_of: u32,
+    /// Smallest allowed number of LoRA layers.
+    pub lora_num_layers_min: u32,
+    /// Largest allowed number of LoRA layers.
+    pub lora_num_layers_max: u32,
+    /// Batch-size multipliers lie in `(0, batch_size_multiplier_max]`.
+    pub batch_size_multiplier_max: f64,
+}
+
+/// What a detection pattern marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatternKind {
+    /// A parameter count.
+    Size,
+    /// A token that looks like a size but is not (a quantisation tag, a
+    /// context length); skipped.
+    Ignore,
+}
+
+/// A family fallback: names containing `substring` have `params` parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Family {
+    /// Lower-case substring.
+    pub substring: &'static str,
+    /// Parameter count.
+    pub params: u64,
+}
+
+/// A batch-size floor for chips with many GPU cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoreBatchFloor {
+    /// Applies from this many GPU cores.
+    pub min_gpu_cores: u32,
+    /// The batch size is raised to at least this.
+    pub min_batch_size: u32,
+}
+
+/// A training profile: the settings that scaling changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Profile {
+    /// Examples per optimiser step.
+    pub batch_size: u32,
+    /// LoRA rank.
+    pub lora_rank: u32,
+    /// Number of transformer layers (counted from the last) with adapters.
+    pub lora_num_layers: u32,
+    /// Recompute activations in backward to save memory.
+    pub grad_checkpoint: bool,
+    /// The size of model this profile was made for.
+    pub model_tier: Tier,
+}
+
+/// A row of the hardware table: the profile for a (variant, memory) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HardwareRow {
+    /// Chip variant.
+    pub variant: ChipVariant,
+    /// Memory in GB.
+    pub memory_gb: u32,
+    /// The profile for this machine.
+    pub profile: Profile,
+}
+
+/// A model the recommender knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownModel {
+    /// Short name (`hermes-7b`).
+    pub key: &'static str,
+    /// Hugging Face id.
+    pub id: &'static str,
+    /// Memory needed for inference, GB.
+    pub inference_gb: u32,
+    /// Memory needed for QLoRA training, GB.
+    pub training_gb: u32,
+    /// Parameter label shown to users (`7B`, `671B MoE`).
+    pub params: &'static str,
+    /// Model tier.
+    pub tier: Tier,
+    /// Recommended when it fits.
+    pub recommended: bool,
+    /// Shown beside the model.
+    pub warning: Option<&'static str>,
+}
+
+/// DFA bytes with the alignment `DFA::from_bytes` needs.
+#[repr(C)]
+pub struct AlignedDfaBytes<B: ?Sized> {
+    /// Zero-sized; forces 4-byte alignment of `bytes`.
+    pub _align: [u32; 0],
+    /// The serialised DFA.
+    pub bytes: B,
+}
+
+include!(concat!(env!("OUT_DIR"), "/tables.rs"));
+
+impl SizeCategory {
+    /// This category's scaling configuration.
+    pub const fn config(self) -> &'static SizeConfig {
+        &SIZE_CONFIGS[self as usize]
+    }
+
+    /// Looks a category up by name, ASCII case-insensitively.
+    pub fn from_name(name: &str) -> Option<SizeCategory> {
+        CATEGORY_BY_NAME.get(&Ascii::new(name)).copied()
+    }
+}
+
+impl Tier {
+    /// Looks a tier up by name, ASCII case-insensitively.
+    pub fn from_name(name: &str) -> Option<Tier> {
+        TIER_BY_NAME.get(&Ascii::new(name)).copied()
+    }
+}
+
+impl ChipVariant {
+    /// Looks a variant up by name, ASCII case-insensitively.
+    pub fn from_name(name: &str) -> Option<ChipVariant> {
+        VARIANT_BY_NAME.get(&Ascii::new(name)).copied()
+    }
+}
+
+impl Generation {
+    /// Looks a generation up by name, ASCII case-insensitively.
+    pub fn from_name(name: &str) -> Option<Generation> {
+        GENERATION_BY_NAME.get(&Ascii::new(name)).copied()
+    }
+
+    /// GPU cores of this generation's `variant`.
+    pub const fn gpu_cores(self, variant: ChipVariant) -> u32 {
+        GPU_CORES[self as usize][variant as usize]
+    }
+}
+
+/// Error of parsing a table name (tier, category, variant, generation).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} \"{value}\" (known: {known})")]
+pub struct UnknownName {
+    /// What was being parsed.
+    pub what: &'static str,
+    /// The value given.
+    pub value: String,
+    /// The accepted names, comma-separated.
+    pub known: String,
+}
+
+/// `Display`, `FromStr` and serde (as the table name) for a generated enum.
+macro_rules! table_name_impls {
+    ($($ty:ident: $what:literal),* $(,)?) => {$(
+        impl ::core::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+        impl ::core::str::FromStr for $ty {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                $ty::from_name(s).ok_or_else(|| UnknownName {
+                    what: $what,
+                    value: s.to_string(),
+                    known: $ty::ALL.iter().map(|v| v.name()).collect::<Vec<_>>().join(", "),
+                })
+            }
+        }
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+table_name_impls!(
+    Tier: "tier",
+    SizeCategory: "size category",
+    ChipVariant: "chip variant",
+    Generation: "generation",
+);
+
+/// Checks the category table's invariants; used in `const` assertions.
+const fn size_configs_valid(configs: &[SizeConfig], l: &Limits) -> bool {
+    let mut i = 0;
+    while i < configs.len() {
+        let c = &configs[i];
+        if c.category as usize != i
+            || c.lora_rank < l.lora_rank_min
+            || c.lora_rank > l.lora_rank_max
+            || !c.lora_rank.is_multiple_of(l.lora_rank_multiple_of)
+            || c.lora_num_layers < l.lora_num_layers_min
+            || c.lora_num_layers > l.lora_num_layers_max
+            || c.batch_size_multiplier.is_nan()
+            || c.batch_size_multiplier <= 0.0
+            || c.batch_size_multiplier > l.batch_size_multiplier_max
+        {
+            return false;
+        }
+        let last = i + 1 == configs.len();
+        match (c.max_params, last) {
+            (None, true) => {}
+            (Some(_), true) | (None, false) => return false,
+            (Some(max), false) => {
+                if i > 0 {
+                    match configs[i - 1].max_params {
+                        Some(prev) if prev < max => {}
+                        _ => return false,
+                    }
+                }
+            }
+        }
+        if i > 0
+            && (c.lora_rank <= configs[i - 1].lora_rank
+                || c.lora_num_layers <= configs[i - 1].lora_num_layers)
+        {
+            return false;
+        }
+        i += 1;
+    }
+    !configs.is_empty()
+}
+
+/// Checks every hardware row's profile against the limits.
+const fn hardware_rows_valid(rows: &[&[HardwareRow]], l: &Limits) -> bool {
+    let mut v = 0;
+    while v < rows.len() {
+        if rows[v].is_empty() {
+            return false;
+        }
+        let mut i = 0;
+        while i < rows[v].len() {
+            let r = &rows[v][i];
+            if r.variant as usize != v || !profile_valid(&r.profile, l) {
+                return false;
+            }
+            i += 1;
+        }
+        v += 1;
+    }
+    true
+}
+
+const fn profile_valid(p: &Profile, l: &Limits) -> bool {
+    p.batch_size > 0
+        && p.lora_rank >= l.lora_rank_min
+        && p.lora_rank <= l.lora_rank_max
+        && p.lora_rank.is_multiple_of(l.lora_rank_multiple_of)
+        && p.lora_num_layers >= l.lora_num_layers_min
+        && p.lora_num_layers <= l.lora_num_layers_max
+}
+
+const _: () = assert!(
+    size_configs_valid(&SIZE_CONFIGS, &LIMITS),
+    "tables/size.toml: categories break an invariant"
+);
+const _: () = assert!(
+    hardware_rows_valid(&HARDWARE_ROWS, &LIMITS),
+    "tables/hardware.toml: a profile row breaks an invariant"
+);
+const _: () = assert!(
+    profile_valid(&FALLBACK_PROFILE, &LIMITS),
+    "tables/hardware.toml: the fallback profile breaks an invariant"
+);
+const _: () = assert!(BATCH_SIZE_CAP > 0 && DEFAULT_BATCH_SIZE > 0);
+const _: () = assert!(BUDGET_FRACTION > 0.0 && BUDGET_FRACTION <= 1.0);
+const _: () = assert!(TIGHT_BELOW_GB <= COMFORTABLE_BELOW_GB);
