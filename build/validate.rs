@@ -121,7 +121,9 @@ impl Checker<'_> {
                 v.span(),
                 format!("{what} is {x}, must be in {lo}..={hi}"),
             );
-            return lo.max(0) as u32;
+            // The value as given (clamped to u32), so later rules judge it
+            // as written instead of reporting a cascade of follow-on errors.
+            return x.clamp(0, i64::from(u32::MAX)) as u32;
         }
         x as u32
     }
@@ -410,7 +412,8 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
             }
             Err(e) => {
                 let first = e.to_string();
-                let msg = first.lines().last().unwrap_or("").trim().to_string();
+                let last = first.lines().last().unwrap_or("").trim();
+                let msg = last.strip_prefix("error: ").unwrap_or(last).to_string();
                 c.err(DETECT, r.regex.span(), format!("invalid regex: {msg}"));
             }
         }

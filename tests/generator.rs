@@ -1,0 +1,283 @@
+//! The table generator, run directly: the real tables generate the committed
+//! snapshot, and broken tables give exact `tables/FILE.toml:LINE:COL` errors,
+//! all at once.
+//!
+//! To accept a change of the generated code after editing `tables/` or
+//! `build/`, run `BLESS=1 cargo test --test generator` and review the diff of
+//! `tests/snapshots/generated_tables.rs`.
+
+#[allow(dead_code, clippy::all)]
+#[path = "../build/mod.rs"]
+mod generator;
+
+use std::path::{Path, PathBuf};
+
+use generator::{Endian, generate, model::FILES};
+
+fn tables_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tables")
+}
+
+/// A copy of the real tables with `edits` applied: (file, from, to); each
+/// `from` must occur exactly once.
+fn broken(edits: &[(&str, &str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FILES {
+        let mut text = std::fs::read_to_string(tables_dir().join(name)).unwrap();
+        for (file, from, to) in edits {
+            if *file == name {
+                assert_eq!(
+                    text.matches(from).count(),
+                    1,
+                    "edit {from:?} must match once in {file}"
+                );
+                text = text.replacen(from, to, 1);
+            }
+        }
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+fn errors(edits: &[(&str, &str, &str)]) -> Vec<String> {
+    let dir = broken(edits);
+    match generate(dir.path(), Endian::Little) {
+        Ok(_) => panic!("tables with {edits:?} were accepted"),
+        Err(e) => e.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+#[test]
+fn real_tables_generate_the_committed_snapshot() {
+    let out = generate(&tables_dir(), Endian::Little).expect("the real tables are valid");
+    let snapshot =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/generated_tables.rs");
+    if std::env::var_os("BLESS").is_some() {
+        std::fs::write(&snapshot, &out.rust).unwrap();
+    }
+    let committed = std::fs::read_to_string(&snapshot).unwrap_or_default();
+    assert!(
+        committed == out.rust,
+        "generated code differs from {}; review and run with BLESS=1",
+        snapshot.display()
+    );
+    assert!(out.rust.starts_with("// @generated"));
+    assert_eq!(out.dfas.len(), 3);
+    assert!(out.dfas.iter().all(|(_, bytes)| !bytes.is_empty()));
+    assert_eq!(out.inputs.len(), FILES.len());
+}
+
+#[test]
+fn generation_is_deterministic_and_endian_aware() {
+    let a = generate(&tables_dir(), Endian::Little).unwrap();
+    let b = generate(&tables_dir(), Endian::Little).unwrap();
+    assert_eq!(a.rust, b.rust);
+    assert_eq!(a.dfas, b.dfas);
+    let big = generate(&tables_dir(), Endian::Big).unwrap();
+    assert_eq!(a.rust, big.rust);
+    assert_ne!(
+        a.dfas, big.dfas,
+        "DFAs are serialised for the target's byte order"
+    );
+}
+
+#[test]
+fn duplicate_category() {
+    assert_eq!(
+        errors(&[("size.toml", "name = \"medium\"", "name = \"small\"")]),
+        ["tables/size.toml:17:8: duplicate category \"small\" (first at 9:8)"]
+    );
+}
+
+#[test]
+fn thresholds_must_ascend() {
+    assert_eq!(
+        errors(&[("size.toml", "max_params_b = 20", "max_params_b = 10")]),
+        [
+            "tables/size.toml:18:16: max_params_b 10 of \"medium\" must be above the previous category's 10 (thresholds ascend)"
+        ]
+    );
+}
+
+#[test]
+fn rank_rules_all_reported_at_once() {
+    assert_eq!(
+        errors(&[
+            ("size.toml", "lora_rank = 48", "lora_rank = 30"),
+            ("size.toml", "lora_rank = 128", "lora_rank = 512"),
+        ]),
+        [
+            "tables/size.toml:19:13: lora_rank 30 must be a multiple of 4",
+            "tables/size.toml:19:13: lora_rank 30 of \"medium\" must be above 32 of \"small\" (ranks strictly increase with size)",
+            "tables/size.toml:34:13: lora_rank is 512, must be in 8..=256",
+        ]
+    );
+}
+
+#[test]
+fn layers_must_increase() {
+    assert_eq!(
+        errors(&[("size.toml", "lora_num_layers = 16", "lora_num_layers = 12")]),
+        [
+            "tables/size.toml:28:19: lora_num_layers 12 of \"large\" must be above 12 of \"medium\" (layers strictly increase with size)"
+        ]
+    );
+}
+
+#[test]
+fn multiplier_out_of_range() {
+    assert_eq!(
+        errors(&[(
+            "size.toml",
+            "batch_size_multiplier = 1.5",
+            "batch_size_multiplier = 3.5"
+        )]),
+        ["tables/size.toml:21:25: batch_size_multiplier is 3.5, must be in (0, 3]"]
+    );
+}
+
+#[test]
+fn unknown_tier() {
+    assert_eq!(
+        errors(&[("size.toml", "tier = \"medium\"", "tier = \"huge\"")]),
+        ["tables/size.toml:22:8: unknown tier \"huge\" (known: entry, medium, large, enterprise)"]
+    );
+}
+
+#[test]
+fn last_category_must_be_unbounded() {
+    assert_eq!(
+        errors(&[(
+            "size.toml",
+            "name = \"xlarge\"\n",
+            "name = \"xlarge\"\nmax_params_b = 100\n"
+        )]),
+        [
+            "tables/size.toml:34:16: the last category \"xlarge\" takes every larger size and must not set max_params_b"
+        ]
+    );
+}
+
+#[test]
+fn family_that_can_never_match() {
+    assert_eq!(
+        errors(&[(
+            "detect.toml",
+            "substring = \"phi2\"",
+            "substring = \"mistral-7\""
+        )]),
+        [
+            "tables/detect.toml:76:13: family \"mistral-7\" can never match: every name containing it also contains \"mistral\" (at 60:13), which comes first"
+        ]
+    );
+}
+
+#[test]
+fn invalid_regex() {
+    let e = errors(&[(
+        "detect.toml",
+        "regex = '(?:2|4|8|16|32|64|128|256|512|1024)k(?:[^a-z]|$)'",
+        "regex = '(?:2|4k(?:[^a-z]|$)'",
+    )]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0] == "tables/detect.toml:24:9: invalid regex: unclosed group",
+        "{e:?}"
+    );
+}
+
+#[test]
+fn pattern_matching_empty_string() {
+    assert_eq!(
+        errors(&[(
+            "detect.toml",
+            "regex = '(?:2|4|8|16|32|64|128|256|512|1024)k(?:[^a-z]|$)'",
+            "regex = 'k?'",
+        )]),
+        ["tables/detect.toml:24:9: pattern can match the empty string"]
+    );
+}
+
+#[test]
+fn unknown_key_is_reported_with_position() {
+    let e = errors(&[(
+        "size.toml",
+        "lora_num_layers = 8\n",
+        "lora_num_layers = 8\nlora_ranks = 3\n",
+    )]);
+    assert_eq!(
+        e,
+        [
+            "tables/size.toml:13:1: unknown field `lora_ranks`, expected one of `name`, `max_params_b`, `lora_rank`, `lora_num_layers`, `batch_size_multiplier`, `tier`"
+        ]
+    );
+}
+
+#[test]
+fn toml_duplicate_key() {
+    let e = errors(&[(
+        "models.toml",
+        "training_gb = 12\n",
+        "training_gb = 12\ntraining_gb = 13\n",
+    )]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("tables/models.toml:"), "{e:?}");
+    assert!(e[0].contains("duplicate key"), "{e:?}");
+}
+
+#[test]
+fn hardware_errors() {
+    assert_eq!(
+        errors(&[
+            (
+                "hardware.toml",
+                "gpu_cores = { base = 8, pro = 16, max = 32, ultra = 64 }",
+                "gpu_cores = { base = 8, pro = 16, max = 32, ulta = 64 }"
+            ),
+            (
+                "hardware.toml",
+                "variant = \"pro\"\nmemory_gb = 18",
+                "variant = \"pro\"\nmemory_gb = 32"
+            ),
+            (
+                "hardware.toml",
+                "budget_fraction = 0.8",
+                "budget_fraction = 1.8"
+            ),
+        ]),
+        [
+            "tables/hardware.toml:5:19: budget_fraction is 1.8, must be in (0, 1]",
+            "tables/hardware.toml:19:13: gpu_cores of \"m1\" has no entry for variant \"ultra\"",
+            "tables/hardware.toml:19:52: gpu_cores names unknown variant \"ulta\" (known: base, pro, max, ultra)",
+            "tables/hardware.toml:177:1: duplicate profile for (variant, memory_gb) \"pro 32\" (first at 168:1)",
+        ]
+    );
+}
+
+#[test]
+fn errors_from_several_files_at_once() {
+    let e = errors(&[
+        ("size.toml", "[scaling]", "[scaling"),
+        ("models.toml", "[fit]", "[fit"),
+    ]);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].starts_with("tables/size.toml:"), "{e:?}");
+    assert!(e[1].starts_with("tables/models.toml:"), "{e:?}");
+}
+
+#[test]
+fn missing_file() {
+    let dir = broken(&[]);
+    std::fs::remove_file(dir.path().join("models.toml")).unwrap();
+    let e: Vec<String> = generate(dir.path(), Endian::Little)
+        .err()
+        .unwrap()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].starts_with("tables/models.toml: cannot read: "),
+        "{e:?}"
+    );
+}
