@@ -1,6 +1,6 @@
 //! Builds the detection DFAs and serialises them for the target.
 
-use regex_automata::dfa::{dense, regex::Regex};
+use regex_automata::dfa::{StartKind, dense};
 use regex_automata::util::syntax;
 use regex_automata::{MatchKind, nfa::thompson};
 
@@ -9,8 +9,7 @@ use super::validate::Tables;
 use super::{Endian, model};
 
 /// File names of the serialised DFAs in `OUT_DIR`.
-pub const SIZE_FWD: &str = "size_fwd.dfa";
-pub const SIZE_REV: &str = "size_rev.dfa";
+pub const SIZE: &str = "size.dfa";
 pub const FAMILY: &str = "family.dfa";
 
 fn syntax_config() -> syntax::Config {
@@ -37,15 +36,20 @@ fn failure(what: &str, e: impl std::fmt::Display) -> Vec<Diagnostic> {
     )]
 }
 
-/// Builds the size regex (forward and reverse DFAs, leftmost-first, one
-/// pattern per `[[pattern]]`) and the family DFA (all matches, overlapping).
+/// Builds the size DFA (leftmost-first, anchored: searched from the start of
+/// each digit run, since every size pattern begins with a digit) and the
+/// family DFA (all matches, unanchored, overlapping search).
 pub fn build(t: &Tables, endian: Endian) -> Result<Vec<(&'static str, Vec<u8>)>, Vec<Diagnostic>> {
     let patterns: Vec<&str> = t.patterns.iter().map(|(_, p)| p.as_str()).collect();
-    let dense_config = dense::Config::new().minimize(true);
-    let size = Regex::builder()
+    let size = dense::Builder::new()
         .syntax(syntax_config())
         .thompson(thompson::Config::new().utf8(false))
-        .dense(dense_config.clone())
+        .configure(
+            dense::Config::new()
+                .minimize(true)
+                .start_kind(StartKind::Anchored)
+                .match_kind(MatchKind::LeftmostFirst),
+        )
         .build_many(&patterns)
         .map_err(|e| failure("size", e))?;
 
@@ -57,13 +61,17 @@ pub fn build(t: &Tables, endian: Endian) -> Result<Vec<(&'static str, Vec<u8>)>,
     let family = dense::Builder::new()
         .syntax(syntax_config())
         .thompson(thompson::Config::new().utf8(false))
-        .configure(dense_config.match_kind(MatchKind::All))
+        .configure(
+            dense::Config::new()
+                .minimize(true)
+                .start_kind(StartKind::Unanchored)
+                .match_kind(MatchKind::All),
+        )
         .build_many(&families)
         .map_err(|e| failure("family", e))?;
 
     Ok(vec![
-        (SIZE_FWD, serialise(size.forward(), endian)),
-        (SIZE_REV, serialise(size.reverse(), endian)),
+        (SIZE, serialise(&size, endian)),
         (FAMILY, serialise(&family, endian)),
     ])
 }

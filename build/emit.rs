@@ -255,14 +255,9 @@ pub fn emit(t: &Tables, sources: &[Source]) -> String {
         pub const FAMILIES: [Family; #n_fam] = [ #( #families ),* ];
     });
     items.push(aligned_dfa(
-        "SIZE_FWD_DFA",
-        dfa::SIZE_FWD,
-        "Forward DFA of the size patterns (leftmost-first).",
-    ));
-    items.push(aligned_dfa(
-        "SIZE_REV_DFA",
-        dfa::SIZE_REV,
-        "Reverse DFA of the size patterns, to find where a match starts.",
+        "SIZE_DFA",
+        dfa::SIZE,
+        "DFA of the size patterns: leftmost-first, anchored at a digit run's start.",
     ));
     items.push(aligned_dfa(
         "FAMILY_DFA",

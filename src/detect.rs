@@ -8,14 +8,13 @@ use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use regex_automata::Input;
+use regex_automata::Anchored;
+use regex_automata::dfa::Automaton;
 use regex_automata::dfa::dense::DFA;
-use regex_automata::dfa::regex::Regex;
-use regex_automata::dfa::{Automaton, OverlappingState};
+use regex_automata::util::primitives::StateID;
 
 use crate::tables::{
-    FAMILIES, FAMILY_DFA, PATTERN_KINDS, PatternKind, SIZE_FWD_DFA, SIZE_REV_DFA, SizeCategory,
-    UNIT_PARAMS,
+    FAMILIES, FAMILY_DFA, PATTERN_KINDS, PatternKind, SIZE_DFA, SizeCategory, UNIT_PARAMS,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -150,8 +149,15 @@ impl SizeCategory {
 type StaticDfa = DFA<&'static [u32]>;
 
 struct Matchers {
-    size: Regex<StaticDfa>,
+    /// Size patterns, anchored, leftmost-first.
+    size: StaticDfa,
+    /// The size DFA's start state, the same at every position (no pattern
+    /// looks behind its start).
+    size_start: StateID,
+    /// Family substrings, unanchored, all matches.
     family: StaticDfa,
+    /// The family DFA's start state.
+    family_start: StateID,
 }
 
 /// The DFAs, validated once (no allocation: they are read in place).
@@ -159,12 +165,18 @@ fn matchers() -> Option<&'static Matchers> {
     static MATCHERS: OnceLock<Option<Matchers>> = OnceLock::new();
     MATCHERS
         .get_or_init(|| {
-            let (fwd, _) = DFA::from_bytes(&SIZE_FWD_DFA.bytes).ok()?;
-            let (rev, _) = DFA::from_bytes(&SIZE_REV_DFA.bytes).ok()?;
+            let (size, _) = DFA::from_bytes(&SIZE_DFA.bytes).ok()?;
             let (family, _) = DFA::from_bytes(&FAMILY_DFA.bytes).ok()?;
+            // Both exist because no table pattern uses a look-behind
+            // assertion (`^`, `\b`) at its start; a table that did would make
+            // detection report "unknown", which tests catch.
+            let size_start = size.universal_start_state(Anchored::Yes)?;
+            let family_start = family.universal_start_state(Anchored::No)?;
             Some(Matchers {
-                size: Regex::builder().build_from_dfas(fwd, rev),
+                size,
+                size_start,
                 family,
+                family_start,
             })
         })
         .as_ref()
@@ -223,49 +235,95 @@ fn parse_size(span: &[u8]) -> Option<u64> {
     Some(u64::try_from(total).unwrap_or(u64::MAX))
 }
 
+/// The leftmost-first match of the size DFA anchored at `start`: (end,
+/// pattern id), or `None`.
+fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
+    let dfa = &m.size;
+    let mut state = m.size_start;
+    let mut last = None;
+    for (i, &b) in hay.iter().enumerate().skip(start) {
+        state = dfa.next_state(state, b);
+        if dfa.is_special_state(state) {
+            if dfa.is_match_state(state) {
+                // Matches are reported one byte late: this one ends at `i`.
+                last = Some((i, dfa.match_pattern(state, 0).as_usize()));
+            } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
+                return last;
+            }
+        }
+    }
+    state = dfa.next_eoi_state(state);
+    if dfa.is_match_state(state) {
+        last = Some((hay.len(), dfa.match_pattern(state, 0).as_usize()));
+    }
+    last
+}
+
 /// The first size written in `segment`, skipping tokens the tables mark as
 /// not sizes.
+///
+/// Every size pattern starts with a digit, and `[0-9]+` absorbs any digits
+/// before a later start in the same run, so the leftmost match always starts
+/// where a run of digits starts: the DFA is run, anchored, only from there.
+/// Each run is scanned at most twice (from its own start and, across a
+/// decimal point, from the run before), so the search is linear.
 fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<u64> {
-    let mut input = Input::new(segment);
-    while let Ok(Some(found)) = m.size.try_search(&input) {
-        let span = &segment[found.start()..found.end()];
-        if PATTERN_KINDS[found.pattern().as_usize()] == PatternKind::Size
-            && let Some(params) = parse_size(span).filter(|&p| p > 0)
-        {
-            return Some(params);
+    let mut pos = 0;
+    while pos < segment.len() {
+        let b = segment[pos];
+        let run_start = b.is_ascii_digit() && (pos == 0 || !segment[pos - 1].is_ascii_digit());
+        if !run_start {
+            pos += 1;
+            continue;
         }
-        // Go on after this token; an empty match still advances.
-        let next = found.end().max(found.start() + 1);
-        if next > segment.len() {
-            break;
+        match match_at(m, segment, pos) {
+            Some((end, pattern)) => {
+                if PATTERN_KINDS[pattern] == PatternKind::Size
+                    && let Some(params) = parse_size(&segment[pos..end]).filter(|&p| p > 0)
+                {
+                    return Some(params);
+                }
+                // Go on after this token.
+                pos = end.max(pos + 1);
+            }
+            None => pos += 1,
         }
-        input.set_start(next);
     }
     None
 }
 
 /// The family fallback: of the families occurring in `segment`, the one
-/// listed first in the table.
+/// listed first in the table. One pass of the all-matches DFA; every match
+/// state names the families whose substring ends there.
 fn size_from_family(m: &Matchers, segment: &[u8]) -> Option<u64> {
-    let input = Input::new(segment);
-    let mut state = OverlappingState::start();
-    let mut best: Option<usize> = None;
-    loop {
-        if m.family
-            .try_search_overlapping_fwd(&input, &mut state)
-            .is_err()
-        {
-            break;
+    let dfa = &m.family;
+    let mut best = usize::MAX;
+    let note = |state: StateID, best: &mut usize| {
+        for k in 0..dfa.match_len(state) {
+            *best = (*best).min(dfa.match_pattern(state, k).as_usize());
         }
-        match state.get_match() {
-            Some(hm) => {
-                let id = hm.pattern().as_usize();
-                best = Some(best.map_or(id, |b| b.min(id)));
+    };
+    let mut state = m.family_start;
+    for &b in segment {
+        state = dfa.next_state(state, b);
+        if dfa.is_special_state(state) {
+            if dfa.is_match_state(state) {
+                note(state, &mut best);
+                if best == 0 {
+                    break;
+                }
+            } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
+                break;
             }
-            None => break,
         }
     }
-    best.map(|i| FAMILIES[i].params)
+    if best != 0 {
+        state = dfa.next_eoi_state(state);
+        if dfa.is_match_state(state) {
+            note(state, &mut best);
+        }
+    }
+    FAMILIES.get(best).map(|f| f.params)
 }
 
 /// Detects a model's size from its name: a Hugging Face id (`org/name`), a

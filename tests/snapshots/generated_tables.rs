@@ -196,15 +196,10 @@ pub const FAMILIES: [Family; 6] = [
         params: 7000000000,
     },
 ];
-/// Forward DFA of the size patterns (leftmost-first).
-pub static SIZE_FWD_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
+/// DFA of the size patterns: leftmost-first, anchored at a digit run's start.
+pub static SIZE_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
     _align: [],
-    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/size_fwd.dfa")),
-};
-/// Reverse DFA of the size patterns, to find where a match starts.
-pub static SIZE_REV_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
-    _align: [],
-    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/size_rev.dfa")),
+    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/size.dfa")),
 };
 /// DFA of the family substrings (all matches, overlapping search).
 pub static FAMILY_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
