@@ -107,6 +107,17 @@ fn parse_variant(answer: &str) -> Result<ChipVariant, String> {
     answer.parse::<ChipVariant>().map_err(|e| e.to_string())
 }
 
+/// A memory answer: one of `choices`.
+fn parse_memory(answer: &str, choices: &[u32], chip: &str) -> Result<u32, String> {
+    match answer.parse::<u32>() {
+        Ok(m) if choices.contains(&m) => Ok(m),
+        _ => Err(format!(
+            "\"{answer}\" is not a memory size of the {chip}; choose one of {} (GB)",
+            join(choices)
+        )),
+    }
+}
+
 /// The memory sizes the wizard accepts for `variant`: those it is sold with,
 /// and the detected size.
 fn memory_choices(variant: ChipVariant, detected: Option<u32>) -> Vec<u32> {
@@ -175,34 +186,26 @@ pub fn wizard(
     };
     let chip = chip_name(generation, variant);
     let choices = memory_choices(variant, detected_memory);
-    let memory =
-        match flags.memory {
-            Some(m) => {
-                if !choices.contains(&m) {
-                    writeln!(
-                        p.out,
-                        "note: the {chip} is not sold with {m} GB ({} GB are); the profile row \
-                     with the nearest memory applies",
-                        join(MEMORY_OPTIONS_GB[variant.index()])
-                    )
-                    .context("cannot write to stdout")?;
-                }
-                m
+    let memory = match flags.memory {
+        Some(m) => {
+            if !choices.contains(&m) {
+                let sold = join(MEMORY_OPTIONS_GB[variant.index()]);
+                writeln!(
+                    p.out,
+                    "note: the {chip} is not sold with {m} GB ({sold} GB are); \
+                     the profile row with the nearest memory applies"
+                )
+                .context("cannot write to stdout")?;
             }
-            None => {
-                let default = detected_memory.map(|m| m.to_string());
-                let question = format!("Memory in GB for the {chip} ({})", join(&choices));
-                p.ask("memory", "--memory", &question, default.as_deref(), |answer| {
-                match answer.parse::<u32>() {
-                    Ok(m) if choices.contains(&m) => Ok(m),
-                    _ => Err(format!(
-                        "\"{answer}\" is not a memory size of the {chip}; choose one of {} (GB)",
-                        join(&choices)
-                    )),
-                }
-            })?
-            }
-        };
+            m
+        }
+        None => {
+            let default = detected_memory.map(|m| m.to_string());
+            let question = format!("Memory in GB for the {chip} ({})", join(&choices));
+            let parse = |answer: &str| parse_memory(answer, &choices, &chip);
+            p.ask("memory", "--memory", &question, default.as_deref(), parse)?
+        }
+    };
 
     let profile = optimized_profile(generation, variant, memory);
     writeln!(p.out).context("cannot write to stdout")?;
