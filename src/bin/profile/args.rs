@@ -1,0 +1,242 @@
+//! Command-line arguments. Doc comments here are the `--help` text, which
+//! `tests/snapshots/` pins down.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+use qlora_scale::storage::PROFILE_PATH_ENV;
+use qlora_scale::tables::MEMORY_OPTIONS_GB;
+use qlora_scale::{ChipVariant, Generation};
+
+/// Size QLoRA training to the machine and the model
+///
+/// Detects the size of models from their names, picks the training profile
+/// for Apple Silicon hardware, saves it, and scales it for a model.
+#[derive(Debug, Parser)]
+#[command(
+    name = "profile",
+    bin_name = "profile",
+    version,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// The saved profile file.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        help = profile_path_help(),
+        display_order = 1000
+    )]
+    pub profile_path: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Detect the size of models from their names, ids or paths
+    #[command(long_about = concat!(
+        "Detect the size of models from their names, ids or paths.\n",
+        "\n",
+        "Prints one line per name: NAME<TAB>CATEGORY<TAB>PARAMS_B, where PARAMS_B is the\n",
+        "parameter count in billions (7, 0.5, 0.135), or - when unknown. Without NAME\n",
+        "arguments, names are read from stdin, one per line (empty lines are skipped).",
+    ))]
+    DetectModel(DetectModelArgs),
+
+    /// Show this machine's hardware and the profile chosen for it
+    #[command(long_about = concat!(
+        "Show this machine's hardware and the profile chosen for it.\n",
+        "\n",
+        "Exits with status 1 and says so when the hardware cannot be detected (not an\n",
+        "Apple Silicon Mac).",
+    ))]
+    Hardware(JsonArgs),
+
+    /// Create the saved profile: an interactive wizard, or flags
+    #[command(long_about = concat!(
+        "Create the saved profile: an interactive wizard, or flags.\n",
+        "\n",
+        "Asks for each of generation, chip variant and memory not given as a flag,\n",
+        "offering detected values as defaults, then shows the profile and saves it\n",
+        "(atomically) after confirmation. Works with piped stdin; a bad answer is asked\n",
+        "again, a few times at most. With all three flags and --yes it asks nothing.",
+    ))]
+    Setup(SetupArgs),
+
+    /// Which known models fit in a machine's memory, and how comfortably
+    #[command(long_about = concat!(
+        "Which known models fit in a machine's memory, and how comfortably.\n",
+        "\n",
+        "The memory is --memory, else the saved profile's, else the detected hardware's.",
+    ))]
+    Recommend(RecommendArgs),
+
+    /// Print the saved profile
+    #[command(long_about = concat!(
+        "Print the saved profile.\n",
+        "\n",
+        "When there is none, says so and how to create one (exit status 0; with --json\n",
+        "it prints null). A file that is not a valid profile is an error and is left as\n",
+        "it is.",
+    ))]
+    Show(JsonArgs),
+
+    /// Print the profile for a machine, scaled for a model, as JSON
+    #[command(long_about = concat!(
+        "Print the profile for a machine, scaled for a model, as JSON.\n",
+        "\n",
+        "The machine is the saved profile, else the detected hardware; --generation,\n",
+        "--chip and --memory override it. Without either, all three flags are needed.",
+    ))]
+    Scale(ScaleArgs),
+}
+
+/// `detect-model` arguments.
+#[derive(Debug, Args)]
+pub struct DetectModelArgs {
+    /// Model names, Hugging Face ids or paths [default: read from stdin]
+    #[arg(value_name = "NAME")]
+    pub names: Vec<OsString>,
+
+    /// Print one JSON object per line: {"name", "category", "params_b", "source"}
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of subcommands whose only option is `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArgs {
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The hardware a profile is built for, each part optional.
+#[derive(Clone, Copy, Debug, Default, Args)]
+pub struct HardwareFlags {
+    /// Apple Silicon generation
+    #[arg(long, value_name = "GEN", value_parser = generation_parser(), ignore_case = true)]
+    pub generation: Option<Generation>,
+
+    /// Chip variant
+    #[arg(long, value_name = "VARIANT", value_parser = variant_parser(), ignore_case = true)]
+    pub chip: Option<ChipVariant>,
+
+    /// Unified memory in GB
+    #[arg(
+        long,
+        value_name = "GB",
+        value_parser = clap::value_parser!(u32).range(1..),
+        long_help = memory_help()
+    )]
+    pub memory: Option<u32>,
+}
+
+impl HardwareFlags {
+    /// The flags that were not given, as `--name`s.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.generation.is_none() {
+            missing.push("--generation");
+        }
+        if self.chip.is_none() {
+            missing.push("--chip");
+        }
+        if self.memory.is_none() {
+            missing.push("--memory");
+        }
+        missing
+    }
+
+    /// Whether any flag was given.
+    pub fn any(&self) -> bool {
+        self.generation.is_some() || self.chip.is_some() || self.memory.is_some()
+    }
+}
+
+/// `setup` arguments.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Hardware given up front; the wizard asks only for the rest.
+    #[command(flatten)]
+    pub hardware: HardwareFlags,
+
+    /// Save without asking for confirmation
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+/// `recommend` arguments.
+#[derive(Debug, Args)]
+pub struct RecommendArgs {
+    /// Unified memory in GB [default: the saved profile's, else detected]
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub memory: Option<u32>,
+
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `scale` arguments.
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// The model: a name, Hugging Face id or path
+    #[arg(long, value_name = "NAME")]
+    pub model: OsString,
+
+    /// Hardware overriding the saved or detected one.
+    #[command(flatten)]
+    pub hardware: HardwareFlags,
+}
+
+fn generation_parser() -> impl TypedValueParser<Value = Generation> {
+    PossibleValuesParser::new(Generation::ALL.map(|g| PossibleValue::new(g.name())))
+        .try_map(|s| s.parse::<Generation>())
+}
+
+fn variant_parser() -> impl TypedValueParser<Value = ChipVariant> {
+    PossibleValuesParser::new(ChipVariant::ALL.map(|v| PossibleValue::new(v.name())))
+        .try_map(|s| s.parse::<ChipVariant>())
+}
+
+/// `--memory`'s long help: the sizes each variant is sold with, from the
+/// tables.
+fn memory_help() -> String {
+    let mut help = String::from(
+        "Unified memory in GB. Any size is accepted (the variant's profile row with the\n\
+         nearest memory applies); the sizes each variant is sold with:",
+    );
+    for variant in ChipVariant::ALL {
+        help.push_str(&format!(
+            "\n  {:<6} {}",
+            variant.name(),
+            join(MEMORY_OPTIONS_GB[variant.index()])
+        ));
+    }
+    help
+}
+
+fn profile_path_help() -> String {
+    format!(
+        "The saved profile file [default: ${PROFILE_PATH_ENV}, else\n\
+         qlora-scale/hardware_profile.json in the per-user config directory]"
+    )
+}
+
+/// `a, b, c`.
+pub fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

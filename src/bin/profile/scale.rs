@@ -1,0 +1,185 @@
+//! `profile scale`: the profile for a machine, scaled for a model, as JSON.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use qlora_scale::hardware::{DetectedHardware, detect_hardware};
+use qlora_scale::storage::load_profile;
+use qlora_scale::{HardwareProfile, detect_model_size, optimized_profile, scale_profile_for_model};
+use serde_json::{Map, Value};
+
+use crate::Context;
+use crate::args::{HardwareFlags, ScaleArgs, join};
+use crate::render::{model_size_json, write_json_pretty};
+
+/// Where the resolved hardware came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardwareSource {
+    /// All three flags.
+    Flags,
+    /// The saved profile, as saved.
+    SavedProfile,
+    /// The saved profile's hardware with some flags overriding it.
+    SavedProfileWithFlags,
+    /// The detected hardware.
+    Detected,
+    /// The detected hardware with some flags overriding it.
+    DetectedWithFlags,
+}
+
+impl HardwareSource {
+    /// The name printed in the JSON.
+    pub fn key(self) -> &'static str {
+        match self {
+            HardwareSource::Flags => "flags",
+            HardwareSource::SavedProfile => "saved_profile",
+            HardwareSource::SavedProfileWithFlags => "saved_profile+flags",
+            HardwareSource::Detected => "detected",
+            HardwareSource::DetectedWithFlags => "detected+flags",
+        }
+    }
+}
+
+/// Resolves the hardware profile (reference, section 7): all three flags
+/// build it outright (the saved profile is not read); otherwise the base is
+/// the saved profile, else the detected hardware, and any flags given
+/// override the base's hardware, rebuilding the profile. With no base, the
+/// missing flags are named.
+///
+/// A saved profile is used as saved when no flag is given, so edits to it
+/// are kept.
+pub fn resolve_hardware(
+    flags: &HardwareFlags,
+    saved_path: &Path,
+    detect: impl FnOnce() -> Option<DetectedHardware>,
+) -> anyhow::Result<(HardwareProfile, HardwareSource)> {
+    if let (Some(g), Some(v), Some(m)) = (flags.generation, flags.chip, flags.memory) {
+        return Ok((optimized_profile(g, v, m), HardwareSource::Flags));
+    }
+    let (base, source) = if let Some(saved) = load_profile(saved_path)? {
+        if !flags.any() {
+            return Ok((saved, HardwareSource::SavedProfile));
+        }
+        (saved, HardwareSource::SavedProfileWithFlags)
+    } else if let Some(detected) = detect().and_then(|d| d.profile()) {
+        if !flags.any() {
+            return Ok((detected, HardwareSource::Detected));
+        }
+        (detected, HardwareSource::DetectedWithFlags)
+    } else if flags.any() {
+        bail!(
+            "missing {}: no saved profile at {} and no detected hardware to take them from \
+             (give all of --generation, --chip and --memory)",
+            join(&flags.missing()),
+            saved_path.display()
+        );
+    } else {
+        bail!(
+            "no hardware to scale for: no saved profile at {} and the hardware could not be \
+             detected; pass --generation, --chip and --memory, or run `profile setup`",
+            saved_path.display()
+        );
+    };
+    let profile = optimized_profile(
+        flags.generation.unwrap_or(base.generation),
+        flags.chip.unwrap_or(base.variant),
+        flags.memory.unwrap_or(base.memory_gb),
+    );
+    Ok((profile, source))
+}
+
+/// The JSON `scale` prints: the model and its detected size, then the
+/// hardware profile with its settings scaled, then where the hardware came
+/// from.
+pub fn scaled_json(
+    model: &[u8],
+    hardware: &HardwareProfile,
+    source: HardwareSource,
+) -> anyhow::Result<Value> {
+    let size = detect_model_size(model);
+    let scaled = HardwareProfile {
+        profile: scale_profile_for_model(&hardware.profile, model),
+        ..*hardware
+    };
+    let mut map = Map::new();
+    map.insert(
+        "model".into(),
+        String::from_utf8_lossy(model).into_owned().into(),
+    );
+    map.insert("model_size".into(), model_size_json(&size));
+    match serde_json::to_value(scaled).context("cannot serialise the scaled profile")? {
+        Value::Object(fields) => map.extend(fields),
+        other => bail!("the scaled profile serialised to {other}, not an object"),
+    }
+    map.insert("hardware_source".into(), source.key().into());
+    Ok(Value::Object(map))
+}
+
+/// Runs `scale`.
+pub fn run(args: &ScaleArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
+    let (hardware, source) = resolve_hardware(&args.hardware, &ctx.profile_path, detect_hardware)?;
+    let value = scaled_json(args.model.as_encoded_bytes(), &hardware, source)?;
+    write_json_pretty(out, &value).context("cannot write to stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlora_scale::hardware::parse_sysctl;
+    use qlora_scale::{ChipVariant, Generation};
+
+    fn no_file() -> std::path::PathBuf {
+        std::path::PathBuf::from("/nonexistent/qlora-scale-test/profile.json")
+    }
+
+    #[test]
+    fn detected_hardware_is_the_base_when_nothing_is_saved() {
+        // 96 GiB M2 Ultra, memory overridden.
+        let flags = HardwareFlags {
+            memory: Some(192),
+            ..HardwareFlags::default()
+        };
+        let detect = || parse_sysctl("Apple M2 Ultra", "103079215104");
+        let (p, source) = resolve_hardware(&flags, &no_file(), detect).unwrap();
+        assert_eq!(source, HardwareSource::DetectedWithFlags);
+        assert_eq!(
+            (p.generation, p.variant, p.memory_gb),
+            (Generation::M2, ChipVariant::Ultra, 192)
+        );
+        let (p, source) = resolve_hardware(&HardwareFlags::default(), &no_file(), detect).unwrap();
+        assert_eq!(source, HardwareSource::Detected);
+        assert_eq!(p.memory_gb, 96);
+    }
+
+    #[test]
+    fn no_base_names_missing_flags() {
+        let flags = HardwareFlags {
+            chip: Some(ChipVariant::Max),
+            ..HardwareFlags::default()
+        };
+        let err = resolve_hardware(&flags, &no_file(), || None).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with("missing --generation, --memory:"), "{msg}");
+    }
+
+    #[test]
+    fn json_is_flat_with_model_size() {
+        let hw = optimized_profile(Generation::M2, ChipVariant::Ultra, 192);
+        let v = scaled_json(
+            b"NousResearch/Hermes-2-Pro-Mistral-7B",
+            &hw,
+            HardwareSource::Flags,
+        )
+        .unwrap();
+        assert_eq!(v["model_size"]["category"], "small");
+        assert_eq!(v["model_size"]["params_b"], 7);
+        assert_eq!(v["model_size"]["source"], "name");
+        assert_eq!(
+            (v["batch_size"].as_u64(), v["lora_rank"].as_u64()),
+            (Some(8), Some(32))
+        );
+        assert_eq!(v["training_budget_gb"], 153);
+        assert_eq!(v["hardware_source"], "flags");
+    }
+}
