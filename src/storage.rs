@@ -13,30 +13,30 @@ pub const PROFILE_PATH_ENV: &str = "QLORA_SCALE_PROFILE";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The file exists but cannot be read.
-    #[error("cannot read saved profile {path}: {source}")]
+    #[error("cannot read saved profile {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so not also a `source()`).
+        cause: std::io::Error,
     },
     /// The file is not a valid profile; it is left untouched.
     #[error(
-        "saved profile {path} is not a valid profile (left untouched; fix or delete it): {source}"
+        "saved profile {path} is not a valid profile (left untouched; fix or delete it): {cause}"
     )]
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: serde_json::Error,
+        /// Why (in the message, so not also a `source()`).
+        cause: serde_json::Error,
     },
     /// Writing failed; any previous file is intact.
-    #[error("cannot write saved profile {path}: {source}")]
+    #[error("cannot write saved profile {path}: {cause}")]
     Write {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so not also a `source()`).
+        cause: std::io::Error,
     },
     /// No place to keep the profile could be found.
     #[error("no config directory found: set {PROFILE_PATH_ENV} or pass --profile-path")]
@@ -57,21 +57,21 @@ pub fn default_profile_path() -> Result<PathBuf, StoreError> {
 /// Loads the profile at `path`. A missing file is `Ok(None)`; an unreadable
 /// or invalid one is an error, and the file is not touched.
 pub fn load_profile(path: &Path) -> Result<Option<HardwareProfile>, StoreError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
+        Err(cause) => {
             return Err(StoreError::Read {
                 path: path.to_path_buf(),
-                source,
+                cause,
             });
         }
     };
-    serde_json::from_str(&text)
+    serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|source| StoreError::Corrupt {
+        .map_err(|cause| StoreError::Corrupt {
             path: path.to_path_buf(),
-            source,
+            cause,
         })
 }
 
@@ -99,8 +99,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn save_profile(path: &Path, profile: &HardwareProfile) -> Result<(), StoreError> {
     let mut json = serde_json::to_vec_pretty(profile).expect("a profile always serialises");
     json.push(b'\n');
-    write_atomic(path, &json).map_err(|source| StoreError::Write {
+    write_atomic(path, &json).map_err(|cause| StoreError::Write {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }

@@ -219,8 +219,8 @@ pub fn wizard(
         Err(e) => {
             // Only a yes (or --yes) replaces a file that cannot be read.
             let why = match &e {
-                StoreError::Corrupt { source, .. } => format!("is not a valid profile ({source})"),
-                StoreError::Read { source, .. } => format!("cannot be read ({source})"),
+                StoreError::Corrupt { cause, .. } => format!("is not a valid profile ({cause})"),
+                StoreError::Read { cause, .. } => format!("cannot be read ({cause})"),
                 other => format!("cannot be used ({other})"),
             };
             writeln!(p.out, "note: the existing file {} {why}", path.display())
