@@ -408,6 +408,12 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
             Ok(hir) => {
                 if hir.properties().minimum_len() == Some(0) {
                     c.err(DETECT, r.regex.span(), "pattern can match the empty string");
+                } else if !starts_with_digit(&hir) {
+                    c.err(
+                        DETECT,
+                        r.regex.span(),
+                        "pattern must start with an ASCII digit (the DFA is run from the start of each digit run)",
+                    );
                 }
             }
             Err(e) => {
@@ -802,5 +808,26 @@ fn profile(c: &mut Checker, r: &RawProfile, tiers: &[String], l: &Limits) -> Pro
         lora_num_layers: layers_in_limits(c, model::HARDWARE, &r.lora_num_layers, l),
         grad_checkpoint: *r.grad_checkpoint.get_ref(),
         tier: c.lookup(model::HARDWARE, tiers, &r.tier, "tier"),
+    }
+}
+
+/// Whether every match of `hir` starts with an ASCII digit.
+fn starts_with_digit(hir: &regex_syntax::hir::Hir) -> bool {
+    use regex_syntax::hir::{Class, HirKind};
+    match hir.kind() {
+        HirKind::Literal(lit) => lit.0.first().is_some_and(u8::is_ascii_digit),
+        HirKind::Class(Class::Bytes(c)) => c
+            .ranges()
+            .iter()
+            .all(|r| r.start().is_ascii_digit() && r.end().is_ascii_digit()),
+        HirKind::Class(Class::Unicode(c)) => c
+            .ranges()
+            .iter()
+            .all(|r| r.start().is_ascii_digit() && r.end().is_ascii_digit()),
+        HirKind::Repetition(rep) => rep.min >= 1 && starts_with_digit(&rep.sub),
+        HirKind::Capture(cap) => starts_with_digit(&cap.sub),
+        HirKind::Concat(parts) => parts.first().is_some_and(starts_with_digit),
+        HirKind::Alternation(alts) => alts.iter().all(starts_with_digit),
+        HirKind::Empty | HirKind::Look(_) => false,
     }
 }

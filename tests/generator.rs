@@ -281,3 +281,17 @@ fn missing_file() {
         "{e:?}"
     );
 }
+
+#[test]
+fn pattern_must_start_with_a_digit() {
+    assert_eq!(
+        errors(&[(
+            "detect.toml",
+            "regex = '(?:2|4|8|16|32|64|128|256|512|1024)k(?:[^a-z]|$)'",
+            "regex = '-?(?:2|4)k'",
+        )]),
+        [
+            "tables/detect.toml:24:9: pattern must start with an ASCII digit (the DFA is run from the start of each digit run)"
+        ]
+    );
+}
