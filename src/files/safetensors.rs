@@ -202,9 +202,17 @@ pub fn read_safetensors_header<R: Read>(
             len: file_len,
         });
     }
-    // Bounded by MAX_HEADER_LEN and by the file's length.
-    let mut header = vec![0u8; header_len as usize];
-    read_exact(&mut reader, &mut header, needed, file_len)?;
+    // Bounded by MAX_HEADER_LEN and by the file's length; read through
+    // `take` so a reader shorter than `file_len` claims allocates only what
+    // it really holds.
+    let mut header = Vec::new();
+    reader.take(header_len).read_to_end(&mut header)?;
+    if header.len() as u64 != header_len {
+        return Err(SafetensorsError::Truncated {
+            needed,
+            len: file_len,
+        });
+    }
     parse_header(&header, file_len - needed)
 }
 
