@@ -66,6 +66,14 @@ pub enum FilesError {
         /// Its length.
         len: u64,
     },
+    /// A JSON file does not parse.
+    #[error("{}: not valid JSON: {message}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
     /// `config.json` gave no count.
     #[error("{}: {source}", path.display())]
     Config {
@@ -147,9 +155,9 @@ fn read_json(path: &Path) -> Result<Value, FilesError> {
     file.take(MAX_JSON_LEN + 1)
         .read_to_end(&mut text)
         .map_err(io_error(path))?;
-    serde_json::from_slice(&text).map_err(|e| FilesError::Config {
+    serde_json::from_slice(&text).map_err(|e| FilesError::Json {
         path: path.to_owned(),
-        source: ConfigError::Json(e.to_string()),
+        message: e.to_string(),
     })
 }
 
@@ -414,6 +422,9 @@ impl Gathered {
             count.params -= count.lm_head_params;
         }
         self.packed_layouts = count.layouts.iter().copied().collect();
+        if count.params == 0 {
+            return;
+        }
         self.counts.push(SourceCount {
             source: CountSource::Safetensors,
             path: path.to_owned(),
@@ -708,7 +719,8 @@ fn choose(path: &Path, mut g: Gathered) -> FileSize {
             .iter()
             .filter(|c| c.source != chosen)
             .filter_map(|c| {
-                let fraction = c.params.abs_diff(chosen_params) as f64 / chosen_params as f64;
+                let fraction =
+                    c.params.abs_diff(chosen_params) as f64 / chosen_params.max(1) as f64;
                 (fraction > DISAGREEMENT_FRACTION).then_some(Disagreement {
                     source: c.source,
                     params: c.params,
