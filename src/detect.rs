@@ -85,6 +85,9 @@ pub enum SizeSource {
     Family,
     /// Nothing found: category of the smallest size, count 0.
     Unknown,
+    /// Counted from the model's local files (`config.json`, safetensors or
+    /// GGUF headers); see [`crate::files`].
+    Files,
 }
 
 impl SizeSource {
@@ -94,6 +97,7 @@ impl SizeSource {
             SizeSource::Name => "from name",
             SizeSource::Family => "from family",
             SizeSource::Unknown => "unknown",
+            SizeSource::Files => "from files",
         }
     }
 }

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod detect;
+pub mod files;
 pub mod hardware;
 pub mod recommend;
 pub mod scale;
@@ -27,6 +28,7 @@ pub mod storage;
 pub mod tables;
 
 pub use detect::{ModelName, ModelSize, SizeSource, detect_model_size};
+pub use files::{FileSize, FilesError, detect_model_size_from_path};
 pub use hardware::{HardwareProfile, optimized_profile};
 pub use scale::{scale_profile_for_category, scale_profile_for_model};
 pub use tables::{ChipVariant, Generation, Profile, SizeCategory, SizeConfig, Tier};
