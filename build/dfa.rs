@@ -41,6 +41,12 @@ fn failure(what: &str, e: impl std::fmt::Display) -> Vec<Diagnostic> {
 /// family DFA (all matches, unanchored, overlapping search).
 pub fn build(t: &Tables, endian: Endian) -> Result<Vec<(&'static str, Vec<u8>)>, Vec<Diagnostic>> {
     let patterns: Vec<&str> = t.patterns.iter().map(|(_, p)| p.as_str()).collect();
+    if t.families.is_empty() {
+        return Err(failure(
+            "family",
+            "tables/known_models.toml defines no [[family]]",
+        ));
+    }
     let size = dense::Builder::new()
         .syntax(syntax_config())
         .thompson(thompson::Config::new().utf8(false))
@@ -56,7 +62,7 @@ pub fn build(t: &Tables, endian: Endian) -> Result<Vec<(&'static str, Vec<u8>)>,
     let families: Vec<String> = t
         .families
         .iter()
-        .map(|(s, _)| regex_syntax::escape(s))
+        .map(|f| regex_syntax::escape(&f.substring))
         .collect();
     let family = dense::Builder::new()
         .syntax(syntax_config())

@@ -234,14 +234,33 @@ pub fn emit(t: &Tables, sources: &[Source]) -> String {
     let kinds = t.patterns.iter().map(|(k, _)| match k {
         PatternKind::Size => quote!(PatternKind::Size),
         PatternKind::Ignore => quote!(PatternKind::Ignore),
+        PatternKind::Moe => quote!(PatternKind::Moe),
     });
     let texts = t.patterns.iter().map(|(_, p)| p.as_str());
     let n_pat = Literal::usize_unsuffixed(t.patterns.len());
     let units = t.units.iter().map(|&u| u64_lit(u));
-    let families = t.families.iter().map(|(s, p)| {
-        let p = u64_lit(*p);
-        quote!(Family { substring: #s, params: #p })
+    let families = t.families.iter().map(|f| {
+        let (s, p, o) = (f.substring.as_str(), u64_lit(f.params), f.overrides);
+        quote!(Family { substring: #s, params: #p, overrides: #o })
     });
+    let moe = t.moe.iter().map(|m| {
+        let (e, x, total) = (
+            u32_lit(m.experts),
+            u64_lit(m.expert_params),
+            u64_lit(m.total_params),
+        );
+        quote!(MoeLayout { experts: #e, expert_params: #x, total_params: #total })
+    });
+    let n_moe = Literal::usize_unsuffixed(t.moe.len());
+    let skip = t.skip_segments.iter().map(String::as_str);
+    let n_skip = Literal::usize_unsuffixed(t.skip_segments.len());
+    let hash_min_len = Literal::usize_unsuffixed(t.hash_min_len as usize);
+    let cache_separator = t.cache_separator.as_str();
+    let known_entries: Vec<(String, String)> = t
+        .known_models
+        .iter()
+        .map(|(n, p)| (n.clone(), format!("{p}u64")))
+        .collect();
     let n_fam = Literal::usize_unsuffixed(t.families.len());
     items.push(quote! {
         /// What each detection pattern marks, by pattern id.
@@ -251,9 +270,23 @@ pub fn emit(t: &Tables, sources: &[Source]) -> String {
         /// Parameters per unit, indexed by the unit's lower-case letter minus `b'a'`;
         /// 0 where the letter is no unit.
         pub const UNIT_PARAMS: [u64; 26] = [ #( #units ),* ];
-        /// Family fallbacks, in priority order (by pattern id of [`FAMILY_DFA`]).
+        /// Family rules, in priority order (by pattern id of [`FAMILY_DFA`]).
         pub const FAMILIES: [Family; #n_fam] = [ #( #families ),* ];
+        /// Mixture-of-experts layouts with a known total.
+        pub const MOE_LAYOUTS: [MoeLayout; #n_moe] = [ #( #moe ),* ];
+        /// Path components skipped when looking for a model's name.
+        pub const SKIP_SEGMENTS: [&str; #n_skip] = [ #( #skip ),* ];
+        /// A component of at least this many hex digits is a hash: skipped.
+        pub const HASH_MIN_LEN: usize = #hash_min_len;
+        /// In a cache component (`models--ORG--NAME`) the name follows the last one.
+        pub const CACHE_SEPARATOR: &str = #cache_separator;
     });
+    items.push(phf_map(
+        "KNOWN_MODEL_PARAMS",
+        quote!(u64),
+        "Parameter counts of models known by exact name (last path component), ASCII case-insensitive.",
+        &known_entries,
+    ));
     items.push(aligned_dfa(
         "SIZE_DFA",
         dfa::SIZE,

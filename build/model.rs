@@ -11,18 +11,20 @@ use super::diag::{Diagnostic, Source};
 type S<T> = Spanned<T>;
 
 /// The table files, in the order they are read and hashed.
-pub const FILES: [&str; 5] = [
+pub const FILES: [&str; 6] = [
     "size.toml",
     "detect.toml",
     "hardware.toml",
     "models.toml",
     "defaults.toml",
+    "known_models.toml",
 ];
 pub const SIZE: usize = 0;
 pub const DETECT: usize = 1;
 pub const HARDWARE: usize = 2;
 pub const MODELS: usize = 3;
 pub const DEFAULTS: usize = 4;
+pub const KNOWN: usize = 5;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,7 +76,40 @@ pub struct Limits {
 pub struct DetectFile {
     pub pattern: Vec<S<Pattern>>,
     pub unit: Vec<S<Unit>>,
+    pub moe: Vec<S<Moe>>,
+    pub path: S<PathRules>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Moe {
+    pub experts: S<i64>,
+    pub expert_params_b: S<f64>,
+    pub total_params_b: S<f64>,
+    pub source: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathRules {
+    pub skip_segments: Vec<S<String>>,
+    pub hash_min_len: S<i64>,
+    pub cache_separator: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownFile {
+    pub model: Vec<S<KnownModel>>,
     pub family: Vec<S<Family>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownModel {
+    pub name: S<String>,
+    pub params_b: S<f64>,
+    pub source: S<String>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +131,9 @@ pub struct Unit {
 pub struct Family {
     pub substring: S<String>,
     pub params_b: S<f64>,
+    #[serde(rename = "override", default)]
+    pub overrides: Option<S<bool>>,
+    pub source: S<String>,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +234,7 @@ pub struct Loaded {
     pub hardware: HardwareFile,
     pub models: ModelsFile,
     pub defaults: DefaultsFile,
+    pub known: KnownFile,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(src: &Source, errors: &mut Vec<Diagnostic>) -> Option<T> {
@@ -246,8 +285,9 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     let hardware = parse::<HardwareFile>(&sources[HARDWARE], &mut errors);
     let models = parse::<ModelsFile>(&sources[MODELS], &mut errors);
     let defaults = parse::<DefaultsFile>(&sources[DEFAULTS], &mut errors);
-    match (size, detect, hardware, models, defaults) {
-        (Some(size), Some(detect), Some(hardware), Some(models), Some(defaults))
+    let known = parse::<KnownFile>(&sources[KNOWN], &mut errors);
+    match (size, detect, hardware, models, defaults, known) {
+        (Some(size), Some(detect), Some(hardware), Some(models), Some(defaults), Some(known))
             if errors.is_empty() =>
         {
             Ok(Loaded {
@@ -257,6 +297,7 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
                 hardware,
                 models,
                 defaults,
+                known,
             })
         }
         _ => Err(errors),

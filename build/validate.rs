@@ -13,6 +13,22 @@ pub enum PatternKind {
     Size,
     /// A token that looks like a size but is not; skipped.
     Ignore,
+    /// A mixture of experts: `8x7B`.
+    Moe,
+}
+
+pub struct FamilyRule {
+    /// Lower-case substring.
+    pub substring: String,
+    pub params: u64,
+    /// Beats a size written in the name.
+    pub overrides: bool,
+}
+
+pub struct MoeLayout {
+    pub experts: u32,
+    pub expert_params: u64,
+    pub total_params: u64,
 }
 
 pub struct Category {
@@ -79,8 +95,14 @@ pub struct Tables {
     pub patterns: Vec<(PatternKind, String)>,
     /// Parameters per unit, indexed by `letter - b'a'`; 0 where no unit.
     pub units: [u64; 26],
-    /// (lower-case substring, parameters).
-    pub families: Vec<(String, u64)>,
+    /// Family rules, in priority order.
+    pub families: Vec<FamilyRule>,
+    /// (name, parameters) of models known by exact name.
+    pub known_models: Vec<(String, u64)>,
+    pub moe: Vec<MoeLayout>,
+    pub skip_segments: Vec<String>,
+    pub hash_min_len: u32,
+    pub cache_separator: String,
     pub budget_fraction: f64,
     pub variants: Vec<String>,
     pub variant_detect_order: Vec<usize>,
@@ -389,11 +411,15 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
                 PatternKind::Size
             }
             "ignore" => PatternKind::Ignore,
+            "moe" => {
+                any_size = true;
+                PatternKind::Moe
+            }
             other => {
                 c.err(
                     DETECT,
                     r.kind.span(),
-                    format!("unknown pattern kind \"{other}\" (known: size, ignore)"),
+                    format!("unknown pattern kind \"{other}\" (known: size, ignore, moe)"),
                 );
                 PatternKind::Ignore
             }
@@ -465,46 +491,128 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         }
         units[usize::from(lower - b'a')] = params as u64;
     }
-    let mut families: Vec<(String, u64)> = Vec::new();
-    let mut family_spans: Vec<Range<usize>> = Vec::new();
-    for f in &t.detect.family {
-        let r = f.get_ref();
-        let s = r.substring.get_ref();
-        if s.is_empty() || !s.is_ascii() {
+    let mut moe = Vec::new();
+    let mut seen = HashMap::new();
+    for m in &t.detect.moe {
+        let r = m.get_ref();
+        let experts = c.int(DETECT, &r.experts, "experts", 2, 1 << 16);
+        let expert_params = billions(&mut c, DETECT, &r.expert_params_b, "expert_params_b");
+        let total_params = billions(&mut c, DETECT, &r.total_params_b, "total_params_b");
+        c.unique(
+            DETECT,
+            &mut seen,
+            format!("{experts}x{}", r.expert_params_b.get_ref()),
+            m.span(),
+            "moe layout",
+        );
+        if total_params > expert_params.saturating_mul(u64::from(experts)) {
             c.err(
                 DETECT,
+                r.total_params_b.span(),
+                format!(
+                    "total_params_b {} is above experts x expert_params_b; experts share weights, so the total is at most the product",
+                    r.total_params_b.get_ref()
+                ),
+            );
+        }
+        moe.push(MoeLayout {
+            experts,
+            expert_params,
+            total_params,
+        });
+    }
+    let path = t.detect.path.get_ref();
+    let skip_segments: Vec<String> = path
+        .skip_segments
+        .iter()
+        .map(|s| s.get_ref().clone())
+        .collect();
+    for s in &path.skip_segments {
+        if s.get_ref().is_empty() || s.get_ref().contains(['/', '\\']) {
+            c.err(
+                DETECT,
+                s.span(),
+                "skip_segments entries must be non-empty and contain no separator",
+            );
+        }
+    }
+    let hash_min_len = c.int(DETECT, &path.hash_min_len, "hash_min_len", 4, 1 << 16);
+    let cache_separator = path.cache_separator.get_ref().clone();
+    if cache_separator.is_empty() {
+        c.err(
+            DETECT,
+            path.cache_separator.span(),
+            "cache_separator is empty",
+        );
+    }
+
+    // ---- known_models.toml
+    use model::KNOWN;
+    let mut known_models = Vec::new();
+    let mut seen = HashMap::new();
+    for m in &t.known.model {
+        let r = m.get_ref();
+        let name = r.name.get_ref();
+        if name.is_empty() || !name.is_ascii() || name.contains(['/', '\\']) {
+            c.err(
+                KNOWN,
+                r.name.span(),
+                format!(
+                    "model name \"{name}\" must be a non-empty ASCII name without path separators"
+                ),
+            );
+            continue;
+        }
+        c.unique(
+            KNOWN,
+            &mut seen,
+            name.to_ascii_lowercase(),
+            r.name.span(),
+            "model name",
+        );
+        let params = billions(&mut c, KNOWN, &r.params_b, "params_b");
+        known_models.push((name.clone(), params));
+    }
+    let mut families: Vec<FamilyRule> = Vec::new();
+    let mut family_spans: Vec<Range<usize>> = Vec::new();
+    for f in &t.known.family {
+        let r = f.get_ref();
+        let s = r.substring.get_ref();
+        let overrides = r.overrides.as_ref().is_some_and(|o| *o.get_ref());
+        if s.is_empty() || !s.is_ascii() {
+            c.err(
+                KNOWN,
                 r.substring.span(),
                 format!("family substring \"{s}\" must be non-empty ASCII"),
             );
             continue;
         }
         let lower = s.to_ascii_lowercase();
-        if let Some((i, (earlier, _))) = families
+        // An earlier family shadows this one when every name containing this
+        // one contains it too, and it is consulted no later.
+        if let Some((i, earlier)) = families
             .iter()
             .enumerate()
-            .find(|(_, (e, _))| lower.contains(e.as_str()))
+            .find(|(_, e)| lower.contains(e.substring.as_str()) && (e.overrides || !overrides))
         {
-            let at = t.sources[DETECT].at(&family_spans[i]);
-            let msg = if *earlier == lower {
+            let at = t.sources[KNOWN].at(&family_spans[i]);
+            let msg = if earlier.substring == lower {
                 format!("duplicate family \"{s}\" (first at {at})")
             } else {
                 format!(
-                    "family \"{s}\" can never match: every name containing it also contains \"{earlier}\" (at {at}), which comes first"
+                    "family \"{s}\" can never match: every name containing it also contains \"{}\" (at {at}), which comes first",
+                    earlier.substring
                 )
             };
-            c.err(DETECT, r.substring.span(), msg);
+            c.err(KNOWN, r.substring.span(), msg);
             continue;
         }
-        let pb = *r.params_b.get_ref();
-        if !(pb > 0.0 && pb < 1.0e6) {
-            c.err(
-                DETECT,
-                r.params_b.span(),
-                format!("params_b is {pb}, must be in (0, 1000000)"),
-            );
-            continue;
-        }
-        families.push((lower, (pb * BILLION as f64).round() as u64));
+        let params = billions(&mut c, KNOWN, &r.params_b, "params_b");
+        families.push(FamilyRule {
+            substring: lower,
+            params,
+            overrides,
+        });
         family_spans.push(r.substring.span());
     }
 
@@ -752,6 +860,11 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         patterns,
         units,
         families,
+        known_models,
+        moe,
+        skip_segments,
+        hash_min_len,
+        cache_separator,
         budget_fraction: bf,
         variants,
         variant_detect_order,
@@ -830,4 +943,18 @@ fn starts_with_digit(hir: &regex_syntax::hir::Hir) -> bool {
         HirKind::Alternation(alts) => alts.iter().all(starts_with_digit),
         HirKind::Empty | HirKind::Look(_) => false,
     }
+}
+
+/// A count in billions, in (0, 1e6), as a parameter count.
+fn billions(c: &mut Checker, file: usize, v: &toml::Spanned<f64>, what: &str) -> u64 {
+    let b = *v.get_ref();
+    if !(b > 0.0 && b < 1.0e6) {
+        c.err(
+            file,
+            v.span(),
+            format!("{what} is {b}, must be in (0, 1000000)"),
+        );
+        return 0;
+    }
+    (b * BILLION as f64).round() as u64
 }

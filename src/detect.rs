@@ -12,9 +12,11 @@ use regex_automata::Anchored;
 use regex_automata::dfa::Automaton;
 use regex_automata::dfa::dense::DFA;
 use regex_automata::util::primitives::StateID;
+use unicase::Ascii;
 
 use crate::tables::{
-    FAMILIES, FAMILY_DFA, PATTERN_KINDS, PatternKind, SIZE_DFA, SizeCategory, UNIT_PARAMS,
+    CACHE_SEPARATOR, FAMILIES, FAMILY_DFA, HASH_MIN_LEN, KNOWN_MODEL_PARAMS, MOE_LAYOUTS,
+    PATTERN_KINDS, PatternKind, SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -79,9 +81,14 @@ impl<T: ModelName + ?Sized> ModelName for &T {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SizeSource {
-    /// A size written in the name (`7B`, `0.5b`, `135M`).
+    /// A size written in the name (`7B`, `0.5b`, `135M`, a known `8x7B`).
     Name,
-    /// A known family in the name (`mistral`, `phi-2`), no size written.
+    /// A mixture of experts of unknown layout written in the name (`4x7B`):
+    /// experts times expert size, an upper estimate (experts share weights).
+    NameEstimate,
+    /// A model known by its exact name (`tables/known_models.toml`).
+    KnownModel,
+    /// A known family in the name (`mistral`, `phi-4`, `Llama-4-Scout-17B-16E`).
     Family,
     /// Nothing found: category of the smallest size, count 0.
     Unknown,
@@ -95,7 +102,9 @@ impl SizeSource {
     pub const fn describe(self) -> &'static str {
         match self {
             SizeSource::Name => "from name",
-            SizeSource::Family => "from family",
+            SizeSource::NameEstimate => "from name (MoE upper estimate)",
+            SizeSource::KnownModel => "from known model",
+            SizeSource::Family => "from known family",
             SizeSource::Unknown => "unknown",
             SizeSource::Files => "from files",
         }
@@ -191,7 +200,7 @@ pub fn matchers_ok() -> bool {
     matchers().is_some()
 }
 
-/// The last path component of `name`, `/` and `\` both separating, trailing
+/// The last path component of `name`, `/` and `\\` both separating, trailing
 /// separators ignored.
 pub fn last_segment(name: &[u8]) -> &[u8] {
     let is_sep = |b: &u8| *b == b'/' || *b == b'\\';
@@ -201,33 +210,87 @@ pub fn last_segment(name: &[u8]) -> &[u8] {
     &trimmed[start..]
 }
 
-/// Reads a parameter count from a matched span: ASCII digits, an optional
-/// fraction, optional `-`/`_`, then a unit letter. Saturates on overflow.
-fn parse_size(span: &[u8]) -> Option<u64> {
-    let mut i = 0;
+/// Whether a path component names no model: a cache directory
+/// (`snapshots`) or a commit hash.
+fn is_skipped(component: &[u8]) -> bool {
+    (component.len() >= HASH_MIN_LEN && component.iter().all(u8::is_ascii_hexdigit))
+        || SKIP_SEGMENTS
+            .iter()
+            .any(|s| component.eq_ignore_ascii_case(s.as_bytes()))
+}
+
+/// The component of `name` that names the model: the last one that is not a
+/// cache directory or a hash, and of a cache component
+/// (`models--ORG--NAME`), the part after the last separator.
+///
+/// ```
+/// use qlora_scale::detect::model_segment;
+/// let p = b"/hf/hub/models--Qwen--Qwen2.5-0.5B/snapshots/7ae557604adf67be50417f59c2c2f167def9a775/";
+/// assert_eq!(model_segment(p), b"Qwen2.5-0.5B");
+/// assert_eq!(model_segment(b"meta-llama/Llama-2-7b-hf"), b"Llama-2-7b-hf");
+/// ```
+pub fn model_segment(name: &[u8]) -> &[u8] {
+    let mut rest = name;
+    let mut segment = last_segment(rest);
+    loop {
+        if segment.is_empty() || !is_skipped(segment) {
+            break;
+        }
+        // Drop this component (and the separators after it) and look again.
+        let before = segment.as_ptr() as usize - rest.as_ptr() as usize;
+        rest = &rest[..before];
+        let next = last_segment(rest);
+        if next.is_empty() {
+            break;
+        }
+        segment = next;
+    }
+    let sep = CACHE_SEPARATOR.as_bytes();
+    match segment.windows(sep.len()).rposition(|w| w == sep) {
+        Some(i) if i + sep.len() < segment.len() => &segment[i + sep.len()..],
+        _ => segment,
+    }
+}
+
+/// Reads ASCII digits from `bytes[i..]`: (value, digits read, scale 10^n
+/// of the digits kept); saturates on overflow.
+fn digits(bytes: &[u8], mut i: usize) -> (u128, usize, u128) {
+    let (mut value, mut scale, start) = (0u128, 1u128, i);
+    while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
+        if scale < 1_000_000_000_000_000_000_000 {
+            value = value * 10 + u128::from(d - b'0');
+            scale *= 10;
+        }
+        i += 1;
+    }
+    (value, i - start, scale)
+}
+
+/// Reads the parameter count written at `bytes[start..]`, where the size DFA
+/// matched: ASCII digits, an optional fraction (`.5`, `_6`), optional
+/// `-`/`_`, a unit letter, and optional digits after the unit as the fraction
+/// (`7b1` is 7.1B) when no letter follows them. Saturates on overflow.
+fn parse_size(bytes: &[u8], start: usize) -> Option<u64> {
+    let mut i = start;
     let mut int: u128 = 0;
-    while let Some(d) = span.get(i).filter(|b| b.is_ascii_digit()) {
+    while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
         int = int.saturating_mul(10).saturating_add(u128::from(d - b'0'));
         i += 1;
     }
-    if i == 0 {
+    if i == start {
         return None;
     }
     let (mut frac, mut scale) = (0u128, 1u128);
-    if span.get(i) == Some(&b'.') {
-        i += 1;
-        while let Some(d) = span.get(i).filter(|b| b.is_ascii_digit()) {
-            if scale < 1_000_000_000_000_000_000 {
-                frac = frac * 10 + u128::from(d - b'0');
-                scale *= 10;
-            }
-            i += 1;
-        }
+    if matches!(bytes.get(i), Some(b'.' | b'_')) && bytes.get(i + 1).is_some_and(u8::is_ascii_digit)
+    {
+        let (f, n, s) = digits(bytes, i + 1);
+        (frac, scale) = (f, s);
+        i += 1 + n;
     }
-    while matches!(span.get(i), Some(b'-' | b'_')) {
+    while matches!(bytes.get(i), Some(b'-' | b'_')) {
         i += 1;
     }
-    let letter = span.get(i)?.to_ascii_lowercase();
+    let letter = bytes.get(i)?.to_ascii_lowercase();
     if !letter.is_ascii_lowercase() {
         return None;
     }
@@ -235,8 +298,38 @@ fn parse_size(span: &[u8]) -> Option<u64> {
     if unit == 0 {
         return None;
     }
+    if scale == 1 {
+        let (f, n, s) = digits(bytes, i + 1);
+        if n > 0 && !bytes.get(i + 1 + n).is_some_and(u8::is_ascii_alphabetic) {
+            (frac, scale) = (f, s);
+        }
+    }
     let total = int.saturating_mul(unit).saturating_add(frac * unit / scale);
     Some(u64::try_from(total).unwrap_or(u64::MAX))
+}
+
+/// Reads a mixture of experts at `bytes[start..]` (`8x7B`): the total from
+/// the known layouts, else experts x expert size (an estimate).
+fn parse_moe(bytes: &[u8], start: usize) -> Option<(u64, SizeSource)> {
+    let (experts, n, _) = digits(bytes, start);
+    if n == 0
+        || !bytes
+            .get(start + n)
+            .is_some_and(|b| b.eq_ignore_ascii_case(&b'x'))
+    {
+        return None;
+    }
+    let expert = parse_size(bytes, start + n + 1)?;
+    for layout in &MOE_LAYOUTS {
+        if u128::from(layout.experts) == experts && layout.expert_params == expert {
+            return Some((layout.total_params, SizeSource::Name));
+        }
+    }
+    let product = experts.saturating_mul(u128::from(expert));
+    Some((
+        u64::try_from(product).unwrap_or(u64::MAX),
+        SizeSource::NameEstimate,
+    ))
 }
 
 /// The leftmost-first match of the size DFA anchored at `start`: (end,
@@ -271,7 +364,7 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
 /// where a run of digits starts: the DFA is run, anchored, only from there.
 /// Each run is scanned at most twice (from its own start and, across a
 /// decimal point, from the run before), so the search is linear.
-fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<u64> {
+fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource)> {
     let mut pos = 0;
     while pos < segment.len() {
         let b = segment[pos];
@@ -282,10 +375,13 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<u64> {
         }
         match match_at(m, segment, pos) {
             Some((end, pattern)) => {
-                if PATTERN_KINDS[pattern] == PatternKind::Size
-                    && let Some(params) = parse_size(&segment[pos..end]).filter(|&p| p > 0)
-                {
-                    return Some(params);
+                let found = match PATTERN_KINDS[pattern] {
+                    PatternKind::Size => parse_size(segment, pos).map(|p| (p, SizeSource::Name)),
+                    PatternKind::Moe => parse_moe(segment, pos),
+                    PatternKind::Ignore => None,
+                };
+                if let Some(found) = found.filter(|&(p, _)| p > 0) {
+                    return Some(found);
                 }
                 // Go on after this token.
                 pos = end.max(pos + 1);
@@ -296,15 +392,20 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<u64> {
     None
 }
 
-/// The family fallback: of the families occurring in `segment`, the one
-/// listed first in the table. One pass of the all-matches DFA; every match
-/// state names the families whose substring ends there.
-fn size_from_family(m: &Matchers, segment: &[u8]) -> Option<u64> {
+/// The family rules occurring in `segment`: the first listed of those that
+/// override a written size, and the first listed of the others. One pass of
+/// the all-matches DFA; every match state names the families ending there.
+fn families_in(m: &Matchers, segment: &[u8]) -> (Option<u64>, Option<u64>) {
     let dfa = &m.family;
-    let mut best = usize::MAX;
-    let note = |state: StateID, best: &mut usize| {
+    let (mut best_override, mut best_fallback) = (usize::MAX, usize::MAX);
+    let mut note = |state: StateID| {
         for k in 0..dfa.match_len(state) {
-            *best = (*best).min(dfa.match_pattern(state, k).as_usize());
+            let id = dfa.match_pattern(state, k).as_usize();
+            let best = match FAMILIES.get(id) {
+                Some(f) if f.overrides => &mut best_override,
+                _ => &mut best_fallback,
+            };
+            *best = (*best).min(id);
         }
     };
     let mut state = m.family_start;
@@ -312,22 +413,18 @@ fn size_from_family(m: &Matchers, segment: &[u8]) -> Option<u64> {
         state = dfa.next_state(state, b);
         if dfa.is_special_state(state) {
             if dfa.is_match_state(state) {
-                note(state, &mut best);
-                if best == 0 {
-                    break;
-                }
+                note(state);
             } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
                 break;
             }
         }
     }
-    if best != 0 {
-        state = dfa.next_eoi_state(state);
-        if dfa.is_match_state(state) {
-            note(state, &mut best);
-        }
+    state = dfa.next_eoi_state(state);
+    if dfa.is_match_state(state) {
+        note(state);
     }
-    FAMILIES.get(best).map(|f| f.params)
+    let params = |id: usize| FAMILIES.get(id).map(|f| f.params);
+    (params(best_override), params(best_fallback))
 }
 
 /// Detects a model's size from its name: a Hugging Face id (`org/name`), a
@@ -344,14 +441,24 @@ fn size_from_family(m: &Matchers, segment: &[u8]) -> Option<u64> {
 /// assert_eq!(detect_model_size("Qwen/Qwen2.5-0.5B").params_billions(), 0.5);
 /// ```
 pub fn detect_model_size<N: ModelName + ?Sized>(name: &N) -> ModelSize {
-    let segment = last_segment(name.name_bytes());
+    let segment = model_segment(name.name_bytes());
     let Some(m) = matchers() else {
         return ModelSize::from_params(0, SizeSource::Unknown);
     };
-    if let Some(params) = size_from_name(m, segment) {
-        return ModelSize::from_params(params, SizeSource::Name);
+    let known = std::str::from_utf8(segment)
+        .ok()
+        .and_then(|s| KNOWN_MODEL_PARAMS.get(&Ascii::new(s)));
+    if let Some(&params) = known {
+        return ModelSize::from_params(params, SizeSource::KnownModel);
     }
-    if let Some(params) = size_from_family(m, segment) {
+    let (overriding, fallback) = families_in(m, segment);
+    if let Some(params) = overriding {
+        return ModelSize::from_params(params, SizeSource::Family);
+    }
+    if let Some((params, source)) = size_from_name(m, segment) {
+        return ModelSize::from_params(params, source);
+    }
+    if let Some(params) = fallback {
         return ModelSize::from_params(params, SizeSource::Family);
     }
     ModelSize::from_params(0, SizeSource::Unknown)

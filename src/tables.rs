@@ -50,15 +50,31 @@ pub enum PatternKind {
     /// A token that looks like a size but is not (a quantisation tag, a
     /// context length); skipped.
     Ignore,
+    /// A mixture of experts: `8x7B` (experts x size of one expert).
+    Moe,
 }
 
-/// A family fallback: names containing `substring` have `params` parameters.
+/// A mixture-of-experts layout whose total parameter count is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeLayout {
+    /// Number of experts.
+    pub experts: u32,
+    /// Parameters of one expert as the name writes it (`7B` in `8x7B`).
+    pub expert_params: u64,
+    /// Total parameters of the model.
+    pub total_params: u64,
+}
+
+/// A family rule: names containing `substring` have `params` parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Family {
     /// Lower-case substring.
     pub substring: &'static str,
     /// Parameter count.
     pub params: u64,
+    /// Whether the rule beats a size written in the name; otherwise it
+    /// applies only to names that write no size.
+    pub overrides: bool,
 }
 
 /// A batch-size floor for chips with many GPU cores.

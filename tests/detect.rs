@@ -57,8 +57,10 @@ fn quantisation_tags_are_not_sizes() {
 
 #[test]
 fn context_lengths_are_not_sizes() {
-    // No size, no family: unknown rather than 4 thousand parameters.
-    assert_eq!(params("microsoft/Phi-3-mini-4k-instruct"), 0);
+    // Not 4 thousand parameters: the known family's 3.82B.
+    assert_eq!(params("microsoft/Phi-3-mini-4k-instruct"), 3_820_000_000);
+    assert_eq!(params("org/unknown-4k-instruct"), 0);
+    assert_eq!(params("01-ai/Yi-34B-200K"), 34_000_000_000);
     assert_eq!(params("org/model-128k-7b"), 7_000_000_000);
 }
 

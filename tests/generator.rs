@@ -158,17 +158,26 @@ fn last_category_must_be_unbounded() {
     );
 }
 
+/// 1-based line of the line of a real table that is exactly `line`.
+fn line_of(file: &str, line: &str) -> usize {
+    let text = std::fs::read_to_string(tables_dir().join(file)).unwrap();
+    text.lines().position(|l| l == line).expect("line present") + 1
+}
+
 #[test]
 fn family_that_can_never_match() {
+    // Computed, so that adding models to the table does not break the test.
+    let phi2 = line_of("known_models.toml", "substring = \"phi2\"");
+    let mistral = line_of("known_models.toml", "substring = \"mistral\"");
     assert_eq!(
         errors(&[(
-            "detect.toml",
+            "known_models.toml",
             "substring = \"phi2\"",
             "substring = \"mistral-7\""
         )]),
-        [
-            "tables/detect.toml:76:13: family \"mistral-7\" can never match: every name containing it also contains \"mistral\" (at 60:13), which comes first"
-        ]
+        [format!(
+            "tables/known_models.toml:{phi2}:13: family \"mistral-7\" can never match: every name containing it also contains \"mistral\" (at {mistral}:13), which comes first"
+        )]
     );
 }
 
@@ -176,7 +185,7 @@ fn family_that_can_never_match() {
 fn invalid_regex() {
     let e = errors(&[(
         "detect.toml",
-        "regex = '(?:2|4|8|16|32|64|128|256|512|1024)k(?:[^a-z]|$)'",
+        "regex = '(?:1|2|4|8|16|20|32|40|64|80|100|128|160|200|256|512|1000|1024)k(?:[^a-z]|$)'",
         "regex = '(?:2|4k(?:[^a-z]|$)'",
     )]);
     assert_eq!(e.len(), 1, "{e:?}");
@@ -191,7 +200,7 @@ fn pattern_matching_empty_string() {
     assert_eq!(
         errors(&[(
             "detect.toml",
-            "regex = '(?:2|4|8|16|32|64|128|256|512|1024)k(?:[^a-z]|$)'",
+            "regex = '(?:1|2|4|8|16|20|32|40|64|80|100|128|160|200|256|512|1000|1024)k(?:[^a-z]|$)'",
             "regex = 'k?'",
         )]),
         ["tables/detect.toml:24:9: pattern can match the empty string"]
@@ -287,11 +296,48 @@ fn pattern_must_start_with_a_digit() {
     assert_eq!(
         errors(&[(
             "detect.toml",
-            "regex = '(?:2|4|8|16|32|64|128|256|512|1024)k(?:[^a-z]|$)'",
+            "regex = '(?:1|2|4|8|16|20|32|40|64|80|100|128|160|200|256|512|1000|1024)k(?:[^a-z]|$)'",
             "regex = '-?(?:2|4)k'",
         )]),
         [
             "tables/detect.toml:24:9: pattern must start with an ASCII digit (the DFA is run from the start of each digit run)"
         ]
+    );
+}
+
+#[test]
+fn an_overriding_family_is_not_shadowed_by_an_earlier_fallback() {
+    // "gpt2-xl-7b" contains "gpt2-xl" (a fallback, listed earlier), but an
+    // overriding family is consulted first, so it can still match.
+    let dir = broken(&[(
+        "known_models.toml",
+        "# The reference rule's fallbacks",
+        "[[family]]\nsubstring = \"gpt2-xl-7b\"\nparams_b = 7\noverride = true\nsource = \"test\"\n\n# The reference rule's fallbacks",
+    )]);
+    assert!(generate(dir.path(), Endian::Little).is_ok());
+    // The other way round it is shadowed.
+    let e = errors(&[(
+        "known_models.toml",
+        "# The reference rule's fallbacks",
+        "[[family]]\nsubstring = \"command-r7b-x\"\nparams_b = 7\nsource = \"test\"\n\n# The reference rule's fallbacks",
+    )]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("family \"command-r7b-x\" can never match"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn moe_total_above_the_product() {
+    let e = errors(&[(
+        "detect.toml",
+        "total_params_b = 46.7",
+        "total_params_b = 60",
+    )]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("total_params_b 60 is above experts x expert_params_b"),
+        "{e:?}"
     );
 }
