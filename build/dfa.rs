@@ -1,16 +1,17 @@
 //! Builds the detection DFAs and serialises them for the target.
 
-use regex_automata::dfa::{StartKind, dense};
+use regex_automata::dfa::{Automaton, StartKind, dense};
 use regex_automata::util::syntax;
-use regex_automata::{MatchKind, nfa::thompson};
+use regex_automata::{Anchored, Input, MatchKind, nfa::thompson};
 
-use super::diag::Diagnostic;
-use super::validate::Tables;
+use super::diag::{Diagnostic, Source};
+use super::validate::{FamilyRule, PatternKind, Tables};
 use super::{Endian, model};
 
 /// File names of the serialised DFAs in `OUT_DIR`.
 pub const SIZE: &str = "size.dfa";
-pub const FAMILY: &str = "family.dfa";
+pub const OVERRIDE: &str = "override.dfa";
+pub const FALLBACK: &str = "fallback.dfa";
 
 fn syntax_config() -> syntax::Config {
     // Bytes, ASCII-only classes and case folding: the DFA works on any byte
@@ -36,17 +37,61 @@ fn failure(what: &str, e: impl std::fmt::Display) -> Vec<Diagnostic> {
     )]
 }
 
-/// Builds the size DFA (leftmost-first, anchored: searched from the start of
-/// each digit run, since every size pattern begins with a digit) and the
-/// family DFA (all matches, unanchored, overlapping search).
-pub fn build(t: &Tables, endian: Endian) -> Result<Vec<(&'static str, Vec<u8>)>, Vec<Diagnostic>> {
-    let patterns: Vec<&str> = t.patterns.iter().map(|(_, p)| p.as_str()).collect();
-    if t.families.is_empty() {
-        return Err(failure(
-            "family",
-            "tables/known_models.toml defines no [[family]]",
-        ));
+/// Where the size DFA finds the first written size in `name`, searching as
+/// `src/detect.rs` does: anchored at each digit run's start, skipping
+/// `ignore` tokens.
+pub fn written_size_at(size: &dense::DFA<Vec<u32>>, t: &Tables, name: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    while pos < name.len() {
+        let run_start = name[pos].is_ascii_digit() && (pos == 0 || !name[pos - 1].is_ascii_digit());
+        if run_start {
+            let input = Input::new(name).range(pos..).anchored(Anchored::Yes);
+            if let Ok(Some(m)) = size.try_search_fwd(&input) {
+                if t.patterns[m.pattern().as_usize()].0 != PatternKind::Ignore {
+                    return Some(pos);
+                }
+                pos = m.offset().max(pos + 1);
+                continue;
+            }
+        }
+        pos += 1;
     }
+    None
+}
+
+/// An all-matches DFA of literal strings.
+fn literal_dfa(
+    literals: &[&str],
+    start: StartKind,
+    what: &str,
+) -> Result<dense::DFA<Vec<u32>>, Vec<Diagnostic>> {
+    let patterns: Vec<String> = literals.iter().map(|l| regex_syntax::escape(l)).collect();
+    dense::Builder::new()
+        .syntax(syntax_config())
+        .thompson(thompson::Config::new().utf8(false))
+        .configure(
+            dense::Config::new()
+                .minimize(true)
+                .start_kind(start)
+                .match_kind(MatchKind::All),
+        )
+        .build_many(&patterns)
+        .map_err(|e| failure(what, e))
+}
+
+/// Builds the size DFA (leftmost-first, anchored: searched from the start of
+/// each digit run, since every size pattern begins with a digit), the
+/// overriding families' DFA and the other families' DFA.
+///
+/// An overriding family is consulted only where a name writes a size: it is
+/// split at its own written size into a prefix and the rest, and the rest is
+/// matched, anchored, where the name's size starts (then the prefix is
+/// compared before it). The other families are consulted only for names that
+/// write no size (all matches, unanchored). The generator checks what this
+/// relies on: an overriding family writes a size, and an exact model name
+/// does not.
+pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Vec<Diagnostic>> {
+    let patterns: Vec<&str> = t.patterns.iter().map(|(_, p)| p.as_str()).collect();
     let size = dense::Builder::new()
         .syntax(syntax_config())
         .thompson(thompson::Config::new().utf8(false))
@@ -59,25 +104,91 @@ pub fn build(t: &Tables, endian: Endian) -> Result<Vec<(&'static str, Vec<u8>)>,
         .build_many(&patterns)
         .map_err(|e| failure("size", e))?;
 
-    let families: Vec<String> = t
+    let known = &sources[model::KNOWN];
+    let mut errors = Vec::new();
+    for f in &t.families {
+        if f.overrides && written_size_at(&size, t, f.substring.as_bytes()).is_none() {
+            errors.push(known.error(
+                f.span.clone(),
+                format!(
+                    "overriding family \"{}\" writes no size, so it would never be consulted; drop `override`",
+                    f.substring
+                ),
+            ));
+        }
+    }
+    for (name, _, span) in &t.known_models {
+        if written_size_at(&size, t, name.as_bytes()).is_some() {
+            errors.push(known.error(
+                span.clone(),
+                format!(
+                    "model \"{name}\" writes a size, so an exact match would never be consulted; make it an overriding [[family]]"
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    let splits = override_splits(&size, t);
+    let rests: Vec<&str> = splits.iter().map(|(_, _, rest)| *rest).collect();
+    let fallback: Vec<&str> = t
         .families
         .iter()
-        .map(|f| regex_syntax::escape(&f.substring))
+        .filter(|f| !f.overrides)
+        .map(|f| f.substring.as_str())
         .collect();
-    let family = dense::Builder::new()
-        .syntax(syntax_config())
-        .thompson(thompson::Config::new().utf8(false))
-        .configure(
-            dense::Config::new()
-                .minimize(true)
-                .start_kind(StartKind::Unanchored)
-                .match_kind(MatchKind::All),
-        )
-        .build_many(&families)
-        .map_err(|e| failure("family", e))?;
+    let override_dfa = literal_dfa(&rests, StartKind::Anchored, "overriding family")?;
+    let fallback_dfa = literal_dfa(&fallback, StartKind::Unanchored, "family")?;
 
-    Ok(vec![
-        (SIZE, serialise(&size, endian)),
-        (FAMILY, serialise(&family, endian)),
-    ])
+    Ok(Built {
+        files: vec![
+            (SIZE, serialise(&size, endian)),
+            (OVERRIDE, serialise(&override_dfa, endian)),
+            (FALLBACK, serialise(&fallback_dfa, endian)),
+        ],
+        override_splits: splits
+            .iter()
+            .map(|(f, prefix, rest)| OverrideSplit {
+                prefix: prefix.to_string(),
+                rest: rest.to_string(),
+                params: f.params,
+            })
+            .collect(),
+    })
+}
+
+/// An overriding family split at its written size.
+pub struct OverrideSplit {
+    /// What comes before the size (`gpt-oss-`).
+    pub prefix: String,
+    /// The size and what follows (`20b`); the DFA's pattern.
+    pub rest: String,
+    /// The family's parameter count.
+    pub params: u64,
+}
+
+/// What the DFA stage produces.
+pub struct Built {
+    /// (file name in `OUT_DIR`, serialised DFA).
+    pub files: Vec<(&'static str, Vec<u8>)>,
+    /// The overriding families by pattern id of the override DFA.
+    pub override_splits: Vec<OverrideSplit>,
+}
+
+/// The overriding families split at their written size: (family, prefix,
+/// rest). Families without a written size are left out (an error elsewhere).
+pub fn override_splits<'a>(
+    size: &dense::DFA<Vec<u32>>,
+    t: &'a Tables,
+) -> Vec<(&'a FamilyRule, &'a str, &'a str)> {
+    t.families
+        .iter()
+        .filter(|f| f.overrides)
+        .filter_map(|f| {
+            let at = written_size_at(size, t, f.substring.as_bytes())?;
+            Some((f, &f.substring[..at], &f.substring[at..]))
+        })
+        .collect()
 }

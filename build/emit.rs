@@ -149,7 +149,7 @@ fn aligned_dfa(name: &str, file: &str, doc: &str) -> TokenStream {
 }
 
 /// The whole generated file.
-pub fn emit(t: &Tables, sources: &[Source]) -> String {
+pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Source]) -> String {
     let mut items = Vec::new();
 
     // Tiers and categories.
@@ -239,10 +239,25 @@ pub fn emit(t: &Tables, sources: &[Source]) -> String {
     let texts = t.patterns.iter().map(|(_, p)| p.as_str());
     let n_pat = Literal::usize_unsuffixed(t.patterns.len());
     let units = t.units.iter().map(|&u| u64_lit(u));
-    let families = t.families.iter().map(|f| {
-        let (s, p, o) = (f.substring.as_str(), u64_lit(f.params), f.overrides);
-        quote!(Family { substring: #s, params: #p, overrides: #o })
-    });
+    let family = |f: &super::validate::FamilyRule| {
+        let (s, p) = (f.substring.as_str(), u64_lit(f.params));
+        quote!(Family { substring: #s, params: #p })
+    };
+    let overriding: Vec<TokenStream> = override_splits
+        .iter()
+        .map(|o| {
+            let (prefix, rest, p) = (o.prefix.as_str(), o.rest.as_str(), u64_lit(o.params));
+            quote!(OverrideFamily { prefix: #prefix, rest: #rest, params: #p })
+        })
+        .collect();
+    let fallback: Vec<TokenStream> = t
+        .families
+        .iter()
+        .filter(|f| !f.overrides)
+        .map(family)
+        .collect();
+    let n_override = Literal::usize_unsuffixed(overriding.len());
+    let n_fallback = Literal::usize_unsuffixed(fallback.len());
     let moe = t.moe.iter().map(|m| {
         let (e, x, total) = (
             u32_lit(m.experts),
@@ -256,12 +271,12 @@ pub fn emit(t: &Tables, sources: &[Source]) -> String {
     let n_skip = Literal::usize_unsuffixed(t.skip_segments.len());
     let hash_min_len = Literal::usize_unsuffixed(t.hash_min_len as usize);
     let cache_separator = t.cache_separator.as_str();
+    let cache_prefix = t.cache_prefix.as_str();
     let known_entries: Vec<(String, String)> = t
         .known_models
         .iter()
-        .map(|(n, p)| (n.clone(), format!("{p}u64")))
+        .map(|(n, p, _)| (n.clone(), format!("{p}u64")))
         .collect();
-    let n_fam = Literal::usize_unsuffixed(t.families.len());
     items.push(quote! {
         /// What each detection pattern marks, by pattern id.
         pub const PATTERN_KINDS: [PatternKind; #n_pat] = [ #( #kinds ),* ];
@@ -270,15 +285,21 @@ pub fn emit(t: &Tables, sources: &[Source]) -> String {
         /// Parameters per unit, indexed by the unit's lower-case letter minus `b'a'`;
         /// 0 where the letter is no unit.
         pub const UNIT_PARAMS: [u64; 26] = [ #( #units ),* ];
-        /// Family rules, in priority order (by pattern id of [`FAMILY_DFA`]).
-        pub const FAMILIES: [Family; #n_fam] = [ #( #families ),* ];
+        /// Families that beat a size written in the name, split at their own
+        /// written size, in priority order (by pattern id of [`OVERRIDE_DFA`]).
+        pub const OVERRIDE_FAMILIES: [OverrideFamily; #n_override] = [ #( #overriding ),* ];
+        /// Families for names that write no size, in priority order (by
+        /// pattern id of [`FALLBACK_DFA`]).
+        pub const FALLBACK_FAMILIES: [Family; #n_fallback] = [ #( #fallback ),* ];
         /// Mixture-of-experts layouts with a known total.
         pub const MOE_LAYOUTS: [MoeLayout; #n_moe] = [ #( #moe ),* ];
         /// Path components skipped when looking for a model's name.
         pub const SKIP_SEGMENTS: [&str; #n_skip] = [ #( #skip ),* ];
         /// A component of at least this many hex digits is a hash: skipped.
         pub const HASH_MIN_LEN: usize = #hash_min_len;
-        /// In a cache component (`models--ORG--NAME`) the name follows the last one.
+        /// A cache component (`models--ORG--NAME`) starts with this.
+        pub const CACHE_PREFIX: &str = #cache_prefix;
+        /// In a cache component the name follows the last one.
         pub const CACHE_SEPARATOR: &str = #cache_separator;
     });
     items.push(phf_map(
@@ -293,9 +314,14 @@ pub fn emit(t: &Tables, sources: &[Source]) -> String {
         "DFA of the size patterns: leftmost-first, anchored at a digit run's start.",
     ));
     items.push(aligned_dfa(
-        "FAMILY_DFA",
-        dfa::FAMILY,
-        "DFA of the family substrings (all matches, overlapping search).",
+        "OVERRIDE_DFA",
+        dfa::OVERRIDE,
+        "Anchored DFA of the overriding families' size-and-rest (all matches).",
+    ));
+    items.push(aligned_dfa(
+        "FALLBACK_DFA",
+        dfa::FALLBACK,
+        "DFA of the other families' substrings (all matches).",
     ));
 
     // Hardware.

@@ -50,11 +50,11 @@ pub struct Output {
 pub fn generate(dir: &Path, endian: Endian) -> Result<Output, Vec<Diagnostic>> {
     let loaded = model::load(dir)?;
     let tables = validate::validate(&loaded)?;
-    let dfas = dfa::build(&tables, endian)?;
-    let rust = emit::emit(&tables, &loaded.sources);
+    let built = dfa::build(&tables, &loaded.sources, endian)?;
+    let rust = emit::emit(&tables, &built.override_splits, &loaded.sources);
     Ok(Output {
         rust,
-        dfas,
+        dfas: built.files,
         inputs: loaded.sources.iter().map(|s| s.path.clone()).collect(),
     })
 }

@@ -94,6 +94,7 @@ pub struct Moe {
 pub struct PathRules {
     pub skip_segments: Vec<S<String>>,
     pub hash_min_len: S<i64>,
+    pub cache_prefix: S<String>,
     pub cache_separator: S<String>,
 }
 

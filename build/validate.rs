@@ -23,6 +23,8 @@ pub struct FamilyRule {
     pub params: u64,
     /// Beats a size written in the name.
     pub overrides: bool,
+    /// Where the substring is written in `tables/known_models.toml`.
+    pub span: Range<usize>,
 }
 
 pub struct MoeLayout {
@@ -97,11 +99,13 @@ pub struct Tables {
     pub units: [u64; 26],
     /// Family rules, in priority order.
     pub families: Vec<FamilyRule>,
-    /// (name, parameters) of models known by exact name.
-    pub known_models: Vec<(String, u64)>,
+    /// (name, parameters, span in `tables/known_models.toml`) of models
+    /// known by exact name.
+    pub known_models: Vec<(String, u64, Range<usize>)>,
     pub moe: Vec<MoeLayout>,
     pub skip_segments: Vec<String>,
     pub hash_min_len: u32,
+    pub cache_prefix: String,
     pub cache_separator: String,
     pub budget_fraction: f64,
     pub variants: Vec<String>,
@@ -545,6 +549,14 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
             "cache_separator is empty",
         );
     }
+    let cache_prefix = path.cache_prefix.get_ref().clone();
+    if !cache_prefix.ends_with(&cache_separator) {
+        c.err(
+            DETECT,
+            path.cache_prefix.span(),
+            format!("cache_prefix \"{cache_prefix}\" must end with cache_separator \"{cache_separator}\""),
+        );
+    }
 
     // ---- known_models.toml
     use model::KNOWN;
@@ -571,7 +583,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
             "model name",
         );
         let params = billions(&mut c, KNOWN, &r.params_b, "params_b");
-        known_models.push((name.clone(), params));
+        known_models.push((name.clone(), params, r.name.span()));
     }
     let mut families: Vec<FamilyRule> = Vec::new();
     let mut family_spans: Vec<Range<usize>> = Vec::new();
@@ -612,6 +624,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
             substring: lower,
             params,
             overrides,
+            span: r.substring.span(),
         });
         family_spans.push(r.substring.span());
     }
@@ -864,6 +877,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         moe,
         skip_segments,
         hash_min_len,
+        cache_prefix,
         cache_separator,
         budget_fraction: bf,
         variants,

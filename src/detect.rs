@@ -15,8 +15,9 @@ use regex_automata::util::primitives::StateID;
 use unicase::Ascii;
 
 use crate::tables::{
-    CACHE_SEPARATOR, FAMILIES, FAMILY_DFA, HASH_MIN_LEN, KNOWN_MODEL_PARAMS, MOE_LAYOUTS,
-    PATTERN_KINDS, PatternKind, SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
+    CACHE_PREFIX, CACHE_SEPARATOR, FALLBACK_DFA, FALLBACK_FAMILIES, Family, HASH_MIN_LEN,
+    KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_DFA, OVERRIDE_FAMILIES, PATTERN_KINDS, PatternKind,
+    SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -167,10 +168,103 @@ struct Matchers {
     /// The size DFA's start state, the same at every position (no pattern
     /// looks behind its start).
     size_start: StateID,
-    /// Family substrings, unanchored, all matches.
-    family: StaticDfa,
-    /// The family DFA's start state.
-    family_start: StateID,
+    /// Overriding families' size-and-rest, anchored, all matches.
+    overriding: StaticDfa,
+    /// Its anchored start state.
+    overriding_start: StateID,
+    /// Other families, consulted when no size is written.
+    fallback: FamilyMatcher,
+}
+
+/// The overriding family whose written size is the name's size at `at`:
+/// its rest matches at `at` (anchored DFA, a few bytes) and its prefix ends
+/// there. The first listed wins.
+fn overriding_family(m: &Matchers, segment: &[u8], at: usize) -> Option<u64> {
+    let dfa = &m.overriding;
+    let before = &segment[..at];
+    let mut best = usize::MAX;
+    let mut note = |state: StateID| {
+        for k in 0..dfa.match_len(state) {
+            let id = dfa.match_pattern(state, k).as_usize();
+            let prefix = OVERRIDE_FAMILIES
+                .get(id)
+                .map_or(&b""[..], |f| f.prefix.as_bytes());
+            if id < best
+                && before.len() >= prefix.len()
+                && before[before.len() - prefix.len()..].eq_ignore_ascii_case(prefix)
+            {
+                best = id;
+            }
+        }
+    };
+    let mut state = m.overriding_start;
+    for &b in &segment[at..] {
+        state = dfa.next_state(state, b);
+        if dfa.is_special_state(state) {
+            if dfa.is_match_state(state) {
+                note(state);
+            } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
+                return OVERRIDE_FAMILIES.get(best).map(|f| f.params);
+            }
+        }
+    }
+    state = dfa.next_eoi_state(state);
+    if dfa.is_match_state(state) {
+        note(state);
+    }
+    OVERRIDE_FAMILIES.get(best).map(|f| f.params)
+}
+
+/// An all-matches DFA of family substrings and the families it names.
+struct FamilyMatcher {
+    dfa: StaticDfa,
+    start: StateID,
+    families: &'static [Family],
+}
+
+impl FamilyMatcher {
+    fn load(bytes: &'static [u8], families: &'static [Family]) -> Option<FamilyMatcher> {
+        let (dfa, _) = DFA::from_bytes(bytes).ok()?;
+        let start = dfa.universal_start_state(Anchored::No)?;
+        Some(FamilyMatcher {
+            dfa,
+            start,
+            families,
+        })
+    }
+
+    /// The parameters of the first listed family occurring in `segment`.
+    /// One pass; every match state names the families ending there.
+    fn find(&self, segment: &[u8]) -> Option<u64> {
+        let dfa = &self.dfa;
+        let mut best = usize::MAX;
+        let note = |state: StateID, best: &mut usize| {
+            for k in 0..dfa.match_len(state) {
+                *best = (*best).min(dfa.match_pattern(state, k).as_usize());
+            }
+        };
+        let mut state = self.start;
+        for &b in segment {
+            state = dfa.next_state(state, b);
+            if dfa.is_special_state(state) {
+                if dfa.is_match_state(state) {
+                    note(state, &mut best);
+                    if best == 0 {
+                        break;
+                    }
+                } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
+                    break;
+                }
+            }
+        }
+        if best != 0 {
+            state = dfa.next_eoi_state(state);
+            if dfa.is_match_state(state) {
+                note(state, &mut best);
+            }
+        }
+        self.families.get(best).map(|f| f.params)
+    }
 }
 
 /// The DFAs, validated once (no allocation: they are read in place).
@@ -179,17 +273,18 @@ fn matchers() -> Option<&'static Matchers> {
     MATCHERS
         .get_or_init(|| {
             let (size, _) = DFA::from_bytes(&SIZE_DFA.bytes).ok()?;
-            let (family, _) = DFA::from_bytes(&FAMILY_DFA.bytes).ok()?;
-            // Both exist because no table pattern uses a look-behind
-            // assertion (`^`, `\b`) at its start; a table that did would make
-            // detection report "unknown", which tests catch.
+            // The start states exist because no table pattern uses a
+            // look-behind assertion (`^`, `\b`) at its start; a table that did
+            // would make every detection "unknown", which tests catch.
             let size_start = size.universal_start_state(Anchored::Yes)?;
-            let family_start = family.universal_start_state(Anchored::No)?;
+            let (overriding, _) = DFA::from_bytes(&OVERRIDE_DFA.bytes).ok()?;
+            let overriding_start = overriding.universal_start_state(Anchored::Yes)?;
             Some(Matchers {
                 size,
                 size_start,
-                family,
-                family_start,
+                overriding_start,
+                overriding,
+                fallback: FamilyMatcher::load(&FALLBACK_DFA.bytes, &FALLBACK_FAMILIES)?,
             })
         })
         .as_ref()
@@ -244,6 +339,9 @@ pub fn model_segment(name: &[u8]) -> &[u8] {
             break;
         }
         segment = next;
+    }
+    if !segment.starts_with(CACHE_PREFIX.as_bytes()) {
+        return segment;
     }
     let sep = CACHE_SEPARATOR.as_bytes();
     match segment.windows(sep.len()).rposition(|w| w == sep) {
@@ -364,7 +462,7 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
 /// where a run of digits starts: the DFA is run, anchored, only from there.
 /// Each run is scanned at most twice (from its own start and, across a
 /// decimal point, from the run before), so the search is linear.
-fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource)> {
+fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usize)> {
     let mut pos = 0;
     while pos < segment.len() {
         let b = segment[pos];
@@ -380,8 +478,8 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource)> {
                     PatternKind::Moe => parse_moe(segment, pos),
                     PatternKind::Ignore => None,
                 };
-                if let Some(found) = found.filter(|&(p, _)| p > 0) {
-                    return Some(found);
+                if let Some((params, source)) = found.filter(|&(p, _)| p > 0) {
+                    return Some((params, source, pos));
                 }
                 // Go on after this token.
                 pos = end.max(pos + 1);
@@ -390,41 +488,6 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource)> {
         }
     }
     None
-}
-
-/// The family rules occurring in `segment`: the first listed of those that
-/// override a written size, and the first listed of the others. One pass of
-/// the all-matches DFA; every match state names the families ending there.
-fn families_in(m: &Matchers, segment: &[u8]) -> (Option<u64>, Option<u64>) {
-    let dfa = &m.family;
-    let (mut best_override, mut best_fallback) = (usize::MAX, usize::MAX);
-    let mut note = |state: StateID| {
-        for k in 0..dfa.match_len(state) {
-            let id = dfa.match_pattern(state, k).as_usize();
-            let best = match FAMILIES.get(id) {
-                Some(f) if f.overrides => &mut best_override,
-                _ => &mut best_fallback,
-            };
-            *best = (*best).min(id);
-        }
-    };
-    let mut state = m.family_start;
-    for &b in segment {
-        state = dfa.next_state(state, b);
-        if dfa.is_special_state(state) {
-            if dfa.is_match_state(state) {
-                note(state);
-            } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
-                break;
-            }
-        }
-    }
-    state = dfa.next_eoi_state(state);
-    if dfa.is_match_state(state) {
-        note(state);
-    }
-    let params = |id: usize| FAMILIES.get(id).map(|f| f.params);
-    (params(best_override), params(best_fallback))
 }
 
 /// Detects a model's size from its name: a Hugging Face id (`org/name`), a
@@ -445,20 +508,22 @@ pub fn detect_model_size<N: ModelName + ?Sized>(name: &N) -> ModelSize {
     let Some(m) = matchers() else {
         return ModelSize::from_params(0, SizeSource::Unknown);
     };
+    // Names that write a size: an overriding family beats the written size.
+    // (The generator checks that every overriding family writes a size and
+    // that no exact model name does, so each name needs one family pass.)
+    if let Some((params, source, at)) = size_from_name(m, segment) {
+        return match overriding_family(m, segment, at) {
+            Some(params) => ModelSize::from_params(params, SizeSource::Family),
+            None => ModelSize::from_params(params, source),
+        };
+    }
     let known = std::str::from_utf8(segment)
         .ok()
         .and_then(|s| KNOWN_MODEL_PARAMS.get(&Ascii::new(s)));
     if let Some(&params) = known {
         return ModelSize::from_params(params, SizeSource::KnownModel);
     }
-    let (overriding, fallback) = families_in(m, segment);
-    if let Some(params) = overriding {
-        return ModelSize::from_params(params, SizeSource::Family);
-    }
-    if let Some((params, source)) = size_from_name(m, segment) {
-        return ModelSize::from_params(params, source);
-    }
-    if let Some(params) = fallback {
+    if let Some(params) = m.fallback.find(segment) {
         return ModelSize::from_params(params, SizeSource::Family);
     }
     ModelSize::from_params(0, SizeSource::Unknown)

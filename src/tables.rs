@@ -72,9 +72,18 @@ pub struct Family {
     pub substring: &'static str,
     /// Parameter count.
     pub params: u64,
-    /// Whether the rule beats a size written in the name; otherwise it
-    /// applies only to names that write no size.
-    pub overrides: bool,
+}
+
+/// A family that beats the size a name writes, split where its own written
+/// size starts: `gpt-oss-20b` is `gpt-oss-` + `20b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverrideFamily {
+    /// Lower-case text before the size.
+    pub prefix: &'static str,
+    /// Lower-case size and what follows.
+    pub rest: &'static str,
+    /// Parameter count.
+    pub params: u64,
 }
 
 /// A batch-size floor for chips with many GPU cores.
