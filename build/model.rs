@@ -11,18 +11,20 @@ use super::diag::{Diagnostic, Source};
 type S<T> = Spanned<T>;
 
 /// The table files, in the order they are read and hashed.
-pub const FILES: [&str; 5] = [
+pub const FILES: [&str; 6] = [
     "size.toml",
     "detect.toml",
     "hardware.toml",
     "models.toml",
     "defaults.toml",
+    "profile.toml",
 ];
 pub const SIZE: usize = 0;
 pub const DETECT: usize = 1;
 pub const HARDWARE: usize = 2;
 pub const MODELS: usize = 3;
 pub const DEFAULTS: usize = 4;
+pub const PROFILE: usize = 5;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,6 +189,23 @@ pub struct TrainDefaults {
     pub lora_alpha_per_rank: S<f64>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    pub key: Vec<S<ProfileKey>>,
+}
+
+/// One key of a training profile, as `#[derive(ScaledProfile)]` sees it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileKey {
+    pub name: S<String>,
+    pub kind: S<String>,
+    pub required: S<bool>,
+    pub in_profile: S<bool>,
+    pub doc: S<String>,
+}
+
 /// All tables, parsed but not yet validated.
 pub struct Loaded {
     /// One per entry of [`FILES`], in that order.
@@ -196,6 +215,7 @@ pub struct Loaded {
     pub hardware: HardwareFile,
     pub models: ModelsFile,
     pub defaults: DefaultsFile,
+    pub profile: ProfileFile,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(src: &Source, errors: &mut Vec<Diagnostic>) -> Option<T> {
@@ -246,8 +266,9 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     let hardware = parse::<HardwareFile>(&sources[HARDWARE], &mut errors);
     let models = parse::<ModelsFile>(&sources[MODELS], &mut errors);
     let defaults = parse::<DefaultsFile>(&sources[DEFAULTS], &mut errors);
-    match (size, detect, hardware, models, defaults) {
-        (Some(size), Some(detect), Some(hardware), Some(models), Some(defaults))
+    let profile = parse::<ProfileFile>(&sources[PROFILE], &mut errors);
+    match (size, detect, hardware, models, defaults, profile) {
+        (Some(size), Some(detect), Some(hardware), Some(models), Some(defaults), Some(profile))
             if errors.is_empty() =>
         {
             Ok(Loaded {
@@ -257,6 +278,7 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
                 hardware,
                 models,
                 defaults,
+                profile,
             })
         }
         _ => Err(errors),
