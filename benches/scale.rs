@@ -11,7 +11,10 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use qlora_scale::tables::{BATCH_SIZE_CAP, DEFAULT_BATCH_SIZE};
-use qlora_scale::{ScaledProfile, Tier, detect_model_size, scale::keys, scale_profile_for_model};
+use qlora_scale::{
+    ScaledProfile, SizeCategory, Tier, detect_model_size, scale::keys, scale_profile_for_category,
+    scale_profile_for_model,
+};
 use serde_json::Value;
 
 #[derive(Clone, ScaledProfile)]
@@ -38,7 +41,15 @@ const NAMES: [&str; 6] = [
 /// Scaling on a string-keyed map: the same rule, the way a dynamic port
 /// would write it.
 fn scale_map(profile: &HashMap<String, Value>, name: &str) -> HashMap<String, Value> {
-    let config = detect_model_size(name).category.config();
+    scale_map_for_category(profile, detect_model_size(name).category)
+}
+
+/// The map version of `scale_profile_for_category`.
+fn scale_map_for_category(
+    profile: &HashMap<String, Value>,
+    category: SizeCategory,
+) -> HashMap<String, Value> {
+    let config = category.config();
     let mut out = profile.clone();
     let tier = profile
         .get(keys::MODEL_TIER)
@@ -119,6 +130,35 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             for name in NAMES {
                 black_box(scale_map(black_box(&map), black_box(name)));
+            }
+        })
+    });
+    group.finish();
+
+    // The same without detection: scaling for a known category, so the
+    // profile handling itself is what is timed.
+    let mut group = c.benchmark_group("scale for 4 categories");
+    group.bench_function("derived", |b| {
+        b.iter(|| {
+            for category in SizeCategory::ALL {
+                black_box(black_box(&run).scaled_for_category(black_box(category)));
+            }
+        })
+    });
+    group.bench_function("typed", |b| {
+        b.iter(|| {
+            for category in SizeCategory::ALL {
+                black_box(scale_profile_for_category(
+                    *black_box(&profile),
+                    black_box(category),
+                ));
+            }
+        })
+    });
+    group.bench_function("hashmap", |b| {
+        b.iter(|| {
+            for category in SizeCategory::ALL {
+                black_box(scale_map_for_category(black_box(&map), black_box(category)));
             }
         })
     });
