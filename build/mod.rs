@@ -44,6 +44,25 @@ pub struct Output {
     pub inputs: Vec<PathBuf>,
 }
 
+/// What `qlora-scale-macros`' build script writes into its `OUT_DIR`.
+pub struct MacroSchema {
+    /// Formatted Rust source, `include!`d by `macros/src/schema.rs`.
+    pub rust: String,
+    /// Every file read, for `cargo:rerun-if-changed`.
+    pub inputs: Vec<PathBuf>,
+}
+
+/// Reads and validates the tables in `dir` (the same rules as [`generate`])
+/// and emits the schema the proc-macro crate compiles in.
+pub fn macro_schema(dir: &Path) -> Result<MacroSchema, Vec<Diagnostic>> {
+    let loaded = model::load(dir)?;
+    let tables = validate::validate(&loaded)?;
+    Ok(MacroSchema {
+        rust: emit::emit_macro_schema(&tables, &loaded.sources),
+        inputs: loaded.sources.iter().map(|s| s.path.clone()).collect(),
+    })
+}
+
 /// Reads and validates the tables in `dir` and generates the code.
 ///
 /// All problems are returned at once, each naming `tables/FILE.toml:LINE:COL`.

@@ -11,13 +11,14 @@ use super::diag::{Diagnostic, Source};
 type S<T> = Spanned<T>;
 
 /// The table files, in the order they are read and hashed.
-pub const FILES: [&str; 6] = [
+pub const FILES: [&str; 7] = [
     "size.toml",
     "detect.toml",
     "hardware.toml",
     "models.toml",
     "defaults.toml",
     "known_models.toml",
+    "profile.toml",
 ];
 pub const SIZE: usize = 0;
 pub const DETECT: usize = 1;
@@ -25,6 +26,7 @@ pub const HARDWARE: usize = 2;
 pub const MODELS: usize = 3;
 pub const DEFAULTS: usize = 4;
 pub const KNOWN: usize = 5;
+pub const PROFILE: usize = 6;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +228,23 @@ pub struct TrainDefaults {
     pub lora_alpha_per_rank: S<f64>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    pub key: Vec<S<ProfileKey>>,
+}
+
+/// One key of a training profile, as `#[derive(ScaledProfile)]` sees it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileKey {
+    pub name: S<String>,
+    pub kind: S<String>,
+    pub required: S<bool>,
+    pub in_profile: S<bool>,
+    pub doc: S<String>,
+}
+
 /// All tables, parsed but not yet validated.
 pub struct Loaded {
     /// One per entry of [`FILES`], in that order.
@@ -236,6 +255,7 @@ pub struct Loaded {
     pub models: ModelsFile,
     pub defaults: DefaultsFile,
     pub known: KnownFile,
+    pub profile: ProfileFile,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(src: &Source, errors: &mut Vec<Diagnostic>) -> Option<T> {
@@ -287,20 +307,26 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     let models = parse::<ModelsFile>(&sources[MODELS], &mut errors);
     let defaults = parse::<DefaultsFile>(&sources[DEFAULTS], &mut errors);
     let known = parse::<KnownFile>(&sources[KNOWN], &mut errors);
-    match (size, detect, hardware, models, defaults, known) {
-        (Some(size), Some(detect), Some(hardware), Some(models), Some(defaults), Some(known))
-            if errors.is_empty() =>
-        {
-            Ok(Loaded {
-                sources,
-                size,
-                detect,
-                hardware,
-                models,
-                defaults,
-                known,
-            })
-        }
+    let profile = parse::<ProfileFile>(&sources[PROFILE], &mut errors);
+    match (size, detect, hardware, models, defaults, known, profile) {
+        (
+            Some(size),
+            Some(detect),
+            Some(hardware),
+            Some(models),
+            Some(defaults),
+            Some(known),
+            Some(profile),
+        ) if errors.is_empty() => Ok(Loaded {
+            sources,
+            size,
+            detect,
+            hardware,
+            models,
+            defaults,
+            known,
+            profile,
+        }),
         _ => Err(errors),
     }
 }

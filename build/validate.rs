@@ -86,6 +86,38 @@ pub struct Model {
     pub warning: Option<String>,
 }
 
+/// The type of value a profile key holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A non-negative integer.
+    Count,
+    /// A boolean.
+    Flag,
+    /// A model tier.
+    Tier,
+}
+
+impl KeyKind {
+    /// The name used in `tables/profile.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Count => "count",
+            KeyKind::Flag => "flag",
+            KeyKind::Tier => "tier",
+        }
+    }
+}
+
+/// One key of a training profile.
+pub struct ProfileKey {
+    pub name: String,
+    pub kind: KeyKind,
+    pub required: bool,
+    /// A field of the library's `Profile`, read and written by scaling.
+    pub in_profile: bool,
+    pub doc: String,
+}
+
 /// The validated tables.
 pub struct Tables {
     pub tiers: Vec<String>,
@@ -124,6 +156,8 @@ pub struct Tables {
     pub models: Vec<Model>,
     pub default_model: String,
     pub lora_alpha_per_rank: f64,
+    /// Profile keys, in table order.
+    pub profile_keys: Vec<ProfileKey>,
 }
 
 const BILLION: u64 = 1_000_000_000;
@@ -860,6 +894,8 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         );
     }
 
+    let profile_keys = profile_keys(&mut c, t);
+
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
@@ -894,7 +930,96 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         models,
         default_model: d.default_model.get_ref().clone(),
         lora_alpha_per_rank: alpha,
+        profile_keys,
     })
+}
+
+/// `profile.toml`: names are identifiers and unique, kinds known, docs one
+/// non-empty line, and exactly one key of kind "tier".
+fn profile_keys(c: &mut Checker, t: &Loaded) -> Vec<ProfileKey> {
+    use model::PROFILE;
+    let mut keys = Vec::new();
+    let mut seen = HashMap::new();
+    let mut tier_key: Option<Range<usize>> = None;
+    if t.profile.key.is_empty() {
+        c.err(PROFILE, 0..0, "no [[key]] is defined");
+    }
+    for k in &t.profile.key {
+        let r = k.get_ref();
+        c.identifier(PROFILE, &r.name, "profile key");
+        c.unique(
+            PROFILE,
+            &mut seen,
+            r.name.get_ref().clone(),
+            r.name.span(),
+            "profile key",
+        );
+        let kind = match r.kind.get_ref().as_str() {
+            "count" => KeyKind::Count,
+            "flag" => KeyKind::Flag,
+            "tier" => KeyKind::Tier,
+            other => {
+                c.err(
+                    PROFILE,
+                    r.kind.span(),
+                    format!("unknown key kind \"{other}\" (known: count, flag, tier)"),
+                );
+                KeyKind::Count
+            }
+        };
+        if kind == KeyKind::Tier {
+            match &tier_key {
+                Some(first) => {
+                    let at = c.sources[PROFILE].at(first);
+                    c.err(
+                        PROFILE,
+                        r.kind.span(),
+                        format!(
+                            "key \"{}\" is a second key of kind \"tier\" (first at {at}); #[profile(tier)] must name one key",
+                            r.name.get_ref()
+                        ),
+                    );
+                }
+                None => tier_key = Some(r.kind.span()),
+            }
+            if !*r.in_profile.get_ref() {
+                c.err(
+                    PROFILE,
+                    r.in_profile.span(),
+                    format!(
+                        "the tier key \"{}\" must have in_profile = true: scaling reads it",
+                        r.name.get_ref()
+                    ),
+                );
+            }
+        }
+        let doc = r.doc.get_ref().trim();
+        if doc.is_empty() || doc.contains('\n') {
+            c.err(
+                PROFILE,
+                r.doc.span(),
+                format!(
+                    "doc of key \"{}\" must be one non-empty line",
+                    r.name.get_ref()
+                ),
+            );
+        }
+        keys.push(ProfileKey {
+            name: r.name.get_ref().clone(),
+            kind,
+            required: *r.required.get_ref(),
+            in_profile: *r.in_profile.get_ref(),
+            doc: doc.to_string(),
+        });
+    }
+    if tier_key.is_none() && !t.profile.key.is_empty() {
+        c.err(
+            PROFILE,
+            0..0,
+            "no [[key]] of kind \"tier\": scaling needs the profile's tier",
+        );
+    }
+    keys
 }
 
 fn rank_in_limits(c: &mut Checker, file: usize, v: &toml::Spanned<i64>, l: &Limits) -> u32 {

@@ -3,7 +3,7 @@
 
 use crate::tables::{
     BUDGET_FRACTION, ChipVariant, DEFAULT_VARIANT, FALLBACK_PROFILE, GPU_CORE_BATCH_FLOORS,
-    Generation, HARDWARE_ROWS, Profile, VARIANT_DETECT_ORDER,
+    Generation, HARDWARE_ROWS, HardwareRow, Profile, VARIANT_DETECT_ORDER,
 };
 
 /// A training profile for a specific machine.
@@ -25,17 +25,30 @@ pub struct HardwareProfile {
 }
 
 /// `floor(memory_gb x budget_fraction)`.
-pub fn training_budget_gb(memory_gb: u32) -> u32 {
-    (f64::from(memory_gb) * BUDGET_FRACTION).floor() as u32
+pub const fn training_budget_gb(memory_gb: u32) -> u32 {
+    (memory_gb as f64 * BUDGET_FRACTION).floor() as u32
 }
 
 /// The table row for (variant, memory): the exact row, else the variant's row
 /// with the nearest memory (the first listed on a tie), else the fallback.
-pub fn base_profile(variant: ChipVariant, memory_gb: u32) -> Profile {
+/// A `const fn`; [`hardware_profile!`](crate::hardware_profile) checks at
+/// compile time that the exact row exists.
+pub const fn base_profile(variant: ChipVariant, memory_gb: u32) -> Profile {
     let rows = HARDWARE_ROWS[variant.index()];
-    rows.iter()
-        .min_by_key(|r| r.memory_gb.abs_diff(memory_gb))
-        .map_or(FALLBACK_PROFILE, |r| r.profile)
+    let mut best: Option<&HardwareRow> = None;
+    let mut i = 0;
+    while i < rows.len() {
+        let row = &rows[i];
+        match best {
+            Some(b) if b.memory_gb.abs_diff(memory_gb) <= row.memory_gb.abs_diff(memory_gb) => {}
+            _ => best = Some(row),
+        }
+        i += 1;
+    }
+    match best {
+        Some(row) => row.profile,
+        None => FALLBACK_PROFILE,
+    }
 }
 
 /// The optimised profile for a machine: its table row, the budget, and the
@@ -47,17 +60,20 @@ pub fn base_profile(variant: ChipVariant, memory_gb: u32) -> Profile {
 /// assert_eq!(p.training_budget_gb, 153);
 /// assert_eq!(p.profile.lora_rank, 256);
 /// ```
-pub fn optimized_profile(
+pub const fn optimized_profile(
     generation: Generation,
     variant: ChipVariant,
     memory_gb: u32,
 ) -> HardwareProfile {
     let mut profile = base_profile(variant, memory_gb);
     let gpu_cores = generation.gpu_cores(variant);
-    for floor in &GPU_CORE_BATCH_FLOORS {
-        if gpu_cores >= floor.min_gpu_cores {
-            profile.batch_size = profile.batch_size.max(floor.min_batch_size);
+    let mut i = 0;
+    while i < GPU_CORE_BATCH_FLOORS.len() {
+        let floor = &GPU_CORE_BATCH_FLOORS[i];
+        if gpu_cores >= floor.min_gpu_cores && profile.batch_size < floor.min_batch_size {
+            profile.batch_size = floor.min_batch_size;
         }
+        i += 1;
     }
     HardwareProfile {
         generation,

@@ -17,19 +17,9 @@ use serde_json::{Map, Value};
 use crate::detect::{ModelName, detect_model_size};
 use crate::tables::{BATCH_SIZE_CAP, DEFAULT_BATCH_SIZE, Profile, SizeCategory, Tier};
 
-/// Profile keys as they appear in saved profiles and dynamic maps.
-pub mod keys {
-    /// Examples per step.
-    pub const BATCH_SIZE: &str = "batch_size";
-    /// LoRA rank.
-    pub const LORA_RANK: &str = "lora_rank";
-    /// Number of LoRA layers.
-    pub const LORA_NUM_LAYERS: &str = "lora_num_layers";
-    /// Gradient checkpointing.
-    pub const GRAD_CHECKPOINT: &str = "grad_checkpoint";
-    /// The profile's model tier.
-    pub const MODEL_TIER: &str = "model_tier";
-}
+/// Profile keys as they appear in saved profiles and dynamic maps, generated
+/// from `tables/profile.toml`.
+pub use crate::tables::profile_keys as keys;
 
 /// `floor(batch x multiplier)`, at least 1 and at most the cap.
 pub const fn scaled_batch_size(batch: u32, multiplier: f64) -> u32 {

@@ -110,6 +110,34 @@ pub struct Profile {
     pub model_tier: Tier,
 }
 
+/// The type of value a profile key holds (`tables/profile.toml`, `kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProfileKeyKind {
+    /// A non-negative integer (`u32` in [`Profile`]).
+    Count,
+    /// A boolean.
+    Flag,
+    /// A model [`Tier`].
+    Tier,
+}
+
+/// One key of a training profile (`tables/profile.toml`, `[[key]]`): what
+/// `#[derive(ScaledProfile)]` accepts on a struct's fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProfileKey {
+    /// The key's name, as saved profiles and the derive spell it.
+    pub name: &'static str,
+    /// The type of value it holds.
+    pub kind: ProfileKeyKind,
+    /// A struct deriving `ScaledProfile` must have a field for it.
+    pub required: bool,
+    /// A field of [`Profile`], read and written by scaling; other keys are
+    /// checked by the derive and carried through unchanged.
+    pub in_profile: bool,
+    /// One line of documentation.
+    pub doc: &'static str,
+}
+
 /// A row of the hardware table: the profile for a (variant, memory) pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HardwareRow {

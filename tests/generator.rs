@@ -306,6 +306,30 @@ fn pattern_must_start_with_a_digit() {
 }
 
 #[test]
+fn profile_key_rules_all_reported_at_once() {
+    assert_eq!(
+        errors(&[
+            (
+                "profile.toml",
+                "name = \"lora_rank\"",
+                "name = \"batch_size\""
+            ),
+            ("profile.toml", "kind = \"flag\"", "kind = \"switch\""),
+            (
+                "profile.toml",
+                "doc = \"LoRA rank; lowered to the size category's rank when scaled down.\"",
+                "doc = \"  \""
+            ),
+        ]),
+        [
+            "tables/profile.toml:25:8: duplicate profile key \"batch_size\" (first at 18:8)",
+            "tables/profile.toml:29:7: doc of key \"batch_size\" must be one non-empty line",
+            "tables/profile.toml:40:8: unknown key kind \"switch\" (known: count, flag, tier)",
+        ]
+    );
+}
+
+#[test]
 fn an_overriding_family_is_not_shadowed_by_an_earlier_fallback() {
     // "gpt2-xl-7b" contains "gpt2-xl" (a fallback, listed earlier), but an
     // overriding family is consulted first, so it can still match.
@@ -329,6 +353,20 @@ fn an_overriding_family_is_not_shadowed_by_an_earlier_fallback() {
 }
 
 #[test]
+fn exactly_one_tier_key() {
+    assert_eq!(
+        errors(&[("profile.toml", "kind = \"flag\"", "kind = \"tier\"")]),
+        [
+            "tables/profile.toml:47:8: key \"model_tier\" is a second key of kind \"tier\" (first at 40:8); #[profile(tier)] must name one key"
+        ]
+    );
+    assert_eq!(
+        errors(&[("profile.toml", "kind = \"tier\"", "kind = \"count\"")]),
+        ["tables/profile.toml:1:1: no [[key]] of kind \"tier\": scaling needs the profile's tier"]
+    );
+}
+
+#[test]
 fn moe_total_above_the_product() {
     let e = errors(&[(
         "detect.toml",
@@ -339,5 +377,51 @@ fn moe_total_above_the_product() {
     assert!(
         e[0].contains("total_params_b 60 is above experts x expert_params_b"),
         "{e:?}"
+    );
+}
+
+#[test]
+fn tier_key_must_be_in_profile_and_names_identifiers() {
+    assert_eq!(
+        errors(&[
+            (
+                "profile.toml",
+                "kind = \"tier\"\nrequired = true\nin_profile = true",
+                "kind = \"tier\"\nrequired = true\nin_profile = false"
+            ),
+            (
+                "profile.toml",
+                "name = \"lora_rank\"",
+                "name = \"LoRA rank\""
+            ),
+        ]),
+        [
+            "tables/profile.toml:25:8: profile key \"LoRA rank\" must be lower-case ASCII letters, digits and '_', starting with a letter",
+            "tables/profile.toml:49:14: the tier key \"model_tier\" must have in_profile = true: scaling reads it",
+        ]
+    );
+}
+
+#[test]
+fn macro_schema_comes_from_the_same_tables() {
+    let schema = generator::macro_schema(&tables_dir()).expect("the real tables are valid");
+    assert!(schema.rust.starts_with("// @generated"));
+    assert!(schema.rust.contains("name: \"lora_num_layers\""));
+    assert!(schema.rust.contains("kind: KeyKind::Tier"));
+    assert_eq!(schema.inputs.len(), FILES.len());
+    // A key added to the tables reaches the macros' schema.
+    let dir = broken(&[(
+        "profile.toml",
+        "[[key]]\nname = \"batch_size\"",
+        "[[key]]\nname = \"eval_batch_size\"\nkind = \"count\"\nrequired = false\nin_profile = false\ndoc = \"Examples per evaluation step.\"\n\n[[key]]\nname = \"batch_size\"",
+    )]);
+    let schema = generator::macro_schema(dir.path()).unwrap();
+    assert!(schema.rust.contains("name: \"eval_batch_size\""));
+    // And a broken table stops the macros' build the same way.
+    let dir = broken(&[("profile.toml", "kind = \"flag\"", "kind = \"switch\"")]);
+    let e = generator::macro_schema(dir.path()).err().unwrap();
+    assert_eq!(
+        e[0].to_string(),
+        "tables/profile.toml:40:8: unknown key kind \"switch\" (known: count, flag, tier)"
     );
 }

@@ -4,7 +4,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use qlora_scale::{Profile, Tier, detect_model_size, scale_profile_for_model};
+use qlora_scale::{
+    Profile, ScaledProfile, SizeCategory, Tier, detect_model_size, scale_profile_for_model,
+};
 
 struct Counting;
 
@@ -67,6 +69,53 @@ fn a_million_detections_and_scalings_allocate_nothing() {
         checksum = checksum
             .wrapping_add(size.params)
             .wrapping_add(u64::from(scaled.lora_rank));
+    }
+    COUNTING.with(|c| c.set(false));
+
+    assert_ne!(checksum, 0);
+    assert_eq!(ALLOCATIONS.load(Ordering::Relaxed), 0);
+}
+
+/// A derived profile type with narrow and wide counts and a carried field.
+#[derive(Clone, ScaledProfile)]
+struct MyRun {
+    batch_size: u64,
+    lora_rank: u32,
+    #[profile(key = "lora_num_layers")]
+    layers: u16,
+    grad_checkpoint: bool,
+    #[profile(tier)]
+    tier: Tier,
+    learning_rate: f64,
+}
+
+#[test]
+fn derived_scaling_allocates_nothing() {
+    let names: [&str; 5] = [
+        "NousResearch/Hermes-2-Pro-Mistral-7B",
+        "huihui-ai/DeepSeek-R1-Distill-Qwen-14B",
+        "microsoft/phi-2",
+        "meta-llama/Llama-2-70b-hf",
+        "some-org/unknown-model",
+    ];
+    let run = MyRun {
+        batch_size: 4,
+        lora_rank: 128,
+        layers: 24,
+        grad_checkpoint: false,
+        tier: Tier::Large,
+        learning_rate: 2e-4,
+    };
+    let _ = detect_model_size("warm-up-7b");
+
+    COUNTING.with(|c| c.set(true));
+    let mut checksum = 0u64;
+    for i in 0..200_000usize {
+        let scaled = run.scaled_for(names[i % names.len()]);
+        let by_category = run.scaled_for_category(SizeCategory::ALL[i % SizeCategory::ALL.len()]);
+        checksum = checksum
+            .wrapping_add(scaled.batch_size)
+            .wrapping_add(u64::from(by_category.layers));
     }
     COUNTING.with(|c| c.set(false));
 

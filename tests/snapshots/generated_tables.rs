@@ -6,6 +6,7 @@
 //   tables/models.toml 5b3aebe10d46a4b0
 //   tables/defaults.toml dab97d69e732a125
 //   tables/known_models.toml 222e2f19666c5609
+//   tables/profile.toml 176d841cffeec24a
 
 /// Model tiers, smallest first (`tables/size.toml`, `[tiers]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -1231,3 +1232,65 @@ pub const KNOWN_MODELS: [KnownModel; 9] = [
 pub const DEFAULT_MODEL: &str = "NousResearch/Hermes-2-Pro-Mistral-7B";
 /// LoRA alpha defaults to this many times the rank.
 pub const LORA_ALPHA_PER_RANK: f64 = 2.0;
+/// Profile keys (`tables/profile.toml`), in table order.
+pub const PROFILE_KEYS: [ProfileKey; 5] = [
+    ProfileKey {
+        name: "batch_size",
+        kind: ProfileKeyKind::Count,
+        required: true,
+        in_profile: true,
+        doc: "Examples per optimiser step; scaled by the size category's multiplier, capped.",
+    },
+    ProfileKey {
+        name: "lora_rank",
+        kind: ProfileKeyKind::Count,
+        required: true,
+        in_profile: true,
+        doc: "LoRA rank; lowered to the size category's rank when scaled down.",
+    },
+    ProfileKey {
+        name: "lora_num_layers",
+        kind: ProfileKeyKind::Count,
+        required: true,
+        in_profile: true,
+        doc: "Transformer layers with adapters; lowered to the size category's when scaled down.",
+    },
+    ProfileKey {
+        name: "grad_checkpoint",
+        kind: ProfileKeyKind::Flag,
+        required: false,
+        in_profile: true,
+        doc: "Recompute activations in backward to save memory; never changed by scaling.",
+    },
+    ProfileKey {
+        name: "model_tier",
+        kind: ProfileKeyKind::Tier,
+        required: true,
+        in_profile: true,
+        doc: "The size of model the profile was made for; scaling acts only above the model's tier.",
+    },
+];
+/// Profile key names, as saved profiles and dynamic maps spell them.
+pub mod profile_keys {
+    /// Examples per optimiser step; scaled by the size category's multiplier, capped.
+    pub const BATCH_SIZE: &str = "batch_size";
+    /// LoRA rank; lowered to the size category's rank when scaled down.
+    pub const LORA_RANK: &str = "lora_rank";
+    /// Transformer layers with adapters; lowered to the size category's when scaled down.
+    pub const LORA_NUM_LAYERS: &str = "lora_num_layers";
+    /// Recompute activations in backward to save memory; never changed by scaling.
+    pub const GRAD_CHECKPOINT: &str = "grad_checkpoint";
+    /// The size of model the profile was made for; scaling acts only above the model's tier.
+    pub const MODEL_TIER: &str = "model_tier";
+}
+/// The keys marked `in_profile` are exactly [`Profile`]'s fields, each
+/// of its kind's type: a table and the struct cannot drift apart.
+const _: fn(Profile) = |
+    Profile { batch_size, lora_rank, lora_num_layers, grad_checkpoint, model_tier }|
+{
+    let _: u32 = batch_size;
+    let _: u32 = lora_rank;
+    let _: u32 = lora_num_layers;
+    let _: bool = grad_checkpoint;
+    let _: Tier = model_tier;
+};
