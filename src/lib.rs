@@ -21,6 +21,7 @@
 
 pub mod detect;
 pub mod hardware;
+pub mod qlora;
 pub mod recommend;
 pub mod scale;
 pub mod storage;
