@@ -1,0 +1,130 @@
+//! Gradient checkpointing per decoder block.
+//!
+//! Candle has none. [`CheckpointOp`] is a `CustomOp2` over the block input
+//! `x` and the block's adapter matrices packed into one vector `p`: its
+//! forward runs the block without recording a graph, so only `x` is kept;
+//! its backward recomputes the block with `x` and `p` as fresh variables and
+//! returns `dL/dx` and `dL/dp`. Candle's own backward of the packing
+//! (`cat` of flattened `Var`s) then routes `dL/dp` to every adapter, so the
+//! caller's `loss.backward()` sees the same gradients as without
+//! checkpointing.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor, Var};
+
+use super::llama::{Block, BlockCtx};
+
+/// Checkpointed application of one [`Block`].
+#[derive(Debug, Clone)]
+pub struct CheckpointOp {
+    block: Arc<Block>,
+    ctx: BlockCtx,
+    shapes: Vec<Shape>,
+}
+
+fn tensor_from_cpu(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("checkpoint: input must be contiguous");
+    };
+    let dev = candle_core::Device::Cpu;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
+        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
+        other => candle_core::bail!("checkpoint: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
+fn unpack(p: &Tensor, shapes: &[Shape]) -> candle_core::Result<Vec<Tensor>> {
+    let mut off = 0;
+    shapes
+        .iter()
+        .map(|s| {
+            let n = s.elem_count();
+            let t = p.narrow(0, off, n)?.reshape(s)?;
+            off += n;
+            Ok(t)
+        })
+        .collect()
+}
+
+impl CheckpointOp {
+    /// Applies `block` to `x` with checkpointing: the result carries the
+    /// gradients of `x` and of the block's adapters.
+    pub(crate) fn apply(
+        block: Arc<Block>,
+        ctx: BlockCtx,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let params = block.adapter_tensors();
+        let shapes: Vec<Shape> = params.iter().map(|t| t.shape().clone()).collect();
+        let packed = if params.is_empty() {
+            // Nothing to train here: a constant placeholder.
+            Tensor::zeros(1, x.dtype(), x.device())?
+        } else {
+            let flat = params
+                .iter()
+                .map(|t| t.flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&flat, 0)?
+        };
+        let op = CheckpointOp { block, ctx, shapes };
+        x.contiguous()?.apply_op2(&packed, op)
+    }
+}
+
+impl CustomOp2 for CheckpointOp {
+    fn name(&self) -> &'static str {
+        "qlora-checkpointed-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // Fresh, untracked tensors: no graph is recorded.
+        let x = tensor_from_cpu(s1, l1)?;
+        let p = tensor_from_cpu(s2, l2)?;
+        let params = unpack(&p, &self.shapes)?;
+        let y = self.block.forward_with(&x, &params, &self.ctx)?;
+        let shape = y.shape().clone();
+        let (ys, yl) = y.storage_and_layout();
+        let out = match (&*ys, yl.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => CpuStorage::F32(v[a..b].to_vec()),
+            (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => CpuStorage::F64(v[a..b].to_vec()),
+            _ => candle_core::bail!("checkpoint: unexpected block output storage"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let xv = Var::from_tensor(&x.detach())?;
+        let pv = Var::from_tensor(&p.detach())?;
+        let params = unpack(pv.as_tensor(), &self.shapes)?;
+        let y = self
+            .block
+            .forward_with(xv.as_tensor(), &params, &self.ctx)?;
+        // d(sum(y * g))/dθ = gᵀ dy/dθ: one backward of the recomputed block.
+        let grads = (y * grad.detach())?.sum_all()?.backward()?;
+        let gx = grads.get(xv.as_tensor()).cloned();
+        let gp = if self.shapes.is_empty() {
+            None
+        } else {
+            Some(match grads.get(pv.as_tensor()) {
+                Some(g) => g.clone(),
+                None => pv.as_tensor().zeros_like()?,
+            })
+        };
+        Ok((gx, gp))
+    }
+}

@@ -1,0 +1,329 @@
+//! Frozen linear layers: a Candle custom op whose backward returns only the
+//! input's gradient, for every frozen weight storage.
+//!
+//! Candle's `QMatMul` passes no gradient back to its input, and a plain
+//! `matmul` against a frozen weight computes and keeps a weight gradient that
+//! nobody needs. [`FrozenLinear`] applies [`FrozenMatmulOp`], whose backward
+//! is `dL/dx = dL/dy · W` with `W` dequantized into a temporary that is
+//! dropped at once; it never computes a weight gradient.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use qlora_scale::qlora::frozen::{FrozenLinear, FrozenStorage};
+//! let dev = Device::Cpu;
+//! let w = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
+//! let lin = FrozenLinear::new(&w, FrozenStorage::Nf4).unwrap();
+//! let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 64), &dev).unwrap()).unwrap();
+//! let y = lin.forward(x.as_tensor()).unwrap();
+//! let grads = y.sum_all().unwrap().backward().unwrap();
+//! assert_eq!(grads.get(x.as_tensor()).unwrap().dims(), &[2, 64]);
+//! ```
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
+
+use super::nf4::{Nf4Error, Nf4Tensor};
+
+/// How a frozen weight is stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrozenStorage {
+    /// `f32`, through the custom op (no weight gradient).
+    F32,
+    /// `bf16`, dequantized to the compute dtype per call.
+    Bf16,
+    /// NF4 with `f32` block scales (4.5 bits per weight).
+    Nf4,
+    /// NF4 with double-quantized scales (about 4.13 bits per weight).
+    Nf4DoubleQuant,
+    /// Candle's GGML Q4K; forward through candle's int8 kernels, backward
+    /// through a dequantized temporary. Input width must be a multiple of 256.
+    Q4K,
+    /// Candle's GGML Q8_0, like [`FrozenStorage::Q4K`]; width multiple of 32.
+    Q8_0,
+    /// The naive baseline: an `f32` weight and a plain candle matmul, which
+    /// also computes the (unused) weight gradient. For benchmarks.
+    PlainF32Matmul,
+    /// Candle's own `QMatMul` forward (Q8_0), which silently passes no
+    /// gradient to its input. Wrong for training: it exists so that tests can
+    /// prove the gradient checks catch this class of bug.
+    CandleQMatMulNoGrad,
+}
+
+impl FrozenStorage {
+    /// Short name used in logs and benchmarks.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrozenStorage::F32 => "f32",
+            FrozenStorage::Bf16 => "bf16",
+            FrozenStorage::Nf4 => "nf4",
+            FrozenStorage::Nf4DoubleQuant => "nf4-dq",
+            FrozenStorage::Q4K => "q4k",
+            FrozenStorage::Q8_0 => "q8_0",
+            FrozenStorage::PlainF32Matmul => "f32-plain-matmul",
+            FrozenStorage::CandleQMatMulNoGrad => "candle-qmatmul-nograd",
+        }
+    }
+}
+
+/// Errors building or applying a frozen weight.
+#[derive(Debug, thiserror::Error)]
+pub enum FrozenError {
+    /// The weight is not a 2-D matrix.
+    #[error("frozen weight must be 2-D (out, in), got shape {0:?}")]
+    NotMatrix(Vec<usize>),
+    /// A GGML storage needs the input width to be a multiple of its block.
+    #[error("{storage} needs the input width to be a multiple of {block}, got {width}")]
+    BlockMismatch {
+        /// The storage asked for.
+        storage: &'static str,
+        /// Its block size.
+        block: usize,
+        /// The weight's input width.
+        width: usize,
+    },
+    /// NF4 quantization failed.
+    #[error(transparent)]
+    Nf4(#[from] Nf4Error),
+    /// A Candle error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The stored values of a frozen `(out, in)` weight.
+#[derive(Debug)]
+pub enum FrozenWeight {
+    /// Dense `f32` (or the dtype it was given in, when that is `f64`).
+    Dense(Tensor),
+    /// Dense `bf16`.
+    Bf16(Tensor),
+    /// NF4 codes and scales.
+    Nf4(Nf4Tensor),
+    /// A candle GGML quantized tensor and its matmul.
+    Ggml(Arc<QTensor>, QMatMul),
+}
+
+impl FrozenWeight {
+    /// Quantizes `w` (`(out, in)`) into `storage`.
+    pub fn new(w: &Tensor, storage: FrozenStorage) -> Result<Self, FrozenError> {
+        let dims = w.dims().to_vec();
+        if dims.len() != 2 {
+            return Err(FrozenError::NotMatrix(dims));
+        }
+        let ggml = |dtype: GgmlDType, name: &'static str| -> Result<Self, FrozenError> {
+            let block = dtype.block_size();
+            if !dims[1].is_multiple_of(block) {
+                return Err(FrozenError::BlockMismatch {
+                    storage: name,
+                    block,
+                    width: dims[1],
+                });
+            }
+            let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?);
+            let mm = QMatMul::from_arc(q.clone())?;
+            Ok(FrozenWeight::Ggml(q, mm))
+        };
+        Ok(match storage {
+            FrozenStorage::F32 | FrozenStorage::PlainF32Matmul => {
+                let dt = if w.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                FrozenWeight::Dense(w.to_dtype(dt)?.contiguous()?.detach())
+            }
+            FrozenStorage::Bf16 => {
+                FrozenWeight::Bf16(w.to_dtype(DType::BF16)?.contiguous()?.detach())
+            }
+            FrozenStorage::Nf4 | FrozenStorage::Nf4DoubleQuant => {
+                let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let dq = storage == FrozenStorage::Nf4DoubleQuant;
+                FrozenWeight::Nf4(Nf4Tensor::quantize(&data, &dims, dq)?)
+            }
+            FrozenStorage::Q4K => ggml(GgmlDType::Q4K, "Q4K")?,
+            FrozenStorage::Q8_0 | FrozenStorage::CandleQMatMulNoGrad => {
+                ggml(GgmlDType::Q8_0, "Q8_0")?
+            }
+        })
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let d: Vec<usize> = match self {
+            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => t.dims().to_vec(),
+            FrozenWeight::Nf4(q) => q.shape().to_vec(),
+            FrozenWeight::Ggml(q, _) => q.shape().dims().to_vec(),
+        };
+        (d[0], d[1])
+    }
+
+    /// Bytes of storage of the weight.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            FrozenWeight::Nf4(q) => q.size_bytes(),
+            FrozenWeight::Ggml(q, _) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The weight as a dense `(out, in)` tensor of `dtype` on `device`: a
+    /// temporary, for the backward pass, merging and checks.
+    pub fn dequantize(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let t = match self {
+            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => t.clone(),
+            FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu)?,
+            FrozenWeight::Ggml(q, _) => q.dequantize(&Device::Cpu)?,
+        };
+        t.to_dtype(dtype)?.to_device(device)
+    }
+
+    /// Rows `ids` of the weight (an embedding lookup), dense `dtype`.
+    pub fn rows(&self, ids: &[u32], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let (rows, cols) = self.dims();
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+            candle_core::bail!("token id {bad} out of range for a vocabulary of {rows}");
+        }
+        match self {
+            FrozenWeight::Nf4(q) => {
+                let mut out = vec![0f32; ids.len() * cols];
+                for (dst, &id) in out.chunks_mut(cols).zip(ids) {
+                    q.dequantize_range_into(id as usize * cols, dst);
+                }
+                Tensor::from_vec(out, (ids.len(), cols), device)?.to_dtype(dtype)
+            }
+            _ => {
+                let idx = Tensor::from_slice(ids, ids.len(), device)?;
+                self.dequantize(dtype, device)?.index_select(&idx, 0)
+            }
+        }
+    }
+}
+
+/// The custom op `y = x · Wᵀ` whose backward is only `dL/dx = dL/dy · W`.
+#[derive(Debug, Clone)]
+pub struct FrozenMatmulOp {
+    weight: Arc<FrozenWeight>,
+}
+
+impl FrozenMatmulOp {
+    /// An op over a shared frozen weight.
+    pub fn new(weight: Arc<FrozenWeight>) -> Self {
+        Self { weight }
+    }
+}
+
+impl CustomOp1 for FrozenMatmulOp {
+    fn name(&self) -> &'static str {
+        "qlora-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = self.weight.dims();
+        let dims = l.dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!(
+                "frozen matmul: input {dims:?} does not end in the weight's width {k}"
+            );
+        }
+        let Some((start, _)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul: input must be contiguous");
+        };
+        let m = l.shape().elem_count() / k;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = n;
+        let out = match (&*self.weight, s) {
+            (FrozenWeight::Ggml(_, mm), CpuStorage::F32(data)) => {
+                let x = Tensor::from_slice(&data[start..start + m * k], (m, k), &Device::Cpu)?;
+                let y = mm.forward(&x)?;
+                let (ys, yl) = y.storage_and_layout();
+                match (&*ys, yl.contiguous_offsets()) {
+                    (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                        CpuStorage::F32(v[a..b].to_vec())
+                    }
+                    _ => candle_core::bail!("frozen matmul: unexpected QMatMul output"),
+                }
+            }
+            _ => {
+                let w = self.weight.dequantize(s.dtype(), &Device::Cpu)?;
+                let (ws, wl) = w.storage_and_layout();
+                let Storage::Cpu(wc) = &*ws else {
+                    candle_core::bail!("frozen matmul: weight is not on the CPU");
+                };
+                let lhs = Layout::contiguous_with_offset((m, k), start);
+                // Wᵀ as a (k, n) view of the row-major (n, k) weight.
+                let rhs = Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset());
+                s.matmul(wc, (1, m, n, k), &lhs, &rhs)?
+            }
+        };
+        Ok((out, Shape::from(out_dims)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, _) = self.weight.dims();
+        let w = self
+            .weight
+            .dequantize(grad_res.dtype(), grad_res.device())?;
+        let m = grad_res.elem_count() / n;
+        let gx = grad_res.reshape((m, n))?.matmul(&w)?.reshape(arg.shape())?;
+        Ok(Some(gx))
+    }
+}
+
+/// A frozen `(out, in)` linear layer without bias.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: Arc<FrozenWeight>,
+    storage: FrozenStorage,
+}
+
+impl FrozenLinear {
+    /// Stores `w` (`(out, in)`) as `storage`.
+    pub fn new(w: &Tensor, storage: FrozenStorage) -> Result<Self, FrozenError> {
+        Ok(Self {
+            weight: Arc::new(FrozenWeight::new(w, storage)?),
+            storage,
+        })
+    }
+
+    /// A layer over an already stored weight (e.g. tied embeddings).
+    pub fn from_weight(weight: Arc<FrozenWeight>, storage: FrozenStorage) -> Self {
+        Self { weight, storage }
+    }
+
+    /// The stored weight.
+    pub fn weight(&self) -> &Arc<FrozenWeight> {
+        &self.weight
+    }
+
+    /// The storage kind.
+    pub fn storage(&self) -> FrozenStorage {
+        self.storage
+    }
+
+    /// `y = x · Wᵀ` for `x` of shape `(..., in)`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match (self.storage, &*self.weight) {
+            (FrozenStorage::PlainF32Matmul, FrozenWeight::Dense(w)) => x.broadcast_matmul(&w.t()?),
+            (FrozenStorage::CandleQMatMulNoGrad, FrozenWeight::Ggml(_, mm)) => mm.forward(x),
+            (_, FrozenWeight::Ggml(..)) if x.dtype() != DType::F32 => {
+                // Candle's int8 kernels take f32 input only: dequantize.
+                let op = FrozenMatmulOp::new(Arc::new(FrozenWeight::Dense(
+                    self.weight.dequantize(x.dtype(), x.device())?,
+                )));
+                x.contiguous()?.apply_op1(op)
+            }
+            _ => x
+                .contiguous()?
+                .apply_op1(FrozenMatmulOp::new(self.weight.clone())),
+        }
+    }
+}

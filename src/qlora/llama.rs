@@ -1,0 +1,776 @@
+//! Llama-family decoder (Llama 2/3, Mistral, Qwen2 shapes) built only from
+//! differentiable Candle ops, with frozen weights and LoRA adapters.
+//!
+//! GQA, RoPE with `rope_theta` and `rope_scaling` (`linear`, `llama3`),
+//! RMSNorm, SwiGLU, tied or untied embeddings, q/k/v biases (Qwen2), causal
+//! attention with a padding mask. The fused Candle ops that drop gradients
+//! (`softmax_last_dim`, `rms_norm`, `rope`) are not used.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use candle_core::{DType, Device, Tensor};
+//! use qlora_scale::qlora::{LlamaConfig, LlamaModel, ModelOptions};
+//! let cfg = LlamaConfig::tiny(2, 64, 128, 32);
+//! let weights = cfg.random_weights(7, DType::F32, &Device::Cpu).unwrap();
+//! let model = LlamaModel::new(&cfg, &weights, &ModelOptions::default()).unwrap();
+//! let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+//! let logits = model.forward(&ids, None, None).unwrap();
+//! assert_eq!(logits.dims(), &[1, 4, 32]);
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Deserialize;
+
+use super::checkpoint::CheckpointOp;
+use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
+use super::load::{LoadError, WeightSource};
+use super::lora::{LoraAdapter, LoraConfig, LoraLinear, LoraTarget, dropout_mask, peft_key};
+
+/// `rope_scaling` of an HF `config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct RopeScaling {
+    /// `rope_type` (newer configs).
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    /// `type` (older configs).
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Scaling factor.
+    #[serde(default = "one")]
+    pub factor: f64,
+    /// Llama 3: `low_freq_factor`.
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    /// Llama 3: `high_freq_factor`.
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    /// Llama 3: `original_max_position_embeddings`.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+/// The fields of an HF `config.json` that the Llama family needs.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct LlamaConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// SwiGLU width.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Whether `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Biases on q/k/v (Qwen2 has them; defaults to true for `qwen2`).
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    /// `model_type` (`llama`, `mistral`, `qwen2`).
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Longest context.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+}
+
+impl LlamaConfig {
+    /// A tiny Llama-shaped config for tests and examples: `layers` blocks,
+    /// width `hidden` (4 heads, 2 KV heads), SwiGLU width `inter`, `vocab`
+    /// tokens, untied embeddings.
+    pub fn tiny(layers: usize, hidden: usize, inter: usize, vocab: usize) -> Self {
+        Self {
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            vocab_size: vocab,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            head_dim: None,
+            attention_bias: None,
+            model_type: Some("llama".into()),
+            max_position_embeddings: 2048,
+        }
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Head width.
+    pub fn head_width(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v carry biases.
+    pub fn has_qkv_bias(&self) -> bool {
+        self.attention_bias
+            .unwrap_or_else(|| self.model_type.as_deref() == Some("qwen2"))
+    }
+
+    /// `(out, in)` of a block's linear layer.
+    pub fn linear_dims(&self, t: LoraTarget) -> (usize, usize) {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_width();
+        let kv = self.kv_heads() * self.head_width();
+        match t {
+            LoraTarget::Q => (q, h),
+            LoraTarget::K | LoraTarget::V => (kv, h),
+            LoraTarget::O => (h, q),
+            LoraTarget::Gate | LoraTarget::Up => (i, h),
+            LoraTarget::Down => (h, i),
+        }
+    }
+
+    /// Every tensor name of the HF checkpoint and its shape.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![self.vocab_size, self.hidden_size],
+            ),
+            ("model.norm.weight".to_string(), vec![self.hidden_size]),
+        ];
+        if !self.tie_word_embeddings {
+            v.push((
+                "lm_head.weight".into(),
+                vec![self.vocab_size, self.hidden_size],
+            ));
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            v.push((
+                format!("{p}.input_layernorm.weight"),
+                vec![self.hidden_size],
+            ));
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![self.hidden_size],
+            ));
+            for t in LoraTarget::ALL {
+                let (o, i) = self.linear_dims(t);
+                v.push((format!("{p}.{}.weight", t.block_path()), vec![o, i]));
+                if self.has_qkv_bias() && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
+                {
+                    v.push((format!("{p}.{}.bias", t.block_path()), vec![o]));
+                }
+            }
+        }
+        v
+    }
+
+    /// Random weights under HF names (seeded; see [`RandomWeights`]), all
+    /// in memory, for tests and examples.
+    pub fn random_weights(
+        &self,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<HashMap<String, Tensor>> {
+        let src = RandomWeights::new(self, seed, device);
+        self.tensor_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = src.generate(&shape, &name)?.to_dtype(dtype)?;
+                Ok((name, t))
+            })
+            .collect()
+    }
+
+    /// RoPE inverse frequencies, with `rope_scaling` applied.
+    pub fn rope_inv_freq(&self) -> Result<Vec<f64>, LoadError> {
+        let d = self.head_width();
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        if let Some(s) = &self.rope_scaling {
+            let kind = s
+                .rope_type
+                .as_deref()
+                .or(s.kind.as_deref())
+                .unwrap_or("default");
+            match kind {
+                "default" => {}
+                "linear" => inv.iter_mut().for_each(|f| *f /= s.factor),
+                "llama3" => {
+                    let low = s.low_freq_factor.unwrap_or(1.0);
+                    let high = s.high_freq_factor.unwrap_or(4.0);
+                    let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                    let (low_wl, high_wl) = (old / low, old / high);
+                    for f in inv.iter_mut() {
+                        let wl = 2.0 * std::f64::consts::PI / *f;
+                        if wl > low_wl {
+                            *f /= s.factor;
+                        } else if wl >= high_wl {
+                            let smooth = (old / wl - low) / (high - low);
+                            *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                        }
+                    }
+                }
+                other => return Err(LoadError::UnsupportedRopeScaling(other.to_string())),
+            }
+        }
+        Ok(inv)
+    }
+}
+
+/// A [`WeightSource`] that generates seeded random weights on demand, one
+/// tensor at a time (normal-ish with std 0.02; norms near 1): benchmarks
+/// measure memory without a whole f32 model held anywhere.
+#[derive(Debug, Clone)]
+pub struct RandomWeights {
+    shapes: HashMap<String, Vec<usize>>,
+    seed: u64,
+    device: Device,
+}
+
+impl RandomWeights {
+    /// Random weights for `config`.
+    pub fn new(config: &LlamaConfig, seed: u64, device: &Device) -> Self {
+        Self {
+            shapes: config.tensor_shapes().into_iter().collect(),
+            seed,
+            device: device.clone(),
+        }
+    }
+
+    fn generate(&self, shape: &[usize], name: &str) -> candle_core::Result<Tensor> {
+        use rand::Rng;
+        // FNV-1a of the name: each tensor has its own stream.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = StdRng::seed_from_u64(self.seed ^ h);
+        let n: usize = shape.iter().product();
+        let norm = name.ends_with("norm.weight");
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                // Sum of uniforms: cheap, roughly normal.
+                let z: f32 = (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 1.73;
+                if norm { 1.0 + 0.1 * z } else { 0.02 * z }
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &self.device)
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
+        match self.shapes.get(name) {
+            Some(shape) => Ok(self.generate(shape, name)?),
+            None => Err(LoadError::MissingTensor {
+                name: name.to_string(),
+                source_name: "random weights".into(),
+            }),
+        }
+    }
+}
+
+/// How to build a [`LlamaModel`].
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Storage of the frozen linear weights.
+    pub storage: FrozenStorage,
+    /// LoRA settings.
+    pub lora: LoraConfig,
+    /// Compute dtype of activations and adapters (`F32`; `F64` for checks).
+    pub dtype: DType,
+    /// Device.
+    pub device: Device,
+    /// Gradient checkpointing per block.
+    pub checkpointing: bool,
+}
+
+impl Default for ModelOptions {
+    /// NF4 frozen weights, [`LoraConfig::default`], `f32`, CPU, no checkpointing.
+    fn default() -> Self {
+        Self {
+            storage: FrozenStorage::Nf4,
+            lora: LoraConfig::default(),
+            dtype: DType::F32,
+            device: Device::Cpu,
+            checkpointing: false,
+        }
+    }
+}
+
+/// Per-forward constants a block needs (shared by the recomputation).
+#[derive(Debug, Clone)]
+pub(crate) struct BlockCtx {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive mask `(b, 1, t, t)`.
+    pub mask: Tensor,
+    /// `(p, seed)` of the LoRA dropout, in training.
+    pub dropout: Option<(f32, u64)>,
+}
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    index: usize,
+    ln1: Tensor,
+    ln2: Tensor,
+    /// In [`LoraTarget::ALL`] order.
+    linears: Vec<LoraLinear>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, d))?
+        .contiguous()?
+        .reshape((b, kv * n, t, d))
+}
+
+impl Block {
+    /// Index of the block in the model.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The block's linear layers in [`LoraTarget::ALL`] order.
+    pub fn linears(&self) -> &[LoraLinear] {
+        &self.linears
+    }
+
+    /// The adapters' `Var`s as tensors, `[A, B]` per adapted target.
+    pub(crate) fn adapter_tensors(&self) -> Vec<Tensor> {
+        self.linears
+            .iter()
+            .filter_map(|l| l.adapter())
+            .flat_map(|a| [a.a.as_tensor().clone(), a.b.as_tensor().clone()])
+            .collect()
+    }
+
+    /// Forward with explicit adapter tensors (as [`Self::adapter_tensors`]).
+    pub(crate) fn forward_with(
+        &self,
+        x: &Tensor,
+        params: &[Tensor],
+        ctx: &BlockCtx,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let mut params = params.chunks(2);
+        let mut lin = |i: usize, h: &Tensor| -> candle_core::Result<Tensor> {
+            let l = &self.linears[i];
+            let ab = if l.adapter().is_some() {
+                params.next().map(|p| (&p[0], &p[1]))
+            } else {
+                None
+            };
+            let mask = match ctx.dropout {
+                Some((p, seed)) if p > 0.0 && ab.is_some() => {
+                    let seed = seed
+                        ^ ((self.index as u64) << 8 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    Some(dropout_mask(h.dims(), p, seed, h.dtype(), h.device())?)
+                }
+                _ => None,
+            };
+            l.forward_with(h, ab, mask.as_ref())
+        };
+        let h = rms_norm(x, &self.ln1, self.eps)?;
+        let q = lin(0, &h)?;
+        let k = lin(1, &h)?;
+        let v = lin(2, &h)?;
+        let heads = |y: Tensor, n: usize| {
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope_slow(&heads(q, self.heads)?, &ctx.cos, &ctx.sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&heads(k, self.kv_heads)?, &ctx.cos, &ctx.sin)?;
+        let v = heads(v, self.kv_heads)?;
+        let rep = self.heads / self.kv_heads;
+        let k = repeat_kv(k.contiguous()?, rep)?;
+        let v = repeat_kv(v, rep)?;
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)?
+            * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let att = candle_nn::ops::softmax(&att.broadcast_add(&ctx.mask)?, D::Minus1)?;
+        let o = att.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
+            b,
+            t,
+            self.heads * self.head_dim,
+        ))?;
+        let x = (x + lin(3, &o)?)?;
+        let h = rms_norm(&x, &self.ln2, self.eps)?;
+        let g = (lin(4, &h)?.silu()? * lin(5, &h)?)?;
+        x + lin(6, &g)?
+    }
+}
+
+/// A Llama-family causal LM with frozen weights and LoRA adapters.
+pub struct LlamaModel {
+    config: LlamaConfig,
+    options: ModelOptions,
+    embed: Arc<FrozenWeight>,
+    blocks: Vec<Arc<Block>>,
+    norm: Tensor,
+    lm_head: FrozenLinear,
+    varmap: VarMap,
+    inv_freq: Vec<f64>,
+}
+
+impl std::fmt::Debug for LlamaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaModel")
+            .field("config", &self.config)
+            .field("options", &self.options)
+            .field("blocks", &self.blocks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn head_storage(s: FrozenStorage) -> FrozenStorage {
+    match s {
+        FrozenStorage::CandleQMatMulNoGrad => FrozenStorage::F32,
+        other => other,
+    }
+}
+
+impl LlamaModel {
+    /// Builds the model from `config` and a weights source (in-memory map or
+    /// a local HF directory), quantizing each frozen weight as it is read.
+    pub fn new(
+        config: &LlamaConfig,
+        weights: &dyn WeightSource,
+        options: &ModelOptions,
+    ) -> Result<Self, LoadError> {
+        let dev = &options.device;
+        let dt = options.dtype;
+        let expected: HashMap<String, Vec<usize>> = config.tensor_shapes().into_iter().collect();
+        let get = |name: &str| -> Result<Tensor, LoadError> {
+            let t = weights.tensor(name)?;
+            if let Some(shape) = expected.get(name)
+                && t.dims() != shape.as_slice()
+            {
+                return Err(LoadError::Shape {
+                    name: name.to_string(),
+                    expected: shape.clone(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            // Dense copies in the compute dtype; quantized storages take f32.
+            Ok(t.to_dtype(if dt == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            })?
+            .to_device(dev)?)
+        };
+        let frozen = |name: &str, s: FrozenStorage| -> Result<FrozenWeight, LoadError> {
+            let t = get(name)?;
+            FrozenWeight::new(&t, s).map_err(|source| LoadError::Frozen {
+                name: name.to_string(),
+                source,
+            })
+        };
+        let hs = head_storage(options.storage);
+        let embed = Arc::new(frozen("model.embed_tokens.weight", hs)?);
+        let lm_head = if config.tie_word_embeddings {
+            FrozenLinear::from_weight(embed.clone(), hs)
+        } else {
+            FrozenLinear::from_weight(Arc::new(frozen("lm_head.weight", hs)?), hs)
+        };
+        let norm = get("model.norm.weight")?.to_dtype(dt)?;
+        let lora = &options.lora;
+        let mut rng = StdRng::seed_from_u64(lora.seed);
+        let varmap = VarMap::new();
+        let n = config.num_hidden_layers;
+        let mut blocks = Vec::with_capacity(n);
+        for l in 0..n {
+            let p = format!("model.layers.{l}");
+            let mut linears = Vec::with_capacity(7);
+            for t in LoraTarget::ALL {
+                let name = format!("{p}.{}.weight", t.block_path());
+                let base = FrozenLinear::from_weight(
+                    Arc::new(frozen(&name, options.storage)?),
+                    options.storage,
+                );
+                let bias = if config.has_qkv_bias()
+                    && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
+                {
+                    Some(get(&format!("{p}.{}.bias", t.block_path()))?.to_dtype(dt)?)
+                } else {
+                    None
+                };
+                let adapter = if lora.targets_module(t) && lora.adapts_layer(l, n) && lora.rank > 0
+                {
+                    let (o, i) = config.linear_dims(t);
+                    let ad = LoraAdapter::init(lora.rank, i, o, dt, dev, &mut rng)?;
+                    let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
+                    data.insert(peft_key(l, t, 'A'), ad.a.clone());
+                    data.insert(peft_key(l, t, 'B'), ad.b.clone());
+                    Some(ad)
+                } else {
+                    None
+                };
+                linears.push(LoraLinear::new(base, bias, adapter, lora.scale()));
+            }
+            blocks.push(Arc::new(Block {
+                index: l,
+                ln1: get(&format!("{p}.input_layernorm.weight"))?.to_dtype(dt)?,
+                ln2: get(&format!("{p}.post_attention_layernorm.weight"))?.to_dtype(dt)?,
+                linears,
+                heads: config.num_attention_heads,
+                kv_heads: config.kv_heads(),
+                head_dim: config.head_width(),
+                eps: config.rms_norm_eps,
+            }));
+        }
+        Ok(Self {
+            config: config.clone(),
+            options: options.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            varmap,
+            inv_freq: config.rope_inv_freq()?,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &[Arc<Block>] {
+        &self.blocks
+    }
+
+    /// The trainable adapters, under PEFT names
+    /// (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// The trainable `Var`s, sorted by PEFT name.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Switches gradient checkpointing per block.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.options.checkpointing = on;
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn checkpointing(&self) -> bool {
+        self.options.checkpointing
+    }
+
+    /// Bytes of frozen weight storage (linears, embeddings, head).
+    pub fn frozen_bytes(&self) -> usize {
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.weight().size_bytes()
+        };
+        self.embed.size_bytes()
+            + head
+            + self
+                .blocks
+                .iter()
+                .flat_map(|b| b.linears.iter())
+                .map(|l| l.base().weight().size_bytes())
+                .sum::<usize>()
+    }
+
+    /// Every frozen weight, dequantized to dense `f32`, under its HF name (a
+    /// merged adapter is included in its base). Building a model with
+    /// [`FrozenStorage::F32`] from these reproduces this model's forward.
+    pub fn dequantized_weights(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        let dev = &self.options.device;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let mut out = HashMap::new();
+        out.insert(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.dequantize(DType::F32, dev)?,
+        );
+        if !self.config.tie_word_embeddings {
+            out.insert(
+                "lm_head.weight".into(),
+                self.lm_head.weight().dequantize(DType::F32, dev)?,
+            );
+        }
+        out.insert("model.norm.weight".into(), f32(&self.norm)?);
+        for b in &self.blocks {
+            let p = format!("model.layers.{}", b.index);
+            out.insert(format!("{p}.input_layernorm.weight"), f32(&b.ln1)?);
+            out.insert(format!("{p}.post_attention_layernorm.weight"), f32(&b.ln2)?);
+            for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
+                out.insert(
+                    format!("{p}.{}.weight", t.block_path()),
+                    l.base().weight().dequantize(DType::F32, dev)?,
+                );
+                if let Some(bias) = l.bias() {
+                    out.insert(format!("{p}.{}.bias", t.block_path()), f32(bias)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Merges every adapter into a dequantized `f32` base (inference).
+    pub fn merge_adapters(&mut self) -> candle_core::Result<()> {
+        for b in &mut self.blocks {
+            for l in &mut Arc::make_mut(b).linears {
+                l.merge()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::merge_adapters`].
+    pub fn unmerge_adapters(&mut self) -> candle_core::Result<()> {
+        for b in &mut self.blocks {
+            for l in &mut Arc::make_mut(b).linears {
+                l.unmerge()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for f in &self.inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let dev = &self.options.device;
+        let dt = self.options.dtype;
+        Ok((
+            Tensor::from_vec(cos, (t, half), dev)?.to_dtype(dt)?,
+            Tensor::from_vec(sin, (t, half), dev)?.to_dtype(dt)?,
+        ))
+    }
+
+    /// Additive causal + padding mask `(b, 1, t, t)` from an optional
+    /// `(b, t)` attention mask (1 = token, 0 = padding).
+    fn additive_mask(
+        &self,
+        b: usize,
+        t: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let pad: Vec<Vec<f32>> = match attention_mask {
+            Some(m) => m.to_dtype(DType::F32)?.to_vec2()?,
+            None => vec![vec![1.0; t]; b],
+        };
+        if pad.len() != b || pad.iter().any(|r| r.len() != t) {
+            candle_core::bail!("attention mask must have shape ({b}, {t})");
+        }
+        // Large and finite: a fully masked row (a left-padding query) stays
+        // NaN-free; the loss ignores it.
+        let neg = -1e9f32;
+        let mut m = Vec::with_capacity(b * t * t);
+        for row in &pad {
+            for i in 0..t {
+                for (j, &keep) in row.iter().enumerate() {
+                    m.push(if j <= i && keep > 0.5 { 0.0 } else { neg });
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, t, t), &self.options.device)?.to_dtype(self.options.dtype)
+    }
+
+    /// Logits `(b, t, vocab)` for `input_ids` `(b, t)` (`u32`).
+    /// `attention_mask` `(b, t)` marks real tokens (1) and padding (0).
+    /// `dropout_seed` turns LoRA dropout on (training) with masks derived
+    /// from that seed; `None` is evaluation.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        dropout_seed: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let dev = &self.options.device;
+        let dt = self.options.dtype;
+        let ids: Vec<u32> = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let mut x = self
+            .embed
+            .rows(&ids, dt, dev)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let ctx = BlockCtx {
+            cos,
+            sin,
+            mask: self.additive_mask(b, t, attention_mask)?,
+            dropout: dropout_seed.map(|s| (self.options.lora.dropout, s)),
+        };
+        for block in &self.blocks {
+            x = if self.options.checkpointing {
+                CheckpointOp::apply(block.clone(), ctx.clone(), &x)?
+            } else {
+                block.forward_with(&x, &block.adapter_tensors(), &ctx)?
+            };
+        }
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        self.lm_head.forward(&x)
+    }
+}

@@ -1,0 +1,190 @@
+//! Masked causal-LM cross-entropy.
+//!
+//! Position `t` predicts token `t + 1`; a target counts when its mask is 1
+//! (padding and, when asked, prompt tokens are 0). The log-sum-exp subtracts
+//! the row maximum first and runs in `f64`, so large logits do not overflow.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use qlora_scale::qlora::loss::{loss_mask, masked_causal_lm_loss};
+//! let dev = Device::Cpu;
+//! let logits = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &dev).unwrap();
+//! let ids = Tensor::new(&[[0u32, 1, 2]], &dev).unwrap();
+//! let mask = loss_mask(&[vec![1, 1, 1]], Some(&[1])).unwrap();
+//! let loss = masked_causal_lm_loss(&logits, &ids, &mask).unwrap();
+//! assert!((loss.to_scalar::<f32>().unwrap() - 4f32.ln()).abs() < 1e-6);
+//! ```
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+/// Mean negative log-likelihood of the masked next-token targets.
+/// `logits` `(b, t, v)`, `input_ids` `(b, t)`, `mask` `(b, t)` (1 = this
+/// token is a target). Returns a scalar; 0 when nothing is masked in.
+pub fn masked_causal_lm_loss(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    if input_ids.dims() != [b, t] || mask.dims() != [b, t] {
+        candle_core::bail!(
+            "loss: logits {:?}, ids {:?} and mask {:?} disagree",
+            logits.dims(),
+            input_ids.dims(),
+            mask.dims()
+        );
+    }
+    if t < 2 {
+        return Tensor::zeros((), logits.dtype(), logits.device());
+    }
+    let n = b * (t - 1);
+    let lg = logits.narrow(1, 0, t - 1)?.reshape((n, v))?;
+    let tg = input_ids
+        .narrow(1, 1, t - 1)?
+        .to_dtype(DType::U32)?
+        .reshape((n, 1))?;
+    let m = mask
+        .narrow(1, 1, t - 1)?
+        .to_dtype(logits.dtype())?
+        .reshape(n)?;
+    let targets: Vec<u32> = tg.flatten_all()?.to_vec1()?;
+    if let Some(&bad) = targets.iter().find(|&&x| x as usize >= v) {
+        candle_core::bail!("loss: token id {bad} out of range for {v} logits");
+    }
+    let nll = lg.contiguous()?.apply_op1(TokenNll {
+        targets: std::sync::Arc::new(targets),
+    })?;
+    let count = m
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
+    (nll * m)?.sum_all()? / count
+}
+
+/// Fused, stable per-row negative log-likelihood `logsumexp(x) - x[target]`
+/// of `(n, v)` logits. Its backward is `(softmax(x) - onehot) * dL/dnll`,
+/// computed from the logits: no log-softmax intermediates are kept, which
+/// saves several logit-sized buffers per step.
+#[derive(Debug, Clone)]
+struct TokenNll {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+fn row_lse<T: WithDType>(row: &[T]) -> f64 {
+    let max = row
+        .iter()
+        .map(|x| x.to_f64())
+        .fold(f64::NEG_INFINITY, f64::max);
+    max + row
+        .iter()
+        .map(|x| (x.to_f64() - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
+fn nll_rows<T: WithDType>(x: &[T], v: usize, targets: &[u32]) -> Vec<T> {
+    x.par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| T::from_f64(row_lse(row) - row[t as usize].to_f64()))
+        .collect()
+}
+
+fn nll_grad<T: WithDType>(x: &[T], v: usize, targets: &[u32], g: &[f64]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(v)
+        .zip(x.par_chunks(v))
+        .zip(targets.par_iter().zip(g.par_iter()))
+        .for_each(|((dst, row), (&t, &gr))| {
+            let lse = row_lse(row);
+            for (j, (d, xv)) in dst.iter_mut().zip(row).enumerate() {
+                let p = (xv.to_f64() - lse).exp();
+                let onehot = if j == t as usize { 1.0 } else { 0.0 };
+                *d = T::from_f64((p - onehot) * gr);
+            }
+        });
+    out
+}
+
+impl CustomOp1 for TokenNll {
+    fn name(&self) -> &'static str {
+        "qlora-token-nll"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = l.shape().dims2()?;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("token nll: logits must be contiguous");
+        };
+        if n != self.targets.len() {
+            candle_core::bail!("token nll: {n} rows for {} targets", self.targets.len());
+        }
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(nll_rows(&x[a..b], v, &self.targets)),
+            CpuStorage::F64(x) => CpuStorage::F64(nll_rows(&x[a..b], v, &self.targets)),
+            other => candle_core::bail!("token nll: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = arg.dims2()?;
+        let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
+        let arg = arg.to_device(&Device::Cpu)?.contiguous()?;
+        let (st, l) = arg.storage_and_layout();
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("token nll: logits must be contiguous");
+        };
+        let t = match &*st {
+            Storage::Cpu(CpuStorage::F32(x)) => Tensor::from_vec(
+                nll_grad(&x[a..b], v, &self.targets, &g),
+                (n, v),
+                &Device::Cpu,
+            )?,
+            Storage::Cpu(CpuStorage::F64(x)) => Tensor::from_vec(
+                nll_grad(&x[a..b], v, &self.targets, &g),
+                (n, v),
+                &Device::Cpu,
+            )?,
+            _ => candle_core::bail!("token nll: unsupported logits storage"),
+        };
+        Ok(Some(t.to_device(grad.device())?))
+    }
+}
+
+/// A `(b, t)` loss mask from per-row attention masks (1 = token, 0 =
+/// padding), zeroing the first `prompt_lens[i]` tokens of row `i` when given.
+pub fn loss_mask(
+    attention: &[Vec<u8>],
+    prompt_lens: Option<&[usize]>,
+) -> candle_core::Result<Tensor> {
+    let b = attention.len();
+    let t = attention.first().map_or(0, Vec::len);
+    if attention.iter().any(|r| r.len() != t) {
+        candle_core::bail!("loss mask: rows of different lengths");
+    }
+    if let Some(p) = prompt_lens
+        && p.len() != b
+    {
+        candle_core::bail!("loss mask: {} prompt lengths for {b} rows", p.len());
+    }
+    let mut m = Vec::with_capacity(b * t);
+    for (i, row) in attention.iter().enumerate() {
+        let skip = prompt_lens.map_or(0, |p| p[i]);
+        m.extend(
+            row.iter()
+                .enumerate()
+                .map(|(j, &a)| if a != 0 && j >= skip { 1f32 } else { 0.0 }),
+        );
+    }
+    Tensor::from_vec(m, (b, t), &Device::Cpu)
+}

@@ -1,0 +1,35 @@
+//! The QLoRA core on Candle: NF4 frozen weights, a gradient-correct frozen
+//! linear op, LoRA adapters, Llama-family blocks, gradient checkpointing and
+//! the masked causal-LM loss.
+//!
+//! Build a model from a config and a weights source, train the `Var`s of
+//! [`LlamaModel::varmap`] (PEFT names), nothing else:
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use qlora_scale::qlora::{LlamaConfig, LlamaModel, ModelOptions, loss};
+//! let cfg = LlamaConfig::tiny(2, 64, 128, 32);
+//! let w = cfg.random_weights(1, DType::F32, &Device::Cpu).unwrap();
+//! let model = LlamaModel::new(&cfg, &w, &ModelOptions::default()).unwrap();
+//! let ids = Tensor::new(&[[1u32, 5, 7, 2]], &Device::Cpu).unwrap();
+//! let mask = loss::loss_mask(&[vec![1, 1, 1, 1]], None).unwrap();
+//! let l = loss::masked_causal_lm_loss(&model.forward(&ids, None, None).unwrap(), &ids, &mask).unwrap();
+//! let grads = l.backward().unwrap();
+//! let (name, var) = &model.trainable_vars()[0];
+//! assert!(name.starts_with("base_model.model.model.layers.0."));
+//! assert!(grads.get(var.as_tensor()).is_some());
+//! ```
+
+pub mod checkpoint;
+pub mod frozen;
+pub mod llama;
+pub mod load;
+pub mod lora;
+pub mod loss;
+pub mod nf4;
+
+pub use frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
+pub use llama::{LlamaConfig, LlamaModel, ModelOptions, RandomWeights};
+pub use load::{LoadError, SafetensorsDir, WeightSource, read_config};
+pub use lora::{LoraConfig, LoraTarget};
+pub use nf4::Nf4Tensor;

@@ -1,0 +1,177 @@
+//! Loading a sharded HF safetensors checkpoint written by the test.
+
+mod qlora_common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use qlora_common::*;
+use qlora_scale::qlora::{
+    FrozenStorage, LlamaModel, LoadError, ModelOptions, SafetensorsDir, read_config,
+};
+
+fn write_checkpoint(
+    dir: &Path,
+    cfg: &qlora_scale::qlora::LlamaConfig,
+    w: &HashMap<String, Tensor>,
+    dtype: DType,
+) {
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(cfg).unwrap(),
+    )
+    .unwrap();
+    let mut names: Vec<&String> = w.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), w[*n].to_dtype(dtype).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), serde_json::Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+fn options(storage: FrozenStorage) -> ModelOptions {
+    ModelOptions {
+        storage,
+        lora: lora(0.0),
+        ..ModelOptions::default()
+    }
+}
+
+#[test]
+fn sharded_checkpoint_gives_the_in_memory_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_cfg(2);
+    cfg.model_type = Some("qwen2".into()); // q/k/v biases
+    cfg.tie_word_embeddings = true;
+    cfg.rope_theta = 500_000.0;
+    let w = cfg.random_weights(3, DType::F32, &Device::Cpu).unwrap();
+    write_checkpoint(dir.path(), &cfg, &w, DType::F32);
+
+    let read = read_config(dir.path()).unwrap();
+    assert_eq!(read, cfg);
+    let src = SafetensorsDir::open(dir.path(), &Device::Cpu).unwrap();
+    let (ids, am, _) = batch();
+    for storage in [FrozenStorage::Nf4, FrozenStorage::F32] {
+        let from_disk = LlamaModel::new(&read, &src, &options(storage)).unwrap();
+        let in_memory = LlamaModel::new(&cfg, &w, &options(storage)).unwrap();
+        let a = from_disk
+            .forward(&ids, Some(&am), None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = in_memory
+            .forward(&ids, Some(&am), None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b, "{storage:?}");
+    }
+}
+
+#[test]
+fn bf16_checkpoint_with_llama3_rope_scaling_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_cfg(1);
+    cfg.rope_scaling = Some(
+        serde_json::from_str(
+            r#"{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        )
+        .unwrap(),
+    );
+    let w = cfg.random_weights(3, DType::F32, &Device::Cpu).unwrap();
+    write_checkpoint(dir.path(), &cfg, &w, DType::BF16);
+    let src = SafetensorsDir::open(dir.path(), &Device::Cpu).unwrap();
+    let m = LlamaModel::new(
+        &read_config(dir.path()).unwrap(),
+        &src,
+        &options(FrozenStorage::Nf4DoubleQuant),
+    )
+    .unwrap();
+    let (ids, am, _) = batch();
+    let logits = m.forward(&ids, Some(&am), None).unwrap();
+    assert_eq!(logits.dims(), &[2, 6, 37]);
+    assert!(
+        logits
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_finite())
+    );
+    // Scaling changes the low frequencies only.
+    let inv = cfg.rope_inv_freq().unwrap();
+    let mut plain = cfg.clone();
+    plain.rope_scaling = None;
+    let base = plain.rope_inv_freq().unwrap();
+    assert_eq!(inv[0], base[0]);
+    assert!(inv[3] < base[3]);
+}
+
+#[test]
+fn pickled_weights_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pytorch_model.bin"), b"not really a pickle").unwrap();
+    let err = SafetensorsDir::open(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(matches!(err, LoadError::PickleRefused(_)));
+    assert!(err.to_string().contains("pytorch_model.bin"), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        SafetensorsDir::open(empty.path(), &Device::Cpu),
+        Err(LoadError::NoWeights(_))
+    ));
+}
+
+#[test]
+fn bad_files_give_errors_naming_file_or_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_cfg(1);
+    let mut w = cfg.random_weights(3, DType::F32, &Device::Cpu).unwrap();
+    w.insert(
+        "model.layers.0.mlp.up_proj.weight".into(),
+        Tensor::zeros((5, 5), DType::F32, &Device::Cpu).unwrap(),
+    );
+    write_checkpoint(dir.path(), &cfg, &w, DType::F32);
+    let src = SafetensorsDir::open(dir.path(), &Device::Cpu).unwrap();
+    let err = LlamaModel::new(&cfg, &src, &options(FrozenStorage::Nf4)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("model.layers.0.mlp.up_proj.weight"),
+        "{err}"
+    );
+    w.remove("model.norm.weight");
+    let err = LlamaModel::new(&cfg, &w, &options(FrozenStorage::Nf4)).unwrap_err();
+    assert!(err.to_string().contains("model.norm.weight"), "{err}");
+    // A corrupt shard and a broken config.
+    std::fs::write(
+        dir.path().join("model-00002-of-00002.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    let err = SafetensorsDir::open(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("model-00002-of-00002.safetensors"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("config.json"), b"{").unwrap();
+    let err = read_config(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
