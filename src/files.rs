@@ -521,6 +521,28 @@ pub fn detect_model_size_from_path(path: &Path) -> Result<FileSize, FilesError> 
     Ok(choose(path, g))
 }
 
+/// The size of a model named by `name`: from its files when `name` is an
+/// existing local file or directory whose files give a count, else from the
+/// name. Problems reading the files (the result then falls back to other
+/// files or the name) are returned beside it, for the caller to report.
+///
+/// ```
+/// use qlora_scale::files::detect_model_size_local;
+/// use qlora_scale::SizeSource;
+/// let (size, problems) = detect_model_size_local(std::path::Path::new("Qwen/Qwen2.5-0.5B"));
+/// assert_eq!(size.source, SizeSource::Name);
+/// assert!(problems.is_empty());
+/// ```
+pub fn detect_model_size_local(name: &Path) -> (ModelSize, Vec<FilesError>) {
+    if !name.exists() {
+        return (detect_model_size(name), Vec::new());
+    }
+    match detect_model_size_from_path(name) {
+        Ok(found) => (found.size, found.problems),
+        Err(e) => (detect_model_size(name), vec![e]),
+    }
+}
+
 fn read_config_into(path: &Path, g: &mut Gathered) -> Result<QuantHints, FilesError> {
     let value = read_json(path)?;
     let hints = QuantHints::from_config(&value);

@@ -979,3 +979,44 @@ fn recommend_without_memory_asks_for_it() {
         "{err}"
     );
 }
+
+#[test]
+fn a_local_model_directory_is_sized_from_its_files() {
+    let sb = Sandbox::new();
+    // A directory named like a 7B model whose config.json says 0.5B: the
+    // files win, and the JSON says so.
+    let dir = sb.dir.path().join("models").join("my-7b-finetune");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/configs/qwen2.5-0.5b.json"
+        ),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let path = dir.to_str().unwrap();
+    let v = json(&sb.run(&["detect-model", "--json", path]));
+    assert_eq!(v["source"], "files");
+    assert_eq!(v["category"], "small");
+    assert_eq!(v["params_b"], 0.494);
+    let v = json(&sb.run(&[
+        "scale",
+        "--model",
+        path,
+        "--generation",
+        "m2",
+        "--chip",
+        "ultra",
+        "--memory",
+        "192",
+    ]));
+    assert_eq!(v["model_size"]["source"], "files");
+    assert_eq!(v["lora_rank"], 32);
+    // A broken config.json is reported and the name is used instead.
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    let out = sb.run(&["detect-model", path]);
+    assert!(out.status.success());
+    assert!(stdout(&out).ends_with("\tsmall\t7\n"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("config.json"), "{}", stderr(&out));
+}

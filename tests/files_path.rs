@@ -46,7 +46,7 @@ fn tiny_tensors() -> Vec<(&'static str, &'static str, &'static [u64])> {
 
 #[test]
 fn directory_sources_agree_and_config_wins() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ModelDir::new();
     fs::write(dir.path().join("config.json"), TINY_CONFIG).unwrap();
     write_safetensors(&dir.path().join("model.safetensors"), &tiny_tensors());
     let g = gguf(
@@ -88,7 +88,7 @@ fn directory_sources_agree_and_config_wins() {
 
 #[test]
 fn disagreement_is_reported_and_the_more_reliable_source_wins() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ModelDir::new();
     fs::copy(config_fixture("gpt2.json"), dir.path().join("config.json")).unwrap();
     // A GGUF claiming 7B beside a gpt2 config.
     let g = gguf(
@@ -113,7 +113,7 @@ fn disagreement_is_reported_and_the_more_reliable_source_wins() {
 
 #[test]
 fn a_broken_config_leaves_the_other_sources() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ModelDir::new();
     fs::copy(
         config_fixture("unknown-mamba.json"),
         dir.path().join("config.json"),
@@ -136,7 +136,7 @@ fn a_broken_config_leaves_the_other_sources() {
 
 #[test]
 fn sharded_directory_and_quantized_layouts() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ModelDir::new();
     fs::write(
         dir.path().join("config.json"),
         r#"{"model_type": "unknown_arch", "quantization_config": {"bits": 8, "quant_method": "gptq"}}"#,
@@ -176,7 +176,7 @@ fn sharded_directory_and_quantized_layouts() {
 
 #[test]
 fn single_files_are_read_by_kind() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ModelDir::new();
     let gguf_path = dir.path().join("Mistral-7B-v0.1.Q4_K_M.gguf");
     fs::write(
         &gguf_path,
@@ -214,7 +214,7 @@ fn single_files_are_read_by_kind() {
 
 #[test]
 fn pickles_are_never_opened() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ModelDir::new();
     let bin = dir.path().join("pytorch_model.bin");
     fs::write(&bin, b"\x80\x04 pickle").unwrap();
     let err = detect_model_size_from_path(&bin).unwrap_err();
@@ -251,7 +251,7 @@ fn the_name_is_the_last_resort() {
 
 #[test]
 fn invalid_json_names_the_file() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ModelDir::new();
     let path = dir.path().join("config.json");
     fs::write(&path, "{\"model_type\": ").unwrap();
     let err = detect_model_size_from_path(&path).unwrap_err();
@@ -260,4 +260,25 @@ fn invalid_json_names_the_file() {
         err.to_string().contains("config.json: not valid JSON"),
         "{err}"
     );
+}
+
+/// A model directory with a fixed name inside a temporary directory: the
+/// random name of a bare temporary directory can spell a size (`.tmpX7b`),
+/// which the name source would then report.
+struct ModelDir {
+    _root: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl ModelDir {
+    fn new() -> ModelDir {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("model");
+        fs::create_dir(&path).unwrap();
+        ModelDir { _root: root, path }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
 }

@@ -3,7 +3,8 @@
 use std::io::{self, BufRead, IsTerminal, Write};
 
 use anyhow::Context as _;
-use qlora_scale::detect_model_size;
+use qlora_scale::ModelSize;
+use qlora_scale::files::detect_model_size_local;
 use serde_json::json;
 
 use crate::args::DetectModelArgs;
@@ -53,10 +54,38 @@ pub fn detect_lines(
     }
 }
 
+/// The size of `name`: from its files when it is a local path, else from the
+/// name. A local path whose files cannot be read is reported on stderr.
+fn local_or_name(name: &[u8]) -> ModelSize {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name));
+        let (size, problems) = detect_model_size_local(path);
+        for e in problems {
+            let _ = writeln!(io::stderr(), "warning: {e}; using the name instead");
+        }
+        size
+    }
+    #[cfg(not(unix))]
+    {
+        match std::str::from_utf8(name) {
+            Ok(s) => {
+                let (size, problems) = detect_model_size_local(std::path::Path::new(s));
+                for e in problems {
+                    let _ = writeln!(io::stderr(), "warning: {e}; using the name instead");
+                }
+                size
+            }
+            Err(_) => qlora_scale::detect_model_size(name),
+        }
+    }
+}
+
 /// Writes the line for one name: `NAME<TAB>CATEGORY<TAB>PARAMS_B`, or a JSON
 /// object.
 fn write_detection(out: &mut dyn Write, name: &[u8], json: bool) -> io::Result<()> {
-    let size = detect_model_size(name);
+    let size = local_or_name(name);
     let shown = String::from_utf8_lossy(name);
     if json {
         let value = json!({

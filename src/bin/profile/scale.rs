@@ -4,9 +4,12 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
+use qlora_scale::files::detect_model_size_local;
 use qlora_scale::hardware::{DetectedHardware, detect_hardware};
 use qlora_scale::storage::load_profile;
-use qlora_scale::{HardwareProfile, detect_model_size, optimized_profile, scale_profile_for_model};
+use qlora_scale::{
+    HardwareProfile, ModelSize, detect_model_size, optimized_profile, scale_profile_for_category,
+};
 use serde_json::{Map, Value};
 
 use crate::Context;
@@ -89,6 +92,19 @@ pub fn resolve_hardware(
     Ok((profile, source))
 }
 
+/// The size of `model`: from its files when it is a local path (a problem
+/// reading them is reported on stderr), else from its name.
+fn model_size(model: &[u8]) -> ModelSize {
+    let Ok(text) = std::str::from_utf8(model) else {
+        return detect_model_size(model);
+    };
+    let (size, problems) = detect_model_size_local(std::path::Path::new(text));
+    for e in problems {
+        let _ = writeln!(std::io::stderr(), "warning: {e}; using the name instead");
+    }
+    size
+}
+
 /// The JSON `scale` prints: the model and its detected size, then the
 /// hardware profile with its settings scaled, then where the hardware came
 /// from.
@@ -97,9 +113,9 @@ pub fn scaled_json(
     hardware: &HardwareProfile,
     source: HardwareSource,
 ) -> anyhow::Result<Value> {
-    let size = detect_model_size(model);
+    let size = model_size(model);
     let scaled = HardwareProfile {
-        profile: scale_profile_for_model(&hardware.profile, model),
+        profile: scale_profile_for_category(hardware.profile, size.category),
         ..*hardware
     };
     let mut map = Map::new();
