@@ -76,3 +76,8 @@ pub use scaled::ScaledProfile;
 /// const P: qlora_scale::Profile = qlora_scale::hardware_profile!(ultra, 100);
 /// ```
 pub use qlora_scale_macros::hardware_profile;
+
+/// README.md's examples, compiled and run as doctests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme_doctests {}
