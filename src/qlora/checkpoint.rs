@@ -60,7 +60,8 @@ impl CheckpointOp {
         let params = block.adapter_tensors();
         let shapes: Vec<Shape> = params.iter().map(|t| t.shape().clone()).collect();
         let packed = if params.is_empty() {
-            // Nothing to train here: a constant placeholder.
+            // A block without adapters: a one-element constant stands in for
+            // the packed adapters so the op keeps one signature.
             Tensor::zeros(1, x.dtype(), x.device())?
         } else {
             let flat = params
