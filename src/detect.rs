@@ -16,8 +16,8 @@ use unicase::Ascii;
 
 use crate::tables::{
     CACHE_PREFIX, CACHE_SEPARATOR, FALLBACK_DFA, FALLBACK_FAMILIES, Family, HASH_MIN_LEN,
-    KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_DFA, OVERRIDE_FAMILIES, PATTERN_KINDS, PatternKind,
-    SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
+    KNOWN_MODEL_NAME_LENS, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_DFA, OVERRIDE_FAMILIES,
+    PATTERN_KINDS, PatternKind, SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -517,8 +517,11 @@ pub fn detect_model_size<N: ModelName + ?Sized>(name: &N) -> ModelSize {
             None => ModelSize::from_params(params, source),
         };
     }
-    let known = std::str::from_utf8(segment)
-        .ok()
+    let (shortest, longest) = KNOWN_MODEL_NAME_LENS;
+    let known = (shortest..=longest)
+        .contains(&segment.len())
+        .then(|| std::str::from_utf8(segment).ok())
+        .flatten()
         .and_then(|s| KNOWN_MODEL_PARAMS.get(&Ascii::new(s)));
     if let Some(&params) = known {
         return ModelSize::from_params(params, SizeSource::KnownModel);

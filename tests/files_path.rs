@@ -273,8 +273,9 @@ struct ModelDir {
 impl ModelDir {
     fn new() -> ModelDir {
         let root = tempfile::tempdir().unwrap();
-        let path = root.path().join("model");
-        fs::create_dir(&path).unwrap();
+        // The name fallback also reads up to four parents: fix those too.
+        let path = root.path().join("p4/p3/p2/p1/model");
+        fs::create_dir_all(&path).unwrap();
         ModelDir { _root: root, path }
     }
 

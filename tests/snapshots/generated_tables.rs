@@ -725,6 +725,9 @@ pub const HASH_MIN_LEN: usize = 12;
 pub const CACHE_PREFIX: &str = "models--";
 /// In a cache component the name follows the last one.
 pub const CACHE_SEPARATOR: &str = "--";
+/// Shortest and longest name in [`KNOWN_MODEL_PARAMS`]: names of other
+/// lengths skip the lookup.
+pub const KNOWN_MODEL_NAME_LENS: (usize, usize) = (4, 11);
 /// Parameter counts of models known by exact name (last path component), ASCII case-insensitive.
 pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map {
     key: 16287231350648472473,
