@@ -301,7 +301,7 @@ pub fn last_segment(name: &[u8]) -> &[u8] {
     let is_sep = |b: &u8| *b == b'/' || *b == b'\\';
     let end = name.iter().rposition(|b| !is_sep(b)).map_or(0, |i| i + 1);
     let trimmed = &name[..end];
-    let start = trimmed.iter().rposition(is_sep).map_or(0, |i| i + 1);
+    let start = memchr::memrchr2(b'/', b'\\', trimmed).map_or(0, |i| i + 1);
     &trimmed[start..]
 }
 
@@ -350,13 +350,14 @@ pub fn model_segment(name: &[u8]) -> &[u8] {
     }
 }
 
-/// Reads ASCII digits from `bytes[i..]`: (value, digits read, scale 10^n
-/// of the digits kept); saturates on overflow.
-fn digits(bytes: &[u8], mut i: usize) -> (u128, usize, u128) {
-    let (mut value, mut scale, start) = (0u128, 1u128, i);
+/// Reads ASCII digits from `bytes[i..]`: (value, digits read, 10^n for the
+/// n digits kept). Keeps at most 18 digits (the rest only count as read), so
+/// neither value nor scale overflows.
+fn digits(bytes: &[u8], mut i: usize) -> (u64, usize, u64) {
+    let (mut value, mut scale, start) = (0u64, 1u64, i);
     while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
-        if scale < 1_000_000_000_000_000_000_000 {
-            value = value * 10 + u128::from(d - b'0');
+        if scale < 1_000_000_000_000_000_000 {
+            value = value * 10 + u64::from(d - b'0');
             scale *= 10;
         }
         i += 1;
@@ -370,15 +371,15 @@ fn digits(bytes: &[u8], mut i: usize) -> (u128, usize, u128) {
 /// (`7b1` is 7.1B) when no letter follows them. Saturates on overflow.
 fn parse_size(bytes: &[u8], start: usize) -> Option<u64> {
     let mut i = start;
-    let mut int: u128 = 0;
+    let mut int: u64 = 0;
     while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
-        int = int.saturating_mul(10).saturating_add(u128::from(d - b'0'));
+        int = int.saturating_mul(10).saturating_add(u64::from(d - b'0'));
         i += 1;
     }
     if i == start {
         return None;
     }
-    let (mut frac, mut scale) = (0u128, 1u128);
+    let (mut frac, mut scale) = (0u64, 1u64);
     if matches!(bytes.get(i), Some(b'.' | b'_')) && bytes.get(i + 1).is_some_and(u8::is_ascii_digit)
     {
         let (f, n, s) = digits(bytes, i + 1);
@@ -392,7 +393,7 @@ fn parse_size(bytes: &[u8], start: usize) -> Option<u64> {
     if !letter.is_ascii_lowercase() {
         return None;
     }
-    let unit = u128::from(UNIT_PARAMS[usize::from(letter - b'a')]);
+    let unit = UNIT_PARAMS[usize::from(letter - b'a')];
     if unit == 0 {
         return None;
     }
@@ -402,8 +403,13 @@ fn parse_size(bytes: &[u8], start: usize) -> Option<u64> {
             (frac, scale) = (f, s);
         }
     }
-    let total = int.saturating_mul(unit).saturating_add(frac * unit / scale);
-    Some(u64::try_from(total).unwrap_or(u64::MAX))
+    let whole = int.saturating_mul(unit);
+    if frac == 0 {
+        return Some(whole);
+    }
+    // frac < scale, so the fraction of a unit is below `unit` and fits u64.
+    let part = u128::from(frac) * u128::from(unit) / u128::from(scale);
+    Some(whole.saturating_add(part as u64))
 }
 
 /// Reads a mixture of experts at `bytes[start..]` (`8x7B`): the total from
@@ -419,15 +425,11 @@ fn parse_moe(bytes: &[u8], start: usize) -> Option<(u64, SizeSource)> {
     }
     let expert = parse_size(bytes, start + n + 1)?;
     for layout in &MOE_LAYOUTS {
-        if u128::from(layout.experts) == experts && layout.expert_params == expert {
+        if u64::from(layout.experts) == experts && layout.expert_params == expert {
             return Some((layout.total_params, SizeSource::Name));
         }
     }
-    let product = experts.saturating_mul(u128::from(expert));
-    Some((
-        u64::try_from(product).unwrap_or(u64::MAX),
-        SizeSource::NameEstimate,
-    ))
+    Some((experts.saturating_mul(expert), SizeSource::NameEstimate))
 }
 
 /// The leftmost-first match of the size DFA anchored at `start`: (end,
@@ -463,12 +465,19 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
 /// Each run is scanned at most twice (from its own start and, across a
 /// decimal point, from the run before), so the search is linear.
 fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usize)> {
+    let run_len = |from: usize| {
+        segment[from..]
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(segment.len() - from)
+    };
     let mut pos = 0;
     while pos < segment.len() {
-        let b = segment[pos];
-        let run_start = b.is_ascii_digit() && (pos == 0 || !segment[pos - 1].is_ascii_digit());
-        if !run_start {
-            pos += 1;
+        // The next digit; a digit inside a run (where a search resumed after
+        // a token) starts no match: skip the rest of its run.
+        pos += segment[pos..].iter().position(u8::is_ascii_digit)?;
+        if pos > 0 && segment[pos - 1].is_ascii_digit() {
+            pos += run_len(pos);
             continue;
         }
         match match_at(m, segment, pos) {
@@ -484,7 +493,7 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usiz
                 // Go on after this token.
                 pos = end.max(pos + 1);
             }
-            None => pos += 1,
+            None => pos += run_len(pos),
         }
     }
     None
