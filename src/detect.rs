@@ -438,8 +438,9 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
     let dfa = &m.size;
     let mut state = m.size_start;
     let mut last = None;
-    for (i, &b) in hay.iter().enumerate().skip(start) {
-        state = dfa.next_state(state, b);
+    let mut i = start;
+    while i < hay.len() {
+        state = dfa.next_state(state, hay[i]);
         if dfa.is_special_state(state) {
             if dfa.is_match_state(state) {
                 // Matches are reported one byte late: this one ends at `i`.
@@ -448,6 +449,7 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
                 return last;
             }
         }
+        i += 1;
     }
     state = dfa.next_eoi_state(state);
     if dfa.is_match_state(state) {
@@ -465,19 +467,20 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
 /// Each run is scanned at most twice (from its own start and, across a
 /// decimal point, from the run before), so the search is linear.
 fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usize)> {
-    let run_len = |from: usize| {
-        segment[from..]
-            .iter()
-            .position(|b| !b.is_ascii_digit())
-            .unwrap_or(segment.len() - from)
-    };
+    let n = segment.len();
     let mut pos = 0;
-    while pos < segment.len() {
-        // The next digit; a digit inside a run (where a search resumed after
-        // a token) starts no match: skip the rest of its run.
-        pos += segment[pos..].iter().position(u8::is_ascii_digit)?;
-        if pos > 0 && segment[pos - 1].is_ascii_digit() {
-            pos += run_len(pos);
+    // Whether the byte before `pos` is a digit (a digit there means `pos`
+    // is inside a run, where no match starts).
+    let mut after_digit = false;
+    while pos < n {
+        let b = segment[pos];
+        if !b.is_ascii_digit() {
+            after_digit = false;
+            pos += 1;
+            continue;
+        }
+        if after_digit {
+            pos += 1;
             continue;
         }
         match match_at(m, segment, pos) {
@@ -491,9 +494,14 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usiz
                     return Some((params, source, pos));
                 }
                 // Go on after this token.
-                pos = end.max(pos + 1);
+                let next = end.max(pos + 1);
+                after_digit = segment[next - 1].is_ascii_digit();
+                pos = next;
             }
-            None => pos += run_len(pos),
+            None => {
+                after_digit = true;
+                pos += 1;
+            }
         }
     }
     None
