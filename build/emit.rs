@@ -272,6 +272,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
     let hash_min_len = Literal::usize_unsuffixed(t.hash_min_len as usize);
     let cache_separator = t.cache_separator.as_str();
     let cache_prefix = t.cache_prefix.as_str();
+    let disagreement = f64_lit(t.disagreement_fraction);
     let known_entries: Vec<(String, String)> = t
         .known_models
         .iter()
@@ -297,6 +298,9 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         pub const SKIP_SEGMENTS: [&str; #n_skip] = [ #( #skip ),* ];
         /// A component of at least this many hex digits is a hash: skipped.
         pub const HASH_MIN_LEN: usize = #hash_min_len;
+        /// Sources of a local model's size that differ from the chosen count
+        /// by more than this fraction are reported as disagreeing.
+        pub const DISAGREEMENT_FRACTION: f64 = #disagreement;
         /// A cache component (`models--ORG--NAME`) starts with this.
         pub const CACHE_PREFIX: &str = #cache_prefix;
         /// In a cache component the name follows the last one.

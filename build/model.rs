@@ -80,6 +80,13 @@ pub struct DetectFile {
     pub unit: Vec<S<Unit>>,
     pub moe: Vec<S<Moe>>,
     pub path: S<PathRules>,
+    pub files: S<FilesRules>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesRules {
+    pub disagreement_fraction: S<f64>,
 }
 
 #[derive(Deserialize)]

@@ -137,6 +137,8 @@ pub struct Tables {
     pub moe: Vec<MoeLayout>,
     pub skip_segments: Vec<String>,
     pub hash_min_len: u32,
+    /// Files sources differing by more than this fraction disagree.
+    pub disagreement_fraction: f64,
     pub cache_prefix: String,
     pub cache_separator: String,
     pub budget_fraction: f64,
@@ -592,6 +594,16 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         );
     }
 
+    let disagreement = &t.detect.files.get_ref().disagreement_fraction;
+    let disagreement_fraction = *disagreement.get_ref();
+    if !(disagreement_fraction > 0.0 && disagreement_fraction < 1.0) {
+        c.err(
+            DETECT,
+            disagreement.span(),
+            format!("disagreement_fraction is {disagreement_fraction}, must be in (0, 1)"),
+        );
+    }
+
     // ---- known_models.toml
     use model::KNOWN;
     let mut known_models = Vec::new();
@@ -913,6 +925,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         moe,
         skip_segments,
         hash_min_len,
+        disagreement_fraction,
         cache_prefix,
         cache_separator,
         budget_fraction: bf,

@@ -41,8 +41,8 @@ use crate::detect::{ModelSize, SizeSource, detect_model_size};
 pub const MAX_JSON_LEN: u64 = 64 << 20;
 
 /// Two counts disagree when they differ by more than this fraction of the
-/// chosen count.
-pub const DISAGREEMENT_FRACTION: f64 = 0.10;
+/// chosen count (`tables/detect.toml`, `[files]`).
+pub use crate::tables::DISAGREEMENT_FRACTION;
 
 /// File extensions of pickled checkpoints, which are never opened.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"];
