@@ -111,6 +111,7 @@ pub fn build_with(
                     message: format!("model_type \"{t}\" is not supported (llama, mistral, qwen2)"),
                 });
             }
+            let w = SafetensorsDir::open(dir, &dev)?;
             let tok = Tokenizer::from_dir(dir)?;
             if tok.vocab_size() > c.vocab_size {
                 return Err(ModelError::Inconsistent {
@@ -122,7 +123,6 @@ pub fn build_with(
                     ),
                 });
             }
-            let w = SafetensorsDir::open(dir, &dev)?;
             let opts = options(cfg, &c, storage);
             Ok((LlamaModel::new(&c, &w, &opts)?, tok))
         }

@@ -21,7 +21,8 @@ use qlora_scale::{ChipVariant, Generation};
     name = "train",
     bin_name = "train",
     version,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
 )]
 pub struct Cli {
     /// Model: a local Hugging Face directory (config.json, *.safetensors,
