@@ -9,7 +9,7 @@ use unicase::Ascii;
 
 use super::dfa;
 use super::diag::Source;
-use super::validate::{KeyKind, PatternKind, Profile, Tables};
+use super::validate::{KeyKind, PatternKind, Profile, SettingKind, Tables};
 
 /// `small` -> `Small`, `m1` -> `M1`, `x_large` -> `XLarge`.
 pub fn camel(name: &str) -> String {
@@ -480,10 +480,51 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         pub const LORA_ALPHA_PER_RANK: f64 = #alpha;
     });
 
+    // Trainer and embedded-model defaults.
+    items.push(settings(t));
+
     // Profile keys.
     items.push(profile_keys(t));
 
     render(&items, sources)
+}
+
+/// `pub mod trainer { pub const LEARNING_RATE: f64 = ...; }` and
+/// `pub mod embedded { ... }`: floats as `f64`, integers as `u64`.
+fn settings(t: &Tables) -> TokenStream {
+    let mut modules = Vec::new();
+    for (section, doc) in [
+        (
+            "trainer",
+            "The training loop's defaults (`tables/defaults.toml`, `[trainer]`).",
+        ),
+        (
+            "embedded",
+            "The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).",
+        ),
+    ] {
+        let consts = t
+            .settings
+            .iter()
+            .filter(|(s, _)| s.section == section)
+            .map(|(s, x)| {
+                let name = ident(&s.name.to_ascii_uppercase());
+                let d = s.doc;
+                match s.kind {
+                    SettingKind::Float { .. } => {
+                        let v = f64_lit(*x);
+                        quote! { #[doc = #d] pub const #name: f64 = #v; }
+                    }
+                    SettingKind::Int { .. } => {
+                        let v = u64_lit(*x as u64);
+                        quote! { #[doc = #d] pub const #name: u64 = #v; }
+                    }
+                }
+            });
+        let m = ident(section);
+        modules.push(quote! { #[doc = #doc] pub mod #m { #( #consts )* } });
+    }
+    quote! { #( #modules )* }
 }
 
 fn kind_variant(kind: KeyKind) -> Ident {

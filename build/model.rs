@@ -226,6 +226,10 @@ pub struct Model {
 #[serde(deny_unknown_fields)]
 pub struct DefaultsFile {
     pub train: S<TrainDefaults>,
+    /// `[trainer]`: name -> number, checked against `validate::SETTINGS`.
+    pub trainer: S<BTreeMap<String, S<f64>>>,
+    /// `[embedded]`: name -> number, checked against `validate::SETTINGS`.
+    pub embedded: S<BTreeMap<String, S<f64>>>,
 }
 
 #[derive(Deserialize)]

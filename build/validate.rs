@@ -158,6 +158,8 @@ pub struct Tables {
     pub models: Vec<Model>,
     pub default_model: String,
     pub lora_alpha_per_rank: f64,
+    /// `[trainer]` and `[embedded]` values, in [`SETTINGS`] order.
+    pub settings: Vec<(&'static Setting, f64)>,
     /// Profile keys, in table order.
     pub profile_keys: Vec<ProfileKey>,
 }
@@ -906,6 +908,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         );
     }
 
+    let settings = settings(&mut c, t);
     let profile_keys = profile_keys(&mut c, t);
 
     if !c.errors.is_empty() {
@@ -943,8 +946,382 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         models,
         default_model: d.default_model.get_ref().clone(),
         lora_alpha_per_rank: alpha,
+        settings,
         profile_keys,
     })
+}
+
+/// The type of a `[trainer]`/`[embedded]` value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SettingKind {
+    /// A real number in `lo..=hi`, or `lo < x <= hi` when `open_low`.
+    Float { lo: f64, hi: f64, open_low: bool },
+    /// An integer in `lo..=hi`.
+    Int { lo: u64, hi: u64 },
+}
+
+/// One value of `defaults.toml`'s `[trainer]` or `[embedded]` tables: the
+/// table holds the number, this schema its section, name, range and doc.
+#[derive(Debug)]
+pub struct Setting {
+    /// `trainer` or `embedded` (the generated module's name too).
+    pub section: &'static str,
+    /// The key (the constant is its upper-case form).
+    pub name: &'static str,
+    /// Type and range.
+    pub kind: SettingKind,
+    /// The constant's doc.
+    pub doc: &'static str,
+}
+
+const fn float(
+    section: &'static str,
+    name: &'static str,
+    lo: f64,
+    hi: f64,
+    open_low: bool,
+    doc: &'static str,
+) -> Setting {
+    Setting {
+        section,
+        name,
+        kind: SettingKind::Float { lo, hi, open_low },
+        doc,
+    }
+}
+
+const fn int(
+    section: &'static str,
+    name: &'static str,
+    lo: u64,
+    hi: u64,
+    doc: &'static str,
+) -> Setting {
+    Setting {
+        section,
+        name,
+        kind: SettingKind::Int { lo, hi },
+        doc,
+    }
+}
+
+const MAX_STEPS: u64 = 1 << 40;
+const MAX_DIM: u64 = 1 << 20;
+
+/// Every value `[trainer]` and `[embedded]` must hold.
+pub static SETTINGS: &[Setting] = &[
+    float(
+        "trainer",
+        "learning_rate",
+        0.0,
+        1.0,
+        true,
+        "Peak learning rate.",
+    ),
+    float(
+        "trainer",
+        "min_lr_ratio",
+        0.0,
+        1.0,
+        false,
+        "The cosine schedule decays to this fraction of the peak.",
+    ),
+    int(
+        "trainer",
+        "warmup_steps",
+        0,
+        MAX_STEPS,
+        "Linear warmup, optimizer steps.",
+    ),
+    int(
+        "trainer",
+        "max_steps",
+        1,
+        MAX_STEPS,
+        "Optimizer steps of a run on a real model.",
+    ),
+    int(
+        "trainer",
+        "grad_accum_steps",
+        1,
+        1 << 16,
+        "Micro-batches accumulated per optimizer step.",
+    ),
+    float(
+        "trainer",
+        "grad_clip",
+        0.0,
+        1e9,
+        true,
+        "Global gradient-norm clip.",
+    ),
+    float(
+        "trainer",
+        "weight_decay",
+        0.0,
+        1.0,
+        false,
+        "AdamW decoupled weight decay.",
+    ),
+    float(
+        "trainer",
+        "adam_beta1",
+        0.0,
+        1.0,
+        false,
+        "AdamW first-moment decay.",
+    ),
+    float(
+        "trainer",
+        "adam_beta2",
+        0.0,
+        1.0,
+        false,
+        "AdamW second-moment decay.",
+    ),
+    float(
+        "trainer",
+        "adam_eps",
+        0.0,
+        1.0,
+        true,
+        "AdamW denominator epsilon.",
+    ),
+    float(
+        "trainer",
+        "lora_dropout",
+        0.0,
+        0.99,
+        false,
+        "Dropout on the LoRA path's input, in training.",
+    ),
+    int("trainer", "seed", 0, u32::MAX as u64, "The run's one seed."),
+    int(
+        "trainer",
+        "seq_len",
+        2,
+        1 << 20,
+        "Longest training sequence, tokens.",
+    ),
+    int(
+        "trainer",
+        "eval_every",
+        1,
+        MAX_STEPS,
+        "Validation loss every this many optimizer steps.",
+    ),
+    int(
+        "trainer",
+        "eval_batches",
+        1,
+        1 << 20,
+        "Validation batches per evaluation.",
+    ),
+    int(
+        "trainer",
+        "checkpoint_every",
+        1,
+        MAX_STEPS,
+        "A checkpoint every this many optimizer steps.",
+    ),
+    int(
+        "trainer",
+        "keep_checkpoints",
+        1,
+        1 << 10,
+        "Checkpoints kept.",
+    ),
+    int(
+        "embedded",
+        "num_layers",
+        1,
+        1 << 10,
+        "Decoder blocks of the embedded model.",
+    ),
+    int(
+        "embedded",
+        "hidden_size",
+        64,
+        MAX_DIM,
+        "Width of the embedded model.",
+    ),
+    int(
+        "embedded",
+        "intermediate_size",
+        64,
+        MAX_DIM,
+        "SwiGLU width of the embedded model.",
+    ),
+    int(
+        "embedded",
+        "num_attention_heads",
+        1,
+        1 << 10,
+        "Query heads of the embedded model.",
+    ),
+    int(
+        "embedded",
+        "num_key_value_heads",
+        1,
+        1 << 10,
+        "Key/value heads of the embedded model.",
+    ),
+    int(
+        "embedded",
+        "vocab_size",
+        258,
+        MAX_DIM,
+        "Vocabulary of the embedded model (256 bytes, BOS, EOS, padding).",
+    ),
+    int(
+        "embedded",
+        "weight_seed",
+        0,
+        u32::MAX as u64,
+        "Seed of the embedded model's frozen weights.",
+    ),
+    int(
+        "embedded",
+        "seq_len",
+        2,
+        1 << 20,
+        "Sequence length of the embedded run.",
+    ),
+    int(
+        "embedded",
+        "max_steps",
+        1,
+        MAX_STEPS,
+        "Optimizer steps of the embedded run.",
+    ),
+    float(
+        "embedded",
+        "learning_rate",
+        0.0,
+        1.0,
+        true,
+        "Peak learning rate of the embedded run.",
+    ),
+    int(
+        "embedded",
+        "warmup_steps",
+        0,
+        MAX_STEPS,
+        "Warmup steps of the embedded run.",
+    ),
+    int(
+        "embedded",
+        "eval_every",
+        1,
+        MAX_STEPS,
+        "Validation interval of the embedded run.",
+    ),
+    int(
+        "embedded",
+        "checkpoint_every",
+        1,
+        MAX_STEPS,
+        "Checkpoint interval of the embedded run.",
+    ),
+];
+
+/// `[trainer]` and `[embedded]`: every key of [`SETTINGS`] present, none
+/// unknown, each in its range (integers whole). Dimensions of the embedded
+/// model must be multiples of the NF4 block (64) where it quantizes them.
+fn settings(c: &mut Checker, t: &Loaded) -> Vec<(&'static Setting, f64)> {
+    use model::DEFAULTS;
+    let mut out = Vec::new();
+    for (section, table) in [
+        ("trainer", &t.defaults.trainer),
+        ("embedded", &t.defaults.embedded),
+    ] {
+        for (key, v) in table.get_ref() {
+            if !SETTINGS
+                .iter()
+                .any(|s| s.section == section && s.name == key)
+            {
+                let known: Vec<&str> = SETTINGS
+                    .iter()
+                    .filter(|s| s.section == section)
+                    .map(|s| s.name)
+                    .collect();
+                c.err(
+                    DEFAULTS,
+                    v.span(),
+                    format!(
+                        "unknown key \"{key}\" in [{section}] (known: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        for s in SETTINGS.iter().filter(|s| s.section == section) {
+            let Some(v) = table.get_ref().get(s.name) else {
+                c.err(
+                    DEFAULTS,
+                    table.span(),
+                    format!("[{section}] lacks \"{}\"", s.name),
+                );
+                continue;
+            };
+            let x = *v.get_ref();
+            let ok = match s.kind {
+                SettingKind::Float { lo, hi, open_low } => {
+                    x.is_finite() && x <= hi && if open_low { x > lo } else { x >= lo }
+                }
+                SettingKind::Int { lo, hi } => x.fract() == 0.0 && x >= lo as f64 && x <= hi as f64,
+            };
+            if !ok {
+                let range = match s.kind {
+                    SettingKind::Float {
+                        lo,
+                        hi,
+                        open_low: true,
+                    } => format!("a number in ({lo}, {hi}]"),
+                    SettingKind::Float {
+                        lo,
+                        hi,
+                        open_low: false,
+                    } => format!("a number in [{lo}, {hi}]"),
+                    SettingKind::Int { lo, hi } => format!("an integer in {lo}..={hi}"),
+                };
+                c.err(
+                    DEFAULTS,
+                    v.span(),
+                    format!("{} is {x}, must be {range}", s.name),
+                );
+            }
+            out.push((s, x));
+        }
+    }
+    let get = |name: &str| {
+        out.iter()
+            .find(|(s, _)| s.section == "embedded" && s.name == name)
+            .map_or(0.0, |(_, x)| *x) as u64
+    };
+    let (hidden, inter, heads, kv) = (
+        get("hidden_size"),
+        get("intermediate_size"),
+        get("num_attention_heads"),
+        get("num_key_value_heads"),
+    );
+    let span = t.defaults.embedded.span();
+    if hidden % 64 != 0 || inter % 64 != 0 {
+        c.err(
+            DEFAULTS,
+            span.clone(),
+            "[embedded] hidden_size and intermediate_size must be multiples of 64 (the NF4 block)",
+        );
+    }
+    if heads == 0
+        || kv == 0
+        || hidden % heads != 0
+        || heads % kv != 0
+        || (hidden / heads.max(1)) % 2 != 0
+    {
+        c.err(DEFAULTS, span, "[embedded] num_attention_heads must divide hidden_size into an even head width, and num_key_value_heads must divide num_attention_heads");
+    }
+    out
 }
 
 /// `profile.toml`: names are identifiers and unique, kinds known, docs one

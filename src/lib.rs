@@ -24,10 +24,12 @@ pub mod files;
 pub mod hardware;
 pub mod qlora;
 pub mod recommend;
+pub mod resolve;
 pub mod scale;
 mod scaled;
 pub mod storage;
 pub mod tables;
+pub mod train;
 
 // The derive's generated code names `::qlora_scale`; this makes that path
 // work inside this crate too.

@@ -4,7 +4,7 @@
 //   tables/detect.toml 0a47f87bded78b2a
 //   tables/hardware.toml 28d81075be22571c
 //   tables/models.toml 5b3aebe10d46a4b0
-//   tables/defaults.toml dab97d69e732a125
+//   tables/defaults.toml dd1ab0e91e79684f
 //   tables/known_models.toml 222e2f19666c5609
 //   tables/profile.toml 176d841cffeec24a
 
@@ -1238,6 +1238,72 @@ pub const KNOWN_MODELS: [KnownModel; 9] = [
 pub const DEFAULT_MODEL: &str = "NousResearch/Hermes-2-Pro-Mistral-7B";
 /// LoRA alpha defaults to this many times the rank.
 pub const LORA_ALPHA_PER_RANK: f64 = 2.0;
+///The training loop's defaults (`tables/defaults.toml`, `[trainer]`).
+pub mod trainer {
+    ///Peak learning rate.
+    pub const LEARNING_RATE: f64 = 0.0002;
+    ///The cosine schedule decays to this fraction of the peak.
+    pub const MIN_LR_RATIO: f64 = 0.1;
+    ///Linear warmup, optimizer steps.
+    pub const WARMUP_STEPS: u64 = 10;
+    ///Optimizer steps of a run on a real model.
+    pub const MAX_STEPS: u64 = 200;
+    ///Micro-batches accumulated per optimizer step.
+    pub const GRAD_ACCUM_STEPS: u64 = 4;
+    ///Global gradient-norm clip.
+    pub const GRAD_CLIP: f64 = 0.3;
+    ///AdamW decoupled weight decay.
+    pub const WEIGHT_DECAY: f64 = 0.0;
+    ///AdamW first-moment decay.
+    pub const ADAM_BETA1: f64 = 0.9;
+    ///AdamW second-moment decay.
+    pub const ADAM_BETA2: f64 = 0.999;
+    ///AdamW denominator epsilon.
+    pub const ADAM_EPS: f64 = 0.00000001;
+    ///Dropout on the LoRA path's input, in training.
+    pub const LORA_DROPOUT: f64 = 0.05;
+    ///The run's one seed.
+    pub const SEED: u64 = 42;
+    ///Longest training sequence, tokens.
+    pub const SEQ_LEN: u64 = 256;
+    ///Validation loss every this many optimizer steps.
+    pub const EVAL_EVERY: u64 = 25;
+    ///Validation batches per evaluation.
+    pub const EVAL_BATCHES: u64 = 8;
+    ///A checkpoint every this many optimizer steps.
+    pub const CHECKPOINT_EVERY: u64 = 50;
+    ///Checkpoints kept.
+    pub const KEEP_CHECKPOINTS: u64 = 3;
+}
+///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
+pub mod embedded {
+    ///Decoder blocks of the embedded model.
+    pub const NUM_LAYERS: u64 = 4;
+    ///Width of the embedded model.
+    pub const HIDDEN_SIZE: u64 = 256;
+    ///SwiGLU width of the embedded model.
+    pub const INTERMEDIATE_SIZE: u64 = 768;
+    ///Query heads of the embedded model.
+    pub const NUM_ATTENTION_HEADS: u64 = 4;
+    ///Key/value heads of the embedded model.
+    pub const NUM_KEY_VALUE_HEADS: u64 = 2;
+    ///Vocabulary of the embedded model (256 bytes, BOS, EOS, padding).
+    pub const VOCAB_SIZE: u64 = 320;
+    ///Seed of the embedded model's frozen weights.
+    pub const WEIGHT_SEED: u64 = 20240521;
+    ///Sequence length of the embedded run.
+    pub const SEQ_LEN: u64 = 128;
+    ///Optimizer steps of the embedded run.
+    pub const MAX_STEPS: u64 = 300;
+    ///Peak learning rate of the embedded run.
+    pub const LEARNING_RATE: f64 = 0.003;
+    ///Warmup steps of the embedded run.
+    pub const WARMUP_STEPS: u64 = 10;
+    ///Validation interval of the embedded run.
+    pub const EVAL_EVERY: u64 = 25;
+    ///Checkpoint interval of the embedded run.
+    pub const CHECKPOINT_EVERY: u64 = 100;
+}
 /// Profile keys (`tables/profile.toml`), in table order.
 pub const PROFILE_KEYS: [ProfileKey; 5] = [
     ProfileKey {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
+use qlora_scale::resolve::HardwareOverride;
 use qlora_scale::storage::PROFILE_PATH_ENV;
 use qlora_scale::tables::MEMORY_OPTIONS_GB;
 use qlora_scale::{ChipVariant, Generation};
@@ -141,24 +142,18 @@ pub struct HardwareFlags {
 }
 
 impl HardwareFlags {
-    /// The flags that were not given, as `--name`s.
-    pub fn missing(&self) -> Vec<&'static str> {
-        let mut missing = Vec::new();
-        if self.generation.is_none() {
-            missing.push("--generation");
+    /// The flags as the library's [`HardwareOverride`].
+    pub fn to_override(self) -> HardwareOverride {
+        HardwareOverride {
+            generation: self.generation,
+            chip: self.chip,
+            memory: self.memory,
         }
-        if self.chip.is_none() {
-            missing.push("--chip");
-        }
-        if self.memory.is_none() {
-            missing.push("--memory");
-        }
-        missing
     }
 
-    /// Whether any flag was given.
-    pub fn any(&self) -> bool {
-        self.generation.is_some() || self.chip.is_some() || self.memory.is_some()
+    /// The flags that were not given, as `--name`s.
+    pub fn missing(&self) -> Vec<&'static str> {
+        self.to_override().missing()
     }
 }
 

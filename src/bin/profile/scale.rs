@@ -6,90 +6,29 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use qlora_scale::files::detect_model_size_local;
 use qlora_scale::hardware::{DetectedHardware, detect_hardware};
-use qlora_scale::storage::load_profile;
-use qlora_scale::{
-    HardwareProfile, ModelSize, detect_model_size, optimized_profile, scale_profile_for_category,
-};
+use qlora_scale::resolve::{self, HardwareSource};
+use qlora_scale::{HardwareProfile, ModelSize, detect_model_size, scale_profile_for_category};
 use serde_json::{Map, Value};
 
 use crate::Context;
-use crate::args::{HardwareFlags, ScaleArgs, join};
+use crate::args::{HardwareFlags, ScaleArgs};
 use crate::render::{model_size_json, write_json_pretty};
 
-/// Where the resolved hardware came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HardwareSource {
-    /// All three flags.
-    Flags,
-    /// The saved profile, as saved.
-    SavedProfile,
-    /// The saved profile's hardware with some flags overriding it.
-    SavedProfileWithFlags,
-    /// The detected hardware.
-    Detected,
-    /// The detected hardware with some flags overriding it.
-    DetectedWithFlags,
-}
-
-impl HardwareSource {
-    /// The name printed in the JSON.
-    pub fn key(self) -> &'static str {
-        match self {
-            HardwareSource::Flags => "flags",
-            HardwareSource::SavedProfile => "saved_profile",
-            HardwareSource::SavedProfileWithFlags => "saved_profile+flags",
-            HardwareSource::Detected => "detected",
-            HardwareSource::DetectedWithFlags => "detected+flags",
-        }
-    }
-}
-
-/// Resolves the hardware profile (reference, section 7): all three flags
-/// build it outright (the saved profile is not read); otherwise the base is
-/// the saved profile, else the detected hardware, and any flags given
-/// override the base's hardware, rebuilding the profile. With no base, the
-/// missing flags are named.
-///
-/// A saved profile is used as saved when no flag is given, so edits to it
-/// are kept.
+/// Resolves the hardware profile with [`qlora_scale::resolve::resolve_hardware`];
+/// with neither a base nor flags, says how to give one.
 pub fn resolve_hardware(
     flags: &HardwareFlags,
     saved_path: &Path,
     detect: impl FnOnce() -> Option<DetectedHardware>,
 ) -> anyhow::Result<(HardwareProfile, HardwareSource)> {
-    if let (Some(g), Some(v), Some(m)) = (flags.generation, flags.chip, flags.memory) {
-        return Ok((optimized_profile(g, v, m), HardwareSource::Flags));
-    }
-    let (base, source) = if let Some(saved) = load_profile(saved_path)? {
-        if !flags.any() {
-            return Ok((saved, HardwareSource::SavedProfile));
-        }
-        (saved, HardwareSource::SavedProfileWithFlags)
-    } else if let Some(detected) = detect().and_then(|d| d.profile()) {
-        if !flags.any() {
-            return Ok((detected, HardwareSource::Detected));
-        }
-        (detected, HardwareSource::DetectedWithFlags)
-    } else if flags.any() {
-        bail!(
-            "missing {}: no saved profile at {} and no detected hardware to take them from \
-             (give all of --generation, --chip and --memory)",
-            join(&flags.missing()),
-            saved_path.display()
-        );
-    } else {
-        bail!(
+    match resolve::resolve_hardware(&flags.to_override(), saved_path, detect)? {
+        Some(resolved) => Ok(resolved),
+        None => bail!(
             "no hardware to scale for: no saved profile at {} and the hardware could not be \
              detected; pass --generation, --chip and --memory, or run `profile setup`",
             saved_path.display()
-        );
-    };
-    let profile = optimized_profile(
-        flags.generation.unwrap_or(base.generation),
-        flags.chip.unwrap_or(base.variant),
-        flags.memory.unwrap_or(base.memory_gb),
-    );
-    Ok((profile, source))
+        ),
+    }
 }
 
 /// The size of `model`: from its files when it is a local path (a problem
@@ -143,7 +82,7 @@ pub fn run(args: &ScaleArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Resu
 mod tests {
     use super::*;
     use qlora_scale::hardware::parse_sysctl;
-    use qlora_scale::{ChipVariant, Generation};
+    use qlora_scale::{ChipVariant, Generation, optimized_profile};
 
     fn no_file() -> std::path::PathBuf {
         std::path::PathBuf::from("/nonexistent/qlora-scale-test/profile.json")

@@ -1,0 +1,157 @@
+//! Which hardware profile a run uses (spec/reference.md, section 7): a saved
+//! profile, else the detected hardware, else nothing; `--generation`,
+//! `--chip` and `--memory` override it. Shared by `profile scale` and
+//! `train`.
+//!
+//! ```
+//! use qlora_scale::resolve::{HardwareOverride, HardwareSource, resolve_hardware};
+//! use qlora_scale::{ChipVariant, Generation};
+//! let flags = HardwareOverride {
+//!     generation: Some(Generation::M2),
+//!     chip: Some(ChipVariant::Ultra),
+//!     memory: Some(192),
+//! };
+//! let path = std::path::Path::new("/nonexistent/profile.json");
+//! let (hw, source) = resolve_hardware(&flags, path, || None).unwrap().unwrap();
+//! assert_eq!((hw.memory_gb, source), (192, HardwareSource::Flags));
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::hardware::{DetectedHardware, HardwareProfile, optimized_profile};
+use crate::storage::{StoreError, load_profile};
+use crate::tables::{ChipVariant, Generation};
+
+/// The hardware flags, each optional.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HardwareOverride {
+    /// `--generation`.
+    pub generation: Option<Generation>,
+    /// `--chip`.
+    pub chip: Option<ChipVariant>,
+    /// `--memory` (GB).
+    pub memory: Option<u32>,
+}
+
+impl HardwareOverride {
+    /// The flags that were not given, as `--name`s.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.generation.is_none() {
+            missing.push("--generation");
+        }
+        if self.chip.is_none() {
+            missing.push("--chip");
+        }
+        if self.memory.is_none() {
+            missing.push("--memory");
+        }
+        missing
+    }
+
+    /// Whether any flag was given.
+    pub fn any(&self) -> bool {
+        self.generation.is_some() || self.chip.is_some() || self.memory.is_some()
+    }
+}
+
+/// Where the resolved hardware came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardwareSource {
+    /// All three flags.
+    Flags,
+    /// The saved profile, as saved.
+    SavedProfile,
+    /// The saved profile's hardware with some flags overriding it.
+    SavedProfileWithFlags,
+    /// The detected hardware.
+    Detected,
+    /// The detected hardware with some flags overriding it.
+    DetectedWithFlags,
+}
+
+impl HardwareSource {
+    /// The detailed name (`saved_profile+flags`), as `profile scale` prints it.
+    pub fn key(self) -> &'static str {
+        match self {
+            HardwareSource::Flags => "flags",
+            HardwareSource::SavedProfile => "saved_profile",
+            HardwareSource::SavedProfileWithFlags => "saved_profile+flags",
+            HardwareSource::Detected => "detected",
+            HardwareSource::DetectedWithFlags => "detected+flags",
+        }
+    }
+
+    /// The base the profile stands on: `saved`, `detected` or `flags`.
+    pub fn base(self) -> &'static str {
+        match self {
+            HardwareSource::Flags => "flags",
+            HardwareSource::SavedProfile | HardwareSource::SavedProfileWithFlags => "saved",
+            HardwareSource::Detected | HardwareSource::DetectedWithFlags => "detected",
+        }
+    }
+}
+
+/// Errors of resolving the hardware.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// Some hardware flags were given but there is no base to take the
+    /// others from.
+    #[error(
+        "missing {}: no saved profile at {} and no detected hardware to take them from \
+         (give all of --generation, --chip and --memory)",
+        .missing.join(", "),
+        .saved_path.display()
+    )]
+    MissingFlags {
+        /// The flags not given.
+        missing: Vec<&'static str>,
+        /// Where the saved profile was looked for.
+        saved_path: PathBuf,
+    },
+    /// The saved profile could not be read or is invalid (left untouched).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Resolves the hardware profile: all three flags build it outright (the
+/// saved profile is not read); otherwise the base is the saved profile at
+/// `saved_path`, else `detect()`'s hardware, and any flags given override
+/// the base's hardware, rebuilding the profile. `Ok(None)`: no base and no
+/// flags (the caller falls back to defaults or says so).
+///
+/// A saved profile is used as saved when no flag is given, so edits to it
+/// are kept.
+pub fn resolve_hardware(
+    flags: &HardwareOverride,
+    saved_path: &Path,
+    detect: impl FnOnce() -> Option<DetectedHardware>,
+) -> Result<Option<(HardwareProfile, HardwareSource)>, ResolveError> {
+    if let (Some(g), Some(v), Some(m)) = (flags.generation, flags.chip, flags.memory) {
+        return Ok(Some((optimized_profile(g, v, m), HardwareSource::Flags)));
+    }
+    let (base, source) = if let Some(saved) = load_profile(saved_path)? {
+        if !flags.any() {
+            return Ok(Some((saved, HardwareSource::SavedProfile)));
+        }
+        (saved, HardwareSource::SavedProfileWithFlags)
+    } else if let Some(detected) = detect().and_then(|d| d.profile()) {
+        if !flags.any() {
+            return Ok(Some((detected, HardwareSource::Detected)));
+        }
+        (detected, HardwareSource::DetectedWithFlags)
+    } else if flags.any() {
+        return Err(ResolveError::MissingFlags {
+            missing: flags.missing(),
+            saved_path: saved_path.to_path_buf(),
+        });
+    } else {
+        return Ok(None);
+    };
+    let profile = optimized_profile(
+        flags.generation.unwrap_or(base.generation),
+        flags.chip.unwrap_or(base.variant),
+        flags.memory.unwrap_or(base.memory_gb),
+    );
+    Ok(Some((profile, source)))
+}

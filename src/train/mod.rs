@@ -1,0 +1,13 @@
+//! The trainer behind `cargo run --bin train`: resolve the configuration
+//! ([`config`]), build the model ([`model`]), read the data ([`data`],
+//! [`tokenizer`]), train ([`run`]) with AdamW ([`optim`]) and checkpoints
+//! ([`checkpoint`]), and plot the loss ([`plot`]).
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod run;
+pub mod tokenizer;

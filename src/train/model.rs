@@ -1,0 +1,274 @@
+//! Building the model a run trains: the embedded one or a local Hugging Face
+//! directory; exporting, reloading and merging its adapter.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::config::{TrainConfig, Weights};
+use super::tokenizer::{Tokenizer, TokenizerError};
+use crate::qlora::lora::{LoraConfig, LoraTarget};
+use crate::qlora::{
+    FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, RandomWeights, SafetensorsDir,
+    read_config,
+};
+use crate::storage::write_atomic;
+use crate::tables::embedded;
+
+/// What `base_model_name_or_path` says for the embedded model.
+pub const EMBEDDED_BASE_NAME: &str = "qlora-scale/embedded";
+
+/// Errors building or exporting a model. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Loading the weights or config failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The tokenizer failed.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The model is a name, not a local directory.
+    #[error(
+        "model {0} is not a local directory: the trainer never downloads; pass --model with a local Hugging Face directory (config.json, *.safetensors, tokenizer.json), or no --model for the embedded model"
+    )]
+    NotLocal(String),
+    /// Files disagree.
+    #[error("{path}: {message}")]
+    Inconsistent {
+        /// The file.
+        path: PathBuf,
+        /// What disagrees.
+        message: String,
+    },
+    /// Writing or reading an adapter failed.
+    #[error("{path}: {message}")]
+    Adapter {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A Candle error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The embedded model's config (`tables/defaults.toml`, `[embedded]`).
+pub fn embedded_config() -> LlamaConfig {
+    let mut c = LlamaConfig::tiny(
+        embedded::NUM_LAYERS as usize,
+        embedded::HIDDEN_SIZE as usize,
+        embedded::INTERMEDIATE_SIZE as usize,
+        embedded::VOCAB_SIZE as usize,
+    );
+    c.num_attention_heads = embedded::NUM_ATTENTION_HEADS as usize;
+    c.num_key_value_heads = Some(embedded::NUM_KEY_VALUE_HEADS as usize);
+    c.max_position_embeddings = embedded::SEQ_LEN.max(2048) as usize;
+    c
+}
+
+/// The LoRA settings of a run for a model of `num_layers` blocks.
+pub fn lora_config(cfg: &TrainConfig, num_layers: usize) -> LoraConfig {
+    LoraConfig {
+        rank: cfg.lora_rank as usize,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout as f32,
+        targets: LoraTarget::ALL.to_vec(),
+        last_layers: Some((cfg.lora_layers as usize).min(num_layers)),
+        use_rslora: false,
+        seed: cfg.seed,
+    }
+}
+
+/// Builds the model (NF4 frozen base, LoRA adapters) and its tokenizer.
+pub fn build(cfg: &TrainConfig) -> Result<(LlamaModel, Tokenizer), ModelError> {
+    build_with(cfg, FrozenStorage::Nf4)
+}
+
+/// [`build`] with another frozen storage.
+pub fn build_with(
+    cfg: &TrainConfig,
+    storage: FrozenStorage,
+) -> Result<(LlamaModel, Tokenizer), ModelError> {
+    let dev = Device::Cpu;
+    match cfg.weights {
+        Weights::Embedded => {
+            let c = embedded_config();
+            let opts = options(cfg, &c, storage);
+            let w = RandomWeights::new(&c, embedded::WEIGHT_SEED, &dev);
+            Ok((LlamaModel::new(&c, &w, &opts)?, Tokenizer::Bytes))
+        }
+        Weights::NameOnly => Err(ModelError::NotLocal(cfg.model.clone())),
+        Weights::LocalDir => {
+            let dir = Path::new(&cfg.model);
+            let c = read_config(dir)?;
+            if let Some(t) = c.model_type.as_deref()
+                && !matches!(t, "llama" | "mistral" | "qwen2")
+            {
+                return Err(ModelError::Inconsistent {
+                    path: dir.join("config.json"),
+                    message: format!("model_type \"{t}\" is not supported (llama, mistral, qwen2)"),
+                });
+            }
+            let w = SafetensorsDir::open(dir, &dev)?;
+            let tok = Tokenizer::from_dir(dir)?;
+            if tok.vocab_size() > c.vocab_size {
+                return Err(ModelError::Inconsistent {
+                    path: dir.join("tokenizer.json"),
+                    message: format!(
+                        "{} tokens, but config.json's vocab_size is {}",
+                        tok.vocab_size(),
+                        c.vocab_size
+                    ),
+                });
+            }
+            let opts = options(cfg, &c, storage);
+            Ok((LlamaModel::new(&c, &w, &opts)?, tok))
+        }
+    }
+}
+
+fn options(cfg: &TrainConfig, c: &LlamaConfig, storage: FrozenStorage) -> ModelOptions {
+    ModelOptions {
+        storage,
+        lora: lora_config(cfg, c.num_hidden_layers),
+        dtype: DType::F32,
+        device: Device::Cpu,
+        checkpointing: cfg.grad_checkpoint,
+    }
+}
+
+/// The base model's name as PEFT records it.
+pub fn base_name(cfg: &TrainConfig) -> String {
+    match cfg.weights {
+        Weights::Embedded => EMBEDDED_BASE_NAME.to_string(),
+        _ => cfg.model.clone(),
+    }
+}
+
+/// Writes `adapter_model.safetensors` (PEFT key names) and
+/// `adapter_config.json` to `dir`, atomically.
+pub fn export_adapter(model: &LlamaModel, cfg: &TrainConfig, dir: &Path) -> Result<(), ModelError> {
+    let st = dir.join("adapter_model.safetensors");
+    let vars = model.trainable_vars();
+    let tensors: Vec<(String, Tensor)> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+        .map_err(|e| ModelError::Adapter {
+            path: st.clone(),
+            message: e.to_string(),
+        })?;
+    write_atomic(&st, &bytes).map_err(|e| ModelError::Adapter {
+        path: st.clone(),
+        message: e.to_string(),
+    })?;
+    let n = model.config().num_hidden_layers;
+    let lora = lora_config(cfg, n);
+    let layers: Vec<usize> = (0..n).filter(|&l| lora.adapts_layer(l, n)).collect();
+    let targets: Vec<&str> = lora.targets.iter().map(|t| t.module_name()).collect();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name(cfg),
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "layers_to_transform": layers,
+        "use_rslora": false,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+    });
+    let path = dir.join("adapter_config.json");
+    let mut text = serde_json::to_vec_pretty(&config).map_err(|e| ModelError::Adapter {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    text.push(b'\n');
+    write_atomic(&path, &text).map_err(|e| ModelError::Adapter {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Loads `dir/adapter_model.safetensors` into `model`'s adapters. Every
+/// adapter of the model must be in the file with its shape.
+pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).map_err(|e| ModelError::Adapter {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+        ModelError::Adapter {
+            path: path.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    for (name, var) in model.trainable_vars() {
+        let t = tensors.get(&name).ok_or_else(|| ModelError::Adapter {
+            path: path.clone(),
+            message: format!("no tensor {name}"),
+        })?;
+        if t.dims() != var.dims() {
+            return Err(ModelError::Adapter {
+                path: path.clone(),
+                message: format!(
+                    "{name}: shape {:?}, the model needs {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            });
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Merges the adapter in `adapter_dir` into the base of `cfg` and writes
+/// `model.safetensors` (dense f32, HF names) and `config.json` to `out`.
+/// The base is dequantized from NF4, as it was trained.
+pub fn merge(cfg: &TrainConfig, adapter_dir: &Path, out: &Path) -> Result<(), ModelError> {
+    let (mut model, _) = build(cfg)?;
+    load_adapter(&model, adapter_dir)?;
+    model.merge_adapters()?;
+    let weights = model.dequantized_weights()?;
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let path = out.join("model.safetensors");
+    let bytes = safetensors::serialize(names.iter().map(|n| (n.as_str(), &weights[*n])), None)
+        .map_err(|e| ModelError::Adapter {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    write_atomic(&path, &bytes).map_err(|e| ModelError::Adapter {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let cpath = out.join("config.json");
+    let mut text = serde_json::to_vec_pretty(model.config()).map_err(|e| ModelError::Adapter {
+        path: cpath.clone(),
+        message: e.to_string(),
+    })?;
+    text.push(b'\n');
+    write_atomic(&cpath, &text).map_err(|e| ModelError::Adapter {
+        path: cpath,
+        message: e.to_string(),
+    })?;
+    if cfg.weights == Weights::LocalDir {
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            let src = Path::new(&cfg.model).join(f);
+            if let Ok(b) = std::fs::read(&src) {
+                write_atomic(&out.join(f), &b).map_err(|e| ModelError::Adapter {
+                    path: out.join(f),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+    }
+    Ok(())
+}

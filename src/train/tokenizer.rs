@@ -1,0 +1,168 @@
+//! Tokenizers: the embedded model's byte-level one, or a local
+//! `tokenizer.json` read with the `tokenizers` crate (pure Rust, no network).
+//!
+//! The byte-level tokenizer maps each UTF-8 byte to the token of the same
+//! number (0..=255); [`BYTE_BOS`] starts and [`BYTE_EOS`] ends a sequence.
+//! Any text round-trips; the embedded model's vocabulary is padded beyond
+//! 257 to a multiple of the NF4 block.
+//!
+//! ```
+//! use qlora_scale::train::tokenizer::{Tokenizer, BYTE_BOS};
+//! let t = Tokenizer::Bytes;
+//! assert_eq!(t.encode("hi").unwrap(), vec![b'h' as u32, b'i' as u32]);
+//! assert_eq!(t.bos(), Some(BYTE_BOS));
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// Beginning-of-sequence token of the byte-level tokenizer.
+pub const BYTE_BOS: u32 = 256;
+/// End-of-sequence token of the byte-level tokenizer.
+pub const BYTE_EOS: u32 = 257;
+
+/// Errors loading or running a tokenizer. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// `tokenizer.json` is absent.
+    #[error("{0}: not found (a local model needs its tokenizer.json)")]
+    Missing(PathBuf),
+    /// `tokenizer.json` could not be loaded.
+    #[error("{path}: {message}")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// `tokenizer_config.json` is not valid JSON.
+    #[error("{path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// Encoding failed.
+    #[error("cannot tokenize text: {0}")]
+    Encode(String),
+}
+
+/// A tokenizer.
+#[derive(Clone)]
+pub enum Tokenizer {
+    /// UTF-8 bytes as tokens, plus [`BYTE_BOS`] and [`BYTE_EOS`].
+    Bytes,
+    /// A Hugging Face `tokenizer.json`.
+    Hf {
+        /// The tokenizer.
+        tokenizer: Box<tokenizers::Tokenizer>,
+        /// Beginning-of-sequence token, from `tokenizer_config.json`.
+        bos: Option<u32>,
+        /// End-of-sequence token, from `tokenizer_config.json`.
+        eos: Option<u32>,
+        /// `tokenizer_config.json`'s `chat_template` was present (and is
+        /// not used: the documented default template applies).
+        has_chat_template: bool,
+    },
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokenizer::Bytes => f.write_str("Tokenizer::Bytes"),
+            Tokenizer::Hf { bos, eos, .. } => f
+                .debug_struct("Tokenizer::Hf")
+                .field("bos", bos)
+                .field("eos", eos)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+fn special(config: &serde_json::Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`, with BOS/EOS from
+    /// `dir/tokenizer_config.json` when present.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(TokenizerError::Missing(path));
+        }
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = match std::fs::read(&cfg_path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| TokenizerError::Config {
+                    path: cfg_path.clone(),
+                    source,
+                })?
+            }
+            Err(_) => serde_json::Value::Null,
+        };
+        let id = |key| special(&config, key).and_then(|t| tokenizer.token_to_id(&t));
+        let (bos, eos) = (id("bos_token"), id("eos_token"));
+        Ok(Tokenizer::Hf {
+            has_chat_template: config.get("chat_template").is_some(),
+            tokenizer: Box::new(tokenizer),
+            bos,
+            eos,
+        })
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Hf { tokenizer, .. } => tokenizer
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Encode(e.to_string())),
+        }
+    }
+
+    /// Beginning-of-sequence token.
+    pub fn bos(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => Some(BYTE_BOS),
+            Tokenizer::Hf { bos, .. } => *bos,
+        }
+    }
+
+    /// End-of-sequence token.
+    pub fn eos(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => Some(BYTE_EOS),
+            Tokenizer::Hf { eos, .. } => *eos,
+        }
+    }
+
+    /// Tokens in the vocabulary (with added tokens).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Bytes => BYTE_EOS as usize + 1,
+            Tokenizer::Hf { tokenizer, .. } => tokenizer.get_vocab_size(true),
+        }
+    }
+
+    /// Whether a `chat_template` was found and ignored.
+    pub fn ignores_chat_template(&self) -> bool {
+        matches!(
+            self,
+            Tokenizer::Hf {
+                has_chat_template: true,
+                ..
+            }
+        )
+    }
+}

@@ -1,0 +1,416 @@
+//! Real runs of the `train` binary through `--dry-run --json`: the seed's
+//! integration tests (one module per class of
+//! `tests/integration/test_train_qlora_scaling.py`), the resolution order of
+//! spec/reference.md section 7, `--config`, and the `--help` snapshot.
+//!
+//! Every run names its profile file with `--profile-path` inside a fresh
+//! temporary directory, so the real per-user config is never read.
+//! After an intended change of the help text:
+//!
+//! ```text
+//! BLESS=1 cargo test --test cli_train help
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use qlora_scale::storage::PROFILE_PATH_ENV;
+use qlora_scale::tables::{DEFAULT_MODEL, FALLBACK_PROFILE};
+use qlora_scale::{
+    ChipVariant, Generation, HardwareProfile, Profile, optimized_profile, scale_profile_for_model,
+};
+use serde_json::Value;
+
+const HW: [&str; 6] = ["--generation", "m2", "--chip", "ultra", "--memory", "192"];
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    fn profile(&self) -> PathBuf {
+        self.dir.path().join("hardware_profile.json")
+    }
+
+    fn save(&self, hw: &HardwareProfile) {
+        std::fs::write(self.profile(), serde_json::to_vec_pretty(hw).unwrap()).unwrap();
+    }
+
+    /// `train` in the sandbox, without arguments.
+    fn bare(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+        cmd.current_dir(self.dir.path())
+            .env("HOME", self.dir.path())
+            .env_remove(PROFILE_PATH_ENV)
+            .env("NO_COLOR", "1")
+            .timeout(Duration::from_secs(120));
+        cmd
+    }
+
+    /// `train --profile-path <sandbox profile>`.
+    fn cmd(&self) -> Command {
+        let mut cmd = self.bare();
+        cmd.arg("--profile-path").arg(self.profile());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("train runs")
+    }
+
+    /// `train --dry-run --json ARGS`, which must succeed.
+    fn dry(&self, args: &[&str]) -> Value {
+        let out = self.run(&[&["--dry-run", "--json"], args].concat());
+        assert!(out.status.success(), "train failed: {}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            text.lines().count(),
+            1,
+            "one JSON object on one line: {text}"
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ultra_192() -> HardwareProfile {
+    optimized_profile(Generation::M2, ChipVariant::Ultra, 192)
+}
+
+fn settings(v: &Value) -> (u64, u64, u64) {
+    (
+        v["batch_size"].as_u64().unwrap(),
+        v["lora_rank"].as_u64().unwrap(),
+        v["lora_layers"].as_u64().unwrap(),
+    )
+}
+
+fn expect(p: &Profile) -> (u64, u64, u64) {
+    (
+        p.batch_size.into(),
+        p.lora_rank.into(),
+        p.lora_num_layers.into(),
+    )
+}
+
+mod test_train_qlora_scaling_integration {
+    use super::*;
+
+    #[test]
+    fn scaling_called_with_correct_model_path() {
+        let sb = Sandbox::new();
+        sb.save(&ultra_192());
+        let model = "huihui-ai/DeepSeek-R1-Distill-Qwen-14B";
+        let v = sb.dry(&["--model", model]);
+        assert_eq!(v["model"], model);
+        assert_eq!(v["model_size"]["category"], "medium");
+        assert_eq!(v["profile_source"], "saved");
+        let scaled = scale_profile_for_model(&ultra_192().profile, model);
+        assert_eq!(settings(&v), expect(&scaled));
+        assert_eq!(v["scaled"], true);
+    }
+
+    #[test]
+    fn default_model_path_used_when_not_specified() {
+        let sb = Sandbox::new();
+        sb.save(&ultra_192());
+        let v = sb.dry(&[]);
+        assert_eq!(v["model"], DEFAULT_MODEL);
+        assert_eq!(v["weights"], "embedded");
+        let scaled = scale_profile_for_model(&ultra_192().profile, DEFAULT_MODEL);
+        assert_eq!(settings(&v), expect(&scaled));
+    }
+
+    #[cfg(not(target_os = "macos"))]
+    #[test]
+    fn scaling_skipped_when_no_profile_exists() {
+        let sb = Sandbox::new();
+        let v = sb.dry(&["--model", "meta-llama/Llama-2-70b-hf"]);
+        assert_eq!(v["profile_source"], "defaults");
+        assert_eq!(v["scaled"], false);
+        assert_eq!(settings(&v), expect(&FALLBACK_PROFILE));
+        assert!(v["hardware"].is_null());
+        assert!(!sb.profile().exists(), "a dry run writes no profile");
+    }
+}
+
+mod test_scaling_with_different_model_sizes {
+    use super::*;
+
+    fn check(model: &str, category: &str) {
+        let v = Sandbox::new().dry(&[&["--model", model][..], &HW].concat());
+        assert_eq!(v["model_size"]["category"], category, "{model}");
+        assert_eq!(v["profile_source"], "flags");
+        let scaled = scale_profile_for_model(&ultra_192().profile, model);
+        assert_eq!(settings(&v), expect(&scaled), "{model}");
+    }
+
+    #[test]
+    fn model_7b() {
+        check("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "small");
+    }
+
+    #[test]
+    fn model_14b() {
+        check("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "medium");
+    }
+
+    #[test]
+    fn model_32b() {
+        check("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "large");
+    }
+
+    #[test]
+    fn model_70b() {
+        check("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "xlarge");
+    }
+}
+
+mod test_config_application_after_scaling {
+    use super::*;
+
+    #[test]
+    fn scaled_batch_size_applied_to_config() {
+        let v = Sandbox::new().dry(&[&["--model", "mistralai/Mistral-7B-v0.1"][..], &HW].concat());
+        // Ultra 192 GB is large-tier: scaling a 7B model raises the batch.
+        assert_eq!(v["base_profile"]["batch_size"], 8);
+        assert_eq!(v["batch_size"], v["scaled_profile"]["batch_size"]);
+        assert_eq!(v["value_sources"]["batch_size"], "profile");
+    }
+
+    #[test]
+    fn scaled_lora_parameters_applied_to_config() {
+        let v = Sandbox::new().dry(&[&["--model", "mistralai/Mistral-7B-v0.1"][..], &HW].concat());
+        assert_eq!(
+            (v["lora_rank"].as_u64(), v["lora_layers"].as_u64()),
+            (Some(32), Some(8))
+        );
+        assert_eq!(v["lora_alpha"], 64.0, "alpha defaults to twice the rank");
+        assert_eq!(v["grad_checkpoint"], v["scaled_profile"]["grad_checkpoint"]);
+    }
+}
+
+mod test_scaling_with_cli_overrides {
+    use super::*;
+
+    #[test]
+    fn cli_batch_size_overrides_profile() {
+        let v = Sandbox::new().dry(&[&["--batch-size", "3"][..], &HW].concat());
+        assert_eq!(v["batch_size"], 3);
+        assert_eq!(v["value_sources"]["batch_size"], "cli_or_config");
+    }
+
+    #[test]
+    fn cli_lora_rank_overrides_profile() {
+        let v =
+            Sandbox::new().dry(&[&["--lora-rank", "8", "--no-grad-checkpoint"][..], &HW].concat());
+        assert_eq!(
+            (v["lora_rank"].as_u64(), v["lora_alpha"].as_f64()),
+            (Some(8), Some(16.0))
+        );
+        assert_eq!(v["grad_checkpoint"], false);
+        let v = Sandbox::new().dry(
+            &[
+                &[
+                    "--lora-rank",
+                    "8",
+                    "--lora-alpha",
+                    "4",
+                    "--lora-layers",
+                    "2",
+                    "--grad-checkpoint",
+                ][..],
+                &HW,
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            (v["lora_alpha"].as_f64(), v["lora_layers"].as_u64()),
+            (Some(4.0), Some(2))
+        );
+        assert_eq!(v["grad_checkpoint"], true);
+    }
+}
+
+mod test_scaling_error_handling {
+    use super::*;
+
+    #[test]
+    fn malformed_profile_handled_gracefully() {
+        let sb = Sandbox::new();
+        let junk = b"{ this is not a profile";
+        std::fs::write(sb.profile(), junk).unwrap();
+        let out = sb.run(&["--dry-run", "--json"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains(&sb.profile().display().to_string()), "{err}");
+        assert!(err.contains("not a valid profile"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(std::fs::read(sb.profile()).unwrap(), junk, "file untouched");
+    }
+
+    #[test]
+    fn invalid_model_path_handled_gracefully() {
+        let sb = Sandbox::new();
+        let out = sb.run(&["--dry-run", "--json", "--model", "./no/such/model"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains("model path ./no/such/model does not exist"),
+            "{err}"
+        );
+        // A name, not a path: sizing works but training refuses to download.
+        let out = sb.run(&["--model", "org/Some-Model-7B", "--max-steps", "1"]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("never downloads"), "{}", stderr(&out));
+    }
+}
+
+mod test_scaling_performance_implications {
+    use super::*;
+
+    #[test]
+    fn small_models_get_higher_batch_sizes() {
+        // A large-tier machine whose batch is below the cap.
+        let hw = ["--generation", "m1", "--chip", "max", "--memory", "96"];
+        let small = Sandbox::new().dry(&[&["--model", "Qwen/Qwen2.5-7B"][..], &hw].concat());
+        let large = Sandbox::new().dry(&[&["--model", "Qwen/Qwen2.5-72B"][..], &hw].concat());
+        assert!(small["batch_size"].as_u64() > large["batch_size"].as_u64());
+    }
+
+    #[test]
+    fn small_models_get_lower_lora_ranks() {
+        let small = Sandbox::new().dry(&[&["--model", "Qwen/Qwen2.5-7B"][..], &HW].concat());
+        let large = Sandbox::new().dry(&[&["--model", "Qwen/Qwen2.5-72B"][..], &HW].concat());
+        assert!(small["lora_rank"].as_u64() < large["lora_rank"].as_u64());
+        assert!(small["lora_layers"].as_u64() < large["lora_layers"].as_u64());
+    }
+
+    #[test]
+    fn matched_profiles_dont_scale_unnecessarily() {
+        let v = Sandbox::new().dry(&[&["--model", "Qwen/Qwen2.5-72B"][..], &HW].concat());
+        assert_eq!(v["scaled"], false);
+        assert_eq!(settings(&v), expect(&ultra_192().profile));
+    }
+}
+
+mod resolution {
+    use super::*;
+
+    #[cfg(not(target_os = "macos"))]
+    #[test]
+    fn partial_override_without_base_names_missing_flags() {
+        let sb = Sandbox::new();
+        let out = sb.run(&["--dry-run", "--json", "--chip", "max"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("missing --generation, --memory"), "{err}");
+    }
+
+    #[test]
+    fn partial_override_on_saved_profile() {
+        let sb = Sandbox::new();
+        sb.save(&ultra_192());
+        let v = sb.dry(&["--memory", "64"]);
+        assert_eq!(v["profile_source"], "saved");
+        assert_eq!(v["hardware_source"], "saved_profile+flags");
+        assert_eq!(v["hardware"]["memory_gb"], 64);
+    }
+
+    #[test]
+    fn local_dir_sized_from_config_json() {
+        let sb = Sandbox::new();
+        let dir = sb.dir.path().join("my-model");
+        std::fs::create_dir(&dir).unwrap();
+        // A Llama shape of about 6.7B parameters, under a name with no size.
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+                "intermediate_size": 11008, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "tie_word_embeddings": false}"#,
+        )
+        .unwrap();
+        let v = sb.dry(&[&["--model", dir.to_str().unwrap()][..], &HW].concat());
+        assert_eq!(v["weights"], "local_dir");
+        assert_eq!(v["model_size"]["source"], "files");
+        assert_eq!(v["model_size"]["category"], "small");
+    }
+
+    #[test]
+    fn config_file_between_cli_and_profile() {
+        let sb = Sandbox::new();
+        let file = sb.dir.path().join("run.toml");
+        std::fs::write(&file, "lora-rank = 12\nbatch-size = 5\nmax-steps = 7\n").unwrap();
+        let f = file.to_str().unwrap();
+        let v = sb.dry(&[&["--config", f, "--batch-size", "2"][..], &HW].concat());
+        assert_eq!(v["lora_rank"], 12, "file beats profile");
+        assert_eq!(v["batch_size"], 2, "command line beats file");
+        assert_eq!(v["max_steps"], 7);
+        assert_eq!(v["lora_alpha"], 24.0);
+    }
+
+    #[test]
+    fn config_file_unknown_key_names_file_and_key() {
+        let sb = Sandbox::new();
+        let file = sb.dir.path().join("run.toml");
+        std::fs::write(&file, "lora-rank = 12\nlora-rnak = 3\n").unwrap();
+        let out = sb.run(&["--dry-run", "--config", file.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains("lora-rnak"),
+            "{err}"
+        );
+    }
+}
+
+fn snapshot(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(name);
+    if std::env::var_os("BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        expected,
+        actual,
+        "{} differs; review and run with BLESS=1",
+        path.display()
+    );
+}
+
+#[test]
+fn help_snapshot() {
+    let sb = Sandbox::new();
+    let out = sb
+        .bare()
+        .env("COLUMNS", "100")
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    snapshot("train-help.txt", &String::from_utf8(out.stdout).unwrap());
+    let out = sb
+        .bare()
+        .env("COLUMNS", "100")
+        .args(["merge", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    snapshot(
+        "train-help-merge.txt",
+        &String::from_utf8(out.stdout).unwrap(),
+    );
+}

@@ -1,0 +1,402 @@
+//! End-to-end runs of `train` on the embedded model at tiny sizes: the loss
+//! falls, files are written, a killed run resumes to the straight run's
+//! losses step for step, a corrupt checkpoint is named and skipped, bad
+//! data lines are reported with file:line, NaN stops the run, the exported
+//! adapter reloads to the same logits, and `train merge` writes a model.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use candle_core::{Device, Tensor};
+use qlora_scale::qlora::FrozenStorage;
+use qlora_scale::storage::PROFILE_PATH_ENV;
+use qlora_scale::train::config::{Settings, resolve};
+use qlora_scale::train::{checkpoint, model};
+use serde_json::Value;
+
+/// Tiny settings: 2 x 2 sequences of 32 bytes per step.
+const TINY: [&str; 14] = [
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--grad-accum-steps",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--eval-every",
+    "4",
+    "--lora-rank",
+    "4",
+    "--checkpoint-every",
+    "4",
+];
+
+fn train(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(dir)
+        .env("HOME", dir)
+        .env_remove(PROFILE_PATH_ENV)
+        .env("NO_COLOR", "1")
+        .arg("--profile-path")
+        .arg(dir.join("no-profile.json"))
+        .args(TINY)
+        .args(args)
+        .timeout(Duration::from_secs(300))
+        .output()
+        .expect("train runs")
+}
+
+fn ok(out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "train failed: {err}");
+    err
+}
+
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn loss_falls_and_outputs_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(train(
+        dir.path(),
+        &["--max-steps", "16", "--output-dir", "run"],
+    ));
+    let run = dir.path().join("run");
+    let l = losses(&run);
+    assert_eq!(l.len(), 16);
+    let first: f64 = l[0].1.parse().unwrap();
+    let last: f64 = l[15].1.parse().unwrap();
+    assert!(last < first - 0.3, "loss {first} -> {last}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let step4: Value = serde_json::from_str(metrics.lines().nth(3).unwrap()).unwrap();
+    for key in [
+        "step",
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "val_loss",
+        "peak_rss_mib",
+    ] {
+        assert!(step4.get(key).is_some(), "{key} missing in {step4}");
+    }
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(run.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(cfg["bias"], "none");
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let st = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    let tensors = candle_core::safetensors::load_buffer(&st, &Device::Cpu).unwrap();
+    assert!(tensors.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    assert!(
+        std::fs::read_to_string(run.join("loss.svg"))
+            .unwrap()
+            .contains("<polyline")
+    );
+    let cks = checkpoint::list(&run.join("checkpoints"));
+    let steps: Vec<u64> = cks.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![8, 12, 16], "every 4 steps, the last 3 kept");
+}
+
+#[test]
+fn resumed_run_matches_straight_run_and_corrupt_checkpoint_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["--max-steps", "8", "--lora-dropout", "0.1"];
+    ok(train(
+        dir.path(),
+        &[&common[..], &["--output-dir", "straight"]].concat(),
+    ));
+    ok(train(
+        dir.path(),
+        &[&common[..], &["--output-dir", "killed"]].concat(),
+    ));
+    let killed = dir.path().join("killed");
+    // The run "dies" after writing step 8's checkpoint torn: flip a byte.
+    let last = checkpoint::checkpoint_path(&killed.join("checkpoints"), 8);
+    let mut bytes = std::fs::read(&last).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&last, bytes).unwrap();
+    let err = ok(train(
+        dir.path(),
+        &[&common[..], &["--output-dir", "killed", "--resume"]].concat(),
+    ));
+    assert!(err.contains("step-00000008.ckpt is corrupt"), "{err}");
+    assert!(
+        err.contains("resumed from") && err.contains("step-00000004.ckpt"),
+        "{err}"
+    );
+    let straight = losses(&dir.path().join("straight"));
+    assert_eq!(straight.len(), 8);
+    assert_eq!(losses(&killed), straight, "same losses step for step");
+}
+
+#[test]
+fn bad_lines_are_reported_and_strict_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(
+        data.join("train.jsonl"),
+        concat!(
+            "{\"text\": \"The river runs past the mill and the wheel turns.\"}\n",
+            "{\"prompt\": \"Question: what turns? Answer:\", \"completion\": \" the wheel\"}\n",
+            "{\"text\": unquoted}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello there\"}]}\n",
+            "{\"txt\": \"wrong key\"}\n",
+        ),
+    )
+    .unwrap();
+    let d = data.to_str().unwrap();
+    let err = ok(train(
+        dir.path(),
+        &["--data-dir", d, "--max-steps", "2", "--output-dir", "r"],
+    ));
+    assert!(err.contains("train.jsonl:3: invalid JSON"), "{err}");
+    assert!(err.contains("train.jsonl:5:"), "{err}");
+    assert!(err.contains("2 bad data line(s) skipped"), "{err}");
+    let out = train(
+        dir.path(),
+        &[
+            "--data-dir",
+            d,
+            "--max-steps",
+            "2",
+            "--strict",
+            "--output-dir",
+            "s",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train.jsonl:3: invalid JSON") && err.contains("--strict"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_with_last_good_checkpoint_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(
+        dir.path(),
+        &[
+            "--max-steps",
+            "6",
+            "--learning-rate",
+            "1e30",
+            "--grad-clip",
+            "1e9",
+            "--checkpoint-every",
+            "1",
+            "--output-dir",
+            "r",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("training stopped; the last good checkpoint is"),
+        "{err}"
+    );
+    let cks = checkpoint::list(&dir.path().join("r/checkpoints"));
+    let (_, newest) = cks
+        .last()
+        .expect("a checkpoint was written before the blow-up");
+    checkpoint::load(newest).expect("the last checkpoint verifies");
+}
+
+fn logits(m: &qlora_scale::qlora::LlamaModel) -> Vec<f32> {
+    let ids = Tensor::new(&[[256u32, 84, 104, 101, 32, 114, 105, 118]], &Device::Cpu).unwrap();
+    m.forward(&ids, None, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn exported_adapter_reloads_to_the_same_logits_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(train(
+        dir.path(),
+        &["--max-steps", "4", "--output-dir", "run"],
+    ));
+    let run = dir.path().join("run");
+    let ck = checkpoint::load(&checkpoint::checkpoint_path(&run.join("checkpoints"), 4)).unwrap();
+    let cfg = ck.state.config.clone();
+    // The model as trained: adapters from the checkpoint.
+    let (trained, _) = model::build(&cfg).unwrap();
+    for (name, var) in trained.trainable_vars() {
+        var.set(&ck.adapters[&name]).unwrap();
+    }
+    // A fresh model with the exported adapter.
+    let (reloaded, _) = model::build(&cfg).unwrap();
+    let base = logits(&reloaded);
+    model::load_adapter(&reloaded, &run).unwrap();
+    let (a, b) = (logits(&trained), logits(&reloaded));
+    assert_eq!(a, b, "same logits");
+    assert!(
+        a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-4),
+        "the adapter changes the output"
+    );
+
+    // `train merge`, then the merged dense model without adapters.
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(dir.path())
+        .args(["merge", "--run-dir", "run", "--out", "merged"])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap();
+    ok(out);
+    let merged_dir = dir.path().join("merged");
+    let llama = qlora_scale::qlora::read_config(&merged_dir).unwrap();
+    let w = qlora_scale::qlora::SafetensorsDir::open(&merged_dir, &Device::Cpu).unwrap();
+    let opts = qlora_scale::qlora::ModelOptions {
+        storage: FrozenStorage::F32,
+        lora: qlora_scale::qlora::LoraConfig {
+            targets: Vec::new(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let merged = qlora_scale::qlora::LlamaModel::new(&llama, &w, &opts).unwrap();
+    let m = logits(&merged);
+    let max = a
+        .iter()
+        .zip(&m)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-3, "merged logits differ by {max}");
+}
+
+#[test]
+fn config_resolution_in_process_matches_defaults() {
+    let cfg = resolve(
+        &Settings::default(),
+        Path::new("/nonexistent/p.json"),
+        || None,
+    )
+    .unwrap();
+    assert_eq!(cfg.max_steps, qlora_scale::tables::embedded::MAX_STEPS);
+    assert_eq!(cfg.seq_len, qlora_scale::tables::embedded::SEQ_LEN);
+}
+
+/// A tiny local Hugging Face directory: config.json, model.safetensors and
+/// a word-level tokenizer.json.
+fn write_local_model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = qlora_scale::qlora::LlamaConfig::tiny(2, 64, 128, 64);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let w = cfg
+        .random_weights(3, candle_core::DType::F32, &Device::Cpu)
+        .unwrap();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let words = [
+        "<unk>", "<s>", "</s>", "the", "river", "runs", "past", "mill", "wheel", "turns", ".",
+    ];
+    let vocab: serde_json::Map<String, Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), Value::from(i)))
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": {"content": "</s>"}}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn local_model_dir_trains_and_bad_dirs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("tiny-llama");
+    write_local_model(&m);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(
+        data.join("train.jsonl"),
+        "{\"text\": \"the river runs past the mill .\"}\n{\"text\": \"the wheel turns .\"}\n",
+    )
+    .unwrap();
+    let (ms, d) = (m.to_str().unwrap(), data.to_str().unwrap());
+    ok(train(
+        dir.path(),
+        &[
+            "--model",
+            ms,
+            "--data-dir",
+            d,
+            "--max-steps",
+            "2",
+            "--output-dir",
+            "r",
+        ],
+    ));
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("r/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], ms);
+
+    std::fs::remove_file(m.join("tokenizer.json")).unwrap();
+    let out = train(
+        dir.path(),
+        &[
+            "--model",
+            ms,
+            "--data-dir",
+            d,
+            "--max-steps",
+            "2",
+            "--output-dir",
+            "r2",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokenizer.json: not found"), "{err}");
+
+    std::fs::remove_file(m.join("model.safetensors")).unwrap();
+    std::fs::write(m.join("pytorch_model.bin"), b"pickle").unwrap();
+    let out = train(
+        dir.path(),
+        &[
+            "--model",
+            ms,
+            "--data-dir",
+            d,
+            "--max-steps",
+            "2",
+            "--output-dir",
+            "r3",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pytorch_model.bin") && err.contains("refused"),
+        "{err}"
+    );
+}
