@@ -387,6 +387,89 @@ fn hardware_on_a_mac_shows_a_profile_or_says_why_not() {
     }
 }
 
+/// `profile ARGS` with a fake `nvidia-smi` first on `PATH`: a shell script
+/// that prints `output` and exits with `status`.
+#[cfg(target_os = "linux")]
+fn run_with_fake_nvidia_smi(sb: &Sandbox, output: &str, status: i32, args: &[&str]) -> Output {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = sb.dir.path().join("fake-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let data = bin.join("output.txt");
+    std::fs::write(&data, output).unwrap();
+    let script = bin.join("nvidia-smi");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\ncat '{}'\nexit {status}\n", data.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
+    sb.bare()
+        .env("PATH", path)
+        .arg("--profile-path")
+        .arg(sb.profile())
+        .args(args)
+        .output()
+        .expect("profile runs")
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn hardware_with_nvidia_gpus_chooses_the_largest_gpu_row() {
+    let sb = Sandbox::new();
+    let smi = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hardware/nvidia-smi-mixed.csv"
+    ))
+    .unwrap();
+    let text = ok(&run_with_fake_nvidia_smi(&sb, &smi, 0, &["hardware"]));
+    assert!(text.contains("\n  NVIDIA GPUs        2\n"), "{text}");
+    assert!(
+        text.contains("\nChosen row: [gpu] 24 GB, the nearest to 23 GB (GPU 1, the largest)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nProfile for an NVIDIA GPU, 23 GB:\n"),
+        "{text}"
+    );
+    let v = json(&run_with_fake_nvidia_smi(
+        &sb,
+        &smi,
+        0,
+        &["scale", "--model", HERMES_7B],
+    ));
+    assert_eq!(v["device"], "gpu");
+    assert_eq!(v["row_memory_gb"], 24);
+    assert_eq!(v["hardware_source"], "detected");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn hardware_with_nvidia_smi_finding_no_gpu_falls_back_to_the_cpu() {
+    let sb = Sandbox::new();
+    for (output, status) in [
+        ("No devices were found\n", 6),
+        (
+            "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n",
+            9,
+        ),
+        ("garbage\n", 0),
+    ] {
+        let v = json(&run_with_fake_nvidia_smi(
+            &sb,
+            output,
+            status,
+            &["hardware", "--json"],
+        ));
+        assert_eq!(v["chosen"]["table"], "cpu", "{output}: {v}");
+        let note = v["detected"]["gpu_note"].as_str().unwrap();
+        assert!(note.starts_with("nvidia-smi "), "{note}");
+    }
+}
+
 // ---------------------------------------------------------------- scale
 
 #[test]
