@@ -412,6 +412,45 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         pub const HARDWARE_ROWS: [&[HardwareRow]; #n_var] = [ #( #by_variant ),* ];
     });
 
+    // Machines other than Apple Silicon.
+    let memory_rows = |rows: &[super::validate::MemoryRow]| -> Vec<TokenStream> {
+        rows.iter()
+            .map(|r| {
+                let mem = u32_lit(r.memory_gb);
+                let p = profile_expr(t, &r.profile);
+                quote!(MemoryRow { memory_gb: #mem, profile: #p })
+            })
+            .collect()
+    };
+    let gpu_rows = memory_rows(&t.gpu_rows);
+    let cpu_rows = memory_rows(&t.cpu_rows);
+    let (n_gpu, n_cpu) = (
+        Literal::usize_unsuffixed(gpu_rows.len()),
+        Literal::usize_unsuffixed(cpu_rows.len()),
+    );
+    let (gpu_budget, cpu_budget) = (
+        f64_lit(t.gpu_budget_fraction),
+        f64_lit(t.cpu_budget_fraction),
+    );
+    let simd = t.simd.iter().map(|f| {
+        let name = f.name.as_str();
+        let flags = f.flags.iter().map(String::as_str);
+        quote!(SimdFeature { name: #name, flags: &[ #( #flags ),* ] })
+    });
+    let n_simd = Literal::usize_unsuffixed(t.simd.len());
+    items.push(quote! {
+        /// Share of one GPU's memory a training run may use.
+        pub const GPU_BUDGET_FRACTION: f64 = #gpu_budget;
+        /// Profiles by the memory (GB) of one GPU, smallest first.
+        pub const GPU_ROWS: [MemoryRow; #n_gpu] = [ #( #gpu_rows ),* ];
+        /// Share of the memory a CPU run may use.
+        pub const CPU_BUDGET_FRACTION: f64 = #cpu_budget;
+        /// Profiles by the memory (GB) a CPU run may use, smallest first.
+        pub const CPU_ROWS: [MemoryRow; #n_cpu] = [ #( #cpu_rows ),* ];
+        /// SIMD features reported for a CPU, in table order.
+        pub const SIMD_FEATURES: [SimdFeature; #n_simd] = [ #( #simd ),* ];
+    });
+
     // Recommendations and defaults.
     let tight = u32_lit(t.tight_below_gb);
     let comfortable = u32_lit(t.comfortable_below_gb);

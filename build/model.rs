@@ -151,6 +151,34 @@ pub struct Family {
 pub struct HardwareFile {
     pub budget_fraction: S<f64>,
     pub apple: S<Apple>,
+    pub gpu: S<MemoryTiers>,
+    pub cpu: S<CpuTiers>,
+}
+
+/// `[gpu]`: profiles by the memory of one GPU.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryTiers {
+    pub budget_fraction: S<f64>,
+    pub profile: Vec<S<RawProfile>>,
+}
+
+/// `[cpu]`: profiles by the memory a CPU run may use, and the SIMD features
+/// reported.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuTiers {
+    pub budget_fraction: S<f64>,
+    pub simd: Vec<S<Simd>>,
+    pub profile: Vec<S<RawProfile>>,
+}
+
+/// A SIMD feature and the `/proc/cpuinfo` flags that show it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Simd {
+    pub name: S<String>,
+    pub flags: Vec<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -180,8 +208,9 @@ pub struct Floor {
     pub min_batch_size: S<i64>,
 }
 
-/// A training profile row; `variant` and `memory_gb` are set on hardware rows
-/// and absent on the fallback profile.
+/// A training profile row; `variant` and `memory_gb` are set on Apple rows
+/// and absent on the fallback profile; `[gpu]` and `[cpu]` rows set only
+/// `memory_gb`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProfile {

@@ -69,6 +69,18 @@ pub struct HardwareRow {
     pub profile: Profile,
 }
 
+/// A `[[gpu.profile]]` or `[[cpu.profile]]` row.
+pub struct MemoryRow {
+    pub memory_gb: u32,
+    pub profile: Profile,
+}
+
+/// A `[[cpu.simd]]` feature: its name and the cpuinfo flags that show it.
+pub struct SimdFeature {
+    pub name: String,
+    pub flags: Vec<String>,
+}
+
 pub struct Generation {
     pub name: String,
     /// GPU cores per variant, in the order of `Tables::variants`.
@@ -152,6 +164,16 @@ pub struct Tables {
     pub gpu_core_batch_floors: Vec<(u32, u32)>,
     pub fallback_profile: Profile,
     pub profiles: Vec<HardwareRow>,
+    /// `[gpu] budget_fraction`.
+    pub gpu_budget_fraction: f64,
+    /// `[[gpu.profile]]`, smallest memory first.
+    pub gpu_rows: Vec<MemoryRow>,
+    /// `[cpu] budget_fraction`.
+    pub cpu_budget_fraction: f64,
+    /// `[[cpu.profile]]`, smallest memory first.
+    pub cpu_rows: Vec<MemoryRow>,
+    /// `[[cpu.simd]]`, in table order.
+    pub simd: Vec<SimdFeature>,
     pub tight_below_gb: u32,
     pub comfortable_below_gb: u32,
     pub tight_advice: String,
@@ -846,6 +868,14 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         }
     }
 
+    let gpu = h.gpu.get_ref();
+    let gpu_budget_fraction = fraction(&mut c, &gpu.budget_fraction, "gpu");
+    let gpu_rows = memory_rows(&mut c, "gpu", h.gpu.span(), &gpu.profile, &tiers, &limits);
+    let cpu = h.cpu.get_ref();
+    let cpu_budget_fraction = fraction(&mut c, &cpu.budget_fraction, "cpu");
+    let cpu_rows = memory_rows(&mut c, "cpu", h.cpu.span(), &cpu.profile, &tiers, &limits);
+    let simd = simd_features(&mut c, &cpu.simd);
+
     // ---- models.toml
     let fit = t.models.fit.get_ref();
     let tight_below_gb = c.int(MODELS, &fit.tight_below_gb, "tight_below_gb", 0, 1 << 20);
@@ -940,6 +970,11 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         gpu_core_batch_floors,
         fallback_profile,
         profiles,
+        gpu_budget_fraction,
+        gpu_rows,
+        cpu_budget_fraction,
+        cpu_rows,
+        simd,
         tight_below_gb,
         comfortable_below_gb,
         tight_advice: fit.tight_advice.get_ref().clone(),
@@ -1441,6 +1476,163 @@ fn layers_in_limits(c: &mut Checker, file: usize, v: &toml::Spanned<i64>, l: &Li
         i64::from(l.lora_num_layers_min),
         i64::from(l.lora_num_layers_max),
     )
+}
+
+/// A `budget_fraction` of `[section]`, in (0, 1].
+fn fraction(c: &mut Checker, v: &toml::Spanned<f64>, section: &str) -> f64 {
+    let f = *v.get_ref();
+    if !(f > 0.0 && f <= 1.0) {
+        c.err(
+            model::HARDWARE,
+            v.span(),
+            format!("[{section}] budget_fraction is {f}, must be in (0, 1]"),
+        );
+    }
+    f
+}
+
+/// The `[[SECTION.profile]]` rows: memory only (no variant), listed smallest
+/// memory first without duplicates, and rank, layers and batch never
+/// shrinking as memory grows.
+fn memory_rows(
+    c: &mut Checker,
+    section: &str,
+    section_span: Range<usize>,
+    rows: &[toml::Spanned<RawProfile>],
+    tiers: &[String],
+    l: &Limits,
+) -> Vec<MemoryRow> {
+    use model::HARDWARE;
+    let mut out: Vec<MemoryRow> = Vec::new();
+    let mut seen: HashMap<u32, Range<usize>> = HashMap::new();
+    if rows.is_empty() {
+        c.err(
+            HARDWARE,
+            section_span,
+            format!("[{section}] has no [[{section}.profile]] row"),
+        );
+    }
+    for row in rows {
+        let r = row.get_ref();
+        if let Some(v) = &r.variant {
+            c.err(
+                HARDWARE,
+                v.span(),
+                format!("a [[{section}.profile]] row is chosen by memory alone and must not name a variant"),
+            );
+        }
+        let Some(m) = &r.memory_gb else {
+            c.err(
+                HARDWARE,
+                row.span(),
+                format!("a [[{section}.profile]] row needs memory_gb"),
+            );
+            continue;
+        };
+        let memory_gb = c.int(HARDWARE, m, "memory_gb", 1, 1 << 20);
+        let profile = profile(c, r, tiers, l);
+        if let Some(first) = seen.get(&memory_gb) {
+            let at = c.sources[HARDWARE].at(first);
+            c.err(
+                HARDWARE,
+                m.span(),
+                format!(
+                    "duplicate [[{section}.profile]] row for memory_gb {memory_gb} (first at {at})"
+                ),
+            );
+            continue;
+        }
+        seen.insert(memory_gb, m.span());
+        if let Some(prev) = out.last() {
+            if memory_gb < prev.memory_gb {
+                c.err(
+                    HARDWARE,
+                    m.span(),
+                    format!(
+                        "memory_gb {memory_gb} is below {} of the row before (rows are listed smallest memory first)",
+                        prev.memory_gb
+                    ),
+                );
+            } else {
+                let checks = [
+                    (
+                        "batch_size",
+                        &r.batch_size,
+                        profile.batch_size,
+                        prev.profile.batch_size,
+                    ),
+                    (
+                        "lora_rank",
+                        &r.lora_rank,
+                        profile.lora_rank,
+                        prev.profile.lora_rank,
+                    ),
+                    (
+                        "lora_num_layers",
+                        &r.lora_num_layers,
+                        profile.lora_num_layers,
+                        prev.profile.lora_num_layers,
+                    ),
+                ];
+                for (what, span, now, before) in checks {
+                    if now < before {
+                        c.err(
+                            HARDWARE,
+                            span.span(),
+                            format!(
+                                "{what} {now} of the {memory_gb} GB row is below {before} of the {} GB row (profiles must not shrink as memory grows)",
+                                prev.memory_gb
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        out.push(MemoryRow { memory_gb, profile });
+    }
+    out
+}
+
+/// `[[cpu.simd]]`: unique identifier names, each with at least one flag, every
+/// flag an identifier shown by one feature only.
+fn simd_features(c: &mut Checker, features: &[toml::Spanned<model::Simd>]) -> Vec<SimdFeature> {
+    use model::HARDWARE;
+    let mut out = Vec::new();
+    let mut names = HashMap::new();
+    let mut flags_seen = HashMap::new();
+    for f in features {
+        let r = f.get_ref();
+        c.identifier(HARDWARE, &r.name, "SIMD feature name");
+        c.unique(
+            HARDWARE,
+            &mut names,
+            r.name.get_ref().clone(),
+            r.name.span(),
+            "SIMD feature",
+        );
+        if r.flags.is_empty() {
+            c.err(
+                HARDWARE,
+                f.span(),
+                format!("SIMD feature \"{}\" lists no flags", r.name.get_ref()),
+            );
+        }
+        for flag in &r.flags {
+            c.identifier(HARDWARE, flag, "cpuinfo flag");
+            c.unique(
+                HARDWARE,
+                &mut flags_seen,
+                flag.get_ref().clone(),
+                flag.span(),
+                "cpuinfo flag",
+            );
+        }
+        out.push(SimdFeature {
+            name: r.name.get_ref().clone(),
+            flags: r.flags.iter().map(|f| f.get_ref().clone()).collect(),
+        });
+    }
+    out
 }
 
 fn profile(c: &mut Checker, r: &RawProfile, tiers: &[String], l: &Limits) -> Profile {

@@ -40,7 +40,10 @@ pub use scaled::private as __private;
 
 pub use detect::{ModelName, ModelSize, SizeSource, detect_model_size};
 pub use files::{FileSize, FilesError, detect_model_size_from_path};
-pub use hardware::{HardwareProfile, optimized_profile};
+pub use hardware::{
+    DeviceKind, HardwareProfile, Machine, MachineProfile, MemoryProfile, detect_machine,
+    memory_profile, optimized_profile,
+};
 pub use scale::{scale_profile_for_category, scale_profile_for_model};
 pub use tables::{ChipVariant, Generation, Profile, SizeCategory, SizeConfig, Tier};
 

@@ -149,6 +149,25 @@ pub struct HardwareRow {
     pub profile: Profile,
 }
 
+/// A row of the `[gpu]` or `[cpu]` hardware table: the profile for a memory
+/// size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRow {
+    /// Memory in GB.
+    pub memory_gb: u32,
+    /// The profile for this much memory.
+    pub profile: Profile,
+}
+
+/// A SIMD feature reported for a CPU (`tables/hardware.toml`, `[[cpu.simd]]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimdFeature {
+    /// The name shown (`avx512_vnni`, `neon`).
+    pub name: &'static str,
+    /// The `/proc/cpuinfo` flags that show it; any one suffices.
+    pub flags: &'static [&'static str],
+}
+
 /// A model the recommender knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KnownModel {
@@ -331,6 +350,30 @@ const fn hardware_rows_valid(rows: &[&[HardwareRow]], l: &Limits) -> bool {
     true
 }
 
+/// Checks `[gpu]`/`[cpu]` rows: ascending memory, valid profiles that never
+/// shrink as memory grows.
+const fn memory_rows_valid(rows: &[MemoryRow], l: &Limits) -> bool {
+    let mut i = 0;
+    while i < rows.len() {
+        let r = &rows[i];
+        if !profile_valid(&r.profile, l) {
+            return false;
+        }
+        if i > 0 {
+            let p = &rows[i - 1];
+            if r.memory_gb <= p.memory_gb
+                || r.profile.batch_size < p.profile.batch_size
+                || r.profile.lora_rank < p.profile.lora_rank
+                || r.profile.lora_num_layers < p.profile.lora_num_layers
+            {
+                return false;
+            }
+        }
+        i += 1;
+    }
+    !rows.is_empty()
+}
+
 const fn profile_valid(p: &Profile, l: &Limits) -> bool {
     p.batch_size > 0
         && p.lora_rank >= l.lora_rank_min
@@ -352,6 +395,12 @@ const _: () = assert!(
     profile_valid(&FALLBACK_PROFILE, &LIMITS),
     "tables/hardware.toml: the fallback profile breaks an invariant"
 );
+const _: () = assert!(
+    memory_rows_valid(&GPU_ROWS, &LIMITS) && memory_rows_valid(&CPU_ROWS, &LIMITS),
+    "tables/hardware.toml: a [gpu] or [cpu] row breaks an invariant"
+);
+const _: () = assert!(GPU_BUDGET_FRACTION > 0.0 && GPU_BUDGET_FRACTION <= 1.0);
+const _: () = assert!(CPU_BUDGET_FRACTION > 0.0 && CPU_BUDGET_FRACTION <= 1.0);
 const _: () = assert!(BATCH_SIZE_CAP > 0 && DEFAULT_BATCH_SIZE > 0);
 const _: () = assert!(BUDGET_FRACTION > 0.0 && BUDGET_FRACTION <= 1.0);
 const _: () = assert!(TIGHT_BELOW_GB <= COMFORTABLE_BELOW_GB);

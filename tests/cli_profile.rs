@@ -25,7 +25,8 @@ use qlora_scale::storage::PROFILE_PATH_ENV;
 use serde_json::Value;
 
 const HERMES_7B: &str = "NousResearch/Hermes-2-Pro-Mistral-7B";
-const NOT_DETECTED: &str = "could not detect hardware (not an Apple Silicon Mac?)";
+#[cfg(target_os = "macos")]
+const NOT_DETECTED: &str = "could not detect hardware (no Apple Silicon chip";
 
 /// A sandbox: a temporary home, and a profile path inside it.
 struct Sandbox {
@@ -347,14 +348,30 @@ fn detect_model_into_a_closed_pipe_exits_quietly() {
 
 // ---------------------------------------------------------------- hardware
 
-#[cfg(not(target_os = "macos"))]
+#[cfg(target_os = "linux")]
 #[test]
-fn hardware_off_a_mac_says_it_could_not_detect() {
+fn hardware_on_linux_shows_what_it_found_and_the_row() {
     let sb = Sandbox::new();
-    let err = fails(&sb.run(&["hardware"]));
-    assert_eq!(err, format!("error: {NOT_DETECTED}\n"));
-    let err = fails(&sb.run(&["hardware", "--json"]));
-    assert!(err.contains(NOT_DETECTED), "{err}");
+    let text = ok(&sb.run(&["hardware"]));
+    assert!(text.starts_with("Found:\n"), "{text}");
+    assert!(text.contains("\n  CPU memory         "), "{text}");
+    assert!(text.contains("\n  NVIDIA GPUs        "), "{text}");
+    assert!(text.contains("\nChosen row: ["), "{text}");
+    assert!(text.contains("\n  training budget    "), "{text}");
+
+    let v = json(&sb.run(&["hardware", "--json"]));
+    let memory = v["detected"]["linux_cpu"]["memory_gb"].as_u64().unwrap();
+    assert!(memory > 0, "{v}");
+    let table = if v["detected"]["gpus"].as_array().unwrap().is_empty() {
+        assert_eq!(v["profile"]["memory_gb"].as_u64(), Some(memory), "{v}");
+        "cpu"
+    } else {
+        "gpu"
+    };
+    assert_eq!(v["chosen"]["table"], table, "{v}");
+    assert_eq!(v["profile"]["device"], table, "{v}");
+    assert_eq!(v["chosen"]["row_memory_gb"], v["profile"]["row_memory_gb"]);
+    assert!(v["profile"]["lora_rank"].is_u64(), "{v}");
 }
 
 #[cfg(target_os = "macos")]
@@ -367,6 +384,89 @@ fn hardware_on_a_mac_shows_a_profile_or_says_why_not() {
         assert!(v["profile"]["lora_rank"].is_u64());
     } else {
         assert!(fails(&out).contains(NOT_DETECTED));
+    }
+}
+
+/// `profile ARGS` with a fake `nvidia-smi` first on `PATH`: a shell script
+/// that prints `output` and exits with `status`.
+#[cfg(target_os = "linux")]
+fn run_with_fake_nvidia_smi(sb: &Sandbox, output: &str, status: i32, args: &[&str]) -> Output {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = sb.dir.path().join("fake-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let data = bin.join("output.txt");
+    std::fs::write(&data, output).unwrap();
+    let script = bin.join("nvidia-smi");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\ncat '{}'\nexit {status}\n", data.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
+    sb.bare()
+        .env("PATH", path)
+        .arg("--profile-path")
+        .arg(sb.profile())
+        .args(args)
+        .output()
+        .expect("profile runs")
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn hardware_with_nvidia_gpus_chooses_the_largest_gpu_row() {
+    let sb = Sandbox::new();
+    let smi = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hardware/nvidia-smi-mixed.csv"
+    ))
+    .unwrap();
+    let text = ok(&run_with_fake_nvidia_smi(&sb, &smi, 0, &["hardware"]));
+    assert!(text.contains("\n  NVIDIA GPUs        2\n"), "{text}");
+    assert!(
+        text.contains("\nChosen row: [gpu] 24 GB, the nearest to 23 GB (GPU 1, the largest)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nProfile for an NVIDIA GPU, 23 GB:\n"),
+        "{text}"
+    );
+    let v = json(&run_with_fake_nvidia_smi(
+        &sb,
+        &smi,
+        0,
+        &["scale", "--model", HERMES_7B],
+    ));
+    assert_eq!(v["device"], "gpu");
+    assert_eq!(v["row_memory_gb"], 24);
+    assert_eq!(v["hardware_source"], "detected");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn hardware_with_nvidia_smi_finding_no_gpu_falls_back_to_the_cpu() {
+    let sb = Sandbox::new();
+    for (output, status) in [
+        ("No devices were found\n", 6),
+        (
+            "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n",
+            9,
+        ),
+        ("garbage\n", 0),
+    ] {
+        let v = json(&run_with_fake_nvidia_smi(
+            &sb,
+            output,
+            status,
+            &["hardware", "--json"],
+        ));
+        assert_eq!(v["chosen"]["table"], "cpu", "{output}: {v}");
+        let note = v["detected"]["gpu_note"].as_str().unwrap();
+        assert!(note.starts_with("nvidia-smi "), "{note}");
     }
 }
 
@@ -493,14 +593,53 @@ fn scale_partial_override_without_saved_profile_names_missing_flags() {
     assert!(err.starts_with("error: missing --chip:"), "{err}");
 }
 
-#[cfg(not(target_os = "macos"))]
+#[cfg(target_os = "linux")]
 #[test]
-fn scale_without_any_hardware_explains_what_to_pass() {
+fn scale_without_a_saved_profile_uses_the_detected_machine() {
     let sb = Sandbox::new();
-    let err = fails(&sb.run(&["scale", "--model", HERMES_7B]));
+    let v = json(&sb.run(&["scale", "--model", HERMES_7B]));
+    assert_eq!(v["hardware_source"], "detected");
+    assert!(v["device"] == "cpu" || v["device"] == "gpu", "{v}");
+    assert!(v["row_memory_gb"].is_u64(), "{v}");
+    assert_eq!(v["model_size"]["category"], "small");
+}
+
+#[test]
+fn scale_for_a_gpu_or_cpu_by_memory() {
+    let sb = Sandbox::new();
+    // An H100 reports 79 GiB: the 80 GB row, scaled down to a 7B model.
+    let v = json(&sb.run(&["scale", "--model", HERMES_7B, "--gpu-memory", "79"]));
+    assert_eq!(v["hardware_source"], "flags");
+    assert_eq!(v["device"], "gpu");
+    assert_eq!(
+        (v["memory_gb"].as_u64(), v["row_memory_gb"].as_u64()),
+        (Some(79), Some(80))
+    );
+    assert_eq!(v["training_budget_gb"], 71);
+    assert_eq!(v["lora_rank"], 32);
+    assert!(v.get("generation").is_none(), "{v}");
+    let v = json(&sb.run(&["scale", "--model", HERMES_7B, "--cpu-memory", "32"]));
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["training_budget_gb"], 22);
+    // A saved Apple profile does not get in the way.
+    setup_with_flags(&sb, "m2", "ultra", "192");
+    let v = json(&sb.run(&["scale", "--model", HERMES_7B, "--cpu-memory", "32"]));
+    assert_eq!(v["device"], "cpu");
+    // Apple flags and device flags exclude each other.
+    let out = sb.run(&[
+        "scale",
+        "--model",
+        HERMES_7B,
+        "--gpu-memory",
+        "24",
+        "--chip",
+        "ultra",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        err.contains("pass --generation, --chip and --memory, or run `profile setup`"),
-        "{err}"
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
     );
 }
 

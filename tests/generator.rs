@@ -255,11 +255,107 @@ fn hardware_errors() {
             ),
         ]),
         [
-            "tables/hardware.toml:5:19: budget_fraction is 1.8, must be in (0, 1]",
-            "tables/hardware.toml:19:13: gpu_cores of \"m1\" has no entry for variant \"ultra\"",
-            "tables/hardware.toml:19:52: gpu_cores names unknown variant \"ulta\" (known: base, pro, max, ultra)",
-            "tables/hardware.toml:177:1: duplicate profile for (variant, memory_gb) \"pro 32\" (first at 168:1)",
+            "tables/hardware.toml:6:19: budget_fraction is 1.8, must be in (0, 1]",
+            "tables/hardware.toml:20:13: gpu_cores of \"m1\" has no entry for variant \"ultra\"",
+            "tables/hardware.toml:20:52: gpu_cores names unknown variant \"ulta\" (known: base, pro, max, ultra)",
+            "tables/hardware.toml:179:1: duplicate profile for (variant, memory_gb) \"pro 32\" (first at 170:1)",
         ]
+    );
+}
+
+/// 1-based line `offset` lines below the line of a real table that is
+/// exactly `marker`.
+fn line_below(file: &str, marker: &str, offset: usize) -> usize {
+    line_of(file, marker) + offset
+}
+
+#[test]
+fn gpu_and_cpu_row_errors_all_reported_at_once() {
+    const H: &str = "hardware.toml";
+    let gpu8 = line_below(
+        H,
+        "# 8 GB (RTX 3070/4060): a 7B model at batch 1 with checkpointing, few layers.",
+        2,
+    );
+    let gpu12 = line_below(
+        H,
+        "# 12 GB (RTX 3060/4070): 7B with room for more layers.",
+        2,
+    );
+    let gpu40 = line_below(H, "# 40 GB (A100 40GB): 30-34B, or 13B at larger batch.", 2);
+    let gpu80 = line_below(
+        H,
+        "# 80 GB (A100 80GB, H100): 70B at batch 8; checkpointing stays on, since a",
+        3,
+    );
+    let cpu64 = line_below(H, "# 64 GB: 13-14B.", 2);
+    let cpu256 = line_below(H, "# 256 GB: 70B with more layers and rank.", 2);
+    let gpu_budget = line_of(H, "budget_fraction = 0.9");
+    let sve = line_of(H, "flags = [\"sve\"]");
+    let asimd = line_of(H, "flags = [\"asimd\", \"neon\"]");
+    // The `variant` line added to the 80 GB row moves every later line down.
+    let (cpu64, cpu256, sve, asimd) = (cpu64 + 1, cpu256 + 1, sve + 1, asimd + 1);
+    assert_eq!(
+        errors(&[
+            (H, "budget_fraction = 0.9", "budget_fraction = 1.5"),
+            (H, "memory_gb = 12\n", "memory_gb = 8\n"),
+            (
+                H,
+                "memory_gb = 40\nbatch_size = 4\nlora_rank = 96",
+                "memory_gb = 40\nbatch_size = 4\nlora_rank = 48"
+            ),
+            (
+                H,
+                "[[gpu.profile]]\nmemory_gb = 80",
+                "[[gpu.profile]]\nvariant = \"max\"\nmemory_gb = 80"
+            ),
+            (
+                H,
+                "memory_gb = 64\nbatch_size = 2\nlora_rank = 64\nlora_num_layers = 16\ngrad_checkpoint = true\ntier = \"medium\"\n\n# 128",
+                "memory_gb = 64\nbatch_size = 2\nlora_rank = 64\nlora_num_layers = 16\ngrad_checkpoint = true\ntier = \"huge\"\n\n# 128"
+            ),
+            (H, "memory_gb = 256", "memory_gb = 100"),
+            (H, "flags = [\"sve\"]", "flags = [\"asimd\"]"),
+        ]),
+        [
+            format!(
+                "tables/hardware.toml:{gpu_budget}:19: [gpu] budget_fraction is 1.5, must be in (0, 1]"
+            ),
+            format!(
+                "tables/hardware.toml:{gpu12}:13: duplicate [[gpu.profile]] row for memory_gb 8 (first at {gpu8}:13)"
+            ),
+            format!(
+                "tables/hardware.toml:{}:13: lora_rank 48 of the 40 GB row is below 64 of the 24 GB row (profiles must not shrink as memory grows)",
+                gpu40 + 2
+            ),
+            format!(
+                "tables/hardware.toml:{gpu80}:11: a [[gpu.profile]] row is chosen by memory alone and must not name a variant"
+            ),
+            format!(
+                "tables/hardware.toml:{}:8: unknown tier \"huge\" (known: entry, medium, large, enterprise)",
+                cpu64 + 5
+            ),
+            format!(
+                "tables/hardware.toml:{cpu256}:13: memory_gb 100 is below 128 of the row before (rows are listed smallest memory first)"
+            ),
+            format!(
+                "tables/hardware.toml:{sve}:10: duplicate cpuinfo flag \"asimd\" (first at {asimd}:10)"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_gpu_or_cpu_section_needs_rows() {
+    let e = errors(&[(
+        "hardware.toml",
+        "[[cpu.profile]]\nmemory_gb = 8\n",
+        "[[cpu.profile]]\n",
+    )]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].ends_with(": a [[cpu.profile]] row needs memory_gb"),
+        "{e:?}"
     );
 }
 

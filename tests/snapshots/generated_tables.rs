@@ -2,7 +2,7 @@
 // change tables/*.toml and rebuild. Inputs (FNV-1a 64):
 //   tables/size.toml d167648bbbfb3fb3
 //   tables/detect.toml 0a47f87bded78b2a
-//   tables/hardware.toml 28d81075be22571c
+//   tables/hardware.toml 9ad6868eb7fd61c4
 //   tables/models.toml 5b3aebe10d46a4b0
 //   tables/defaults.toml dd1ab0e91e79684f
 //   tables/known_models.toml 222e2f19666c5609
@@ -1102,6 +1102,177 @@ pub const HARDWARE_ROWS: [&[HardwareRow]; 4] = [
             },
         },
     ],
+];
+/// Share of one GPU's memory a training run may use.
+pub const GPU_BUDGET_FRACTION: f64 = 0.9;
+/// Profiles by the memory (GB) of one GPU, smallest first.
+pub const GPU_ROWS: [MemoryRow; 7] = [
+    MemoryRow {
+        memory_gb: 8,
+        profile: Profile {
+            batch_size: 1,
+            lora_rank: 16,
+            lora_num_layers: 8,
+            grad_checkpoint: true,
+            model_tier: Tier::Entry,
+        },
+    },
+    MemoryRow {
+        memory_gb: 12,
+        profile: Profile {
+            batch_size: 1,
+            lora_rank: 32,
+            lora_num_layers: 12,
+            grad_checkpoint: true,
+            model_tier: Tier::Entry,
+        },
+    },
+    MemoryRow {
+        memory_gb: 16,
+        profile: Profile {
+            batch_size: 2,
+            lora_rank: 32,
+            lora_num_layers: 16,
+            grad_checkpoint: true,
+            model_tier: Tier::Entry,
+        },
+    },
+    MemoryRow {
+        memory_gb: 24,
+        profile: Profile {
+            batch_size: 2,
+            lora_rank: 64,
+            lora_num_layers: 16,
+            grad_checkpoint: true,
+            model_tier: Tier::Medium,
+        },
+    },
+    MemoryRow {
+        memory_gb: 40,
+        profile: Profile {
+            batch_size: 4,
+            lora_rank: 96,
+            lora_num_layers: 20,
+            grad_checkpoint: true,
+            model_tier: Tier::Medium,
+        },
+    },
+    MemoryRow {
+        memory_gb: 48,
+        profile: Profile {
+            batch_size: 4,
+            lora_rank: 128,
+            lora_num_layers: 24,
+            grad_checkpoint: true,
+            model_tier: Tier::Large,
+        },
+    },
+    MemoryRow {
+        memory_gb: 80,
+        profile: Profile {
+            batch_size: 8,
+            lora_rank: 192,
+            lora_num_layers: 32,
+            grad_checkpoint: true,
+            model_tier: Tier::Large,
+        },
+    },
+];
+/// Share of the memory a CPU run may use.
+pub const CPU_BUDGET_FRACTION: f64 = 0.7;
+/// Profiles by the memory (GB) a CPU run may use, smallest first.
+pub const CPU_ROWS: [MemoryRow; 6] = [
+    MemoryRow {
+        memory_gb: 8,
+        profile: Profile {
+            batch_size: 1,
+            lora_rank: 16,
+            lora_num_layers: 4,
+            grad_checkpoint: true,
+            model_tier: Tier::Entry,
+        },
+    },
+    MemoryRow {
+        memory_gb: 16,
+        profile: Profile {
+            batch_size: 1,
+            lora_rank: 16,
+            lora_num_layers: 8,
+            grad_checkpoint: true,
+            model_tier: Tier::Entry,
+        },
+    },
+    MemoryRow {
+        memory_gb: 32,
+        profile: Profile {
+            batch_size: 1,
+            lora_rank: 32,
+            lora_num_layers: 12,
+            grad_checkpoint: true,
+            model_tier: Tier::Entry,
+        },
+    },
+    MemoryRow {
+        memory_gb: 64,
+        profile: Profile {
+            batch_size: 2,
+            lora_rank: 64,
+            lora_num_layers: 16,
+            grad_checkpoint: true,
+            model_tier: Tier::Medium,
+        },
+    },
+    MemoryRow {
+        memory_gb: 128,
+        profile: Profile {
+            batch_size: 2,
+            lora_rank: 96,
+            lora_num_layers: 20,
+            grad_checkpoint: true,
+            model_tier: Tier::Large,
+        },
+    },
+    MemoryRow {
+        memory_gb: 256,
+        profile: Profile {
+            batch_size: 4,
+            lora_rank: 128,
+            lora_num_layers: 24,
+            grad_checkpoint: true,
+            model_tier: Tier::Large,
+        },
+    },
+];
+/// SIMD features reported for a CPU, in table order.
+pub const SIMD_FEATURES: [SimdFeature; 7] = [
+    SimdFeature {
+        name: "avx2",
+        flags: &["avx2"],
+    },
+    SimdFeature {
+        name: "avx512f",
+        flags: &["avx512f"],
+    },
+    SimdFeature {
+        name: "avx512_vnni",
+        flags: &["avx512_vnni"],
+    },
+    SimdFeature {
+        name: "avx512_bf16",
+        flags: &["avx512_bf16"],
+    },
+    SimdFeature {
+        name: "amx",
+        flags: &["amx_tile"],
+    },
+    SimdFeature {
+        name: "neon",
+        flags: &["asimd", "neon"],
+    },
+    SimdFeature {
+        name: "sve",
+        flags: &["sve"],
+    },
 ];
 /// Index into [`KNOWN_MODELS`] by key, ASCII case-insensitive.
 pub static MODEL_BY_KEY: ::phf::Map<Ascii<&'static str>, usize> = ::phf::Map {

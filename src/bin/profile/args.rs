@@ -14,7 +14,8 @@ use qlora_scale::{ChipVariant, Generation};
 /// Size QLoRA training to the machine and the model
 ///
 /// Detects the size of models from their names, picks the training profile
-/// for Apple Silicon hardware, saves it, and scales it for a model.
+/// for the hardware (Apple Silicon, an NVIDIA GPU, or the CPU), saves it (Apple
+/// Silicon), and scales it for a model.
 #[derive(Debug, Parser)]
 #[command(
     name = "profile",
@@ -56,14 +57,22 @@ pub enum Command {
     #[command(long_about = concat!(
         "Show this machine's hardware and the profile chosen for it.\n",
         "\n",
-        "Exits with status 1 and says so when the hardware cannot be detected (not an\n",
-        "Apple Silicon Mac).",
+        "Detects an Apple Silicon chip (sysctl), NVIDIA GPUs (nvidia-smi, when installed),\n",
+        "and on Linux the CPU, its SIMD features and the memory a run may use (the\n",
+        "smaller of /proc/meminfo and the cgroup limit). Prints what it found, the table\n",
+        "row it chose (Apple Silicon's own rows; else the [gpu] row nearest the largest\n",
+        "GPU's memory; else the [cpu] row nearest the usable memory) and the profile.\n",
+        "Exits with status 1 and says so when no memory size can be detected.",
     ))]
     Hardware(JsonArgs),
 
-    /// Create the saved profile: an interactive wizard, or flags
+    /// Create the saved profile of an Apple Silicon Mac: a wizard, or flags
     #[command(long_about = concat!(
-        "Create the saved profile: an interactive wizard, or flags.\n",
+        "Create the saved profile of an Apple Silicon Mac: an interactive wizard, or flags.\n",
+        "\n",
+        "Apple Silicon only. Other machines need no saved profile: `profile hardware` and\n",
+        "`profile scale` detect NVIDIA GPUs and the CPU, and `profile scale` takes\n",
+        "--gpu-memory or --cpu-memory for a machine other than this one.\n",
         "\n",
         "Asks for each of generation, chip variant and memory not given as a flag,\n",
         "offering detected values as defaults, then shows the profile and saves it\n",
@@ -94,8 +103,11 @@ pub enum Command {
     #[command(long_about = concat!(
         "Print the profile for a machine, scaled for a model, as JSON.\n",
         "\n",
-        "The machine is the saved profile, else the detected hardware; --generation,\n",
-        "--chip and --memory override it. Without either, all three flags are needed.",
+        "The machine is the saved profile, else the detected hardware (Apple Silicon, an\n",
+        "NVIDIA GPU or the CPU, as `profile hardware` shows); --generation, --chip and\n",
+        "--memory override an Apple Silicon one. Without either, all three flags are\n",
+        "needed. --gpu-memory or --cpu-memory size it for an NVIDIA GPU or the CPU\n",
+        "instead, ignoring the saved and detected hardware.",
     ))]
     Scale(ScaleArgs),
 }
@@ -127,11 +139,11 @@ pub struct HardwareFlags {
     #[arg(long, value_name = "GEN", value_parser = generation_parser(), ignore_case = true)]
     pub generation: Option<Generation>,
 
-    /// Chip variant
+    /// Apple Silicon chip variant
     #[arg(long, value_name = "VARIANT", value_parser = variant_parser(), ignore_case = true)]
     pub chip: Option<ChipVariant>,
 
-    /// Unified memory in GB
+    /// Apple Silicon unified memory in GB
     #[arg(
         long,
         value_name = "GB",
@@ -154,6 +166,11 @@ impl HardwareFlags {
     /// The flags that were not given, as `--name`s.
     pub fn missing(&self) -> Vec<&'static str> {
         self.to_override().missing()
+    }
+
+    /// Whether any of the flags was given.
+    pub fn any(&self) -> bool {
+        self.to_override().any()
     }
 }
 
@@ -191,6 +208,24 @@ pub struct ScaleArgs {
     /// Hardware overriding the saved or detected one.
     #[command(flatten)]
     pub hardware: HardwareFlags,
+
+    /// Size for one NVIDIA GPU with this much memory, GB (the [gpu] table)
+    #[arg(
+        long,
+        value_name = "GB",
+        value_parser = clap::value_parser!(u32).range(1..),
+        conflicts_with_all = ["generation", "chip", "memory", "cpu_memory"]
+    )]
+    pub gpu_memory: Option<u32>,
+
+    /// Size for training on the CPU with this much memory, GB (the [cpu] table)
+    #[arg(
+        long,
+        value_name = "GB",
+        value_parser = clap::value_parser!(u32).range(1..),
+        conflicts_with_all = ["generation", "chip", "memory"]
+    )]
+    pub cpu_memory: Option<u32>,
 }
 
 fn generation_parser() -> impl TypedValueParser<Value = Generation> {
@@ -207,8 +242,8 @@ fn variant_parser() -> impl TypedValueParser<Value = ChipVariant> {
 /// tables.
 fn memory_help() -> String {
     let mut help = String::from(
-        "Unified memory in GB. Any size is accepted (the variant's profile row with the\n\
-         nearest memory applies); the sizes each variant is sold with:",
+        "Apple Silicon unified memory in GB. Any size is accepted (the variant's profile\n\
+         row with the nearest memory applies); the sizes each variant is sold with:",
     );
     for variant in ChipVariant::ALL {
         help.push_str(&format!(

@@ -3,6 +3,7 @@
 use std::io::{self, Write};
 
 use qlora_scale::detect::{ModelSize, format_params_billions};
+use qlora_scale::hardware::{DeviceKind, MachineProfile, MemoryProfile};
 use qlora_scale::tables::DEFAULT_VARIANT;
 use qlora_scale::{ChipVariant, Generation, HardwareProfile, Profile};
 use serde_json::{Value, json};
@@ -55,6 +56,29 @@ pub fn write_hardware_profile(out: &mut dyn Write, hw: &HardwareProfile) -> io::
     writeln!(out, "  GPU cores          {}", hw.gpu_cores)?;
     writeln!(out, "  training budget    {} GB", hw.training_budget_gb)?;
     write_profile(out, &hw.profile)
+}
+
+/// A GPU or CPU profile as text: the device, its memory, the row, the budget
+/// and the settings.
+pub fn write_memory_profile(out: &mut dyn Write, p: &MemoryProfile) -> io::Result<()> {
+    let device = match p.device {
+        DeviceKind::Gpu => "an NVIDIA GPU",
+        DeviceKind::Cpu => "the CPU",
+    };
+    writeln!(out, "Profile for {device}, {} GB:", p.memory_gb)?;
+    writeln!(out, "  device             {}", p.device)?;
+    writeln!(out, "  memory             {} GB", p.memory_gb)?;
+    writeln!(out, "  table row          {} GB", p.row_memory_gb)?;
+    writeln!(out, "  training budget    {} GB", p.training_budget_gb)?;
+    write_profile(out, &p.profile)
+}
+
+/// Any machine's profile as text.
+pub fn write_machine_profile(out: &mut dyn Write, p: &MachineProfile) -> io::Result<()> {
+    match p {
+        MachineProfile::Apple(hw) => write_hardware_profile(out, hw),
+        MachineProfile::Memory(m) => write_memory_profile(out, m),
+    }
 }
 
 /// A parameter count in billions as JSON: a number (`7`, `0.5`), or `null`

@@ -5,30 +5,122 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use qlora_scale::files::detect_model_size_local;
-use qlora_scale::hardware::{DetectedHardware, detect_hardware};
-use qlora_scale::resolve::{self, HardwareSource};
-use qlora_scale::{HardwareProfile, ModelSize, detect_model_size, scale_profile_for_category};
+use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_profile};
+use qlora_scale::storage::load_profile;
+use qlora_scale::{ModelSize, detect_model_size, optimized_profile, scale_profile_for_category};
 use serde_json::{Map, Value};
 
 use crate::Context;
-use crate::args::{HardwareFlags, ScaleArgs};
+use crate::args::{HardwareFlags, ScaleArgs, join};
 use crate::render::{model_size_json, write_json_pretty};
 
-/// Resolves the hardware profile with [`qlora_scale::resolve::resolve_hardware`];
-/// with neither a base nor flags, says how to give one.
+/// Where the resolved hardware came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardwareSource {
+    /// All three flags.
+    Flags,
+    /// The saved profile, as saved.
+    SavedProfile,
+    /// The saved profile's hardware with some flags overriding it.
+    SavedProfileWithFlags,
+    /// The detected hardware.
+    Detected,
+    /// The detected hardware with some flags overriding it.
+    DetectedWithFlags,
+}
+
+impl HardwareSource {
+    /// The name printed in the JSON.
+    pub fn key(self) -> &'static str {
+        match self {
+            HardwareSource::Flags => "flags",
+            HardwareSource::SavedProfile => "saved_profile",
+            HardwareSource::SavedProfileWithFlags => "saved_profile+flags",
+            HardwareSource::Detected => "detected",
+            HardwareSource::DetectedWithFlags => "detected+flags",
+        }
+    }
+}
+
+/// `--gpu-memory` / `--cpu-memory`: a machine other than Apple Silicon.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceFlags {
+    /// `--gpu-memory GB`.
+    pub gpu_memory: Option<u32>,
+    /// `--cpu-memory GB`.
+    pub cpu_memory: Option<u32>,
+}
+
+/// Resolves the hardware profile (reference, section 7): `--gpu-memory` or
+/// `--cpu-memory` builds a GPU or CPU profile outright, as do all three
+/// Apple flags (the saved profile is not read); otherwise the base is the
+/// saved profile, else the detected hardware, and any Apple flags given
+/// override the base's hardware, rebuilding the profile. With no base (or a
+/// base that is not Apple Silicon under Apple flags), the missing flags are
+/// named.
+///
+/// A saved profile is used as saved when no flag is given, so edits to it
+/// are kept.
 pub fn resolve_hardware(
     flags: &HardwareFlags,
+    devices: DeviceFlags,
     saved_path: &Path,
-    detect: impl FnOnce() -> Option<DetectedHardware>,
-) -> anyhow::Result<(HardwareProfile, HardwareSource)> {
-    match resolve::resolve_hardware(&flags.to_override(), saved_path, detect)? {
-        Some(resolved) => Ok(resolved),
-        None => bail!(
-            "no hardware to scale for: no saved profile at {} and the hardware could not be \
-             detected; pass --generation, --chip and --memory, or run `profile setup`",
-            saved_path.display()
-        ),
+    detect: impl FnOnce() -> Option<MachineProfile>,
+) -> anyhow::Result<(MachineProfile, HardwareSource)> {
+    if let Some(gb) = devices.gpu_memory {
+        return Ok((
+            memory_profile(DeviceKind::Gpu, gb).into(),
+            HardwareSource::Flags,
+        ));
     }
+    if let Some(gb) = devices.cpu_memory {
+        return Ok((
+            memory_profile(DeviceKind::Cpu, gb).into(),
+            HardwareSource::Flags,
+        ));
+    }
+    if let (Some(g), Some(v), Some(m)) = (flags.generation, flags.chip, flags.memory) {
+        return Ok((optimized_profile(g, v, m).into(), HardwareSource::Flags));
+    }
+    let (base, source) = if let Some(saved) = load_profile(saved_path)? {
+        if !flags.any() {
+            return Ok((saved.into(), HardwareSource::SavedProfile));
+        }
+        (saved, HardwareSource::SavedProfileWithFlags)
+    } else if let Some(detected) = detect() {
+        match (detected, flags.any()) {
+            (_, false) => return Ok((detected, HardwareSource::Detected)),
+            (MachineProfile::Apple(apple), true) => (apple, HardwareSource::DetectedWithFlags),
+            (MachineProfile::Memory(p), true) => bail!(
+                "missing {}: no saved profile at {} and the detected machine is not Apple \
+                 Silicon (it takes the [{}] row) to take them from (give all of --generation, \
+                 --chip and --memory, or --gpu-memory/--cpu-memory)",
+                join(&flags.missing()),
+                saved_path.display(),
+                p.device
+            ),
+        }
+    } else if flags.any() {
+        bail!(
+            "missing {}: no saved profile at {} and no detected hardware to take them from \
+             (give all of --generation, --chip and --memory)",
+            join(&flags.missing()),
+            saved_path.display()
+        );
+    } else {
+        bail!(
+            "no hardware to scale for: no saved profile at {} and the hardware could not be \
+             detected; pass --generation, --chip and --memory (Apple Silicon), --gpu-memory or \
+             --cpu-memory, or run `profile setup`",
+            saved_path.display()
+        );
+    };
+    let profile = optimized_profile(
+        flags.generation.unwrap_or(base.generation),
+        flags.chip.unwrap_or(base.variant),
+        flags.memory.unwrap_or(base.memory_gb),
+    );
+    Ok((profile.into(), source))
 }
 
 /// The size of `model`: from its files when it is a local path (a problem
@@ -49,14 +141,14 @@ fn model_size(model: &[u8]) -> ModelSize {
 /// from.
 pub fn scaled_json(
     model: &[u8],
-    hardware: &HardwareProfile,
+    hardware: &MachineProfile,
     source: HardwareSource,
 ) -> anyhow::Result<Value> {
     let size = model_size(model);
-    let scaled = HardwareProfile {
-        profile: scale_profile_for_category(hardware.profile, size.category),
-        ..*hardware
-    };
+    let scaled = hardware.with_profile(scale_profile_for_category(
+        hardware.profile(),
+        size.category,
+    ));
     let mut map = Map::new();
     map.insert(
         "model".into(),
@@ -73,7 +165,13 @@ pub fn scaled_json(
 
 /// Runs `scale`.
 pub fn run(args: &ScaleArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (hardware, source) = resolve_hardware(&args.hardware, &ctx.profile_path, detect_hardware)?;
+    let devices = DeviceFlags {
+        gpu_memory: args.gpu_memory,
+        cpu_memory: args.cpu_memory,
+    };
+    let (hardware, source) = resolve_hardware(&args.hardware, devices, &ctx.profile_path, || {
+        detect_machine().profile()
+    })?;
     let value = scaled_json(args.model.as_encoded_bytes(), &hardware, source)?;
     write_json_pretty(out, &value).context("cannot write to stdout")
 }
@@ -82,7 +180,7 @@ pub fn run(args: &ScaleArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Resu
 mod tests {
     use super::*;
     use qlora_scale::hardware::parse_sysctl;
-    use qlora_scale::{ChipVariant, Generation, optimized_profile};
+    use qlora_scale::{ChipVariant, Generation};
 
     fn no_file() -> std::path::PathBuf {
         std::path::PathBuf::from("/nonexistent/qlora-scale-test/profile.json")
@@ -95,16 +193,72 @@ mod tests {
             memory: Some(192),
             ..HardwareFlags::default()
         };
-        let detect = || parse_sysctl("Apple M2 Ultra", "103079215104");
-        let (p, source) = resolve_hardware(&flags, &no_file(), detect).unwrap();
+        let detect = || {
+            parse_sysctl("Apple M2 Ultra", "103079215104")
+                .and_then(|d| d.profile())
+                .map(MachineProfile::from)
+        };
+        let none = DeviceFlags::default();
+        let (p, source) = resolve_hardware(&flags, none, &no_file(), detect).unwrap();
         assert_eq!(source, HardwareSource::DetectedWithFlags);
+        let MachineProfile::Apple(p) = p else {
+            panic!("{p:?}")
+        };
         assert_eq!(
             (p.generation, p.variant, p.memory_gb),
             (Generation::M2, ChipVariant::Ultra, 192)
         );
-        let (p, source) = resolve_hardware(&HardwareFlags::default(), &no_file(), detect).unwrap();
+        let (p, source) =
+            resolve_hardware(&HardwareFlags::default(), none, &no_file(), detect).unwrap();
         assert_eq!(source, HardwareSource::Detected);
-        assert_eq!(p.memory_gb, 96);
+        assert_eq!(p.memory_gb(), 96);
+    }
+
+    #[test]
+    fn a_detected_gpu_or_cpu_is_used_as_detected() {
+        let gpu = || Some(memory_profile(DeviceKind::Gpu, 23).into());
+        let none = DeviceFlags::default();
+        let (p, source) =
+            resolve_hardware(&HardwareFlags::default(), none, &no_file(), gpu).unwrap();
+        assert_eq!(source, HardwareSource::Detected);
+        let MachineProfile::Memory(p) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!((p.device, p.row_memory_gb), (DeviceKind::Gpu, 24));
+        // Apple flags need an Apple base.
+        let flags = HardwareFlags {
+            memory: Some(64),
+            ..HardwareFlags::default()
+        };
+        let msg = format!(
+            "{:#}",
+            resolve_hardware(&flags, none, &no_file(), gpu).unwrap_err()
+        );
+        assert!(
+            msg.starts_with("missing --generation, --chip: no saved profile at "),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("the detected machine is not Apple Silicon (it takes the [gpu] row)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn device_flags_build_the_profile_outright() {
+        let devices = DeviceFlags {
+            cpu_memory: Some(64),
+            ..DeviceFlags::default()
+        };
+        let (p, source) =
+            resolve_hardware(&HardwareFlags::default(), devices, &no_file(), || None).unwrap();
+        assert_eq!(source, HardwareSource::Flags);
+        let v = scaled_json(b"mistralai/Mistral-7B-v0.1", &p, source).unwrap();
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(v["memory_gb"], 64);
+        assert_eq!(v["row_memory_gb"], 64);
+        assert_eq!(v["training_budget_gb"], 44);
+        assert_eq!(v["model_size"]["category"], "small");
     }
 
     #[test]
@@ -113,14 +267,31 @@ mod tests {
             chip: Some(ChipVariant::Max),
             ..HardwareFlags::default()
         };
-        let err = resolve_hardware(&flags, &no_file(), || None).unwrap_err();
+        let err =
+            resolve_hardware(&flags, DeviceFlags::default(), &no_file(), || None).unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.starts_with("missing --generation, --memory:"), "{msg}");
     }
 
     #[test]
+    fn nothing_to_scale_for_names_every_way_to_give_it() {
+        let err = resolve_hardware(
+            &HardwareFlags::default(),
+            DeviceFlags::default(),
+            &no_file(),
+            || None,
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("pass --generation, --chip and --memory (Apple Silicon), --gpu-memory or --cpu-memory, or run `profile setup`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn json_is_flat_with_model_size() {
-        let hw = optimized_profile(Generation::M2, ChipVariant::Ultra, 192);
+        let hw = optimized_profile(Generation::M2, ChipVariant::Ultra, 192).into();
         let v = scaled_json(
             b"NousResearch/Hermes-2-Pro-Mistral-7B",
             &hw,

@@ -1,4 +1,6 @@
-//! `profile setup`: the wizard that creates the saved profile.
+//! `profile setup`: the wizard that creates the saved profile of an Apple
+//! Silicon Mac. (Other machines need none: `profile hardware` and `profile
+//! scale` detect NVIDIA GPUs and the CPU.)
 //!
 //! Each of generation, chip variant and memory not given as a flag is asked
 //! for, with the detected value as the default. A bad answer is explained and
@@ -17,6 +19,11 @@ use qlora_scale::{ChipVariant, Generation, optimized_profile};
 use crate::Context;
 use crate::args::{SetupArgs, join};
 use crate::render::{chip_name, write_hardware_profile};
+
+/// Said when the machine is not an Apple Silicon Mac: the wizard still asks,
+/// for a profile to use on a Mac.
+pub const NOT_APPLE_HINT: &str = "This wizard saves Apple Silicon profiles; \
+     for this machine see `profile hardware`, or `profile scale --gpu-memory/--cpu-memory`.";
 
 /// How many answers to one question are read before giving up.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -149,9 +156,12 @@ pub fn wizard(
                     chip_name(g, v)
                 )
             }
-            (None, Some(m)) => format!("Detected {m} GB of memory, but not an Apple Silicon chip."),
-            _ => "Could not detect the hardware (not an Apple Silicon Mac?); no defaults to offer."
-                .to_string(),
+            (None, Some(m)) => format!(
+                "Detected {m} GB of memory, but not an Apple Silicon chip. {NOT_APPLE_HINT}"
+            ),
+            _ => format!(
+                "Could not detect an Apple Silicon Mac; no defaults to offer. {NOT_APPLE_HINT}"
+            ),
         };
         writeln!(p.out, "{intro}").context("cannot write to stdout")?;
     }
@@ -345,6 +355,28 @@ mod tests {
             run.transcript
         );
         assert_eq!(run.saved().unwrap().profile.lora_rank, 256);
+    }
+
+    #[test]
+    fn off_apple_silicon_the_wizard_says_it_is_apple_only() {
+        let run = run_wizard(HardwareFlags::default(), true, None, "m2\nultra\n192\n");
+        run.result.as_ref().unwrap();
+        assert!(
+            run.transcript.starts_with(&format!(
+                "Could not detect an Apple Silicon Mac; no defaults to offer. {NOT_APPLE_HINT}\n"
+            )),
+            "{}",
+            run.transcript
+        );
+        let intel = parse_sysctl("Intel(R) Core(TM) i9-9980HK", "17179869184");
+        let run = run_wizard(HardwareFlags::default(), true, intel, "m2\nultra\n192\n");
+        assert!(
+            run.transcript.starts_with(&format!(
+                "Detected 16 GB of memory, but not an Apple Silicon chip. {NOT_APPLE_HINT}\n"
+            )),
+            "{}",
+            run.transcript
+        );
     }
 
     #[test]
