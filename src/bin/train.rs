@@ -199,6 +199,8 @@ fn main() -> ExitCode {
         .with_writer(io::stderr)
         .with_target(false)
         .without_time()
+        // Colour only on a terminal: logs piped to a file stay plain text.
+        .with_ansi(io::stderr().is_terminal())
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 //   tables/detect.toml 0a47f87bded78b2a
 //   tables/hardware.toml 9ad6868eb7fd61c4
 //   tables/models.toml 5b3aebe10d46a4b0
-//   tables/defaults.toml dd1ab0e91e79684f
+//   tables/defaults.toml c257ccc5d2b3a879
 //   tables/known_models.toml 222e2f19666c5609
 //   tables/profile.toml 176d841cffeec24a
 
@@ -1465,7 +1465,7 @@ pub mod embedded {
     ///Sequence length of the embedded run.
     pub const SEQ_LEN: u64 = 128;
     ///Optimizer steps of the embedded run.
-    pub const MAX_STEPS: u64 = 300;
+    pub const MAX_STEPS: u64 = 200;
     ///Peak learning rate of the embedded run.
     pub const LEARNING_RATE: f64 = 0.003;
     ///Warmup steps of the embedded run.
