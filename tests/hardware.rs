@@ -260,6 +260,13 @@ fn saved_profile_round_trip_and_atomicity() {
     assert_eq!(load_profile(&path).unwrap(), Some(q));
     let entries = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
     assert_eq!(entries, 1);
+    // Not the private mode of a temporary file: readable like any new file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_ne!(mode & 0o044, 0, "mode {mode:o}");
+    }
 }
 
 #[test]
