@@ -498,6 +498,17 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
             Ok(hir) => {
                 if hir.properties().minimum_len() == Some(0) {
                     c.err(DETECT, r.regex.span(), "pattern can match the empty string");
+                } else if !hir
+                    .properties()
+                    .look_set()
+                    .remove(regex_syntax::hir::Look::End)
+                    .is_empty()
+                {
+                    c.err(
+                        DETECT,
+                        r.regex.span(),
+                        "pattern may use no look-around but `$` (the end of the name)",
+                    );
                 } else if !starts_with_digit(&hir) {
                     c.err(
                         DETECT,

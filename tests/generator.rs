@@ -521,3 +521,15 @@ fn macro_schema_comes_from_the_same_tables() {
         "tables/profile.toml:40:8: unknown key kind \"switch\" (known: count, flag, tier)"
     );
 }
+
+#[test]
+fn pattern_look_around_other_than_end() {
+    assert_eq!(
+        errors(&[(
+            "detect.toml",
+            "regex = '(?:1|2|4|8|16|20|32|40|64|80|100|128|160|200|256|512|1000|1024)k(?:[^a-z]|$)'",
+            "regex = '(?:1|2|4)k\\b'",
+        )]),
+        ["tables/detect.toml:24:9: pattern may use no look-around but `$` (the end of the name)"]
+    );
+}
