@@ -162,6 +162,19 @@ pub fn load_jsonl(
         path: path.to_path_buf(),
         source,
     })?;
+    parse_jsonl(path, &text, tokenizer, seq_len, strict)
+}
+
+/// Parses and tokenizes JSONL `text`; `path` names it in messages. Bad lines
+/// are collected (fatal when `strict`); examples are truncated to `seq_len`
+/// tokens.
+pub fn parse_jsonl(
+    path: &Path,
+    text: &[u8],
+    tokenizer: &Tokenizer,
+    seq_len: usize,
+    strict: bool,
+) -> Result<Dataset, DataError> {
     let mut out = Dataset::default();
     for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::checkpoint::{self, CheckpointError, CheckpointState};
 use super::config::TrainConfig;
-use super::data::{DataError, Dataset, Example, load_jsonl};
+use super::data::{DataError, Dataset, Example, load_jsonl, parse_jsonl};
 use super::model::{self, ModelError};
 use super::optim::{AdamW, AdamWParams, clip_global_norm, lr_at};
 use super::plot::loss_svg;
@@ -23,8 +23,11 @@ use crate::qlora::LlamaModel;
 use crate::qlora::loss::masked_causal_lm_loss;
 use crate::storage::write_atomic;
 
-/// The corpus shipped in the repository, used without `--data-dir`.
-pub const DEFAULT_DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/default");
+/// The default corpus's training split (`data/default/train.jsonl`), built
+/// into the binary and used without `--data-dir`.
+pub const DEFAULT_TRAIN_JSONL: &[u8] = include_bytes!("../../data/default/train.jsonl");
+/// The default corpus's validation split (`data/default/valid.jsonl`).
+pub const DEFAULT_VALID_JSONL: &[u8] = include_bytes!("../../data/default/valid.jsonl");
 
 /// Errors of a run.
 #[derive(Debug, thiserror::Error)]
@@ -242,18 +245,37 @@ fn load_data(
     tok: &super::tokenizer::Tokenizer,
     obs: &mut dyn Observer,
 ) -> Result<(Dataset, Option<Dataset>), TrainError> {
-    let dir = cfg
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let seq = cfg.seq_len as usize;
-    let train_path = dir.join("train.jsonl");
-    let train = load_jsonl(&train_path, tok, seq, cfg.strict)?;
-    let valid_path = dir.join("valid.jsonl");
-    let valid = if valid_path.is_file() {
-        Some(load_jsonl(&valid_path, tok, seq, cfg.strict)?)
-    } else {
-        None
+    let (train, valid) = match &cfg.data_dir {
+        Some(dir) => {
+            let train = load_jsonl(&dir.join("train.jsonl"), tok, seq, cfg.strict)?;
+            let valid_path = dir.join("valid.jsonl");
+            let valid = if valid_path.is_file() {
+                Some(load_jsonl(&valid_path, tok, seq, cfg.strict)?)
+            } else {
+                None
+            };
+            (train, valid)
+        }
+        // The default corpus is built into the binary, so `train` runs from
+        // any directory.
+        None => {
+            let train = parse_jsonl(
+                Path::new("data/default/train.jsonl"),
+                DEFAULT_TRAIN_JSONL,
+                tok,
+                seq,
+                cfg.strict,
+            )?;
+            let valid = parse_jsonl(
+                Path::new("data/default/valid.jsonl"),
+                DEFAULT_VALID_JSONL,
+                tok,
+                seq,
+                cfg.strict,
+            )?;
+            (train, Some(valid))
+        }
     };
     for d in std::iter::once(&train).chain(valid.as_ref()) {
         for b in &d.bad_lines {
@@ -273,6 +295,10 @@ fn load_data(
         ));
     }
     if train.examples.is_empty() {
+        let train_path = match &cfg.data_dir {
+            Some(dir) => dir.join("train.jsonl"),
+            None => PathBuf::from("data/default/train.jsonl"),
+        };
         return Err(DataError::Empty(train_path).into());
     }
     Ok((train, valid))
