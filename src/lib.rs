@@ -24,6 +24,7 @@ pub mod files;
 pub mod hardware;
 pub mod qlora;
 pub mod recommend;
+pub mod report;
 pub mod resolve;
 pub mod scale;
 mod scaled;

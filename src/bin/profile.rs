@@ -33,6 +33,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 
 use args::{Cli, Command};
+use qlora_scale::report::error_message;
 
 /// What every subcommand needs besides its own arguments.
 pub struct Context {
@@ -80,23 +81,6 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
             .downcast_ref::<io::Error>()
             .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
     })
-}
-
-/// The error and its causes, `: `-separated, each said once: library errors
-/// that already quote their source are not followed by it again.
-fn error_message(err: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    message
 }
 
 fn main() -> ExitCode {

@@ -22,6 +22,7 @@ use qlora_scale::train::config::{Settings, TrainConfig, resolve};
 use qlora_scale::train::run::{Observer, StepLog, train};
 
 use args::{Cli, Command};
+use qlora_scale::report::error_message;
 
 /// Progress bar on a terminal, `tracing` lines otherwise.
 struct Progress {
@@ -172,22 +173,6 @@ fn merge(m: &args::MergeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("merging {} into {}", m.run_dir.display(), out.display()))?;
     tracing::info!("wrote {}", out.join("model.safetensors").display());
     Ok(())
-}
-
-/// The error and its causes, `: `-separated, each said once.
-fn error_message(err: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    message
 }
 
 fn main() -> ExitCode {

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use qlora_scale::files::detect_model_size_local;
 use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_profile};
+use qlora_scale::resolve::HardwareSource;
 use qlora_scale::storage::load_profile;
 use qlora_scale::{ModelSize, detect_model_size, optimized_profile, scale_profile_for_category};
 use serde_json::{Map, Value};
@@ -13,34 +14,6 @@ use serde_json::{Map, Value};
 use crate::Context;
 use crate::args::{HardwareFlags, ScaleArgs, join};
 use crate::render::{model_size_json, write_json_pretty};
-
-/// Where the resolved hardware came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HardwareSource {
-    /// All three flags.
-    Flags,
-    /// The saved profile, as saved.
-    SavedProfile,
-    /// The saved profile's hardware with some flags overriding it.
-    SavedProfileWithFlags,
-    /// The detected hardware.
-    Detected,
-    /// The detected hardware with some flags overriding it.
-    DetectedWithFlags,
-}
-
-impl HardwareSource {
-    /// The name printed in the JSON.
-    pub fn key(self) -> &'static str {
-        match self {
-            HardwareSource::Flags => "flags",
-            HardwareSource::SavedProfile => "saved_profile",
-            HardwareSource::SavedProfileWithFlags => "saved_profile+flags",
-            HardwareSource::Detected => "detected",
-            HardwareSource::DetectedWithFlags => "detected+flags",
-        }
-    }
-}
 
 /// `--gpu-memory` / `--cpu-memory`: a machine other than Apple Silicon.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
