@@ -1108,15 +1108,15 @@ fn recommend_uses_the_saved_profiles_memory() {
     );
 }
 
-#[cfg(not(target_os = "macos"))]
+#[cfg(target_os = "linux")]
 #[test]
-fn recommend_without_memory_asks_for_it() {
+fn recommend_without_memory_uses_the_detected_machine() {
+    // On Linux the CPU's usable memory is detected (/proc/meminfo and the
+    // cgroup limit), so no --memory is needed.
     let sb = Sandbox::new();
-    let err = fails(&sb.run(&["recommend"]));
-    assert!(
-        err.starts_with("error: no memory size: pass --memory GB"),
-        "{err}"
-    );
+    let v = json(&sb.run(&["recommend", "--json"]));
+    assert_eq!(v["memory_source"], "detected");
+    assert!(v["memory_gb"].as_u64().unwrap() > 0, "{v}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use anyhow::{Context as _, bail};
-use qlora_scale::hardware::{detect_hardware, training_budget_gb};
+use qlora_scale::hardware::{detect_machine, training_budget_gb};
 use qlora_scale::recommend::{Recommendation, recommend};
 use qlora_scale::storage::load_profile;
 use serde_json::{Value, json};
@@ -49,8 +49,14 @@ fn memory_gb(args: &RecommendArgs, ctx: &Context) -> anyhow::Result<(u32, Memory
     if let Some(p) = load_profile(&ctx.profile_path)? {
         return Ok((p.memory_gb, MemorySource::SavedProfile));
     }
-    if let Some(hw) = detect_hardware().filter(|hw| hw.memory_gb > 0) {
-        return Ok((hw.memory_gb, MemorySource::Detected));
+    // Apple Silicon, else the largest NVIDIA GPU, else the memory a CPU run
+    // may use (the smaller of /proc/meminfo and the cgroup limit).
+    if let Some(memory) = detect_machine()
+        .profile()
+        .map(|m| m.memory_gb())
+        .filter(|&m| m > 0)
+    {
+        return Ok((memory, MemorySource::Detected));
     }
     bail!(
         "no memory size: pass --memory GB (no saved profile at {}, and the hardware \
