@@ -18,7 +18,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::hardware::{DetectedHardware, HardwareProfile, optimized_profile};
+use crate::hardware::{
+    DetectedHardware, DeviceKind, HardwareProfile, MachineProfile, memory_profile,
+    optimized_profile,
+};
 use crate::storage::{StoreError, load_profile};
 use crate::tables::{ChipVariant, Generation};
 
@@ -109,9 +112,101 @@ pub enum ResolveError {
         /// Where the saved profile was looked for.
         saved_path: PathBuf,
     },
+    /// Apple Silicon flags were given, there is no saved profile, and the
+    /// detected machine is not Apple Silicon.
+    #[error(
+        "missing {}: no saved profile at {} and the detected machine is not Apple \
+         Silicon (it takes the [{device}] row) to take them from (give all of --generation, \
+         --chip and --memory, or --gpu-memory/--cpu-memory)",
+        .missing.join(", "),
+        .saved_path.display()
+    )]
+    NotApple {
+        /// The flags not given.
+        missing: Vec<&'static str>,
+        /// Where the saved profile was looked for.
+        saved_path: PathBuf,
+        /// What the detected machine trains on.
+        device: DeviceKind,
+    },
     /// The saved profile could not be read or is invalid (left untouched).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// `--gpu-memory` / `--cpu-memory`: a machine other than Apple Silicon.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceOverride {
+    /// `--gpu-memory GB`.
+    pub gpu_memory: Option<u32>,
+    /// `--cpu-memory GB`.
+    pub cpu_memory: Option<u32>,
+}
+
+/// Resolves the machine profile: `devices` (a GPU's or a CPU's memory) or
+/// all three Apple flags build it outright (the saved profile is not read);
+/// otherwise the base is the saved profile at `saved_path`, else
+/// `detect()`'s machine, and any Apple flags given override an Apple base's
+/// hardware, rebuilding the profile. `Ok(None)`: no base and no flags (the
+/// caller falls back to defaults or says so).
+///
+/// A saved profile is used as saved when no flag is given, so edits to it
+/// are kept.
+pub fn resolve_machine(
+    flags: &HardwareOverride,
+    devices: DeviceOverride,
+    saved_path: &Path,
+    detect: impl FnOnce() -> Option<MachineProfile>,
+) -> Result<Option<(MachineProfile, HardwareSource)>, ResolveError> {
+    if let Some(gb) = devices.gpu_memory {
+        return Ok(Some((
+            memory_profile(DeviceKind::Gpu, gb).into(),
+            HardwareSource::Flags,
+        )));
+    }
+    if let Some(gb) = devices.cpu_memory {
+        return Ok(Some((
+            memory_profile(DeviceKind::Cpu, gb).into(),
+            HardwareSource::Flags,
+        )));
+    }
+    if let (Some(g), Some(v), Some(m)) = (flags.generation, flags.chip, flags.memory) {
+        return Ok(Some((
+            optimized_profile(g, v, m).into(),
+            HardwareSource::Flags,
+        )));
+    }
+    let (base, source) = if let Some(saved) = load_profile(saved_path)? {
+        if !flags.any() {
+            return Ok(Some((saved.into(), HardwareSource::SavedProfile)));
+        }
+        (saved, HardwareSource::SavedProfileWithFlags)
+    } else if let Some(detected) = detect() {
+        match (detected, flags.any()) {
+            (_, false) => return Ok(Some((detected, HardwareSource::Detected))),
+            (MachineProfile::Apple(apple), true) => (apple, HardwareSource::DetectedWithFlags),
+            (MachineProfile::Memory(p), true) => {
+                return Err(ResolveError::NotApple {
+                    missing: flags.missing(),
+                    saved_path: saved_path.to_path_buf(),
+                    device: p.device,
+                });
+            }
+        }
+    } else if flags.any() {
+        return Err(ResolveError::MissingFlags {
+            missing: flags.missing(),
+            saved_path: saved_path.to_path_buf(),
+        });
+    } else {
+        return Ok(None);
+    };
+    let profile = optimized_profile(
+        flags.generation.unwrap_or(base.generation),
+        flags.chip.unwrap_or(base.variant),
+        flags.memory.unwrap_or(base.memory_gb),
+    );
+    Ok(Some((profile.into(), source)))
 }
 
 /// Resolves the hardware profile: all three flags build it outright (the
@@ -127,31 +222,16 @@ pub fn resolve_hardware(
     saved_path: &Path,
     detect: impl FnOnce() -> Option<DetectedHardware>,
 ) -> Result<Option<(HardwareProfile, HardwareSource)>, ResolveError> {
-    if let (Some(g), Some(v), Some(m)) = (flags.generation, flags.chip, flags.memory) {
-        return Ok(Some((optimized_profile(g, v, m), HardwareSource::Flags)));
-    }
-    let (base, source) = if let Some(saved) = load_profile(saved_path)? {
-        if !flags.any() {
-            return Ok(Some((saved, HardwareSource::SavedProfile)));
-        }
-        (saved, HardwareSource::SavedProfileWithFlags)
-    } else if let Some(detected) = detect().and_then(|d| d.profile()) {
-        if !flags.any() {
-            return Ok(Some((detected, HardwareSource::Detected)));
-        }
-        (detected, HardwareSource::DetectedWithFlags)
-    } else if flags.any() {
-        return Err(ResolveError::MissingFlags {
-            missing: flags.missing(),
-            saved_path: saved_path.to_path_buf(),
-        });
-    } else {
-        return Ok(None);
+    // Apple Silicon only: no device flags, and only an Apple machine is
+    // passed on as detected, so every profile resolved is an Apple one.
+    let detect_apple = || {
+        detect()
+            .and_then(|d| d.profile())
+            .map(MachineProfile::Apple)
     };
-    let profile = optimized_profile(
-        flags.generation.unwrap_or(base.generation),
-        flags.chip.unwrap_or(base.variant),
-        flags.memory.unwrap_or(base.memory_gb),
-    );
-    Ok(Some((profile, source)))
+    let resolved = resolve_machine(flags, DeviceOverride::default(), saved_path, detect_apple)?;
+    Ok(resolved.and_then(|(machine, source)| match machine {
+        MachineProfile::Apple(p) => Some((p, source)),
+        MachineProfile::Memory(_) => None,
+    }))
 }

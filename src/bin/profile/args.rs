@@ -167,11 +167,6 @@ impl HardwareFlags {
     pub fn missing(&self) -> Vec<&'static str> {
         self.to_override().missing()
     }
-
-    /// Whether any of the flags was given.
-    pub fn any(&self) -> bool {
-        self.to_override().any()
-    }
 }
 
 /// `setup` arguments.

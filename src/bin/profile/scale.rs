@@ -5,95 +5,32 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use qlora_scale::files::detect_model_size_local;
-use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_profile};
-use qlora_scale::resolve::HardwareSource;
-use qlora_scale::storage::load_profile;
-use qlora_scale::{ModelSize, detect_model_size, optimized_profile, scale_profile_for_category};
+use qlora_scale::hardware::{MachineProfile, detect_machine};
+use qlora_scale::resolve::{DeviceOverride, HardwareSource, resolve_machine};
+use qlora_scale::{ModelSize, detect_model_size, scale_profile_for_category};
 use serde_json::{Map, Value};
 
 use crate::Context;
-use crate::args::{HardwareFlags, ScaleArgs, join};
+use crate::args::{HardwareFlags, ScaleArgs};
 use crate::render::{model_size_json, write_json_pretty};
 
-/// `--gpu-memory` / `--cpu-memory`: a machine other than Apple Silicon.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceFlags {
-    /// `--gpu-memory GB`.
-    pub gpu_memory: Option<u32>,
-    /// `--cpu-memory GB`.
-    pub cpu_memory: Option<u32>,
-}
-
-/// Resolves the hardware profile (reference, section 7): `--gpu-memory` or
-/// `--cpu-memory` builds a GPU or CPU profile outright, as do all three
-/// Apple flags (the saved profile is not read); otherwise the base is the
-/// saved profile, else the detected hardware, and any Apple flags given
-/// override the base's hardware, rebuilding the profile. With no base (or a
-/// base that is not Apple Silicon under Apple flags), the missing flags are
-/// named.
-///
-/// A saved profile is used as saved when no flag is given, so edits to it
-/// are kept.
+/// Resolves the hardware with [`qlora_scale::resolve::resolve_machine`];
+/// with neither a base nor flags, says how to give one.
 pub fn resolve_hardware(
     flags: &HardwareFlags,
-    devices: DeviceFlags,
+    devices: DeviceOverride,
     saved_path: &Path,
     detect: impl FnOnce() -> Option<MachineProfile>,
 ) -> anyhow::Result<(MachineProfile, HardwareSource)> {
-    if let Some(gb) = devices.gpu_memory {
-        return Ok((
-            memory_profile(DeviceKind::Gpu, gb).into(),
-            HardwareSource::Flags,
-        ));
-    }
-    if let Some(gb) = devices.cpu_memory {
-        return Ok((
-            memory_profile(DeviceKind::Cpu, gb).into(),
-            HardwareSource::Flags,
-        ));
-    }
-    if let (Some(g), Some(v), Some(m)) = (flags.generation, flags.chip, flags.memory) {
-        return Ok((optimized_profile(g, v, m).into(), HardwareSource::Flags));
-    }
-    let (base, source) = if let Some(saved) = load_profile(saved_path)? {
-        if !flags.any() {
-            return Ok((saved.into(), HardwareSource::SavedProfile));
-        }
-        (saved, HardwareSource::SavedProfileWithFlags)
-    } else if let Some(detected) = detect() {
-        match (detected, flags.any()) {
-            (_, false) => return Ok((detected, HardwareSource::Detected)),
-            (MachineProfile::Apple(apple), true) => (apple, HardwareSource::DetectedWithFlags),
-            (MachineProfile::Memory(p), true) => bail!(
-                "missing {}: no saved profile at {} and the detected machine is not Apple \
-                 Silicon (it takes the [{}] row) to take them from (give all of --generation, \
-                 --chip and --memory, or --gpu-memory/--cpu-memory)",
-                join(&flags.missing()),
-                saved_path.display(),
-                p.device
-            ),
-        }
-    } else if flags.any() {
-        bail!(
-            "missing {}: no saved profile at {} and no detected hardware to take them from \
-             (give all of --generation, --chip and --memory)",
-            join(&flags.missing()),
-            saved_path.display()
-        );
-    } else {
-        bail!(
+    match resolve_machine(&flags.to_override(), devices, saved_path, detect)? {
+        Some(resolved) => Ok(resolved),
+        None => bail!(
             "no hardware to scale for: no saved profile at {} and the hardware could not be \
              detected; pass --generation, --chip and --memory (Apple Silicon), --gpu-memory or \
              --cpu-memory, or run `profile setup`",
             saved_path.display()
-        );
-    };
-    let profile = optimized_profile(
-        flags.generation.unwrap_or(base.generation),
-        flags.chip.unwrap_or(base.variant),
-        flags.memory.unwrap_or(base.memory_gb),
-    );
-    Ok((profile.into(), source))
+        ),
+    }
 }
 
 /// The size of `model`: from its files when it is a local path (a problem
@@ -138,7 +75,7 @@ pub fn scaled_json(
 
 /// Runs `scale`.
 pub fn run(args: &ScaleArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
-    let devices = DeviceFlags {
+    let devices = DeviceOverride {
         gpu_memory: args.gpu_memory,
         cpu_memory: args.cpu_memory,
     };
@@ -152,7 +89,8 @@ pub fn run(args: &ScaleArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qlora_scale::hardware::parse_sysctl;
+    use qlora_scale::hardware::{DeviceKind, memory_profile, parse_sysctl};
+    use qlora_scale::optimized_profile;
     use qlora_scale::{ChipVariant, Generation};
 
     fn no_file() -> std::path::PathBuf {
@@ -171,7 +109,7 @@ mod tests {
                 .and_then(|d| d.profile())
                 .map(MachineProfile::from)
         };
-        let none = DeviceFlags::default();
+        let none = DeviceOverride::default();
         let (p, source) = resolve_hardware(&flags, none, &no_file(), detect).unwrap();
         assert_eq!(source, HardwareSource::DetectedWithFlags);
         let MachineProfile::Apple(p) = p else {
@@ -190,7 +128,7 @@ mod tests {
     #[test]
     fn a_detected_gpu_or_cpu_is_used_as_detected() {
         let gpu = || Some(memory_profile(DeviceKind::Gpu, 23).into());
-        let none = DeviceFlags::default();
+        let none = DeviceOverride::default();
         let (p, source) =
             resolve_hardware(&HardwareFlags::default(), none, &no_file(), gpu).unwrap();
         assert_eq!(source, HardwareSource::Detected);
@@ -219,9 +157,9 @@ mod tests {
 
     #[test]
     fn device_flags_build_the_profile_outright() {
-        let devices = DeviceFlags {
+        let devices = DeviceOverride {
             cpu_memory: Some(64),
-            ..DeviceFlags::default()
+            ..DeviceOverride::default()
         };
         let (p, source) =
             resolve_hardware(&HardwareFlags::default(), devices, &no_file(), || None).unwrap();
@@ -241,7 +179,7 @@ mod tests {
             ..HardwareFlags::default()
         };
         let err =
-            resolve_hardware(&flags, DeviceFlags::default(), &no_file(), || None).unwrap_err();
+            resolve_hardware(&flags, DeviceOverride::default(), &no_file(), || None).unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.starts_with("missing --generation, --memory:"), "{msg}");
     }
@@ -250,7 +188,7 @@ mod tests {
     fn nothing_to_scale_for_names_every_way_to_give_it() {
         let err = resolve_hardware(
             &HardwareFlags::default(),
-            DeviceFlags::default(),
+            DeviceOverride::default(),
             &no_file(),
             || None,
         )
