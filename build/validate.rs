@@ -1178,6 +1178,13 @@ pub static SETTINGS: &[Setting] = &[
         "Checkpoints kept.",
     ),
     int(
+        "trainer",
+        "collective_timeout_s",
+        1,
+        1 << 20,
+        "Seconds a rank waits in one collective call before it gives up.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

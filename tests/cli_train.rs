@@ -212,6 +212,23 @@ mod test_scaling_with_cli_overrides {
     }
 
     #[test]
+    fn one_process_shows_rank_world_and_batches() {
+        let v = Sandbox::new().dry(&["--batch-size", "3", "--grad-accum-steps", "2"]);
+        assert_eq!(v["collective"], "single");
+        assert_eq!(v["rank"], 0);
+        assert_eq!(v["world_size"], 1);
+        assert_eq!(v["per_rank_batch_size"], 3);
+        assert_eq!(
+            v["global_batch_size"], 6,
+            "3 per rank x 1 rank x 2 accumulation steps"
+        );
+        assert_eq!(
+            v["collective_timeout_s"],
+            qlora_scale::tables::trainer::COLLECTIVE_TIMEOUT_S
+        );
+    }
+
+    #[test]
     fn cli_lora_rank_overrides_profile() {
         let v =
             Sandbox::new().dry(&[&["--lora-rank", "8", "--no-grad-checkpoint"][..], &HW].concat());

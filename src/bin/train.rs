@@ -18,8 +18,9 @@ use clap::Parser as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use qlora_scale::hardware::detect_hardware;
 use qlora_scale::storage::default_profile_path;
+use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::config::{Settings, TrainConfig, resolve};
-use qlora_scale::train::run::{Observer, StepLog, train};
+use qlora_scale::train::run::{Observer, StepLog, train_on};
 
 use args::{Cli, Command};
 use qlora_scale::report::error_message;
@@ -94,24 +95,82 @@ fn resolve_config(cli: &Cli) -> anyhow::Result<TrainConfig> {
     Ok(resolve(&settings, &profile_path, detect_hardware)?)
 }
 
+/// What ranks other than 0 show: everything at debug level.
+struct QuietObserver;
+
+impl Observer for QuietObserver {
+    fn step(&mut self, log: &StepLog, max_steps: u64) {
+        tracing::debug!(
+            "step {}/{max_steps} loss {:.4}, all-reduce {:.1} ms",
+            log.step,
+            log.loss,
+            log.allreduce_ms
+        );
+    }
+
+    fn note(&mut self, message: &str) {
+        tracing::debug!("{message}");
+    }
+}
+
+/// The collective this process trains with: NCCL when its flags are given,
+/// else MPI when an MPI launcher started it, else this process alone.
+fn connect(cli: &Cli, cfg: &TrainConfig) -> anyhow::Result<Box<dyn Collective>> {
+    let timeout = Duration::from_secs(cfg.collective_timeout_s);
+    #[cfg(feature = "nccl")]
+    if let (Some(rank), Some(world)) = (cli.nccl_rank, cli.nccl_world_size) {
+        let id_file = cli
+            .nccl_id_file
+            .clone()
+            .unwrap_or_else(|| collective::nccl::default_id_file(&cfg.output_dir));
+        return Ok(Box::new(collective::nccl::NcclCollective::connect(
+            rank, world, &id_file, timeout,
+        )?));
+    }
+    #[cfg(not(feature = "nccl"))]
+    let _ = cli;
+    Ok(collective::connect(timeout)?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Merge(m)) = &cli.command {
         return merge(m);
     }
     let cfg = resolve_config(&cli)?;
+    let coll = connect(&cli, &cfg)?;
+    let (rank, world) = (coll.rank(), coll.world_size());
+    let cfg = cfg.for_rank(coll.backend(), rank as u32, world as u32);
+    let result = run_as(&cli, &cfg, coll.as_ref());
+    if let Err(err) = &result
+        && world > 1
+    {
+        // The other ranks would wait for this one in their next collective:
+        // end them all, after saying why.
+        let _ = writeln!(
+            io::stderr().lock(),
+            "error: rank {rank} of {world}: {}",
+            error_message(err)
+        );
+        coll.abort(1);
+    }
+    result
+}
+
+fn run_as(cli: &Cli, cfg: &TrainConfig, coll: &dyn Collective) -> anyhow::Result<()> {
     if cli.dry_run {
         let stdout = io::stdout();
         let mut out = stdout.lock();
         if cli.json {
-            serde_json::to_writer(&mut out, &cfg).context("cannot write to stdout")?;
+            serde_json::to_writer(&mut out, cfg).context("cannot write to stdout")?;
         } else {
-            serde_json::to_writer_pretty(&mut out, &cfg).context("cannot write to stdout")?;
+            serde_json::to_writer_pretty(&mut out, cfg).context("cannot write to stdout")?;
         }
         writeln!(out).context("cannot write to stdout")?;
         return Ok(());
     }
-    tracing::info!(
-        "profile: {}{}; model {} ({} {}B, {}); batch {} x {} accum, rank {}, alpha {}, {} LoRA layers, checkpointing {}",
+    let lead = coll.rank() == 0;
+    let setup = format!(
+        "profile: {}{}; model {} ({} {}B, {}); batch {} x {} accum{}, rank {}, alpha {}, {} LoRA layers, checkpointing {}",
         cfg.profile_source,
         if cfg.profile_source == "defaults" {
             " (no saved profile and no detected hardware)"
@@ -127,13 +186,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         cfg.batch_size,
         cfg.grad_accum_steps,
+        if cfg.world_size > 1 {
+            format!(
+                " x {} ranks ({}) = {} examples per step",
+                cfg.world_size, cfg.collective, cfg.global_batch_size
+            )
+        } else {
+            String::new()
+        },
         cfg.lora_rank,
         cfg.lora_alpha,
         cfg.lora_layers,
         cfg.grad_checkpoint
     );
+    if !lead {
+        tracing::debug!("rank {} of {}: {setup}", cfg.rank, cfg.world_size);
+        train_on(cfg, cli.resume, &mut QuietObserver, coll)
+            .with_context(|| format!("training into {}", cfg.output_dir.display()))?;
+        return Ok(());
+    }
+    tracing::info!("{setup}");
     let mut progress = Progress::new(cfg.max_steps, 0);
-    let summary = train(&cfg, cli.resume, &mut progress)
+    let summary = train_on(cfg, cli.resume, &mut progress, coll)
         .with_context(|| format!("training into {}", cfg.output_dir.display()))?;
     if let Some(bar) = &progress.bar {
         bar.finish_and_clear();

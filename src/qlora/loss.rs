@@ -29,6 +29,31 @@ pub fn masked_causal_lm_loss(
     input_ids: &Tensor,
     mask: &Tensor,
 ) -> candle_core::Result<Tensor> {
+    let (sum, count) = masked_causal_lm_nll_sum(logits, input_ids, mask)?;
+    sum / count.max(1) as f64
+}
+
+/// The sum of the negative log-likelihoods of the masked next-token targets
+/// (a scalar tensor) and how many targets there are. Training divides sums
+/// by the token count of the whole step, over every micro-batch and every
+/// rank, so the gradient does not depend on how a step's examples are split.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qlora_scale::qlora::loss::{loss_mask, masked_causal_lm_nll_sum};
+/// let dev = Device::Cpu;
+/// let logits = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &dev).unwrap();
+/// let ids = Tensor::new(&[[0u32, 1, 2]], &dev).unwrap();
+/// let mask = loss_mask(&[vec![1, 1, 1]], None).unwrap();
+/// let (sum, n) = masked_causal_lm_nll_sum(&logits, &ids, &mask).unwrap();
+/// assert_eq!(n, 2);
+/// assert!((sum.to_scalar::<f32>().unwrap() - 2.0 * 4f32.ln()).abs() < 1e-6);
+/// ```
+pub fn masked_causal_lm_nll_sum(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3()?;
     if input_ids.dims() != [b, t] || mask.dims() != [b, t] {
         candle_core::bail!(
@@ -39,7 +64,7 @@ pub fn masked_causal_lm_loss(
         );
     }
     if t < 2 {
-        return Tensor::zeros((), logits.dtype(), logits.device());
+        return Ok((Tensor::zeros((), logits.dtype(), logits.device())?, 0));
     }
     let n = b * (t - 1);
     let lg = logits.narrow(1, 0, t - 1)?.reshape((n, v))?;
@@ -58,12 +83,8 @@ pub fn masked_causal_lm_loss(
     let nll = lg.contiguous()?.apply_op1(TokenNll {
         targets: std::sync::Arc::new(targets),
     })?;
-    let count = m
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .max(1.0);
-    (nll * m)?.sum_all()? / count
+    let count = m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(((nll * m)?.sum_all()?, count.round() as usize))
 }
 
 /// Fused, stable per-row negative log-likelihood `logsumexp(x) - x[target]`

@@ -118,14 +118,21 @@ pub fn save(
 
 /// Reads and verifies the checkpoint at `path`.
 pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
-    let corrupt = |why: String| CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        why,
-    };
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    parse(path, &bytes)
+}
+
+/// Verifies and reads the bytes of a checkpoint file (`path` names it in
+/// errors): how the ranks of a data-parallel run read the checkpoint rank 0
+/// found and sent them.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
+    let corrupt = |why: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        why,
+    };
     if bytes.len() < 12 || &bytes[..8] != MAGIC {
         return Err(corrupt("not a qlora-scale checkpoint (bad header)".into()));
     }

@@ -125,6 +125,8 @@ pub struct Settings {
     pub weight_decay: Option<f64>,
     /// Bad data lines are fatal.
     pub strict: Option<bool>,
+    /// Seconds a rank waits in one collective call before it gives up.
+    pub collective_timeout: Option<u64>,
 }
 
 macro_rules! merge_fields {
@@ -163,6 +165,7 @@ impl Settings {
             grad_clip,
             weight_decay,
             strict,
+            collective_timeout,
         )
     }
 
@@ -312,6 +315,53 @@ pub struct TrainConfig {
     /// Where each user-settable value came from: `cli_or_config`, `profile`
     /// or `default`.
     pub value_sources: BTreeMap<String, String>,
+    /// How the ranks of a data-parallel run talk: `single` (one process),
+    /// `mpi` or `nccl`.
+    #[serde(default = "single_backend")]
+    pub collective: String,
+    /// This process's rank (0 in a single process).
+    #[serde(default)]
+    pub rank: u32,
+    /// Processes training together, each on its own shard of every batch.
+    #[serde(default = "one")]
+    pub world_size: u32,
+    /// Examples per micro-batch on each rank (`--batch-size`).
+    #[serde(default)]
+    pub per_rank_batch_size: u32,
+    /// Examples per optimizer step over all ranks: per-rank batch x world
+    /// size x accumulation steps. A resume with another world size must
+    /// keep it.
+    #[serde(default)]
+    pub global_batch_size: u64,
+    /// Seconds a rank waits in one collective call before it gives up.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: u64,
+}
+
+fn single_backend() -> String {
+    "single".to_string()
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_collective_timeout() -> u64 {
+    trainer::COLLECTIVE_TIMEOUT_S
+}
+
+impl TrainConfig {
+    /// This configuration as rank `rank` of `world_size` processes talking
+    /// over `collective` sees it: the rank, the world and the global batch.
+    pub fn for_rank(mut self, collective: &str, rank: u32, world_size: u32) -> Self {
+        self.collective = collective.to_string();
+        self.rank = rank;
+        self.world_size = world_size.max(1);
+        self.per_rank_batch_size = self.batch_size;
+        self.global_batch_size =
+            self.batch_size as u64 * self.world_size as u64 * self.grad_accum_steps;
+        self
+    }
 }
 
 /// A model size as printed.
@@ -495,8 +545,20 @@ pub fn resolve(
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_OUTPUT_DIR)),
         strict: settings.strict.unwrap_or(false),
+        collective_timeout_s: val!(
+            "collective_timeout",
+            collective_timeout,
+            trainer::COLLECTIVE_TIMEOUT_S,
+            trainer::COLLECTIVE_TIMEOUT_S
+        ),
         value_sources: sources,
-    };
+        collective: single_backend(),
+        rank: 0,
+        world_size: 1,
+        per_rank_batch_size: 0,
+        global_batch_size: 0,
+    }
+    .for_rank("single", 0, 1);
     validate(&cfg)?;
     Ok(cfg)
 }
@@ -585,6 +647,7 @@ fn validate(c: &TrainConfig) -> Result<(), ConfigError> {
         ("--eval-every", c.eval_every),
         ("--checkpoint-every", c.checkpoint_every),
         ("--keep-checkpoints", c.keep_checkpoints),
+        ("--collective-timeout", c.collective_timeout_s),
     ] {
         if v == 0 {
             return bad(name, "0".into(), "must be at least 1");

@@ -1,9 +1,11 @@
 //! The trainer behind `cargo run --bin train`: resolve the configuration
 //! ([`config`]), build the model ([`model`]), read the data ([`data`],
 //! [`tokenizer`]), train ([`run`]) with AdamW ([`optim`]) and checkpoints
-//! ([`checkpoint`]), and plot the loss ([`plot`]).
+//! ([`checkpoint`]), and plot the loss ([`plot`]); over several processes
+//! the ranks share gradients through a [`collective`].
 
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod model;

@@ -4,7 +4,7 @@
 //   tables/detect.toml dcdb33701afc3eeb
 //   tables/hardware.toml 9ad6868eb7fd61c4
 //   tables/models.toml 5b3aebe10d46a4b0
-//   tables/defaults.toml c257ccc5d2b3a879
+//   tables/defaults.toml 92db2f7194cc0c16
 //   tables/known_models.toml 222e2f19666c5609
 //   tables/profile.toml 176d841cffeec24a
 
@@ -1445,6 +1445,8 @@ pub mod trainer {
     pub const CHECKPOINT_EVERY: u64 = 50;
     ///Checkpoints kept.
     pub const KEEP_CHECKPOINTS: u64 = 3;
+    ///Seconds a rank waits in one collective call before it gives up.
+    pub const COLLECTIVE_TIMEOUT_S: u64 = 600;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {

@@ -94,6 +94,23 @@ pub struct Cli {
     /// Make bad data lines fatal (otherwise skipped and counted)
     #[arg(long)]
     pub strict: bool,
+    /// Several processes (mpirun): seconds a rank waits in one collective
+    /// call before it decides another rank died or hangs
+    #[arg(long, value_name = "SECS")]
+    pub collective_timeout: Option<u64>,
+    /// NCCL: this process's rank, which is also its GPU
+    #[cfg(feature = "nccl")]
+    #[arg(long, value_name = "R", requires = "nccl_world_size")]
+    pub nccl_rank: Option<usize>,
+    /// NCCL: processes (GPUs) training together
+    #[cfg(feature = "nccl")]
+    #[arg(long, value_name = "N", requires = "nccl_rank")]
+    pub nccl_world_size: Option<usize>,
+    /// NCCL: the file through which rank 0 shares the communicator's id
+    /// [default: OUTPUT_DIR/nccl_id]; delete it between runs
+    #[cfg(feature = "nccl")]
+    #[arg(long, value_name = "FILE")]
+    pub nccl_id_file: Option<PathBuf>,
     /// Hardware overriding the saved or detected one.
     #[command(flatten)]
     pub hardware: HardwareArgs,
@@ -184,6 +201,7 @@ impl Cli {
             grad_clip: self.grad_clip,
             weight_decay: self.weight_decay,
             strict: self.strict.then_some(true),
+            collective_timeout: self.collective_timeout,
         }
     }
 }
