@@ -341,7 +341,7 @@ fn check_same_run(
     let mut mine = serde_json::to_value(cfg).unwrap_or_default();
     if let Some(map) = mine.as_object_mut() {
         for key in RANK_LOCAL_KEYS {
-            map.remove(key);
+            map.shift_remove(key);
         }
         map.insert(
             "training data".into(),
