@@ -11,8 +11,10 @@
 //! gradient buffer to the rank's GPU (ordinal = rank), reduces it there with
 //! `ncclAllReduce` and copies it back.
 //!
-//! This module is written against cudarc 0.19 (candle 0.11's) and has not
-//! been compiled on the project's machines, which have no CUDA.
+//! This module is written against cudarc 0.19.10 (candle 0.11's). The
+//! project's machines have no CUDA, so it has never been built with candle's
+//! `nccl` feature nor run; it was only type-checked (and linted) against
+//! cudarc alone, with its `nccl` and dynamic-loading features.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
