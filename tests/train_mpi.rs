@@ -1,6 +1,7 @@
 //! Data-parallel training over MPI with real processes: `mpirun -np 2` on
 //! the built `train` binary, on the embedded model at tiny sizes.
 //!
+//! - over an epoch the ranks' shards cover every example exactly once;
 //! - 2 ranks with batch B give, step by step, the losses and the adapter of
 //!   1 rank with batch 2B (and of 2 ranks with batch B/2 and 2 accumulation
 //!   steps): the global batch is split, not changed;
@@ -287,6 +288,54 @@ fn two_ranks_match_one_rank_with_twice_the_batch() {
         &["loss", "grad_norm"],
     );
     assert_same_adapter(&d.join("one"), &d.join("accum"), 1e-5);
+}
+
+#[test]
+fn an_epoch_over_two_ranks_covers_every_example_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = include_str!("../data/default/train.jsonl").lines().count();
+    // Global batch 8 (4 per rank): exactly one epoch of the default corpus.
+    assert_eq!(n % 8, 0, "the corpus has {n} examples");
+    let steps = (n / 8).to_string();
+    let mut cmd = mpirun_cmd(
+        dir.path(),
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            &steps,
+            "--eval-every",
+            "100000",
+            "--checkpoint-every",
+            "100000",
+        ],
+    );
+    cmd.env("QLORA_SCALE_LOG", "qlora_scale::shard=trace");
+    let err = ok(output(cmd));
+    let mut seen = vec![Vec::new(); n];
+    let mut lines = 0;
+    for line in err.lines().filter(|l| l.contains("examples=[")) {
+        let rank: usize = field(line, "rank=").parse().unwrap();
+        let step: usize = field(line, "step=").parse().unwrap();
+        let list = line.split("examples=[").nth(1).unwrap();
+        let list = &list[..list.find(']').unwrap()];
+        let ids: Vec<usize> = list.split(", ").map(|x| x.parse().unwrap()).collect();
+        assert_eq!(ids.len(), 4, "{line}");
+        for i in ids {
+            seen[i].push((step, rank));
+        }
+        lines += 1;
+    }
+    assert_eq!(lines, 2 * n / 8, "one line per rank and step:\n{err}");
+    for (i, s) in seen.iter().enumerate() {
+        assert_eq!(s.len(), 1, "example {i} trained at (step, rank) {s:?}");
+    }
+}
+
+/// The value after `key` up to the next space.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let rest = &line[line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len()..];
+    rest.split(' ').next().unwrap()
 }
 
 #[test]

@@ -188,15 +188,16 @@ impl Cursor {
         }
     }
 
-    fn next_batch<'a>(&mut self, data: &'a [Example], seed: u64, size: usize) -> Vec<&'a Example> {
+    /// The indices (into the `n` examples) of the next `size` examples.
+    fn next_batch(&mut self, n: usize, seed: u64, size: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(size);
         while out.len() < size {
             if self.pos as usize >= self.order.len() {
                 self.epoch += 1;
                 self.pos = 0;
-                self.order = epoch_order(data.len(), seed, self.epoch);
+                self.order = epoch_order(n, seed, self.epoch);
             }
-            out.push(&data[self.order[self.pos as usize]]);
+            out.push(self.order[self.pos as usize]);
             self.pos += 1;
         }
         out
@@ -684,9 +685,13 @@ pub fn train_on(
         let mut loss_sum = 0f64;
         let mut step_tokens = 0usize;
         for micro in 0..cfg.grad_accum_steps {
-            let batch = cursor.next_batch(&train.examples, cfg.seed, global_micro);
-            let mine = &batch[shard_range(batch.len(), rank, world)];
-            let (ids, att, tgt, _) = batch_tensors(mine, &dev)?;
+            let batch = cursor.next_batch(train.examples.len(), cfg.seed, global_micro);
+            let shard = &batch[shard_range(batch.len(), rank, world)];
+            // `QLORA_SCALE_LOG=qlora_scale::shard=trace` lists every rank's
+            // examples (tests/train_mpi.rs checks an epoch with it).
+            tracing::trace!(target: "qlora_scale::shard", step, micro, rank, examples = ?shard);
+            let mine: Vec<&Example> = shard.iter().map(|&i| &train.examples[i]).collect();
+            let (ids, att, tgt, _) = batch_tensors(&mine, &dev)?;
             let seed = dropout_on.then(|| {
                 cfg.seed
                     ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
