@@ -532,14 +532,26 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
 /// `pub mod embedded { ... }`: floats as `f64`, integers as `u64`.
 fn settings(t: &Tables) -> TokenStream {
     let mut modules = Vec::new();
-    for (section, doc) in [
+    for (section, module, doc) in [
         (
+            "trainer",
             "trainer",
             "The training loop's defaults (`tables/defaults.toml`, `[trainer]`).",
         ),
         (
             "embedded",
+            "embedded",
             "The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).",
+        ),
+        (
+            "coefficients",
+            "memory",
+            "The memory model's coefficients and reference architectures (`tables/memory.toml`).",
+        ),
+        (
+            "fit",
+            "memory_fit",
+            "Limits of the auto-fit (`tables/memory.toml`, `[fit]`).",
         ),
     ] {
         let consts = t
@@ -560,10 +572,46 @@ fn settings(t: &Tables) -> TokenStream {
                     }
                 }
             });
-        let m = ident(section);
-        modules.push(quote! { #[doc = #doc] pub mod #m { #( #consts )* } });
+        let extra = if module == "memory" {
+            reference_shapes(t)
+        } else {
+            TokenStream::new()
+        };
+        let m = ident(module);
+        modules.push(quote! { #[doc = #doc] pub mod #m { #( #consts )* #extra } });
     }
     quote! { #( #modules )* }
+}
+
+/// `REFERENCE_SHAPES`: the `[[reference_shape]]`s, in table order.
+fn reference_shapes(t: &Tables) -> TokenStream {
+    let n = t.reference_shapes.len();
+    let shapes = t.reference_shapes.iter().map(|r| {
+        let source = &r.source;
+        let (layers, hidden, inter) = (
+            u64_lit(r.layers),
+            u64_lit(r.hidden),
+            u64_lit(r.intermediate),
+        );
+        let (heads, kv, vocab) = (u64_lit(r.heads), u64_lit(r.kv_heads), u64_lit(r.vocab));
+        let tied = r.tied;
+        quote! {
+            super::ReferenceShape {
+                source: #source,
+                layers: #layers,
+                hidden: #hidden,
+                intermediate: #inter,
+                heads: #heads,
+                kv_heads: #kv,
+                vocab: #vocab,
+                tied: #tied,
+            }
+        }
+    });
+    quote! {
+        /// Published architectures, for models known only by their size.
+        pub const REFERENCE_SHAPES: [super::ReferenceShape; #n] = [ #( #shapes ),* ];
+    }
 }
 
 fn kind_variant(kind: KeyKind) -> Ident {

@@ -533,3 +533,46 @@ fn pattern_look_around_other_than_end() {
         ["tables/detect.toml:24:9: pattern may use no look-around but `$` (the end of the name)"]
     );
 }
+
+#[test]
+fn memory_table_errors_all_reported_at_once() {
+    let errs = errors(&[
+        (
+            "memory.toml",
+            "estimate_share = 0.85",
+            "estimate_share = 0.0",
+        ),
+        ("memory.toml", "min_seq_len = 128", "min_seq_len = 1"),
+        ("memory.toml", "\nhead = ", "\nheda = "),
+        ("memory.toml", "heads = 14\n", "heads = 13\n"),
+    ]);
+    let share = line_of("memory.toml", "estimate_share = 0.85");
+    let seq = line_of("memory.toml", "min_seq_len = 128");
+    let head = std::fs::read_to_string(tables_dir().join("memory.toml"))
+        .unwrap()
+        .lines()
+        .position(|l| l.starts_with("head = "))
+        .unwrap()
+        + 1;
+    // The shape's error points at its `[[reference_shape]]` header.
+    let shape = line_of("memory.toml", "source = \"Qwen/Qwen2-0.5B\"") - 1;
+    let coefficients = line_of("memory.toml", "[coefficients]");
+    assert_eq!(
+        errs,
+        [
+            format!(
+                "tables/memory.toml:{head}:8: unknown key \"heda\" in [coefficients] (known: runtime_mib, load_tensor, adapters, logits_forward, logits_backward, head, block_hidden, block_intermediate, block_attention, checkpoint_hidden, backward_hidden, backward_intermediate, backward_attention)"
+            ),
+            format!("tables/memory.toml:{coefficients}:1: [coefficients] lacks \"head\""),
+            format!(
+                "tables/memory.toml:{share}:18: estimate_share is 0, must be a number in (0, 1]"
+            ),
+            format!(
+                "tables/memory.toml:{seq}:15: min_seq_len is 1, must be an integer in 2..=1048576"
+            ),
+            format!(
+                "tables/memory.toml:{shape}:1: heads must divide hidden into an even head width, and kv_heads must divide heads"
+            ),
+        ]
+    );
+}

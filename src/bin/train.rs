@@ -19,6 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qlora_scale::hardware::detect_hardware;
 use qlora_scale::storage::default_profile_path;
 use qlora_scale::train::config::{Settings, TrainConfig, resolve};
+use qlora_scale::train::fit::{self, Budget, OnMisfit};
 use qlora_scale::train::run::{Observer, StepLog, train};
 
 use args::{Cli, Command};
@@ -81,7 +82,7 @@ impl Observer for Progress {
     }
 }
 
-fn resolve_config(cli: &Cli) -> anyhow::Result<TrainConfig> {
+fn resolve_config(cli: &Cli) -> anyhow::Result<(TrainConfig, Settings)> {
     let given = cli.settings();
     let settings = match &cli.config {
         Some(path) => given.or(&Settings::from_file(path)?),
@@ -91,21 +92,46 @@ fn resolve_config(cli: &Cli) -> anyhow::Result<TrainConfig> {
         Some(p) => p.clone(),
         None => default_profile_path().context("cannot tell where the saved profile lives")?,
     };
-    Ok(resolve(&settings, &profile_path, detect_hardware)?)
+    let cfg = resolve(&settings, &profile_path, detect_hardware)?;
+    Ok((cfg, settings))
+}
+
+/// A one-step run of `cfg` into a temporary directory: the peak memory it
+/// measured, MiB.
+fn trial_step(cfg: &TrainConfig) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir().context("cannot create a directory for the trial step")?;
+    let mut trial = cfg.clone();
+    trial.output_dir = dir.path().to_path_buf();
+    trial.max_steps = 1;
+    trial.checkpoint_every = 1;
+    let summary = train(&trial, false, &mut qlora_scale::train::run::TracingObserver)
+        .context("trial step")?;
+    Ok(summary.peak_rss_mib)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Merge(m)) = &cli.command {
         return merge(m);
     }
-    let cfg = resolve_config(&cli)?;
+    let (mut cfg, settings) = resolve_config(&cli)?;
+    let budget = Budget::of(settings.memory_budget, &cfg);
+    let on_misfit = if settings.auto_fit.unwrap_or(false) {
+        OnMisfit::AutoFit
+    } else if cli.dry_run {
+        OnMisfit::Report
+    } else {
+        OnMisfit::Refuse
+    };
+    let memory = fit::check(&mut cfg, budget, on_misfit)?;
     if cli.dry_run {
         let stdout = io::stdout();
         let mut out = stdout.lock();
+        let mut value = serde_json::to_value(&cfg).context("cannot serialise the configuration")?;
+        value["memory"] = serde_json::to_value(&memory).context("cannot serialise the estimate")?;
         if cli.json {
-            serde_json::to_writer(&mut out, &cfg).context("cannot write to stdout")?;
+            serde_json::to_writer(&mut out, &value).context("cannot write to stdout")?;
         } else {
-            serde_json::to_writer_pretty(&mut out, &cfg).context("cannot write to stdout")?;
+            serde_json::to_writer_pretty(&mut out, &value).context("cannot write to stdout")?;
         }
         writeln!(out).context("cannot write to stdout")?;
         return Ok(());
@@ -132,6 +158,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cfg.lora_layers,
         cfg.grad_checkpoint
     );
+    if let Some(m) = &memory {
+        let e = &m.estimate_mib;
+        tracing::info!(
+            "memory: estimated peak {:.0} MiB (weights {:.0}, adapters {:.0}, activations {:.0}, logits {:.0}){}",
+            e.peak,
+            e.weights,
+            e.adapters,
+            e.activations,
+            e.logits,
+            match m.budget_gib {
+                Some(b) => format!("; budget {:.1} GiB", b),
+                None => "; no budget known, not checked".to_string(),
+            }
+        );
+        for c in &m.auto_fit {
+            tracing::info!("auto-fit: {c}");
+        }
+        if cli.trial_step {
+            let measured = trial_step(&cfg)?;
+            tracing::info!(
+                "trial step: peak {measured:.0} MiB measured, {:.0} MiB estimated ({:+.0}%)",
+                e.peak,
+                100.0 * (e.peak / measured - 1.0)
+            );
+            if let Some(b) = budget
+                && measured * (1u64 << 20) as f64 > b.bytes
+            {
+                anyhow::bail!(
+                    "the trial step peaked at {measured:.0} MiB, over the budget of {:.0} MiB: lower --batch-size or --seq-len, or raise --memory-budget",
+                    b.bytes / (1u64 << 20) as f64
+                );
+            }
+        }
+    }
     let mut progress = Progress::new(cfg.max_steps, 0);
     let summary = train(&cfg, cli.resume, &mut progress)
         .with_context(|| format!("training into {}", cfg.output_dir.display()))?;

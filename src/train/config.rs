@@ -125,6 +125,12 @@ pub struct Settings {
     pub weight_decay: Option<f64>,
     /// Bad data lines are fatal.
     pub strict: Option<bool>,
+    /// Memory the run may use, GiB (default: the hardware's training
+    /// budget).
+    pub memory_budget: Option<f64>,
+    /// Change a run that does not fit its budget into the nearest one that
+    /// does.
+    pub auto_fit: Option<bool>,
 }
 
 macro_rules! merge_fields {
@@ -163,6 +169,8 @@ impl Settings {
             grad_clip,
             weight_decay,
             strict,
+            memory_budget,
+            auto_fit,
         )
     }
 

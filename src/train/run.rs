@@ -337,6 +337,11 @@ pub fn train(
     let ck_dir = out.join("checkpoints");
     std::fs::create_dir_all(&ck_dir).map_err(write_err(&ck_dir))?;
     let (model, tok) = model::build(cfg)?;
+    obs.note(&format!(
+        "model ready: {:.0} MiB of frozen weights, peak RSS {:.0} MiB so far",
+        model.frozen_bytes() as f64 / (1u64 << 20) as f64,
+        peak_rss_mib()
+    ));
     let (train, valid) = load_data(cfg, &tok, obs)?;
     let bad_lines = train.bad_lines.len() + valid.as_ref().map_or(0, |v| v.bad_lines.len());
     let vars = model.trainable_vars();

@@ -94,6 +94,20 @@ pub struct Cli {
     /// Make bad data lines fatal (otherwise skipped and counted)
     #[arg(long)]
     pub strict: bool,
+    /// Memory the run may use, GiB [default: the hardware profile's training
+    /// budget, else this machine's memory times the [cpu] budget fraction]
+    #[arg(long, value_name = "GIB", value_parser = positive_gib)]
+    pub memory_budget: Option<f64>,
+    /// When the memory model says the run will not fit its budget, train the
+    /// nearest configuration that does (smaller micro-batch with more
+    /// accumulation, then fewer LoRA layers, shorter sequences,
+    /// checkpointing on) instead of stopping
+    #[arg(long)]
+    pub auto_fit: bool,
+    /// Before the run, train one step and compare the peak memory with the
+    /// estimate and the budget
+    #[arg(long)]
+    pub trial_step: bool,
     /// Hardware overriding the saved or detected one.
     #[command(flatten)]
     pub hardware: HardwareArgs,
@@ -184,6 +198,8 @@ impl Cli {
             grad_clip: self.grad_clip,
             weight_decay: self.weight_decay,
             strict: self.strict.then_some(true),
+            memory_budget: self.memory_budget,
+            auto_fit: self.auto_fit.then_some(true),
         }
     }
 }
@@ -203,4 +219,11 @@ fn profile_path_help() -> String {
         "The saved profile file [default: ${PROFILE_PATH_ENV}, else\n\
          qlora-scale/hardware_profile.json in the per-user config directory]"
     )
+}
+
+fn positive_gib(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number of GiB")),
+    }
 }
