@@ -10,7 +10,6 @@ use super::{Endian, model};
 
 /// File names of the serialised DFAs in `OUT_DIR`.
 pub const SIZE: &str = "size.dfa";
-pub const OVERRIDE: &str = "override.dfa";
 pub const FALLBACK: &str = "fallback.dfa";
 
 fn syntax_config() -> syntax::Config {
@@ -80,16 +79,15 @@ fn literal_dfa(
 }
 
 /// Builds the size DFA (leftmost-first, anchored: searched from the start of
-/// each digit run, since every size pattern begins with a digit), the
-/// overriding families' DFA and the other families' DFA.
+/// each digit run, since every size pattern begins with a digit) and the
+/// other families' DFA, and splits the overriding families.
 ///
 /// An overriding family is consulted only where a name writes a size: it is
-/// split at its own written size into a prefix and the rest, and the rest is
-/// matched, anchored, where the name's size starts (then the prefix is
-/// compared before it). The other families are consulted only for names that
-/// write no size (all matches, unanchored). The generator checks what this
-/// relies on: an overriding family writes a size, and an exact model name
-/// does not.
+/// split at its own written size into a prefix and the rest, which the
+/// library compares before and after where the name's size starts. The other
+/// families are consulted only for names that write no size (all matches,
+/// unanchored). The generator checks what this relies on: an overriding
+/// family writes a size, and an exact model name does not.
 pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Vec<Diagnostic>> {
     let patterns: Vec<&str> = t.patterns.iter().map(|(_, p)| p.as_str()).collect();
     let size = dense::Builder::new()
@@ -132,20 +130,17 @@ pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Ve
     }
 
     let splits = override_splits(&size, t);
-    let rests: Vec<&str> = splits.iter().map(|(_, _, rest)| *rest).collect();
     let fallback: Vec<&str> = t
         .families
         .iter()
         .filter(|f| !f.overrides)
         .map(|f| f.substring.as_str())
         .collect();
-    let override_dfa = literal_dfa(&rests, StartKind::Anchored, "overriding family")?;
     let fallback_dfa = literal_dfa(&fallback, StartKind::Unanchored, "family")?;
 
     Ok(Built {
         files: vec![
             (SIZE, serialise(&size, endian)),
-            (OVERRIDE, serialise(&override_dfa, endian)),
             (FALLBACK, serialise(&fallback_dfa, endian)),
         ],
         override_splits: splits
@@ -163,7 +158,7 @@ pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Ve
 pub struct OverrideSplit {
     /// What comes before the size (`gpt-oss-`).
     pub prefix: String,
-    /// The size and what follows (`20b`); the DFA's pattern.
+    /// The size and what follows (`20b`).
     pub rest: String,
     /// The family's parameter count.
     pub params: u64,
@@ -173,7 +168,7 @@ pub struct OverrideSplit {
 pub struct Built {
     /// (file name in `OUT_DIR`, serialised DFA).
     pub files: Vec<(&'static str, Vec<u8>)>,
-    /// The overriding families by pattern id of the override DFA.
+    /// The overriding families, in priority order.
     pub override_splits: Vec<OverrideSplit>,
 }
 

@@ -287,7 +287,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         /// 0 where the letter is no unit.
         pub const UNIT_PARAMS: [u64; 26] = [ #( #units ),* ];
         /// Families that beat a size written in the name, split at their own
-        /// written size, in priority order (by pattern id of [`OVERRIDE_DFA`]).
+        /// written size, in priority order.
         pub const OVERRIDE_FAMILIES: [OverrideFamily; #n_override] = [ #( #overriding ),* ];
         /// Families for names that write no size, in priority order (by
         /// pattern id of [`FALLBACK_DFA`]).
@@ -335,11 +335,6 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         "SIZE_DFA",
         dfa::SIZE,
         "DFA of the size patterns: leftmost-first, anchored at a digit run's start.",
-    ));
-    items.push(aligned_dfa(
-        "OVERRIDE_DFA",
-        dfa::OVERRIDE,
-        "Anchored DFA of the overriding families' size-and-rest (all matches).",
     ));
     items.push(aligned_dfa(
         "FALLBACK_DFA",

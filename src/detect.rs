@@ -16,8 +16,8 @@ use unicase::Ascii;
 
 use crate::tables::{
     CACHE_PREFIX, CACHE_SEPARATOR, FALLBACK_DFA, FALLBACK_FAMILIES, Family, HASH_MIN_LEN,
-    KNOWN_MODEL_NAME_LENS, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_DFA, OVERRIDE_FAMILIES,
-    PATTERN_KINDS, PatternKind, SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
+    KNOWN_MODEL_NAME_LENS, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_FAMILIES, PATTERN_KINDS,
+    PatternKind, SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -168,51 +168,149 @@ struct Matchers {
     /// The size DFA's start state, the same at every position (no pattern
     /// looks behind its start).
     size_start: StateID,
-    /// Overriding families' size-and-rest, anchored, all matches.
-    overriding: StaticDfa,
-    /// Its anchored start state.
-    overriding_start: StateID,
     /// Other families, consulted when no size is written.
     fallback: FamilyMatcher,
 }
 
+/// Which overriding families can match where a name's size starts, from
+/// the [`FILTER_WINDOW`] bytes around it (half before the size, half from
+/// its start): for each offset and byte value, a bitmask of the families
+/// (bit `i`: [`OVERRIDE_FAMILIES`]`[i]`; families from the 64th on share bit
+/// 63) that allow that byte there. A family allows every byte where its
+/// prefix or rest does not reach.
+///
+/// Derived from [`OVERRIDE_FAMILIES`] at compile time. The masks are a
+/// necessary condition only: a candidate is then compared in full.
+struct OverrideFilter {
+    /// By offset in the window, then byte. Where the name starts or ends
+    /// inside the window, [`window_at`] reads zeros, which the families that
+    /// do not reach there allow like any byte.
+    by_byte: [[u64; 256]; FILTER_WINDOW],
+}
+
+/// Bytes [`OverrideFilter`] reads around a size's start.
+const FILTER_WINDOW: usize = 8;
+/// Of those, the bytes before the size's start.
+const FILTER_BEFORE: usize = FILTER_WINDOW / 2;
+
+impl OverrideFilter {
+    const fn new(families: &[crate::tables::OverrideFamily]) -> OverrideFilter {
+        let mut filter = OverrideFilter {
+            by_byte: [[0; 256]; FILTER_WINDOW],
+        };
+        let mut i = 0;
+        while i < families.len() {
+            let bit = 1u64 << if i < 63 { i } else { 63 };
+            let (prefix, rest) = (families[i].prefix.as_bytes(), families[i].rest.as_bytes());
+            let mut k = 0;
+            while k < FILTER_WINDOW {
+                let byte = if k < FILTER_BEFORE {
+                    let back = FILTER_BEFORE - k;
+                    if back <= prefix.len() {
+                        Some(prefix[prefix.len() - back])
+                    } else {
+                        None
+                    }
+                } else if k - FILTER_BEFORE < rest.len() {
+                    Some(rest[k - FILTER_BEFORE])
+                } else {
+                    None
+                };
+                match byte {
+                    Some(c) => {
+                        filter.by_byte[k][c.to_ascii_lowercase() as usize] |= bit;
+                        filter.by_byte[k][c.to_ascii_uppercase() as usize] |= bit;
+                    }
+                    None => {
+                        let mut v = 0;
+                        while v < 256 {
+                            filter.by_byte[k][v] |= bit;
+                            v += 1;
+                        }
+                    }
+                }
+                k += 1;
+            }
+            i += 1;
+        }
+        filter
+    }
+
+    /// The families that may match in `segment` with their size at `at`.
+    #[inline]
+    fn candidates(&self, segment: &[u8], at: usize) -> u64 {
+        let window = window_at(segment, at);
+        let mut mask = u64::MAX;
+        for (k, masks) in self.by_byte.iter().enumerate() {
+            mask &= masks[((window >> (8 * k)) & 0xff) as usize];
+        }
+        mask
+    }
+}
+
+/// The [`FILTER_WINDOW`] bytes of `bytes` from `at - FILTER_BEFORE`, as a
+/// little-endian word with zeros outside `bytes`: one word read where it
+/// fits, shifted into place.
+#[inline]
+fn window_at(bytes: &[u8], at: usize) -> u64 {
+    let from = at
+        .saturating_sub(FILTER_BEFORE)
+        .min(bytes.len().saturating_sub(WORD));
+    let word = word_at(bytes, from);
+    // The window starts `at - FILTER_BEFORE - from` bytes after the word.
+    let shift = |bytes: usize| u32::try_from(8 * bytes).unwrap_or(u32::MAX);
+    if at >= FILTER_BEFORE + from {
+        word.checked_shr(shift(at - FILTER_BEFORE - from))
+            .unwrap_or(0)
+    } else {
+        word.checked_shl(shift(FILTER_BEFORE + from - at))
+            .unwrap_or(0)
+    }
+}
+
+static OVERRIDE_FILTER: OverrideFilter = OverrideFilter::new(&OVERRIDE_FAMILIES);
+
 /// The overriding family whose written size is the name's size at `at`:
-/// its rest matches at `at` (anchored DFA, a few bytes) and its prefix ends
-/// there. The first listed wins.
-fn overriding_family(m: &Matchers, segment: &[u8], at: usize) -> Option<u64> {
-    let dfa = &m.overriding;
-    let before = &segment[..at];
-    let mut best = usize::MAX;
-    let mut note = |state: StateID| {
-        for k in 0..dfa.match_len(state) {
-            let id = dfa.match_pattern(state, k).as_usize();
-            let prefix = OVERRIDE_FAMILIES
-                .get(id)
-                .map_or(&b""[..], |f| f.prefix.as_bytes());
-            if id < best
-                && before.len() >= prefix.len()
-                && before[before.len() - prefix.len()..].eq_ignore_ascii_case(prefix)
+/// its prefix ends at `at` and its rest starts there (ASCII
+/// case-insensitive). The first listed wins.
+#[inline]
+fn overriding_family(segment: &[u8], at: usize) -> Option<u64> {
+    match OVERRIDE_FILTER.candidates(segment, at) {
+        0 => None,
+        candidates => first_overriding(segment, at, candidates),
+    }
+}
+
+/// The first of the `candidates` ([`OverrideFilter`]'s bits) that matches
+/// in full.
+#[inline(never)]
+fn first_overriding(segment: &[u8], at: usize, mut candidates: u64) -> Option<u64> {
+    let (before, after) = segment.split_at_checked(at)?;
+    while candidates != 0 {
+        let bit = candidates.trailing_zeros() as usize;
+        candidates &= candidates - 1;
+        // Bit 63 stands for every family from the 64th on.
+        let group = if bit < 63 {
+            bit..bit + 1
+        } else {
+            bit..OVERRIDE_FAMILIES.len()
+        };
+        for f in OVERRIDE_FAMILIES.get(group).unwrap_or_default() {
+            let (prefix, rest) = (f.prefix.as_bytes(), f.rest.as_bytes());
+            let prefix_ok = before
+                .len()
+                .checked_sub(prefix.len())
+                .is_some_and(|i| before[i..].eq_ignore_ascii_case(prefix));
+            if prefix_ok
+                && after
+                    .get(..rest.len())
+                    .is_some_and(|r| r.eq_ignore_ascii_case(rest))
             {
-                best = id;
-            }
-        }
-    };
-    let mut state = m.overriding_start;
-    for &b in &segment[at..] {
-        state = dfa.next_state(state, b);
-        if dfa.is_special_state(state) {
-            if dfa.is_match_state(state) {
-                note(state);
-            } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
-                return OVERRIDE_FAMILIES.get(best).map(|f| f.params);
+                return Some(f.params);
             }
         }
     }
-    state = dfa.next_eoi_state(state);
-    if dfa.is_match_state(state) {
-        note(state);
-    }
-    OVERRIDE_FAMILIES.get(best).map(|f| f.params)
+    None
 }
 
 /// An all-matches DFA of family substrings and the families it names.
@@ -277,13 +375,9 @@ fn matchers() -> Option<&'static Matchers> {
             // look-behind assertion (`^`, `\b`) at its start; a table that did
             // would make every detection "unknown", which tests catch.
             let size_start = size.universal_start_state(Anchored::Yes)?;
-            let (overriding, _) = DFA::from_bytes(&OVERRIDE_DFA.bytes).ok()?;
-            let overriding_start = overriding.universal_start_state(Anchored::Yes)?;
             Some(Matchers {
                 size,
                 size_start,
-                overriding_start,
-                overriding,
                 fallback: FamilyMatcher::load(&FALLBACK_DFA.bytes, &FALLBACK_FAMILIES)?,
             })
         })
@@ -293,6 +387,50 @@ fn matchers() -> Option<&'static Matchers> {
 /// Whether the embedded DFAs load; `false` means a broken build.
 pub fn matchers_ok() -> bool {
     matchers().is_some()
+}
+
+// Word-at-a-time byte scanning: eight bytes per `u64`, little-endian (byte
+// `i` of a word at bits `8i..8i + 8`), each test setting the high bit of the
+// bytes that pass. No test carries from one byte into the next.
+
+/// Bytes per word.
+const WORD: usize = 8;
+/// `0x01` in every byte.
+const ONES: u64 = u64::from_ne_bytes([0x01; WORD]);
+/// The high bit of every byte.
+const HIGH: u64 = ONES * 0x80;
+
+/// The high bit of each byte of `word` that is an ASCII digit. With
+/// `t = byte ^ b'0'`, a digit is a `t` below 10: adding `0x76` to the low
+/// seven bits of `t` sets the high bit exactly when they are 10 or more.
+#[inline]
+fn digit_bytes(word: u64) -> u64 {
+    let t = word ^ (ONES * u64::from(b'0'));
+    !(((t & !HIGH) + ONES * (0x80 - 10)) | t) & HIGH
+}
+
+/// The word of `bytes[at..]`'s first eight bytes, zeros past the end.
+#[inline]
+fn word_at(bytes: &[u8], at: usize) -> u64 {
+    let rest = bytes.get(at..).unwrap_or_default();
+    if let Some(word) = rest.first_chunk::<WORD>() {
+        return u64::from_le_bytes(*word);
+    }
+    // Fewer than eight bytes: two overlapping reads, as `memcpy` does.
+    let n = rest.len();
+    if let (Some(lo), Some(hi)) = (rest.first_chunk::<4>(), rest.last_chunk::<4>()) {
+        return u64::from(u32::from_le_bytes(*lo))
+            | u64::from(u32::from_le_bytes(*hi)) << (8 * (n - 4));
+    }
+    match rest {
+        [] => 0,
+        // One to three bytes: the first, the middle and the last.
+        [first, ..] => {
+            u64::from(*first)
+                | u64::from(rest[n / 2]) << (8 * (n / 2))
+                | u64::from(rest[n - 1]) << (8 * (n - 1))
+        }
+    }
 }
 
 /// The last path component of `name`, `/` and `\\` both separating, trailing
@@ -464,27 +602,28 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
 /// Every size pattern starts with a digit, and `[0-9]+` absorbs any digits
 /// before a later start in the same run, so the leftmost match always starts
 /// where a run of digits starts: the DFA is run, anchored, only from there.
-/// Each run is scanned at most twice (from its own start and, across a
-/// decimal point, from the run before), so the search is linear.
+/// After a token that is not a size, the search goes on from the first run
+/// that starts at or after the token's end. Each run is scanned at most
+/// twice (from its own start and, across a decimal point, from the run
+/// before), so the search is linear.
 fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usize)> {
-    let n = segment.len();
-    let mut pos = 0;
-    // Whether the byte before `pos` is a digit (a digit there means `pos`
-    // is inside a run, where no match starts).
-    let mut after_digit = false;
-    while pos < n {
-        let b = segment[pos];
-        if !b.is_ascii_digit() {
-            after_digit = false;
-            pos += 1;
-            continue;
-        }
-        if after_digit {
-            pos += 1;
-            continue;
-        }
-        match match_at(m, segment, pos) {
-            Some((end, pattern)) => {
+    // No match starts before `next`.
+    let mut next = 0;
+    // The digit bit of the byte before the word, moved to byte 0.
+    let mut carry = 0u64;
+    let mut base = 0;
+    while base < segment.len() {
+        let digits = digit_bytes(word_at(segment, base));
+        // Digits not preceded by a digit.
+        let mut starts = digits & !((digits << 8) | carry);
+        carry = digits >> (8 * (WORD - 1));
+        while starts != 0 {
+            let pos = base + (starts.trailing_zeros() / 8) as usize;
+            starts &= starts - 1;
+            if pos < next {
+                continue;
+            }
+            if let Some((end, pattern)) = match_at(m, segment, pos) {
                 let found = match PATTERN_KINDS[pattern] {
                     PatternKind::Size => parse_size(segment, pos).map(|p| (p, SizeSource::Name)),
                     PatternKind::Moe => parse_moe(segment, pos),
@@ -494,15 +633,10 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usiz
                     return Some((params, source, pos));
                 }
                 // Go on after this token.
-                let next = end.max(pos + 1);
-                after_digit = segment[next - 1].is_ascii_digit();
-                pos = next;
-            }
-            None => {
-                after_digit = true;
-                pos += 1;
+                next = end;
             }
         }
+        base += WORD;
     }
     None
 }
@@ -529,7 +663,7 @@ pub fn detect_model_size<N: ModelName + ?Sized>(name: &N) -> ModelSize {
     // (The generator checks that every overriding family writes a size and
     // that no exact model name does, so each name needs one family pass.)
     if let Some((params, source, at)) = size_from_name(m, segment) {
-        return match overriding_family(m, segment, at) {
+        return match overriding_family(segment, at) {
             Some(params) => ModelSize::from_params(params, SizeSource::Family),
             None => ModelSize::from_params(params, source),
         };

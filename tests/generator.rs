@@ -62,7 +62,7 @@ fn real_tables_generate_the_committed_snapshot() {
         snapshot.display()
     );
     assert!(out.rust.starts_with("// @generated"));
-    assert_eq!(out.dfas.len(), 3);
+    assert_eq!(out.dfas.len(), 2);
     assert!(out.dfas.iter().all(|(_, bytes)| !bytes.is_empty()));
     assert_eq!(out.inputs.len(), FILES.len());
 }

@@ -174,7 +174,7 @@ pub const UNIT_PARAMS: [u64; 26] = [
     1000000000000, 0, 0, 0, 0, 0, 0,
 ];
 /// Families that beat a size written in the name, split at their own
-/// written size, in priority order (by pattern id of [`OVERRIDE_DFA`]).
+/// written size, in priority order.
 pub const OVERRIDE_FAMILIES: [OverrideFamily; 29] = [
     OverrideFamily {
         prefix: "scout-",
@@ -750,11 +750,6 @@ pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map
 pub static SIZE_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
     _align: [],
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/size.dfa")),
-};
-/// Anchored DFA of the overriding families' size-and-rest (all matches).
-pub static OVERRIDE_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
-    _align: [],
-    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/override.dfa")),
 };
 /// DFA of the other families' substrings (all matches).
 pub static FALLBACK_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
