@@ -125,6 +125,7 @@ pub struct ModelSize {
 
 impl ModelSize {
     /// The size of a model with `params` parameters (0: unknown).
+    #[inline]
     pub const fn from_params(params: u64, source: SizeSource) -> ModelSize {
         ModelSize {
             category: SizeCategory::for_params(params),
@@ -147,6 +148,7 @@ impl ModelSize {
 impl SizeCategory {
     /// The category of a model with `params` parameters: the first whose
     /// upper bound admits it. 0 (unknown) gives the first category.
+    #[inline]
     pub const fn for_params(params: u64) -> SizeCategory {
         let mut i = 0;
         while i < SizeCategory::ALL.len() {
@@ -366,6 +368,7 @@ impl FamilyMatcher {
 }
 
 /// The DFAs, validated once (no allocation: they are read in place).
+#[inline]
 fn matchers() -> Option<&'static Matchers> {
     static MATCHERS: OnceLock<Option<Matchers>> = OnceLock::new();
     MATCHERS
@@ -435,6 +438,7 @@ fn word_at(bytes: &[u8], at: usize) -> u64 {
 
 /// The last path component of `name`, `/` and `\\` both separating, trailing
 /// separators ignored.
+#[inline]
 pub fn last_segment(name: &[u8]) -> &[u8] {
     let is_sep = |b: &u8| *b == b'/' || *b == b'\\';
     let end = name.iter().rposition(|b| !is_sep(b)).map_or(0, |i| i + 1);
@@ -445,6 +449,7 @@ pub fn last_segment(name: &[u8]) -> &[u8] {
 
 /// Whether a path component names no model: a cache directory
 /// (`snapshots`) or a commit hash.
+#[inline]
 fn is_skipped(component: &[u8]) -> bool {
     (component.len() >= HASH_MIN_LEN && component.iter().all(u8::is_ascii_hexdigit))
         || SKIP_SEGMENTS
@@ -462,6 +467,7 @@ fn is_skipped(component: &[u8]) -> bool {
 /// assert_eq!(model_segment(p), b"Qwen2.5-0.5B");
 /// assert_eq!(model_segment(b"meta-llama/Llama-2-7b-hf"), b"Llama-2-7b-hf");
 /// ```
+#[inline]
 pub fn model_segment(name: &[u8]) -> &[u8] {
     let mut rest = name;
     let mut segment = last_segment(rest);
@@ -572,6 +578,7 @@ fn parse_moe(bytes: &[u8], start: usize) -> Option<(u64, SizeSource)> {
 
 /// The leftmost-first match of the size DFA anchored at `start`: (end,
 /// pattern id), or `None`.
+#[inline]
 fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
     let dfa = &m.size;
     let mut state = m.size_start;
@@ -606,6 +613,7 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
 /// that starts at or after the token's end. Each run is scanned at most
 /// twice (from its own start and, across a decimal point, from the run
 /// before), so the search is linear.
+#[inline]
 fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usize)> {
     // No match starts before `next`.
     let mut next = 0;
@@ -655,7 +663,13 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usiz
 /// assert_eq!(detect_model_size("Qwen/Qwen2.5-0.5B").params_billions(), 0.5);
 /// ```
 pub fn detect_model_size<N: ModelName + ?Sized>(name: &N) -> ModelSize {
-    let segment = model_segment(name.name_bytes());
+    detect_bytes(name.name_bytes())
+}
+
+/// [`detect_model_size`] of a name's bytes: one function, compiled in this
+/// crate with its helpers inlined, whatever crate calls the generic wrapper.
+fn detect_bytes(name: &[u8]) -> ModelSize {
+    let segment = model_segment(name);
     let Some(m) = matchers() else {
         return ModelSize::from_params(0, SizeSource::Unknown);
     };
