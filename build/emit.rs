@@ -306,24 +306,12 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         /// In a cache component the name follows the last one.
         pub const CACHE_SEPARATOR: &str = #cache_separator;
     });
-    let min_len = Literal::usize_unsuffixed(
-        t.known_models
-            .iter()
-            .map(|(n, _, _)| n.len())
-            .min()
-            .unwrap_or(0),
-    );
-    let max_len = Literal::usize_unsuffixed(
-        t.known_models
-            .iter()
-            .map(|(n, _, _)| n.len())
-            .max()
-            .unwrap_or(0),
-    );
+    let known_names = t.known_models.iter().map(|(n, _, _)| n.as_str());
+    let n_known = Literal::usize_unsuffixed(t.known_models.len());
     items.push(quote! {
-        /// Shortest and longest name in [`KNOWN_MODEL_PARAMS`]: names of other
-        /// lengths skip the lookup.
-        pub const KNOWN_MODEL_NAME_LENS: (usize, usize) = (#min_len, #max_len);
+        /// The names in [`KNOWN_MODEL_PARAMS`], in table order (the detector
+        /// derives a prefilter from them).
+        pub const KNOWN_MODEL_NAMES: [&str; #n_known] = [ #( #known_names ),* ];
     });
     items.push(phf_map(
         "KNOWN_MODEL_PARAMS",

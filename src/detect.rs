@@ -16,7 +16,7 @@ use unicase::Ascii;
 
 use crate::tables::{
     CACHE_PREFIX, CACHE_SEPARATOR, FALLBACK_DFA, FALLBACK_FAMILIES, Family, HASH_MIN_LEN,
-    KNOWN_MODEL_NAME_LENS, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_FAMILIES, PATTERN_KINDS,
+    KNOWN_MODEL_NAMES, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_FAMILIES, PATTERN_KINDS,
     PatternKind, SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
 };
 
@@ -314,6 +314,60 @@ fn first_overriding(segment: &[u8], at: usize, mut candidates: u64) -> Option<u6
     }
     None
 }
+
+/// Whether a component may be a known model's name ([`KNOWN_MODEL_NAMES`],
+/// ASCII case-insensitive): its length and its first and last bytes must be
+/// those of some name. Derived at compile time; the map lookup, which hashes
+/// the whole component, follows only when this passes.
+struct KnownNameFilter {
+    shortest: usize,
+    longest: usize,
+    first: [bool; 256],
+    last: [bool; 256],
+}
+
+impl KnownNameFilter {
+    const fn new(names: &[&str]) -> KnownNameFilter {
+        let mut filter = KnownNameFilter {
+            shortest: usize::MAX,
+            longest: 0,
+            first: [false; 256],
+            last: [false; 256],
+        };
+        let mut i = 0;
+        while i < names.len() {
+            let name = names[i].as_bytes();
+            if let ([first, ..], [.., last]) = (name, name) {
+                if name.len() < filter.shortest {
+                    filter.shortest = name.len();
+                }
+                if name.len() > filter.longest {
+                    filter.longest = name.len();
+                }
+                filter.first[first.to_ascii_lowercase() as usize] = true;
+                filter.first[first.to_ascii_uppercase() as usize] = true;
+                filter.last[last.to_ascii_lowercase() as usize] = true;
+                filter.last[last.to_ascii_uppercase() as usize] = true;
+            }
+            i += 1;
+        }
+        filter
+    }
+
+    #[inline]
+    fn admits(&self, component: &[u8]) -> bool {
+        match component {
+            [first, .., last] | [first @ last] => {
+                (self.shortest..=self.longest).contains(&component.len())
+                    && self.first[usize::from(*first)]
+                    && self.last[usize::from(*last)]
+            }
+            [] => false,
+        }
+    }
+}
+
+static KNOWN_NAME_FILTER: KnownNameFilter = KnownNameFilter::new(&KNOWN_MODEL_NAMES);
 
 /// An all-matches DFA of family substrings and the families it names.
 struct FamilyMatcher {
@@ -682,9 +736,8 @@ fn detect_bytes(name: &[u8]) -> ModelSize {
             None => ModelSize::from_params(params, source),
         };
     }
-    let (shortest, longest) = KNOWN_MODEL_NAME_LENS;
-    let known = (shortest..=longest)
-        .contains(&segment.len())
+    let known = KNOWN_NAME_FILTER
+        .admits(segment)
         .then(|| std::str::from_utf8(segment).ok())
         .flatten()
         .and_then(|s| KNOWN_MODEL_PARAMS.get(&Ascii::new(s)));

@@ -728,9 +728,18 @@ pub const DISAGREEMENT_FRACTION: f64 = 0.1;
 pub const CACHE_PREFIX: &str = "models--";
 /// In a cache component the name follows the last one.
 pub const CACHE_SEPARATOR: &str = "--";
-/// Shortest and longest name in [`KNOWN_MODEL_PARAMS`]: names of other
-/// lengths skip the lookup.
-pub const KNOWN_MODEL_NAME_LENS: (usize, usize) = (4, 11);
+/// The names in [`KNOWN_MODEL_PARAMS`], in table order (the detector
+/// derives a prefilter from them).
+pub const KNOWN_MODEL_NAMES: [&str; 8] = [
+    "bloom",
+    "gpt2",
+    "starcoder",
+    "phi-4",
+    "deepseek-v3",
+    "deepseek-r1",
+    "r1-1776",
+    "grok-1",
+];
 /// Parameter counts of models known by exact name (last path component), ASCII case-insensitive.
 pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map {
     key: 16287231350648472473,
