@@ -10,6 +10,49 @@ use super::{Endian, model};
 
 /// File names of the serialised DFAs in `OUT_DIR`.
 pub const SIZE: &str = "size.dfa";
+
+/// The library re-lays the size DFA into a flat table of `u16` state ids,
+/// `states x stride` entries (the stride is the number of byte classes,
+/// end of input included, rounded up to a power of two), with at most this
+/// many entries...
+pub const SIZE_TABLE_CAPACITY: usize = 1 << 14;
+/// ... and at most this many states (their numbers and pattern ids are
+/// bytes).
+pub const SIZE_MAX_STATES: usize = 256;
+
+/// The states of `dfa` reachable from its anchored start (the dead state
+/// included) and its stride: what the library's table of the size DFA
+/// needs.
+pub fn size_table_shape(dfa: &dense::DFA<Vec<u32>>) -> (usize, usize) {
+    let classes = dfa.byte_classes();
+    let stride = classes.alphabet_len().next_power_of_two();
+    let Some(start) = dfa.universal_start_state(Anchored::Yes) else {
+        return (0, stride);
+    };
+    let dead = regex_automata::util::primitives::StateID::ZERO;
+    let mut seen = vec![dead];
+    if start != dead {
+        seen.push(start);
+    }
+    let mut i = 0;
+    while i < seen.len() {
+        let id = seen[i];
+        i += 1;
+        if dfa.is_dead_state(id) || dfa.is_quit_state(id) {
+            continue;
+        }
+        for unit in classes.representatives(..) {
+            let next = match unit.as_u8() {
+                Some(b) => dfa.next_state(id, b),
+                None => dfa.next_eoi_state(id),
+            };
+            if !seen.contains(&next) {
+                seen.push(next);
+            }
+        }
+    }
+    (seen.len(), stride)
+}
 pub const FALLBACK: &str = "fallback.dfa";
 
 fn syntax_config() -> syntax::Config {
@@ -101,6 +144,19 @@ pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Ve
         )
         .build_many(&patterns)
         .map_err(|e| failure("size", e))?;
+
+    let (states, stride) = size_table_shape(&size);
+    if states > SIZE_MAX_STATES
+        || states * stride > SIZE_TABLE_CAPACITY
+        || t.patterns.len() > usize::from(u8::MAX) + 1
+    {
+        return Err(failure(
+            "size",
+            format!(
+                "the patterns compile to {states} states of {stride} byte classes; the detector's table holds at most {SIZE_MAX_STATES} states and {SIZE_TABLE_CAPACITY} entries (states x classes rounded up to a power of two), and 256 patterns"
+            ),
+        ));
+    }
 
     let known = &sources[model::KNOWN];
     let mut errors = Vec::new();

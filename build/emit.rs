@@ -319,6 +319,18 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         "Parameter counts of models known by exact name (last path component), ASCII case-insensitive.",
         &known_entries,
     ));
+    let (table_capacity, max_states) = (
+        Literal::usize_unsuffixed(dfa::SIZE_TABLE_CAPACITY),
+        Literal::usize_unsuffixed(dfa::SIZE_MAX_STATES),
+    );
+    items.push(quote! {
+        /// Entries of the detector's flat table of the size DFA (states x
+        /// byte classes rounded up to a power of two); the generator checks
+        /// that the size DFA fits.
+        pub const SIZE_DFA_TABLE_CAPACITY: usize = #table_capacity;
+        /// Most states of that table.
+        pub const SIZE_DFA_MAX_STATES: usize = #max_states;
+    });
     items.push(aligned_dfa(
         "SIZE_DFA",
         dfa::SIZE,

@@ -533,3 +533,20 @@ fn pattern_look_around_other_than_end() {
         ["tables/detect.toml:24:9: pattern may use no look-around but `$` (the end of the name)"]
     );
 }
+
+#[test]
+fn size_patterns_must_fit_the_detectors_table() {
+    // A context length spelled with 300 exact letters: one state per letter.
+    let errors = errors(&[(
+        "detect.toml",
+        "regex = '(?:1|2|4|8|16|20|32|40|64|80|100|128|160|200|256|512|1000|1024)k(?:[^a-z]|$)'",
+        "regex = '[0-9]+k(?:[a-c]{300})?(?:[^a-z]|$)'",
+    )]);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .starts_with("tables/detect.toml: cannot build the size DFA: the patterns compile to ")
+            && errors[0].contains("at most 256 states"),
+        "{errors:?}"
+    );
+}
