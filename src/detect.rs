@@ -487,6 +487,18 @@ fn word_at(bytes: &[u8], at: usize) -> u64 {
     }
 }
 
+/// The position of the last `/` or `\\` in `bytes`. On x86-64, SSE2 is
+/// always there: calling it directly skips `memrchr2`'s run-time choice
+/// (an indirect call) and its AVX2 set-up, which short names do not repay.
+#[inline]
+fn last_separator(bytes: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(two) = memchr::arch::x86_64::sse2::memchr::Two::new(b'/', b'\\') {
+        return two.rfind(bytes);
+    }
+    memchr::memrchr2(b'/', b'\\', bytes)
+}
+
 /// The last path component of `name`, `/` and `\\` both separating, trailing
 /// separators ignored.
 #[inline]
@@ -494,7 +506,7 @@ pub fn last_segment(name: &[u8]) -> &[u8] {
     let is_sep = |b: &u8| *b == b'/' || *b == b'\\';
     let end = name.iter().rposition(|b| !is_sep(b)).map_or(0, |i| i + 1);
     let trimmed = &name[..end];
-    let start = memchr::memrchr2(b'/', b'\\', trimmed).map_or(0, |i| i + 1);
+    let start = last_separator(trimmed).map_or(0, |i| i + 1);
     &trimmed[start..]
 }
 
