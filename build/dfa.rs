@@ -14,8 +14,9 @@ pub const SIZE: &str = "size.dfa";
 /// The library re-lays the size DFA into a flat table of `u16` state ids,
 /// `states x stride` entries (the stride is the number of byte classes,
 /// end of input included, rounded up to a power of two), with at most this
-/// many entries...
-pub const SIZE_TABLE_CAPACITY: usize = 1 << 14;
+/// many entries (16 KiB: the table is laid out on the stack of the first
+/// detection's thread before it moves into its static)...
+pub const SIZE_TABLE_CAPACITY: usize = 1 << 13;
 /// ... and at most this many states (their numbers and pattern ids are
 /// bytes).
 pub const SIZE_MAX_STATES: usize = 256;

@@ -1,8 +1,13 @@
 //! Model size detection from a name or path.
 //!
-//! The rules live in `tables/detect.toml`; `build.rs` compiles its patterns
-//! into DFAs that are embedded in the binary and loaded zero-copy. Detection
-//! allocates nothing, never panics, and runs in time linear in the input.
+//! The rules live in `tables/detect.toml` and `tables/known_models.toml`;
+//! `build.rs` compiles the size patterns and the families into DFAs that are
+//! embedded in the binary and loaded zero-copy (the small size DFA is then
+//! re-laid once into a compact table held in a static). The other lookups
+//! go through filters derived from the tables at compile time: the
+//! overriding families by the bytes around a written size, the known models
+//! by length and end bytes. Detection allocates nothing, never panics, and
+//! runs in time linear in the input.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -419,7 +424,8 @@ impl FamilyMatcher {
     }
 }
 
-/// The DFAs, validated once (no allocation: they are read in place).
+/// The DFAs, validated once (no heap allocation: they are read in place, and
+/// the size DFA's compact table lives in this static).
 #[inline]
 fn matchers() -> Option<&'static Matchers> {
     static MATCHERS: OnceLock<Option<Matchers>> = OnceLock::new();

@@ -758,7 +758,7 @@ pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map
 /// Entries of the detector's flat table of the size DFA (states x
 /// byte classes rounded up to a power of two); the generator checks
 /// that the size DFA fits.
-pub const SIZE_DFA_TABLE_CAPACITY: usize = 16384;
+pub const SIZE_DFA_TABLE_CAPACITY: usize = 8192;
 /// Most states of that table.
 pub const SIZE_DFA_MAX_STATES: usize = 256;
 /// DFA of the size patterns: leftmost-first, anchored at a digit run's start.
