@@ -62,7 +62,7 @@ fn real_tables_generate_the_committed_snapshot() {
         snapshot.display()
     );
     assert!(out.rust.starts_with("// @generated"));
-    assert_eq!(out.dfas.len(), 3);
+    assert_eq!(out.dfas.len(), 2);
     assert!(out.dfas.iter().all(|(_, bytes)| !bytes.is_empty()));
     assert_eq!(out.inputs.len(), FILES.len());
 }
@@ -574,5 +574,22 @@ fn memory_table_errors_all_reported_at_once() {
                 "tables/memory.toml:{shape}:1: heads must divide hidden into an even head width, and kv_heads must divide heads"
             ),
         ]
+    );
+}
+
+#[test]
+fn size_patterns_must_fit_the_detectors_table() {
+    // A context length spelled with 300 exact letters: one state per letter.
+    let errors = errors(&[(
+        "detect.toml",
+        "regex = '(?:1|2|4|8|16|20|32|40|64|80|100|128|160|200|256|512|1000|1024)k(?:[^a-z]|$)'",
+        "regex = '[0-9]+k(?:[a-c]{300})?(?:[^a-z]|$)'",
+    )]);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .starts_with("tables/detect.toml: cannot build the size DFA: the patterns compile to ")
+            && errors[0].contains("at most 256 states"),
+        "{errors:?}"
     );
 }

@@ -175,7 +175,7 @@ pub const UNIT_PARAMS: [u64; 26] = [
     1000000000000, 0, 0, 0, 0, 0, 0,
 ];
 /// Families that beat a size written in the name, split at their own
-/// written size, in priority order (by pattern id of [`OVERRIDE_DFA`]).
+/// written size, in priority order.
 pub const OVERRIDE_FAMILIES: [OverrideFamily; 29] = [
     OverrideFamily {
         prefix: "scout-",
@@ -729,9 +729,18 @@ pub const DISAGREEMENT_FRACTION: f64 = 0.1;
 pub const CACHE_PREFIX: &str = "models--";
 /// In a cache component the name follows the last one.
 pub const CACHE_SEPARATOR: &str = "--";
-/// Shortest and longest name in [`KNOWN_MODEL_PARAMS`]: names of other
-/// lengths skip the lookup.
-pub const KNOWN_MODEL_NAME_LENS: (usize, usize) = (4, 11);
+/// The names in [`KNOWN_MODEL_PARAMS`], in table order (the detector
+/// derives a prefilter from them).
+pub const KNOWN_MODEL_NAMES: [&str; 8] = [
+    "bloom",
+    "gpt2",
+    "starcoder",
+    "phi-4",
+    "deepseek-v3",
+    "deepseek-r1",
+    "r1-1776",
+    "grok-1",
+];
 /// Parameter counts of models known by exact name (last path component), ASCII case-insensitive.
 pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map {
     key: 16287231350648472473,
@@ -747,15 +756,16 @@ pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map
         (Ascii::new("gpt2"), 124000000u64),
     ],
 };
+/// Entries of the detector's flat table of the size DFA (states x
+/// byte classes rounded up to a power of two); the generator checks
+/// that the size DFA fits.
+pub const SIZE_DFA_TABLE_CAPACITY: usize = 8192;
+/// Most states of that table.
+pub const SIZE_DFA_MAX_STATES: usize = 256;
 /// DFA of the size patterns: leftmost-first, anchored at a digit run's start.
 pub static SIZE_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
     _align: [],
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/size.dfa")),
-};
-/// Anchored DFA of the overriding families' size-and-rest (all matches).
-pub static OVERRIDE_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
-    _align: [],
-    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/override.dfa")),
 };
 /// DFA of the other families' substrings (all matches).
 pub static FALLBACK_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
