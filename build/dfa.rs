@@ -10,7 +10,50 @@ use super::{Endian, model};
 
 /// File names of the serialised DFAs in `OUT_DIR`.
 pub const SIZE: &str = "size.dfa";
-pub const OVERRIDE: &str = "override.dfa";
+
+/// The library re-lays the size DFA into a flat table of `u16` state ids,
+/// `states x stride` entries (the stride is the number of byte classes,
+/// end of input included, rounded up to a power of two), with at most this
+/// many entries (16 KiB: the table is laid out on the stack of the first
+/// detection's thread before it moves into its static)...
+pub const SIZE_TABLE_CAPACITY: usize = 1 << 13;
+/// ... and at most this many states (their numbers and pattern ids are
+/// bytes).
+pub const SIZE_MAX_STATES: usize = 256;
+
+/// The states of `dfa` reachable from its anchored start (the dead state
+/// included) and its stride: what the library's table of the size DFA
+/// needs.
+pub fn size_table_shape(dfa: &dense::DFA<Vec<u32>>) -> (usize, usize) {
+    let classes = dfa.byte_classes();
+    let stride = classes.alphabet_len().next_power_of_two();
+    let Some(start) = dfa.universal_start_state(Anchored::Yes) else {
+        return (0, stride);
+    };
+    let dead = regex_automata::util::primitives::StateID::ZERO;
+    let mut seen = vec![dead];
+    if start != dead {
+        seen.push(start);
+    }
+    let mut i = 0;
+    while i < seen.len() {
+        let id = seen[i];
+        i += 1;
+        if dfa.is_dead_state(id) || dfa.is_quit_state(id) {
+            continue;
+        }
+        for unit in classes.representatives(..) {
+            let next = match unit.as_u8() {
+                Some(b) => dfa.next_state(id, b),
+                None => dfa.next_eoi_state(id),
+            };
+            if !seen.contains(&next) {
+                seen.push(next);
+            }
+        }
+    }
+    (seen.len(), stride)
+}
 pub const FALLBACK: &str = "fallback.dfa";
 
 fn syntax_config() -> syntax::Config {
@@ -80,16 +123,15 @@ fn literal_dfa(
 }
 
 /// Builds the size DFA (leftmost-first, anchored: searched from the start of
-/// each digit run, since every size pattern begins with a digit), the
-/// overriding families' DFA and the other families' DFA.
+/// each digit run, since every size pattern begins with a digit) and the
+/// other families' DFA, and splits the overriding families.
 ///
 /// An overriding family is consulted only where a name writes a size: it is
-/// split at its own written size into a prefix and the rest, and the rest is
-/// matched, anchored, where the name's size starts (then the prefix is
-/// compared before it). The other families are consulted only for names that
-/// write no size (all matches, unanchored). The generator checks what this
-/// relies on: an overriding family writes a size, and an exact model name
-/// does not.
+/// split at its own written size into a prefix and the rest, which the
+/// library compares before and after where the name's size starts. The other
+/// families are consulted only for names that write no size (all matches,
+/// unanchored). The generator checks what this relies on: an overriding
+/// family writes a size, and an exact model name does not.
 pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Vec<Diagnostic>> {
     let patterns: Vec<&str> = t.patterns.iter().map(|(_, p)| p.as_str()).collect();
     let size = dense::Builder::new()
@@ -103,6 +145,19 @@ pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Ve
         )
         .build_many(&patterns)
         .map_err(|e| failure("size", e))?;
+
+    let (states, stride) = size_table_shape(&size);
+    if states > SIZE_MAX_STATES
+        || states * stride > SIZE_TABLE_CAPACITY
+        || t.patterns.len() > usize::from(u8::MAX) + 1
+    {
+        return Err(failure(
+            "size",
+            format!(
+                "the patterns compile to {states} states of {stride} byte classes; the detector's table holds at most {SIZE_MAX_STATES} states and {SIZE_TABLE_CAPACITY} entries (states x classes rounded up to a power of two), and 256 patterns"
+            ),
+        ));
+    }
 
     let known = &sources[model::KNOWN];
     let mut errors = Vec::new();
@@ -132,20 +187,17 @@ pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Ve
     }
 
     let splits = override_splits(&size, t);
-    let rests: Vec<&str> = splits.iter().map(|(_, _, rest)| *rest).collect();
     let fallback: Vec<&str> = t
         .families
         .iter()
         .filter(|f| !f.overrides)
         .map(|f| f.substring.as_str())
         .collect();
-    let override_dfa = literal_dfa(&rests, StartKind::Anchored, "overriding family")?;
     let fallback_dfa = literal_dfa(&fallback, StartKind::Unanchored, "family")?;
 
     Ok(Built {
         files: vec![
             (SIZE, serialise(&size, endian)),
-            (OVERRIDE, serialise(&override_dfa, endian)),
             (FALLBACK, serialise(&fallback_dfa, endian)),
         ],
         override_splits: splits
@@ -163,7 +215,7 @@ pub fn build(t: &Tables, sources: &[Source], endian: Endian) -> Result<Built, Ve
 pub struct OverrideSplit {
     /// What comes before the size (`gpt-oss-`).
     pub prefix: String,
-    /// The size and what follows (`20b`); the DFA's pattern.
+    /// The size and what follows (`20b`).
     pub rest: String,
     /// The family's parameter count.
     pub params: u64,
@@ -173,7 +225,7 @@ pub struct OverrideSplit {
 pub struct Built {
     /// (file name in `OUT_DIR`, serialised DFA).
     pub files: Vec<(&'static str, Vec<u8>)>,
-    /// The overriding families by pattern id of the override DFA.
+    /// The overriding families, in priority order.
     pub override_splits: Vec<OverrideSplit>,
 }
 

@@ -287,7 +287,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         /// 0 where the letter is no unit.
         pub const UNIT_PARAMS: [u64; 26] = [ #( #units ),* ];
         /// Families that beat a size written in the name, split at their own
-        /// written size, in priority order (by pattern id of [`OVERRIDE_DFA`]).
+        /// written size, in priority order.
         pub const OVERRIDE_FAMILIES: [OverrideFamily; #n_override] = [ #( #overriding ),* ];
         /// Families for names that write no size, in priority order (by
         /// pattern id of [`FALLBACK_DFA`]).
@@ -306,24 +306,12 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         /// In a cache component the name follows the last one.
         pub const CACHE_SEPARATOR: &str = #cache_separator;
     });
-    let min_len = Literal::usize_unsuffixed(
-        t.known_models
-            .iter()
-            .map(|(n, _, _)| n.len())
-            .min()
-            .unwrap_or(0),
-    );
-    let max_len = Literal::usize_unsuffixed(
-        t.known_models
-            .iter()
-            .map(|(n, _, _)| n.len())
-            .max()
-            .unwrap_or(0),
-    );
+    let known_names = t.known_models.iter().map(|(n, _, _)| n.as_str());
+    let n_known = Literal::usize_unsuffixed(t.known_models.len());
     items.push(quote! {
-        /// Shortest and longest name in [`KNOWN_MODEL_PARAMS`]: names of other
-        /// lengths skip the lookup.
-        pub const KNOWN_MODEL_NAME_LENS: (usize, usize) = (#min_len, #max_len);
+        /// The names in [`KNOWN_MODEL_PARAMS`], in table order (the detector
+        /// derives a prefilter from them).
+        pub const KNOWN_MODEL_NAMES: [&str; #n_known] = [ #( #known_names ),* ];
     });
     items.push(phf_map(
         "KNOWN_MODEL_PARAMS",
@@ -331,15 +319,22 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         "Parameter counts of models known by exact name (last path component), ASCII case-insensitive.",
         &known_entries,
     ));
+    let (table_capacity, max_states) = (
+        Literal::usize_unsuffixed(dfa::SIZE_TABLE_CAPACITY),
+        Literal::usize_unsuffixed(dfa::SIZE_MAX_STATES),
+    );
+    items.push(quote! {
+        /// Entries of the detector's flat table of the size DFA (states x
+        /// byte classes rounded up to a power of two); the generator checks
+        /// that the size DFA fits.
+        pub const SIZE_DFA_TABLE_CAPACITY: usize = #table_capacity;
+        /// Most states of that table.
+        pub const SIZE_DFA_MAX_STATES: usize = #max_states;
+    });
     items.push(aligned_dfa(
         "SIZE_DFA",
         dfa::SIZE,
         "DFA of the size patterns: leftmost-first, anchored at a digit run's start.",
-    ));
-    items.push(aligned_dfa(
-        "OVERRIDE_DFA",
-        dfa::OVERRIDE,
-        "Anchored DFA of the overriding families' size-and-rest (all matches).",
     ));
     items.push(aligned_dfa(
         "FALLBACK_DFA",
@@ -532,14 +527,26 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
 /// `pub mod embedded { ... }`: floats as `f64`, integers as `u64`.
 fn settings(t: &Tables) -> TokenStream {
     let mut modules = Vec::new();
-    for (section, doc) in [
+    for (section, module, doc) in [
         (
+            "trainer",
             "trainer",
             "The training loop's defaults (`tables/defaults.toml`, `[trainer]`).",
         ),
         (
             "embedded",
+            "embedded",
             "The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).",
+        ),
+        (
+            "coefficients",
+            "memory",
+            "The memory model's coefficients and reference architectures (`tables/memory.toml`).",
+        ),
+        (
+            "fit",
+            "memory_fit",
+            "Limits of the auto-fit (`tables/memory.toml`, `[fit]`).",
         ),
     ] {
         let consts = t
@@ -560,10 +567,46 @@ fn settings(t: &Tables) -> TokenStream {
                     }
                 }
             });
-        let m = ident(section);
-        modules.push(quote! { #[doc = #doc] pub mod #m { #( #consts )* } });
+        let extra = if module == "memory" {
+            reference_shapes(t)
+        } else {
+            TokenStream::new()
+        };
+        let m = ident(module);
+        modules.push(quote! { #[doc = #doc] pub mod #m { #( #consts )* #extra } });
     }
     quote! { #( #modules )* }
+}
+
+/// `REFERENCE_SHAPES`: the `[[reference_shape]]`s, in table order.
+fn reference_shapes(t: &Tables) -> TokenStream {
+    let n = t.reference_shapes.len();
+    let shapes = t.reference_shapes.iter().map(|r| {
+        let source = &r.source;
+        let (layers, hidden, inter) = (
+            u64_lit(r.layers),
+            u64_lit(r.hidden),
+            u64_lit(r.intermediate),
+        );
+        let (heads, kv, vocab) = (u64_lit(r.heads), u64_lit(r.kv_heads), u64_lit(r.vocab));
+        let tied = r.tied;
+        quote! {
+            super::ReferenceShape {
+                source: #source,
+                layers: #layers,
+                hidden: #hidden,
+                intermediate: #inter,
+                heads: #heads,
+                kv_heads: #kv,
+                vocab: #vocab,
+                tied: #tied,
+            }
+        }
+    });
+    quote! {
+        /// Published architectures, for models known only by their size.
+        pub const REFERENCE_SHAPES: [super::ReferenceShape; #n] = [ #( #shapes ),* ];
+    }
 }
 
 fn kind_variant(kind: KeyKind) -> Ident {

@@ -11,7 +11,7 @@ use super::diag::{Diagnostic, Source};
 type S<T> = Spanned<T>;
 
 /// The table files, in the order they are read and hashed.
-pub const FILES: [&str; 7] = [
+pub const FILES: [&str; 8] = [
     "size.toml",
     "detect.toml",
     "hardware.toml",
@@ -19,6 +19,7 @@ pub const FILES: [&str; 7] = [
     "defaults.toml",
     "known_models.toml",
     "profile.toml",
+    "memory.toml",
 ];
 pub const SIZE: usize = 0;
 pub const DETECT: usize = 1;
@@ -27,6 +28,7 @@ pub const MODELS: usize = 3;
 pub const DEFAULTS: usize = 4;
 pub const KNOWN: usize = 5;
 pub const PROFILE: usize = 6;
+pub const MEMORY: usize = 7;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,6 +287,32 @@ pub struct ProfileKey {
     pub doc: S<String>,
 }
 
+/// `memory.toml`: the memory model's coefficients, the auto-fit's limits and
+/// reference architectures.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryFile {
+    /// `[coefficients]`: name -> number, checked against `validate::SETTINGS`.
+    pub coefficients: S<BTreeMap<String, S<f64>>>,
+    /// `[fit]`: name -> number, checked against `validate::SETTINGS`.
+    pub fit: S<BTreeMap<String, S<f64>>>,
+    pub reference_shape: Vec<S<ReferenceShape>>,
+}
+
+/// One `[[reference_shape]]`: a published architecture.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceShape {
+    pub source: S<String>,
+    pub layers: S<i64>,
+    pub hidden: S<i64>,
+    pub intermediate: S<i64>,
+    pub heads: S<i64>,
+    pub kv_heads: S<i64>,
+    pub vocab: S<i64>,
+    pub tied: S<bool>,
+}
+
 /// All tables, parsed but not yet validated.
 pub struct Loaded {
     /// One per entry of [`FILES`], in that order.
@@ -296,6 +324,7 @@ pub struct Loaded {
     pub defaults: DefaultsFile,
     pub known: KnownFile,
     pub profile: ProfileFile,
+    pub memory: MemoryFile,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(src: &Source, errors: &mut Vec<Diagnostic>) -> Option<T> {
@@ -348,7 +377,10 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     let defaults = parse::<DefaultsFile>(&sources[DEFAULTS], &mut errors);
     let known = parse::<KnownFile>(&sources[KNOWN], &mut errors);
     let profile = parse::<ProfileFile>(&sources[PROFILE], &mut errors);
-    match (size, detect, hardware, models, defaults, known, profile) {
+    let memory = parse::<MemoryFile>(&sources[MEMORY], &mut errors);
+    match (
+        size, detect, hardware, models, defaults, known, profile, memory,
+    ) {
         (
             Some(size),
             Some(detect),
@@ -357,6 +389,7 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
             Some(defaults),
             Some(known),
             Some(profile),
+            Some(memory),
         ) if errors.is_empty() => Ok(Loaded {
             sources,
             size,
@@ -366,6 +399,7 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
             defaults,
             known,
             profile,
+            memory,
         }),
         _ => Err(errors),
     }

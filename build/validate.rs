@@ -184,6 +184,21 @@ pub struct Tables {
     pub settings: Vec<(&'static Setting, f64)>,
     /// Profile keys, in table order.
     pub profile_keys: Vec<ProfileKey>,
+    /// `memory.toml`'s `[[reference_shape]]`s, in table order.
+    pub reference_shapes: Vec<RefShape>,
+}
+
+/// A validated `[[reference_shape]]`.
+#[derive(Clone, Debug)]
+pub struct RefShape {
+    pub source: String,
+    pub layers: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub vocab: u64,
+    pub tied: bool,
 }
 
 const BILLION: u64 = 1_000_000_000;
@@ -951,6 +966,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
 
     let settings = settings(&mut c, t);
     let profile_keys = profile_keys(&mut c, t);
+    let reference_shapes = reference_shapes(&mut c, t);
 
     if !c.errors.is_empty() {
         return Err(c.errors);
@@ -994,6 +1010,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         lora_alpha_per_rank: alpha,
         settings,
         profile_keys,
+        reference_shapes,
     })
 }
 
@@ -1276,17 +1293,145 @@ pub static SETTINGS: &[Setting] = &[
         MAX_STEPS,
         "Checkpoint interval of the embedded run.",
     ),
+    float(
+        "coefficients",
+        "runtime_mib",
+        0.0,
+        1e6,
+        false,
+        "The process without a model (runtime, tokenizer, data), MiB.",
+    ),
+    float(
+        "coefficients",
+        "load_tensor",
+        0.0,
+        100.0,
+        false,
+        "Copies of the largest tensor alive while it is read and quantized.",
+    ),
+    float(
+        "coefficients",
+        "adapters",
+        0.0,
+        100.0,
+        false,
+        "Copies of the adapters (value, gradient, AdamW moments, checkpoint buffers).",
+    ),
+    float(
+        "coefficients",
+        "logits_forward",
+        0.0,
+        100.0,
+        false,
+        "Copies of the logits (batch x seq x vocab) kept from the forward pass to the end of backward.",
+    ),
+    float(
+        "coefficients",
+        "logits_backward",
+        0.0,
+        100.0,
+        false,
+        "Copies of the logits alive while the output head's backward runs (their gradient).",
+    ),
+    float(
+        "coefficients",
+        "head",
+        0.0,
+        100.0,
+        false,
+        "Copies of the dense output head (vocab x hidden) while its backward runs.",
+    ),
+    float(
+        "coefficients",
+        "block_hidden",
+        0.0,
+        1000.0,
+        false,
+        "Copies of hidden-wide activations per token of each block whose graph is kept (or rebuilt).",
+    ),
+    float(
+        "coefficients",
+        "block_intermediate",
+        0.0,
+        1000.0,
+        false,
+        "Copies of SwiGLU-wide activations per token of each block whose graph is kept (or rebuilt).",
+    ),
+    float(
+        "coefficients",
+        "block_attention",
+        0.0,
+        1000.0,
+        false,
+        "Copies of the attention scores (batch x heads x seq x seq) of each block whose graph is kept (or rebuilt).",
+    ),
+    float(
+        "coefficients",
+        "checkpoint_hidden",
+        0.0,
+        100.0,
+        false,
+        "Copies of each adapted block's saved input with checkpointing.",
+    ),
+    float(
+        "coefficients",
+        "backward_hidden",
+        0.0,
+        1000.0,
+        false,
+        "Copies of hidden-wide gradients per token of the block whose backward runs.",
+    ),
+    float(
+        "coefficients",
+        "backward_intermediate",
+        0.0,
+        1000.0,
+        false,
+        "Copies of SwiGLU-wide gradients per token of the block whose backward runs.",
+    ),
+    float(
+        "coefficients",
+        "backward_attention",
+        0.0,
+        1000.0,
+        false,
+        "Copies of the attention scores' gradients of the block whose backward runs.",
+    ),
+    float(
+        "fit",
+        "estimate_share",
+        0.0,
+        1.0,
+        true,
+        "Share of the budget a fitted run's estimate may take (room for the model's error).",
+    ),
+    int(
+        "fit",
+        "min_seq_len",
+        2,
+        1 << 20,
+        "Shortest sequence the fit cuts to.",
+    ),
+    int(
+        "fit",
+        "min_lora_layers",
+        1,
+        1 << 16,
+        "Fewest adapted blocks the fit cuts to.",
+    ),
 ];
 
 /// `[trainer]` and `[embedded]`: every key of [`SETTINGS`] present, none
 /// unknown, each in its range (integers whole). Dimensions of the embedded
 /// model must be multiples of the NF4 block (64) where it quantizes them.
 fn settings(c: &mut Checker, t: &Loaded) -> Vec<(&'static Setting, f64)> {
-    use model::DEFAULTS;
+    use model::{DEFAULTS, MEMORY};
     let mut out = Vec::new();
-    for (section, table) in [
-        ("trainer", &t.defaults.trainer),
-        ("embedded", &t.defaults.embedded),
+    for (file, section, table) in [
+        (DEFAULTS, "trainer", &t.defaults.trainer),
+        (DEFAULTS, "embedded", &t.defaults.embedded),
+        (MEMORY, "coefficients", &t.memory.coefficients),
+        (MEMORY, "fit", &t.memory.fit),
     ] {
         for (key, v) in table.get_ref() {
             if !SETTINGS
@@ -1299,7 +1444,7 @@ fn settings(c: &mut Checker, t: &Loaded) -> Vec<(&'static Setting, f64)> {
                     .map(|s| s.name)
                     .collect();
                 c.err(
-                    DEFAULTS,
+                    file,
                     v.span(),
                     format!(
                         "unknown key \"{key}\" in [{section}] (known: {})",
@@ -1311,7 +1456,7 @@ fn settings(c: &mut Checker, t: &Loaded) -> Vec<(&'static Setting, f64)> {
         for s in SETTINGS.iter().filter(|s| s.section == section) {
             let Some(v) = table.get_ref().get(s.name) else {
                 c.err(
-                    DEFAULTS,
+                    file,
                     table.span(),
                     format!("[{section}] lacks \"{}\"", s.name),
                 );
@@ -1339,7 +1484,7 @@ fn settings(c: &mut Checker, t: &Loaded) -> Vec<(&'static Setting, f64)> {
                     SettingKind::Int { lo, hi } => format!("an integer in {lo}..={hi}"),
                 };
                 c.err(
-                    DEFAULTS,
+                    file,
                     v.span(),
                     format!("{} is {x}, must be {range}", s.name),
                 );
@@ -1373,6 +1518,58 @@ fn settings(c: &mut Checker, t: &Loaded) -> Vec<(&'static Setting, f64)> {
         || (hidden / heads.max(1)) % 2 != 0
     {
         c.err(DEFAULTS, span, "[embedded] num_attention_heads must divide hidden_size into an even head width, and num_key_value_heads must divide num_attention_heads");
+    }
+    out
+}
+
+/// `memory.toml`'s `[[reference_shape]]`: at least one; every size
+/// positive; heads divide the width into an even head width and KV heads
+/// divide the heads.
+fn reference_shapes(c: &mut Checker, t: &Loaded) -> Vec<RefShape> {
+    use model::MEMORY;
+    if t.memory.reference_shape.is_empty() {
+        c.err(
+            MEMORY,
+            0..0,
+            "no [[reference_shape]]: the memory model needs at least one",
+        );
+    }
+    let mut out = Vec::new();
+    for s in &t.memory.reference_shape {
+        let r = s.get_ref();
+        let mut dim = |v: &toml::Spanned<i64>, what: &str| -> u64 {
+            u64::from(c.int(MEMORY, v, what, 1, 1 << 24))
+        };
+        let shape = RefShape {
+            source: r.source.get_ref().clone(),
+            layers: dim(&r.layers, "layers"),
+            hidden: dim(&r.hidden, "hidden"),
+            intermediate: dim(&r.intermediate, "intermediate"),
+            heads: dim(&r.heads, "heads"),
+            kv_heads: dim(&r.kv_heads, "kv_heads"),
+            vocab: dim(&r.vocab, "vocab"),
+            tied: *r.tied.get_ref(),
+        };
+        if r.source.get_ref().trim().is_empty() {
+            c.err(
+                MEMORY,
+                r.source.span(),
+                "source is empty: name the model the shape is from",
+            );
+        }
+        if shape.heads == 0
+            || shape.kv_heads == 0
+            || !shape.hidden.is_multiple_of(shape.heads)
+            || !shape.heads.is_multiple_of(shape.kv_heads)
+            || !(shape.hidden / shape.heads.max(1)).is_multiple_of(2)
+        {
+            c.err(
+                MEMORY,
+                s.span(),
+                "heads must divide hidden into an even head width, and kv_heads must divide heads",
+            );
+        }
+        out.push(shape);
     }
     out
 }

@@ -1,8 +1,13 @@
 //! Model size detection from a name or path.
 //!
-//! The rules live in `tables/detect.toml`; `build.rs` compiles its patterns
-//! into DFAs that are embedded in the binary and loaded zero-copy. Detection
-//! allocates nothing, never panics, and runs in time linear in the input.
+//! The rules live in `tables/detect.toml` and `tables/known_models.toml`;
+//! `build.rs` compiles the size patterns and the families into DFAs that are
+//! embedded in the binary and loaded zero-copy (the small size DFA is then
+//! re-laid once into a compact table held in a static). The other lookups
+//! go through filters derived from the tables at compile time: the
+//! overriding families by the bytes around a written size, the known models
+//! by length and end bytes. Detection allocates nothing, never panics, and
+//! runs in time linear in the input.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -16,8 +21,9 @@ use unicase::Ascii;
 
 use crate::tables::{
     CACHE_PREFIX, CACHE_SEPARATOR, FALLBACK_DFA, FALLBACK_FAMILIES, Family, HASH_MIN_LEN,
-    KNOWN_MODEL_NAME_LENS, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_DFA, OVERRIDE_FAMILIES,
-    PATTERN_KINDS, PatternKind, SIZE_DFA, SKIP_SEGMENTS, SizeCategory, UNIT_PARAMS,
+    KNOWN_MODEL_NAMES, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_FAMILIES, PATTERN_KINDS,
+    PatternKind, SIZE_DFA, SIZE_DFA_MAX_STATES, SIZE_DFA_TABLE_CAPACITY, SKIP_SEGMENTS,
+    SizeCategory, UNIT_PARAMS,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -125,6 +131,7 @@ pub struct ModelSize {
 
 impl ModelSize {
     /// The size of a model with `params` parameters (0: unknown).
+    #[inline]
     pub const fn from_params(params: u64, source: SizeSource) -> ModelSize {
         ModelSize {
             category: SizeCategory::for_params(params),
@@ -147,6 +154,7 @@ impl ModelSize {
 impl SizeCategory {
     /// The category of a model with `params` parameters: the first whose
     /// upper bound admits it. 0 (unknown) gives the first category.
+    #[inline]
     pub const fn for_params(params: u64) -> SizeCategory {
         let mut i = 0;
         while i < SizeCategory::ALL.len() {
@@ -163,57 +171,206 @@ impl SizeCategory {
 type StaticDfa = DFA<&'static [u32]>;
 
 struct Matchers {
-    /// Size patterns, anchored, leftmost-first.
-    size: StaticDfa,
-    /// The size DFA's start state, the same at every position (no pattern
-    /// looks behind its start).
-    size_start: StateID,
-    /// Overriding families' size-and-rest, anchored, all matches.
-    overriding: StaticDfa,
-    /// Its anchored start state.
-    overriding_start: StateID,
+    /// Size patterns, anchored, leftmost-first, as a compact table.
+    size: CompactDfa,
     /// Other families, consulted when no size is written.
     fallback: FamilyMatcher,
 }
 
-/// The overriding family whose written size is the name's size at `at`:
-/// its rest matches at `at` (anchored DFA, a few bytes) and its prefix ends
-/// there. The first listed wins.
-fn overriding_family(m: &Matchers, segment: &[u8], at: usize) -> Option<u64> {
-    let dfa = &m.overriding;
-    let before = &segment[..at];
-    let mut best = usize::MAX;
-    let mut note = |state: StateID| {
-        for k in 0..dfa.match_len(state) {
-            let id = dfa.match_pattern(state, k).as_usize();
-            let prefix = OVERRIDE_FAMILIES
-                .get(id)
-                .map_or(&b""[..], |f| f.prefix.as_bytes());
-            if id < best
-                && before.len() >= prefix.len()
-                && before[before.len() - prefix.len()..].eq_ignore_ascii_case(prefix)
-            {
-                best = id;
-            }
-        }
-    };
-    let mut state = m.overriding_start;
-    for &b in &segment[at..] {
-        state = dfa.next_state(state, b);
-        if dfa.is_special_state(state) {
-            if dfa.is_match_state(state) {
-                note(state);
-            } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
-                return OVERRIDE_FAMILIES.get(best).map(|f| f.params);
-            }
-        }
-    }
-    state = dfa.next_eoi_state(state);
-    if dfa.is_match_state(state) {
-        note(state);
-    }
-    OVERRIDE_FAMILIES.get(best).map(|f| f.params)
+/// Which overriding families can match where a name's size starts, from
+/// the [`FILTER_WINDOW`] bytes around it (half before the size, half from
+/// its start): for each offset and byte value, a bitmask of the families
+/// (bit `i`: [`OVERRIDE_FAMILIES`]`[i]`; families from the 64th on share bit
+/// 63) that allow that byte there. A family allows every byte where its
+/// prefix or rest does not reach.
+///
+/// Derived from [`OVERRIDE_FAMILIES`] at compile time. The masks are a
+/// necessary condition only: a candidate is then compared in full.
+struct OverrideFilter {
+    /// By offset in the window, then byte. Where the name starts or ends
+    /// inside the window, [`window_at`] reads zeros, which the families that
+    /// do not reach there allow like any byte.
+    by_byte: [[u64; 256]; FILTER_WINDOW],
 }
+
+/// Bytes [`OverrideFilter`] reads around a size's start.
+const FILTER_WINDOW: usize = 8;
+/// Of those, the bytes before the size's start.
+const FILTER_BEFORE: usize = FILTER_WINDOW / 2;
+
+impl OverrideFilter {
+    const fn new(families: &[crate::tables::OverrideFamily]) -> OverrideFilter {
+        let mut filter = OverrideFilter {
+            by_byte: [[0; 256]; FILTER_WINDOW],
+        };
+        let mut i = 0;
+        while i < families.len() {
+            let bit = 1u64 << if i < 63 { i } else { 63 };
+            let (prefix, rest) = (families[i].prefix.as_bytes(), families[i].rest.as_bytes());
+            let mut k = 0;
+            while k < FILTER_WINDOW {
+                let byte = if k < FILTER_BEFORE {
+                    let back = FILTER_BEFORE - k;
+                    if back <= prefix.len() {
+                        Some(prefix[prefix.len() - back])
+                    } else {
+                        None
+                    }
+                } else if k - FILTER_BEFORE < rest.len() {
+                    Some(rest[k - FILTER_BEFORE])
+                } else {
+                    None
+                };
+                match byte {
+                    Some(c) => {
+                        filter.by_byte[k][c.to_ascii_lowercase() as usize] |= bit;
+                        filter.by_byte[k][c.to_ascii_uppercase() as usize] |= bit;
+                    }
+                    None => {
+                        let mut v = 0;
+                        while v < 256 {
+                            filter.by_byte[k][v] |= bit;
+                            v += 1;
+                        }
+                    }
+                }
+                k += 1;
+            }
+            i += 1;
+        }
+        filter
+    }
+
+    /// The families that may match in `segment` with their size at `at`.
+    #[inline]
+    fn candidates(&self, segment: &[u8], at: usize) -> u64 {
+        let window = window_at(segment, at);
+        let mut mask = u64::MAX;
+        for (k, masks) in self.by_byte.iter().enumerate() {
+            mask &= masks[((window >> (8 * k)) & 0xff) as usize];
+        }
+        mask
+    }
+}
+
+/// The [`FILTER_WINDOW`] bytes of `bytes` from `at - FILTER_BEFORE`, as a
+/// little-endian word with zeros outside `bytes`: one word read where it
+/// fits, shifted into place.
+#[inline]
+fn window_at(bytes: &[u8], at: usize) -> u64 {
+    let from = at
+        .saturating_sub(FILTER_BEFORE)
+        .min(bytes.len().saturating_sub(WORD));
+    let word = word_at(bytes, from);
+    // The window starts `at - FILTER_BEFORE - from` bytes after the word.
+    let shift = |bytes: usize| u32::try_from(8 * bytes).unwrap_or(u32::MAX);
+    if at >= FILTER_BEFORE + from {
+        word.checked_shr(shift(at - FILTER_BEFORE - from))
+            .unwrap_or(0)
+    } else {
+        word.checked_shl(shift(FILTER_BEFORE + from - at))
+            .unwrap_or(0)
+    }
+}
+
+static OVERRIDE_FILTER: OverrideFilter = OverrideFilter::new(&OVERRIDE_FAMILIES);
+
+/// The overriding family whose written size is the name's size at `at`:
+/// its prefix ends at `at` and its rest starts there (ASCII
+/// case-insensitive). The first listed wins.
+#[inline]
+fn overriding_family(segment: &[u8], at: usize) -> Option<u64> {
+    match OVERRIDE_FILTER.candidates(segment, at) {
+        0 => None,
+        candidates => first_overriding(segment, at, candidates),
+    }
+}
+
+/// The first of the `candidates` ([`OverrideFilter`]'s bits) that matches
+/// in full.
+#[inline(never)]
+fn first_overriding(segment: &[u8], at: usize, mut candidates: u64) -> Option<u64> {
+    let (before, after) = segment.split_at_checked(at)?;
+    while candidates != 0 {
+        let bit = candidates.trailing_zeros() as usize;
+        candidates &= candidates - 1;
+        // Bit 63 stands for every family from the 64th on.
+        let group = if bit < 63 {
+            bit..bit + 1
+        } else {
+            bit..OVERRIDE_FAMILIES.len()
+        };
+        for f in OVERRIDE_FAMILIES.get(group).unwrap_or_default() {
+            let (prefix, rest) = (f.prefix.as_bytes(), f.rest.as_bytes());
+            let prefix_ok = before
+                .len()
+                .checked_sub(prefix.len())
+                .is_some_and(|i| before[i..].eq_ignore_ascii_case(prefix));
+            if prefix_ok
+                && after
+                    .get(..rest.len())
+                    .is_some_and(|r| r.eq_ignore_ascii_case(rest))
+            {
+                return Some(f.params);
+            }
+        }
+    }
+    None
+}
+
+/// Whether a component may be a known model's name ([`KNOWN_MODEL_NAMES`],
+/// ASCII case-insensitive): its length and its first and last bytes must be
+/// those of some name. Derived at compile time; the map lookup, which hashes
+/// the whole component, follows only when this passes.
+struct KnownNameFilter {
+    shortest: usize,
+    longest: usize,
+    first: [bool; 256],
+    last: [bool; 256],
+}
+
+impl KnownNameFilter {
+    const fn new(names: &[&str]) -> KnownNameFilter {
+        let mut filter = KnownNameFilter {
+            shortest: usize::MAX,
+            longest: 0,
+            first: [false; 256],
+            last: [false; 256],
+        };
+        let mut i = 0;
+        while i < names.len() {
+            let name = names[i].as_bytes();
+            if let ([first, ..], [.., last]) = (name, name) {
+                if name.len() < filter.shortest {
+                    filter.shortest = name.len();
+                }
+                if name.len() > filter.longest {
+                    filter.longest = name.len();
+                }
+                filter.first[first.to_ascii_lowercase() as usize] = true;
+                filter.first[first.to_ascii_uppercase() as usize] = true;
+                filter.last[last.to_ascii_lowercase() as usize] = true;
+                filter.last[last.to_ascii_uppercase() as usize] = true;
+            }
+            i += 1;
+        }
+        filter
+    }
+
+    #[inline]
+    fn admits(&self, component: &[u8]) -> bool {
+        match component {
+            [first, .., last] | [first @ last] => {
+                (self.shortest..=self.longest).contains(&component.len())
+                    && self.first[usize::from(*first)]
+                    && self.last[usize::from(*last)]
+            }
+            [] => false,
+        }
+    }
+}
+
+static KNOWN_NAME_FILTER: KnownNameFilter = KnownNameFilter::new(&KNOWN_MODEL_NAMES);
 
 /// An all-matches DFA of family substrings and the families it names.
 struct FamilyMatcher {
@@ -267,7 +424,9 @@ impl FamilyMatcher {
     }
 }
 
-/// The DFAs, validated once (no allocation: they are read in place).
+/// The DFAs, validated once (no heap allocation: they are read in place, and
+/// the size DFA's compact table lives in this static).
+#[inline]
 fn matchers() -> Option<&'static Matchers> {
     static MATCHERS: OnceLock<Option<Matchers>> = OnceLock::new();
     MATCHERS
@@ -277,13 +436,8 @@ fn matchers() -> Option<&'static Matchers> {
             // look-behind assertion (`^`, `\b`) at its start; a table that did
             // would make every detection "unknown", which tests catch.
             let size_start = size.universal_start_state(Anchored::Yes)?;
-            let (overriding, _) = DFA::from_bytes(&OVERRIDE_DFA.bytes).ok()?;
-            let overriding_start = overriding.universal_start_state(Anchored::Yes)?;
             Some(Matchers {
-                size,
-                size_start,
-                overriding_start,
-                overriding,
+                size: CompactDfa::new(&size, size_start)?,
                 fallback: FamilyMatcher::load(&FALLBACK_DFA.bytes, &FALLBACK_FAMILIES)?,
             })
         })
@@ -295,18 +449,76 @@ pub fn matchers_ok() -> bool {
     matchers().is_some()
 }
 
+// Word-at-a-time byte scanning: eight bytes per `u64`, little-endian (byte
+// `i` of a word at bits `8i..8i + 8`), each test setting the high bit of the
+// bytes that pass. No test carries from one byte into the next.
+
+/// Bytes per word.
+const WORD: usize = 8;
+/// `0x01` in every byte.
+const ONES: u64 = u64::from_ne_bytes([0x01; WORD]);
+/// The high bit of every byte.
+const HIGH: u64 = ONES * 0x80;
+
+/// The high bit of each byte of `word` that is an ASCII digit. With
+/// `t = byte ^ b'0'`, a digit is a `t` below 10: adding `0x76` to the low
+/// seven bits of `t` sets the high bit exactly when they are 10 or more.
+#[inline]
+fn digit_bytes(word: u64) -> u64 {
+    let t = word ^ (ONES * u64::from(b'0'));
+    !(((t & !HIGH) + ONES * (0x80 - 10)) | t) & HIGH
+}
+
+/// The word of `bytes[at..]`'s first eight bytes, zeros past the end.
+#[inline]
+fn word_at(bytes: &[u8], at: usize) -> u64 {
+    let rest = bytes.get(at..).unwrap_or_default();
+    if let Some(word) = rest.first_chunk::<WORD>() {
+        return u64::from_le_bytes(*word);
+    }
+    // Fewer than eight bytes: two overlapping reads, as `memcpy` does.
+    let n = rest.len();
+    if let (Some(lo), Some(hi)) = (rest.first_chunk::<4>(), rest.last_chunk::<4>()) {
+        return u64::from(u32::from_le_bytes(*lo))
+            | u64::from(u32::from_le_bytes(*hi)) << (8 * (n - 4));
+    }
+    match rest {
+        [] => 0,
+        // One to three bytes: the first, the middle and the last.
+        [first, ..] => {
+            u64::from(*first)
+                | u64::from(rest[n / 2]) << (8 * (n / 2))
+                | u64::from(rest[n - 1]) << (8 * (n - 1))
+        }
+    }
+}
+
+/// The position of the last `/` or `\\` in `bytes`. On x86-64, SSE2 is
+/// always there: calling it directly skips `memrchr2`'s run-time choice
+/// (an indirect call) and its AVX2 set-up, which short names do not repay.
+#[inline]
+fn last_separator(bytes: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(two) = memchr::arch::x86_64::sse2::memchr::Two::new(b'/', b'\\') {
+        return two.rfind(bytes);
+    }
+    memchr::memrchr2(b'/', b'\\', bytes)
+}
+
 /// The last path component of `name`, `/` and `\\` both separating, trailing
 /// separators ignored.
+#[inline]
 pub fn last_segment(name: &[u8]) -> &[u8] {
     let is_sep = |b: &u8| *b == b'/' || *b == b'\\';
     let end = name.iter().rposition(|b| !is_sep(b)).map_or(0, |i| i + 1);
     let trimmed = &name[..end];
-    let start = memchr::memrchr2(b'/', b'\\', trimmed).map_or(0, |i| i + 1);
+    let start = last_separator(trimmed).map_or(0, |i| i + 1);
     &trimmed[start..]
 }
 
 /// Whether a path component names no model: a cache directory
 /// (`snapshots`) or a commit hash.
+#[inline]
 fn is_skipped(component: &[u8]) -> bool {
     (component.len() >= HASH_MIN_LEN && component.iter().all(u8::is_ascii_hexdigit))
         || SKIP_SEGMENTS
@@ -324,6 +536,7 @@ fn is_skipped(component: &[u8]) -> bool {
 /// assert_eq!(model_segment(p), b"Qwen2.5-0.5B");
 /// assert_eq!(model_segment(b"meta-llama/Llama-2-7b-hf"), b"Llama-2-7b-hf");
 /// ```
+#[inline]
 pub fn model_segment(name: &[u8]) -> &[u8] {
     let mut rest = name;
     let mut segment = last_segment(rest);
@@ -353,6 +566,7 @@ pub fn model_segment(name: &[u8]) -> &[u8] {
 /// Reads ASCII digits from `bytes[i..]`: (value, digits read, 10^n for the
 /// n digits kept). Keeps at most 18 digits (the rest only count as read), so
 /// neither value nor scale overflows.
+#[inline]
 fn digits(bytes: &[u8], mut i: usize) -> (u64, usize, u64) {
     let (mut value, mut scale, start) = (0u64, 1u64, i);
     while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
@@ -369,6 +583,7 @@ fn digits(bytes: &[u8], mut i: usize) -> (u64, usize, u64) {
 /// matched: ASCII digits, an optional fraction (`.5`, `_6`), optional
 /// `-`/`_`, a unit letter, and optional digits after the unit as the fraction
 /// (`7b1` is 7.1B) when no letter follows them. Saturates on overflow.
+#[inline]
 fn parse_size(bytes: &[u8], start: usize) -> Option<u64> {
     let mut i = start;
     let mut int: u64 = 0;
@@ -432,28 +647,164 @@ fn parse_moe(bytes: &[u8], start: usize) -> Option<(u64, SizeSource)> {
     Some((experts.saturating_mul(expert), SizeSource::NameEstimate))
 }
 
-/// The leftmost-first match of the size DFA anchored at `start`: (end,
-/// pattern id), or `None`.
-fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
-    let dfa = &m.size;
-    let mut state = m.size_start;
-    let mut last = None;
-    let mut i = start;
-    while i < hay.len() {
-        state = dfa.next_state(state, hay[i]);
-        if dfa.is_special_state(state) {
-            if dfa.is_match_state(state) {
-                // Matches are reported one byte late: this one ends at `i`.
-                last = Some((i, dfa.match_pattern(state, 0).as_usize()));
-            } else if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
-                return last;
+/// A small anchored DFA re-laid from regex-automata's dense DFA when it is
+/// loaded: byte classes, then one flat table of `u16` state ids
+/// premultiplied by the stride, with the special states (dead, matching)
+/// first. The inner loop is two table reads and one comparison per byte,
+/// with no bounds check (indexes are masked to the table's power-of-two
+/// size, which every id fits: the generator checks the size DFA against
+/// [`SIZE_DFA_TABLE_CAPACITY`] and [`SIZE_DFA_MAX_STATES`]).
+struct CompactDfa {
+    /// Byte class of each byte.
+    classes: [u8; 256],
+    /// Next state id by `state id + class`.
+    next: [u16; SIZE_DFA_TABLE_CAPACITY],
+    /// The class of the end of input.
+    eoi: usize,
+    /// For each state number (id >> `stride2`): `None` or the pattern it
+    /// matches.
+    matches: [Option<u8>; SIZE_DFA_MAX_STATES],
+    /// Ids below this are special: dead, quit or matching.
+    special: u16,
+    /// log2 of the stride.
+    stride2: usize,
+    /// The start state's id.
+    start: u16,
+}
+
+/// Index mask of [`CompactDfa::next`].
+const TABLE_MASK: usize = SIZE_DFA_TABLE_CAPACITY - 1;
+
+impl CompactDfa {
+    /// Re-lays the states of `dfa` reachable from `start`; `None` when they
+    /// do not fit (the generator checks that they do).
+    fn new(dfa: &StaticDfa, start: StateID) -> Option<CompactDfa> {
+        let classes = dfa.byte_classes();
+        let stride2 = classes.alphabet_len().next_power_of_two().trailing_zeros() as usize;
+        // Every state reachable from the start, dead first.
+        let mut found = [StateID::ZERO; SIZE_DFA_MAX_STATES];
+        let mut len = 0;
+        let mut push = |found: &mut [StateID; SIZE_DFA_MAX_STATES], id: StateID| {
+            if !found[..len].contains(&id) {
+                *found.get_mut(len)? = id;
+                len += 1;
+            }
+            Some(len)
+        };
+        push(&mut found, StateID::ZERO)?;
+        let mut reached = push(&mut found, start)?;
+        let mut i = 0;
+        while i < reached {
+            let id = found[i];
+            i += 1;
+            if !(dfa.is_dead_state(id) || dfa.is_quit_state(id)) {
+                for unit in classes.representatives(..) {
+                    let next = match unit.as_u8() {
+                        Some(b) => dfa.next_state(id, b),
+                        None => dfa.next_eoi_state(id),
+                    };
+                    reached = push(&mut found, next)?;
+                }
             }
         }
-        i += 1;
+        let found = &found[..reached];
+        // Special states get the lowest numbers.
+        let special =
+            |id: StateID| dfa.is_dead_state(id) || dfa.is_quit_state(id) || dfa.is_match_state(id);
+        let mut order = [StateID::ZERO; SIZE_DFA_MAX_STATES];
+        let mut k = 0;
+        for pass in [true, false] {
+            for &id in found.iter().filter(|&&id| special(id) == pass) {
+                order[k] = id;
+                k += 1;
+            }
+        }
+        let order = &order[..reached];
+        if (reached << stride2) > SIZE_DFA_TABLE_CAPACITY {
+            return None;
+        }
+        let id_of = |id: StateID| {
+            let number = order.iter().position(|&s| s == id)?;
+            u16::try_from(number << stride2).ok()
+        };
+        let mut compact = CompactDfa {
+            classes: [0; 256],
+            next: [0; SIZE_DFA_TABLE_CAPACITY],
+            eoi: classes.eoi().as_usize(),
+            matches: [None; SIZE_DFA_MAX_STATES],
+            special: 0,
+            stride2,
+            start: id_of(start)?,
+        };
+        for b in 0..=255u8 {
+            compact.classes[usize::from(b)] = classes.get(b);
+        }
+        for (number, &id) in order.iter().enumerate() {
+            if special(id) {
+                compact.special = id_of(id)? + 1;
+                if dfa.is_match_state(id) {
+                    let pattern = u8::try_from(dfa.match_pattern(id, 0).as_usize()).ok()?;
+                    compact.matches[number] = Some(pattern);
+                }
+            }
+            if dfa.is_dead_state(id) || dfa.is_quit_state(id) {
+                // A row of zeros: the dead state, id 0.
+                continue;
+            }
+            let row = number << stride2;
+            for unit in classes.representatives(..) {
+                let (class, next) = match unit.as_u8() {
+                    Some(b) => (usize::from(classes.get(b)), dfa.next_state(id, b)),
+                    None => (compact.eoi, dfa.next_eoi_state(id)),
+                };
+                compact.next[row + class] = id_of(next)?;
+            }
+        }
+        Some(compact)
     }
-    state = dfa.next_eoi_state(state);
-    if dfa.is_match_state(state) {
-        last = Some((hay.len(), dfa.match_pattern(state, 0).as_usize()));
+
+    /// The state after `state` reads `byte`.
+    #[inline]
+    fn next(&self, state: u16, byte: u8) -> u16 {
+        let class = usize::from(self.classes[usize::from(byte)]);
+        self.next[(usize::from(state) + class) & TABLE_MASK]
+    }
+
+    /// The state after `state` reads the end of input.
+    #[inline]
+    fn next_eoi(&self, state: u16) -> u16 {
+        self.next[(usize::from(state) + self.eoi) & TABLE_MASK]
+    }
+
+    /// For a special state: `None` (dead) or the pattern it matches.
+    #[inline]
+    fn matched(&self, state: u16) -> Option<u8> {
+        self.matches[(usize::from(state) >> self.stride2) % SIZE_DFA_MAX_STATES]
+    }
+}
+
+/// The leftmost-first match of the size DFA anchored at `start`: (end,
+/// pattern id), or `None`.
+#[inline]
+fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
+    let dfa = &m.size;
+    let mut state = dfa.start;
+    let mut last = None;
+    for (i, &b) in hay.iter().enumerate().skip(start) {
+        state = dfa.next(state, b);
+        if state < dfa.special {
+            match dfa.matched(state) {
+                // Matches are reported one byte late: this one ends at `i`.
+                Some(pattern) => last = Some((i, usize::from(pattern))),
+                None => return last,
+            }
+        }
+    }
+    state = dfa.next_eoi(state);
+    if state < dfa.special
+        && let Some(pattern) = dfa.matched(state)
+    {
+        last = Some((hay.len(), usize::from(pattern)));
     }
     last
 }
@@ -464,27 +815,29 @@ fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
 /// Every size pattern starts with a digit, and `[0-9]+` absorbs any digits
 /// before a later start in the same run, so the leftmost match always starts
 /// where a run of digits starts: the DFA is run, anchored, only from there.
-/// Each run is scanned at most twice (from its own start and, across a
-/// decimal point, from the run before), so the search is linear.
+/// After a token that is not a size, the search goes on from the first run
+/// that starts at or after the token's end. Each run is scanned at most
+/// twice (from its own start and, across a decimal point, from the run
+/// before), so the search is linear.
+#[inline]
 fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usize)> {
-    let n = segment.len();
-    let mut pos = 0;
-    // Whether the byte before `pos` is a digit (a digit there means `pos`
-    // is inside a run, where no match starts).
-    let mut after_digit = false;
-    while pos < n {
-        let b = segment[pos];
-        if !b.is_ascii_digit() {
-            after_digit = false;
-            pos += 1;
-            continue;
-        }
-        if after_digit {
-            pos += 1;
-            continue;
-        }
-        match match_at(m, segment, pos) {
-            Some((end, pattern)) => {
+    // No match starts before `next`.
+    let mut next = 0;
+    // The digit bit of the byte before the word, moved to byte 0.
+    let mut carry = 0u64;
+    let mut base = 0;
+    while base < segment.len() {
+        let digits = digit_bytes(word_at(segment, base));
+        // Digits not preceded by a digit.
+        let mut starts = digits & !((digits << 8) | carry);
+        carry = digits >> (8 * (WORD - 1));
+        while starts != 0 {
+            let pos = base + (starts.trailing_zeros() / 8) as usize;
+            starts &= starts - 1;
+            if pos < next {
+                continue;
+            }
+            if let Some((end, pattern)) = match_at(m, segment, pos) {
                 let found = match PATTERN_KINDS[pattern] {
                     PatternKind::Size => parse_size(segment, pos).map(|p| (p, SizeSource::Name)),
                     PatternKind::Moe => parse_moe(segment, pos),
@@ -494,15 +847,10 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usiz
                     return Some((params, source, pos));
                 }
                 // Go on after this token.
-                let next = end.max(pos + 1);
-                after_digit = segment[next - 1].is_ascii_digit();
-                pos = next;
-            }
-            None => {
-                after_digit = true;
-                pos += 1;
+                next = end;
             }
         }
+        base += WORD;
     }
     None
 }
@@ -521,7 +869,13 @@ fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usiz
 /// assert_eq!(detect_model_size("Qwen/Qwen2.5-0.5B").params_billions(), 0.5);
 /// ```
 pub fn detect_model_size<N: ModelName + ?Sized>(name: &N) -> ModelSize {
-    let segment = model_segment(name.name_bytes());
+    detect_bytes(name.name_bytes())
+}
+
+/// [`detect_model_size`] of a name's bytes: one function, compiled in this
+/// crate with its helpers inlined, whatever crate calls the generic wrapper.
+fn detect_bytes(name: &[u8]) -> ModelSize {
+    let segment = model_segment(name);
     let Some(m) = matchers() else {
         return ModelSize::from_params(0, SizeSource::Unknown);
     };
@@ -529,14 +883,13 @@ pub fn detect_model_size<N: ModelName + ?Sized>(name: &N) -> ModelSize {
     // (The generator checks that every overriding family writes a size and
     // that no exact model name does, so each name needs one family pass.)
     if let Some((params, source, at)) = size_from_name(m, segment) {
-        return match overriding_family(m, segment, at) {
+        return match overriding_family(segment, at) {
             Some(params) => ModelSize::from_params(params, SizeSource::Family),
             None => ModelSize::from_params(params, source),
         };
     }
-    let (shortest, longest) = KNOWN_MODEL_NAME_LENS;
-    let known = (shortest..=longest)
-        .contains(&segment.len())
+    let known = KNOWN_NAME_FILTER
+        .admits(segment)
         .then(|| std::str::from_utf8(segment).ok())
         .flatten()
         .and_then(|s| KNOWN_MODEL_PARAMS.get(&Ascii::new(s)));

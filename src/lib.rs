@@ -22,6 +22,7 @@
 pub mod detect;
 pub mod files;
 pub mod hardware;
+pub mod memory;
 pub mod qlora;
 pub mod recommend;
 pub mod report;

@@ -2,8 +2,13 @@
 
 use std::fmt;
 
+use crate::detect::detect_model_size;
 use crate::hardware::training_budget_gb;
-use crate::tables::{COMFORTABLE_BELOW_GB, KNOWN_MODELS, KnownModel, TIGHT_ADVICE, TIGHT_BELOW_GB};
+use crate::memory::{Architecture, RunShape, estimate};
+use crate::scale::scale_profile_for_category;
+use crate::tables::{
+    COMFORTABLE_BELOW_GB, KNOWN_MODELS, KnownModel, Profile, TIGHT_ADVICE, TIGHT_BELOW_GB,
+};
 
 /// How well a model fits a training budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -43,7 +48,7 @@ impl fmt::Display for FitStatus {
 }
 
 /// One model's verdict for a memory size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Recommendation {
     /// The model.
     #[serde(serialize_with = "ser_model")]
@@ -56,6 +61,10 @@ pub struct Recommendation {
     pub budget_gb: u32,
     /// Recommended: the table recommends it and it fits.
     pub recommended: bool,
+    /// The memory model's estimate of the trainer's peak, GB, with the
+    /// settings the verdict assumes (the profile's, or micro-batch 1 with
+    /// checkpointing for a tight fit); `None` with the table's figures.
+    pub estimated_training_gb: Option<f64>,
 }
 
 fn ser_model<S: serde::Serializer>(m: &&'static KnownModel, s: S) -> Result<S::Ok, S::Error> {
@@ -79,7 +88,11 @@ impl Recommendation {
             FitStatus::TightFit => Some(TIGHT_ADVICE.to_string()),
             FitStatus::DoesNotFit => Some(format!(
                 "needs {} GB, you have {} GB budget",
-                self.model.training_gb, self.budget_gb
+                match self.estimated_training_gb {
+                    Some(gb) => format!("{gb:.1}"),
+                    None => self.model.training_gb.to_string(),
+                },
+                self.budget_gb
             )),
             _ => None,
         }
@@ -104,6 +117,7 @@ pub fn assess(model: &'static KnownModel, budget_gb: u32) -> Recommendation {
         headroom_gb,
         budget_gb,
         recommended: model.recommended && status.fits(),
+        estimated_training_gb: None,
     }
 }
 
@@ -120,7 +134,94 @@ pub fn assess(model: &'static KnownModel, budget_gb: u32) -> Recommendation {
 /// ```
 pub fn recommend(memory_gb: u32) -> Vec<Recommendation> {
     let budget = training_budget_gb(memory_gb);
-    let mut list: Vec<Recommendation> = KNOWN_MODELS.iter().map(|m| assess(m, budget)).collect();
+    sorted(KNOWN_MODELS.iter().map(|m| assess(m, budget)).collect())
+}
+
+const GB: f64 = (1u64 << 30) as f64;
+
+/// The memory model's estimate of training `model` with `profile` scaled
+/// for it (`tight`: micro-batch 1 and checkpointing), GB; `None` when its
+/// size is unknown.
+pub fn estimated_training_gb(model: &KnownModel, profile: Profile, tight: bool) -> Option<f64> {
+    let size = detect_model_size(model.id);
+    if size.params == 0 {
+        return None;
+    }
+    let p = scale_profile_for_category(profile, size.category);
+    let run = RunShape {
+        batch: if tight { 1 } else { u64::from(p.batch_size) },
+        seq_len: crate::tables::trainer::SEQ_LEN,
+        lora_rank: u64::from(p.lora_rank),
+        lora_layers: u64::from(p.lora_num_layers),
+        grad_checkpoint: tight || p.grad_checkpoint,
+    };
+    Some(estimate(&Architecture::for_params(size.params), &run).peak / GB)
+}
+
+/// The fit of `model` in `budget_gb` by the memory model: with `profile`'s
+/// settings (scaled for the model) it is OPTIMAL or COMFORTABLE by
+/// headroom (TIGHT_FIT when that is under the table's tight threshold);
+/// when only micro-batch 1 with checkpointing fits, TIGHT_FIT; else
+/// DOES_NOT_FIT. Models of unknown size keep the table's verdict.
+pub fn assess_estimated(
+    model: &'static KnownModel,
+    budget_gb: u32,
+    profile: Profile,
+) -> Recommendation {
+    let (Some(full), Some(tight)) = (
+        estimated_training_gb(model, profile, false),
+        estimated_training_gb(model, profile, true),
+    ) else {
+        return assess(model, budget_gb);
+    };
+    let budget = f64::from(budget_gb);
+    let (status, used) = if full <= budget {
+        let headroom = budget - full;
+        let status = if headroom < f64::from(TIGHT_BELOW_GB) {
+            FitStatus::TightFit
+        } else if headroom < f64::from(COMFORTABLE_BELOW_GB) {
+            FitStatus::Comfortable
+        } else {
+            FitStatus::Optimal
+        };
+        (status, full)
+    } else if tight <= budget {
+        (FitStatus::TightFit, tight)
+    } else {
+        (FitStatus::DoesNotFit, tight)
+    };
+    Recommendation {
+        model,
+        status,
+        headroom_gb: (budget - used).floor() as i64,
+        budget_gb,
+        recommended: model.recommended && status.fits(),
+        estimated_training_gb: Some((used * 10.0).round() / 10.0),
+    }
+}
+
+/// Every known model judged by the memory model for `memory_gb` of memory
+/// and a machine whose profile is `profile`; ordered as [`recommend`].
+///
+/// ```
+/// use qlora_scale::recommend::{recommend_estimated, FitStatus};
+/// use qlora_scale::tables::FALLBACK_PROFILE;
+/// let list = recommend_estimated(16, FALLBACK_PROFILE);
+/// let find = |k| list.iter().find(|r| r.model.key == k).unwrap();
+/// assert!(find("hermes-7b").status.fits());
+/// assert_eq!(find("hermes-70b").status, FitStatus::DoesNotFit);
+/// ```
+pub fn recommend_estimated(memory_gb: u32, profile: Profile) -> Vec<Recommendation> {
+    let budget = training_budget_gb(memory_gb);
+    sorted(
+        KNOWN_MODELS
+            .iter()
+            .map(|m| assess_estimated(m, budget, profile))
+            .collect(),
+    )
+}
+
+fn sorted(mut list: Vec<Recommendation>) -> Vec<Recommendation> {
     list.sort_by_key(|r| {
         let group = match (r.recommended, r.status.fits()) {
             (true, _) => 0,

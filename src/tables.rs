@@ -189,6 +189,28 @@ pub struct KnownModel {
     pub warning: Option<&'static str>,
 }
 
+/// A published architecture the memory model sizes unknown models by
+/// (`tables/memory.toml`, `[[reference_shape]]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReferenceShape {
+    /// The model the shape is from.
+    pub source: &'static str,
+    /// Decoder blocks.
+    pub layers: u64,
+    /// Width.
+    pub hidden: u64,
+    /// SwiGLU width.
+    pub intermediate: u64,
+    /// Query heads.
+    pub heads: u64,
+    /// Key/value heads.
+    pub kv_heads: u64,
+    /// Vocabulary.
+    pub vocab: u64,
+    /// Tied embeddings.
+    pub tied: bool,
+}
+
 /// DFA bytes with the alignment `DFA::from_bytes` needs.
 #[repr(C)]
 pub struct AlignedDfaBytes<B: ?Sized> {

@@ -159,3 +159,39 @@ fn formatting_params() {
     assert_eq!(format_params_billions(46_700_000_000), "46.7");
     assert_eq!(format_params_billions(135_000_000), "0.135");
 }
+
+/// Every overriding family is found wherever it sits in a name: at the
+/// start, the end, or inside, in any ASCII case (the detector prefilters
+/// by the bytes around the size, which these place at every distance from
+/// the name's ends). The expected family is the first listed whose prefix
+/// ends, and rest starts, where the name's size starts.
+#[test]
+fn overriding_families_in_any_context() {
+    use qlora_scale::tables::OVERRIDE_FAMILIES;
+    let before = ["", "a", "-", "ab", "x-y", "org/", "abcde-", "Some-Model-"];
+    let after = ["", "-", "_x", "-it", ".gguf", "-instruct-hf"];
+    for family in &OVERRIDE_FAMILIES {
+        for b in before {
+            for a in after {
+                let name = format!("{b}{}{}{a}", family.prefix, family.rest);
+                let last = name.rsplit('/').next().unwrap_or(&name);
+                let at = last.len() - a.len() - family.rest.len();
+                let expected = OVERRIDE_FAMILIES
+                    .iter()
+                    .find(|f| {
+                        at >= f.prefix.len()
+                            && last[at - f.prefix.len()..at].eq_ignore_ascii_case(f.prefix)
+                            && last
+                                .get(at..at + f.rest.len())
+                                .is_some_and(|r| r.eq_ignore_ascii_case(f.rest))
+                    })
+                    .map(|f| f.params);
+                for n in [name.clone(), name.to_ascii_uppercase()] {
+                    let size = detect_model_size(n.as_str());
+                    assert_eq!(Some(size.params), expected, "{n}");
+                    assert_eq!(size.source, SizeSource::Family, "{n}");
+                }
+            }
+        }
+    }
+}

@@ -62,7 +62,7 @@ fn real_tables_generate_the_committed_snapshot() {
         snapshot.display()
     );
     assert!(out.rust.starts_with("// @generated"));
-    assert_eq!(out.dfas.len(), 3);
+    assert_eq!(out.dfas.len(), 2);
     assert!(out.dfas.iter().all(|(_, bytes)| !bytes.is_empty()));
     assert_eq!(out.inputs.len(), FILES.len());
 }
@@ -531,5 +531,65 @@ fn pattern_look_around_other_than_end() {
             "regex = '(?:1|2|4)k\\b'",
         )]),
         ["tables/detect.toml:24:9: pattern may use no look-around but `$` (the end of the name)"]
+    );
+}
+
+#[test]
+fn memory_table_errors_all_reported_at_once() {
+    let errs = errors(&[
+        (
+            "memory.toml",
+            "estimate_share = 0.85",
+            "estimate_share = 0.0",
+        ),
+        ("memory.toml", "min_seq_len = 128", "min_seq_len = 1"),
+        ("memory.toml", "\nhead = ", "\nheda = "),
+        ("memory.toml", "heads = 14\n", "heads = 13\n"),
+    ]);
+    let share = line_of("memory.toml", "estimate_share = 0.85");
+    let seq = line_of("memory.toml", "min_seq_len = 128");
+    let head = std::fs::read_to_string(tables_dir().join("memory.toml"))
+        .unwrap()
+        .lines()
+        .position(|l| l.starts_with("head = "))
+        .unwrap()
+        + 1;
+    // The shape's error points at its `[[reference_shape]]` header.
+    let shape = line_of("memory.toml", "source = \"Qwen/Qwen2-0.5B\"") - 1;
+    let coefficients = line_of("memory.toml", "[coefficients]");
+    assert_eq!(
+        errs,
+        [
+            format!(
+                "tables/memory.toml:{head}:8: unknown key \"heda\" in [coefficients] (known: runtime_mib, load_tensor, adapters, logits_forward, logits_backward, head, block_hidden, block_intermediate, block_attention, checkpoint_hidden, backward_hidden, backward_intermediate, backward_attention)"
+            ),
+            format!("tables/memory.toml:{coefficients}:1: [coefficients] lacks \"head\""),
+            format!(
+                "tables/memory.toml:{share}:18: estimate_share is 0, must be a number in (0, 1]"
+            ),
+            format!(
+                "tables/memory.toml:{seq}:15: min_seq_len is 1, must be an integer in 2..=1048576"
+            ),
+            format!(
+                "tables/memory.toml:{shape}:1: heads must divide hidden into an even head width, and kv_heads must divide heads"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn size_patterns_must_fit_the_detectors_table() {
+    // A context length spelled with 300 exact letters: one state per letter.
+    let errors = errors(&[(
+        "detect.toml",
+        "regex = '(?:1|2|4|8|16|20|32|40|64|80|100|128|160|200|256|512|1000|1024)k(?:[^a-z]|$)'",
+        "regex = '[0-9]+k(?:[a-c]{300})?(?:[^a-z]|$)'",
+    )]);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .starts_with("tables/detect.toml: cannot build the size DFA: the patterns compile to ")
+            && errors[0].contains("at most 256 states"),
+        "{errors:?}"
     );
 }

@@ -146,6 +146,60 @@ fn resumed_run_matches_straight_run_and_corrupt_checkpoint_is_skipped() {
 }
 
 #[test]
+fn a_run_killed_mid_training_resumes_to_the_straight_runs_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = [
+        "--max-steps",
+        "40",
+        "--lora-dropout",
+        "0.1",
+        "--keep-checkpoints",
+        "2",
+    ];
+    ok(train(
+        dir.path(),
+        &[&common[..], &["--output-dir", "straight"]].concat(),
+    ));
+    // The same run, killed (SIGKILL: no chance to clean up) once its second
+    // checkpoint is on disk.
+    let killed = dir.path().join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(dir.path())
+        .env("HOME", dir.path())
+        .env_remove(PROFILE_PATH_ENV)
+        .arg("--profile-path")
+        .arg(dir.path().join("no-profile.json"))
+        .args(TINY)
+        .args(common)
+        .args(["--output-dir", "killed"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let second = checkpoint::checkpoint_path(&killed.join("checkpoints"), 8);
+    let start = std::time::Instant::now();
+    while !second.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(start.elapsed() < Duration::from_secs(240), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run finished before it was killed");
+    let err = ok(train(
+        dir.path(),
+        &[&common[..], &["--output-dir", "killed", "--resume"]].concat(),
+    ));
+    assert!(err.contains("resumed from"), "{err}");
+    let straight = losses(&dir.path().join("straight"));
+    assert_eq!(straight.len(), 40);
+    assert_eq!(losses(&killed), straight, "same losses step for step");
+    // The adapters are the straight run's too.
+    let a = std::fs::read(dir.path().join("straight/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
 fn bad_lines_are_reported_and_strict_fails() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

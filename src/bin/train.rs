@@ -20,7 +20,8 @@ use qlora_scale::hardware::detect_hardware;
 use qlora_scale::storage::default_profile_path;
 use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::config::{Settings, TrainConfig, resolve};
-use qlora_scale::train::run::{Observer, StepLog, train_on};
+use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
+use qlora_scale::train::run::{Observer, StepLog, train, train_on};
 
 use args::{Cli, Command};
 use qlora_scale::report::error_message;
@@ -82,7 +83,7 @@ impl Observer for Progress {
     }
 }
 
-fn resolve_config(cli: &Cli) -> anyhow::Result<TrainConfig> {
+fn resolve_config(cli: &Cli) -> anyhow::Result<(TrainConfig, Settings)> {
     let given = cli.settings();
     let settings = match &cli.config {
         Some(path) => given.or(&Settings::from_file(path)?),
@@ -92,7 +93,21 @@ fn resolve_config(cli: &Cli) -> anyhow::Result<TrainConfig> {
         Some(p) => p.clone(),
         None => default_profile_path().context("cannot tell where the saved profile lives")?,
     };
-    Ok(resolve(&settings, &profile_path, detect_hardware)?)
+    let cfg = resolve(&settings, &profile_path, detect_hardware)?;
+    Ok((cfg, settings))
+}
+
+/// A one-step run of `cfg` into a temporary directory: the peak memory it
+/// measured, MiB.
+fn trial_step(cfg: &TrainConfig) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir().context("cannot create a directory for the trial step")?;
+    let mut trial = cfg.clone();
+    trial.output_dir = dir.path().to_path_buf();
+    trial.max_steps = 1;
+    trial.checkpoint_every = 1;
+    let summary = train(&trial, false, &mut qlora_scale::train::run::TracingObserver)
+        .context("trial step")?;
+    Ok(summary.peak_rss_mib)
 }
 
 /// What ranks other than 0 show: everything at debug level.
@@ -136,11 +151,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Merge(m)) = &cli.command {
         return merge(m);
     }
-    let cfg = resolve_config(&cli)?;
+    let (mut cfg, settings) = resolve_config(&cli)?;
+    let budget = Budget::of(settings.memory_budget, &cfg);
+    let on_misfit = if settings.auto_fit.unwrap_or(false) {
+        OnMisfit::AutoFit
+    } else if cli.dry_run {
+        OnMisfit::Report
+    } else {
+        OnMisfit::Refuse
+    };
+    // Every rank fits the same configuration (the ranks check at start that
+    // they agree), and then learns its rank and the global batch.
+    let memory = fit::check(&mut cfg, budget, on_misfit)?;
     let coll = connect(&cli, &cfg)?;
     let (rank, world) = (coll.rank(), coll.world_size());
     let cfg = cfg.for_rank(coll.backend(), rank as u32, world as u32);
-    let result = run_as(&cli, &cfg, coll.as_ref());
+    let result = run_as(&cli, &cfg, coll.as_ref(), memory.as_ref(), budget);
     if let Err(err) = &result
         && world > 1
     {
@@ -156,14 +182,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-fn run_as(cli: &Cli, cfg: &TrainConfig, coll: &dyn Collective) -> anyhow::Result<()> {
+fn run_as(
+    cli: &Cli,
+    cfg: &TrainConfig,
+    coll: &dyn Collective,
+    memory: Option<&MemoryReport>,
+    budget: Option<Budget>,
+) -> anyhow::Result<()> {
     if cli.dry_run {
         let stdout = io::stdout();
         let mut out = stdout.lock();
+        let mut value = serde_json::to_value(cfg).context("cannot serialise the configuration")?;
+        value["memory"] = serde_json::to_value(memory).context("cannot serialise the estimate")?;
         if cli.json {
-            serde_json::to_writer(&mut out, cfg).context("cannot write to stdout")?;
+            serde_json::to_writer(&mut out, &value).context("cannot write to stdout")?;
         } else {
-            serde_json::to_writer_pretty(&mut out, cfg).context("cannot write to stdout")?;
+            serde_json::to_writer_pretty(&mut out, &value).context("cannot write to stdout")?;
         }
         writeln!(out).context("cannot write to stdout")?;
         return Ok(());
@@ -206,6 +240,40 @@ fn run_as(cli: &Cli, cfg: &TrainConfig, coll: &dyn Collective) -> anyhow::Result
         return Ok(());
     }
     tracing::info!("{setup}");
+    if let Some(m) = memory {
+        let e = &m.estimate_mib;
+        tracing::info!(
+            "memory: estimated peak {:.0} MiB (weights {:.0}, adapters {:.0}, activations {:.0}, logits {:.0}){}",
+            e.peak,
+            e.weights,
+            e.adapters,
+            e.activations,
+            e.logits,
+            match m.budget_gib {
+                Some(b) => format!("; budget {:.1} GiB", b),
+                None => "; no budget known, not checked".to_string(),
+            }
+        );
+        for c in &m.auto_fit {
+            tracing::info!("auto-fit: {c}");
+        }
+        if cli.trial_step {
+            let measured = trial_step(cfg)?;
+            tracing::info!(
+                "trial step: peak {measured:.0} MiB measured, {:.0} MiB estimated ({:+.0}%)",
+                e.peak,
+                100.0 * (e.peak / measured - 1.0)
+            );
+            if let Some(b) = budget
+                && measured * (1u64 << 20) as f64 > b.bytes
+            {
+                anyhow::bail!(
+                    "the trial step peaked at {measured:.0} MiB, over the budget of {:.0} MiB: lower --batch-size or --seq-len, or raise --memory-budget",
+                    b.bytes / (1u64 << 20) as f64
+                );
+            }
+        }
+    }
     let mut progress = Progress::new(cfg.max_steps, 0);
     let summary = train_on(cfg, cli.resume, &mut progress, coll)
         .with_context(|| format!("training into {}", cfg.output_dir.display()))?;

@@ -1,6 +1,9 @@
 //! Weight sources: in-memory tensors or a local Hugging Face directory of
 //! safetensors (single file or sharded with `model.safetensors.index.json`),
-//! memory-mapped and read one tensor at a time.
+//! memory-mapped and read one tensor at a time. After a tensor is copied
+//! out, its pages of the mapping are released (`MADV_DONTNEED`), so the
+//! resident size while a model loads is the quantized model plus one tensor,
+//! not the whole file: the memory model (`tables/memory.toml`) relies on it.
 //!
 //! Pickled PyTorch checkpoints (`*.bin`, `*.pt`, `*.pth`) are refused: they
 //! can run code when loaded.
@@ -8,8 +11,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::Load as _;
 use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use safetensors::tensor::{Metadata, TensorView};
 
 use super::frozen::FrozenError;
 use super::llama::LlamaConfig;
@@ -103,10 +109,21 @@ impl WeightSource for HashMap<String, Tensor> {
     }
 }
 
+/// One mapped safetensors file and its parsed header.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Where tensor data starts (8-byte length + JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
 /// Memory-mapped safetensors of a local HF model directory.
 pub struct SafetensorsDir {
     dir: PathBuf,
-    files: MmapedSafetensors,
+    shards: Vec<Shard>,
+    /// Tensor name -> index into `shards`.
+    routing: HashMap<String, usize>,
     device: Device,
 }
 
@@ -185,25 +202,38 @@ impl SafetensorsDir {
                 });
             }
         }
-        // Validate each shard on its own first, so an error names the file.
+        let mut shards = Vec::with_capacity(files.len());
+        let mut routing = HashMap::new();
         for f in &files {
+            let file = std::fs::File::open(f).map_err(io(f))?;
             // SAFETY: mapped read-only; like every mmap-based loader we
-            // assume nobody truncates the files while the model is built.
-            unsafe { MmapedSafetensors::new(f) }.map_err(|source| LoadError::Safetensors {
+            // assume nobody truncates the file while the model is built.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io(f))?;
+            let (n, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Safetensors {
+                    path: f.clone(),
+                    source: candle_core::Error::Msg(e.to_string()),
+                })?;
+            // Check every tensor's bounds now, so a truncated file is an
+            // error that names it, before anything is built.
+            SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Safetensors {
                 path: f.clone(),
-                source,
+                source: candle_core::Error::Msg(e.to_string()),
             })?;
-        }
-        // SAFETY: as above.
-        let mm = unsafe { MmapedSafetensors::multi(&files) }.map_err(|source| {
-            LoadError::Safetensors {
-                path: dir.to_path_buf(),
-                source,
+            for name in metadata.tensors().into_keys() {
+                routing.insert(name, shards.len());
             }
-        })?;
+            shards.push(Shard {
+                path: f.clone(),
+                mmap,
+                data_start: 8 + n,
+                metadata,
+            });
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
-            files: mm,
+            shards,
+            routing,
             device: device.clone(),
         })
     }
@@ -216,18 +246,52 @@ impl SafetensorsDir {
 
 impl WeightSource for SafetensorsDir {
     fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
-        if self.files.get(name).is_err() {
-            return Err(LoadError::MissingTensor {
+        let shard = self
+            .routing
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| LoadError::MissingTensor {
                 name: name.to_string(),
                 source_name: self.dir.display().to_string(),
-            });
-        }
-        self.files
-            .load(name, &self.device)
+            })?;
+        let bad = |message: String| LoadError::Safetensors {
+            path: shard.path.clone(),
+            source: candle_core::Error::Msg(format!("tensor {name}: {message}")),
+        };
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| bad("not in the header".into()))?;
+        let (start, end) = info.data_offsets;
+        let (start, end) = (shard.data_start + start, shard.data_start + end);
+        let bytes = shard
+            .mmap
+            .get(start..end)
+            .ok_or_else(|| bad("data lies outside the file".into()))?;
+        let view = TensorView::new(info.dtype, info.shape.clone(), bytes)
+            .map_err(|e| bad(e.to_string()))?;
+        let tensor = view
+            .load(&self.device)
             .map_err(|source| LoadError::Safetensors {
-                path: self.dir.join(name),
+                path: shard.path.clone(),
                 source,
-            })
+            })?;
+        drop(view);
+        // The tensor owns a copy now: hand the mapped pages back, so the
+        // file never becomes resident as a whole.
+        // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only
+        // drops clean page-cache pages; a later read faults them back in from
+        // the file with the same contents. No reference into the range is
+        // alive (`view` borrowed it and is gone).
+        #[cfg(unix)]
+        unsafe {
+            let _ = shard.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                end - start,
+            );
+        }
+        Ok(tensor)
     }
 }
 

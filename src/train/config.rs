@@ -127,6 +127,12 @@ pub struct Settings {
     pub strict: Option<bool>,
     /// Seconds a rank waits in one collective call before it gives up.
     pub collective_timeout: Option<u64>,
+    /// Memory the run may use, GiB (default: the hardware's training
+    /// budget).
+    pub memory_budget: Option<f64>,
+    /// Change a run that does not fit its budget into the nearest one that
+    /// does.
+    pub auto_fit: Option<bool>,
 }
 
 macro_rules! merge_fields {
@@ -166,6 +172,8 @@ impl Settings {
             weight_decay,
             strict,
             collective_timeout,
+            memory_budget,
+            auto_fit,
         )
     }
 

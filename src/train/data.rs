@@ -4,12 +4,14 @@
 //! Each line is one of
 //! - `{"text": "..."}`: loss on every token;
 //! - `{"prompt": "...", "completion": "..."}`: loss on the completion only;
-//! - `{"messages": [{"role": "...", "content": "..."}, ...]}`: the default
-//!   chat template below, loss on the assistant turns only.
+//! - `{"messages": [{"role": "...", "content": "..."}, ...]}`: the model's
+//!   chat template, loss on the assistant turns only.
 //!
-//! The default chat template (used for every model: Jinja templates in
-//! `tokenizer_config.json` are not evaluated, since that needs a Jinja
-//! engine) writes each message as
+//! A conversation is written with the model's own Jinja `chat_template`
+//! from `tokenizer_config.json` when it has one ([`super::chat`]): loss on
+//! each assistant reply (what the template adds after its header for the
+//! turn, end-of-turn tokens included). Without one (the embedded model, or a
+//! tokenizer without a template) the default template writes each message as
 //!
 //! ```text
 //! <|ROLE|>\nCONTENT\n
@@ -226,6 +228,20 @@ pub fn tokenize(record: &Record, tok: &Tokenizer) -> Result<Example, TokenizerEr
         ids: Vec::new(),
         targets: Vec::new(),
     };
+    if let (Record::Messages { messages }, Some(chat)) = (record, tok.chat_template()) {
+        let segments = chat.segments(messages).map_err(TokenizerError::Render)?;
+        // The template writes BOS itself when it wants one.
+        let writes_bos = chat.bos_text().is_some_and(|b| {
+            !b.is_empty() && segments.first().is_some_and(|(s, _)| s.starts_with(b))
+        });
+        if let (Some(b), false) = (tok.bos(), writes_bos) {
+            push(&mut ex, &[b], false);
+        }
+        for (text, trained) in &segments {
+            push(&mut ex, &tok.encode(text)?, *trained);
+        }
+        return Ok(ex);
+    }
     if let Some(b) = tok.bos() {
         push(&mut ex, &[b], false);
     }

@@ -578,6 +578,11 @@ pub fn train_on(
         std::fs::create_dir_all(&ck_dir).map_err(write_err(&ck_dir))?;
     }
     let (model, tok) = model::build(cfg)?;
+    obs.note(&format!(
+        "model ready: {:.0} MiB of frozen weights, peak RSS {:.0} MiB so far",
+        model.frozen_bytes() as f64 / (1u64 << 20) as f64,
+        peak_rss_mib()
+    ));
     let (train, valid) = load_data(cfg, &tok, obs, lead)?;
     if world > 1 {
         check_same_run(coll, cfg, &train.examples)?;

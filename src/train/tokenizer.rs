@@ -15,6 +15,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::chat::ChatTemplate;
+
 /// Beginning-of-sequence token of the byte-level tokenizer.
 pub const BYTE_BOS: u32 = 256;
 /// End-of-sequence token of the byte-level tokenizer.
@@ -45,6 +47,17 @@ pub enum TokenizerError {
     /// Encoding failed.
     #[error("cannot tokenize text: {0}")]
     Encode(String),
+    /// The chat template does not compile.
+    #[error("{path}: chat_template: {message}")]
+    Template {
+        /// `tokenizer_config.json`.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The chat template failed on a conversation.
+    #[error("chat template: {0}")]
+    Render(String),
 }
 
 /// A tokenizer.
@@ -60,9 +73,8 @@ pub enum Tokenizer {
         bos: Option<u32>,
         /// End-of-sequence token, from `tokenizer_config.json`.
         eos: Option<u32>,
-        /// `tokenizer_config.json`'s `chat_template` was present (and is
-        /// not used: the documented default template applies).
-        has_chat_template: bool,
+        /// `tokenizer_config.json`'s `chat_template`, compiled.
+        chat: Option<std::sync::Arc<ChatTemplate>>,
     },
 }
 
@@ -112,8 +124,34 @@ impl Tokenizer {
         };
         let id = |key| special(&config, key).and_then(|t| tokenizer.token_to_id(&t));
         let (bos, eos) = (id("bos_token"), id("eos_token"));
+        // A string, or a list of named templates (the "default" one, else
+        // the first).
+        let source = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or(list.first())
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat = source
+            .map(|src| {
+                ChatTemplate::new(
+                    &src,
+                    special(&config, "bos_token"),
+                    special(&config, "eos_token"),
+                )
+                .map(std::sync::Arc::new)
+                .map_err(|message| TokenizerError::Template {
+                    path: cfg_path.clone(),
+                    message,
+                })
+            })
+            .transpose()?;
         Ok(Tokenizer::Hf {
-            has_chat_template: config.get("chat_template").is_some(),
+            chat,
             tokenizer: Box::new(tokenizer),
             bos,
             eos,
@@ -155,14 +193,11 @@ impl Tokenizer {
         }
     }
 
-    /// Whether a `chat_template` was found and ignored.
-    pub fn ignores_chat_template(&self) -> bool {
-        matches!(
-            self,
-            Tokenizer::Hf {
-                has_chat_template: true,
-                ..
-            }
-        )
+    /// The model's chat template, when its `tokenizer_config.json` has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        match self {
+            Tokenizer::Hf { chat, .. } => chat.as_deref(),
+            Tokenizer::Bytes => None,
+        }
     }
 }

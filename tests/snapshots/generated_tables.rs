@@ -7,6 +7,7 @@
 //   tables/defaults.toml 92db2f7194cc0c16
 //   tables/known_models.toml 222e2f19666c5609
 //   tables/profile.toml 176d841cffeec24a
+//   tables/memory.toml a5e84af5a5bdae08
 
 /// Model tiers, smallest first (`tables/size.toml`, `[tiers]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -174,7 +175,7 @@ pub const UNIT_PARAMS: [u64; 26] = [
     1000000000000, 0, 0, 0, 0, 0, 0,
 ];
 /// Families that beat a size written in the name, split at their own
-/// written size, in priority order (by pattern id of [`OVERRIDE_DFA`]).
+/// written size, in priority order.
 pub const OVERRIDE_FAMILIES: [OverrideFamily; 29] = [
     OverrideFamily {
         prefix: "scout-",
@@ -728,9 +729,18 @@ pub const DISAGREEMENT_FRACTION: f64 = 0.1;
 pub const CACHE_PREFIX: &str = "models--";
 /// In a cache component the name follows the last one.
 pub const CACHE_SEPARATOR: &str = "--";
-/// Shortest and longest name in [`KNOWN_MODEL_PARAMS`]: names of other
-/// lengths skip the lookup.
-pub const KNOWN_MODEL_NAME_LENS: (usize, usize) = (4, 11);
+/// The names in [`KNOWN_MODEL_PARAMS`], in table order (the detector
+/// derives a prefilter from them).
+pub const KNOWN_MODEL_NAMES: [&str; 8] = [
+    "bloom",
+    "gpt2",
+    "starcoder",
+    "phi-4",
+    "deepseek-v3",
+    "deepseek-r1",
+    "r1-1776",
+    "grok-1",
+];
 /// Parameter counts of models known by exact name (last path component), ASCII case-insensitive.
 pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map {
     key: 16287231350648472473,
@@ -746,15 +756,16 @@ pub static KNOWN_MODEL_PARAMS: ::phf::Map<Ascii<&'static str>, u64> = ::phf::Map
         (Ascii::new("gpt2"), 124000000u64),
     ],
 };
+/// Entries of the detector's flat table of the size DFA (states x
+/// byte classes rounded up to a power of two); the generator checks
+/// that the size DFA fits.
+pub const SIZE_DFA_TABLE_CAPACITY: usize = 8192;
+/// Most states of that table.
+pub const SIZE_DFA_MAX_STATES: usize = 256;
 /// DFA of the size patterns: leftmost-first, anchored at a digit run's start.
 pub static SIZE_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
     _align: [],
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/size.dfa")),
-};
-/// Anchored DFA of the overriding families' size-and-rest (all matches).
-pub static OVERRIDE_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
-    _align: [],
-    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/override.dfa")),
 };
 /// DFA of the other families' substrings (all matches).
 pub static FALLBACK_DFA: &AlignedDfaBytes<[u8]> = &AlignedDfaBytes {
@@ -1476,6 +1487,127 @@ pub mod embedded {
     pub const EVAL_EVERY: u64 = 25;
     ///Checkpoint interval of the embedded run.
     pub const CHECKPOINT_EVERY: u64 = 100;
+}
+///The memory model's coefficients and reference architectures (`tables/memory.toml`).
+pub mod memory {
+    ///The process without a model (runtime, tokenizer, data), MiB.
+    pub const RUNTIME_MIB: f64 = 9.432;
+    ///Copies of the largest tensor alive while it is read and quantized.
+    pub const LOAD_TENSOR: f64 = 1.555;
+    ///Copies of the adapters (value, gradient, AdamW moments, checkpoint buffers).
+    pub const ADAPTERS: f64 = 10.273;
+    ///Copies of the logits (batch x seq x vocab) kept from the forward pass to the end of backward.
+    pub const LOGITS_FORWARD: f64 = 1.284;
+    ///Copies of the logits alive while the output head's backward runs (their gradient).
+    pub const LOGITS_BACKWARD: f64 = 3.568;
+    ///Copies of the dense output head (vocab x hidden) while its backward runs.
+    pub const HEAD: f64 = 0.167;
+    ///Copies of hidden-wide activations per token of each block whose graph is kept (or rebuilt).
+    pub const BLOCK_HIDDEN: f64 = 52.024;
+    ///Copies of SwiGLU-wide activations per token of each block whose graph is kept (or rebuilt).
+    pub const BLOCK_INTERMEDIATE: f64 = 23.735;
+    ///Copies of the attention scores (batch x heads x seq x seq) of each block whose graph is kept (or rebuilt).
+    pub const BLOCK_ATTENTION: f64 = 7.008;
+    ///Copies of each adapted block's saved input with checkpointing.
+    pub const CHECKPOINT_HIDDEN: f64 = 2.108;
+    ///Copies of hidden-wide gradients per token of the block whose backward runs.
+    pub const BACKWARD_HIDDEN: f64 = 67.008;
+    ///Copies of SwiGLU-wide gradients per token of the block whose backward runs.
+    pub const BACKWARD_INTERMEDIATE: f64 = 4.091;
+    ///Copies of the attention scores' gradients of the block whose backward runs.
+    pub const BACKWARD_ATTENTION: f64 = 0.0;
+    /// Published architectures, for models known only by their size.
+    pub const REFERENCE_SHAPES: [super::ReferenceShape; 8usize] = [
+        super::ReferenceShape {
+            source: "Qwen/Qwen2-0.5B",
+            layers: 24,
+            hidden: 896,
+            intermediate: 4864,
+            heads: 14,
+            kv_heads: 2,
+            vocab: 151936,
+            tied: true,
+        },
+        super::ReferenceShape {
+            source: "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+            layers: 22,
+            hidden: 2048,
+            intermediate: 5632,
+            heads: 32,
+            kv_heads: 4,
+            vocab: 32000,
+            tied: false,
+        },
+        super::ReferenceShape {
+            source: "meta-llama/Llama-3.2-3B",
+            layers: 28,
+            hidden: 3072,
+            intermediate: 8192,
+            heads: 24,
+            kv_heads: 8,
+            vocab: 128256,
+            tied: true,
+        },
+        super::ReferenceShape {
+            source: "mistralai/Mistral-7B-v0.1",
+            layers: 32,
+            hidden: 4096,
+            intermediate: 14336,
+            heads: 32,
+            kv_heads: 8,
+            vocab: 32000,
+            tied: false,
+        },
+        super::ReferenceShape {
+            source: "meta-llama/Llama-2-13b-hf",
+            layers: 40,
+            hidden: 5120,
+            intermediate: 13824,
+            heads: 40,
+            kv_heads: 40,
+            vocab: 32000,
+            tied: false,
+        },
+        super::ReferenceShape {
+            source: "Qwen/Qwen2.5-32B",
+            layers: 64,
+            hidden: 5120,
+            intermediate: 27648,
+            heads: 40,
+            kv_heads: 8,
+            vocab: 152064,
+            tied: false,
+        },
+        super::ReferenceShape {
+            source: "meta-llama/Llama-3.1-70B",
+            layers: 80,
+            hidden: 8192,
+            intermediate: 28672,
+            heads: 64,
+            kv_heads: 8,
+            vocab: 128256,
+            tied: false,
+        },
+        super::ReferenceShape {
+            source: "meta-llama/Llama-3.1-405B",
+            layers: 126,
+            hidden: 16384,
+            intermediate: 53248,
+            heads: 128,
+            kv_heads: 8,
+            vocab: 128256,
+            tied: false,
+        },
+    ];
+}
+///Limits of the auto-fit (`tables/memory.toml`, `[fit]`).
+pub mod memory_fit {
+    ///Share of the budget a fitted run's estimate may take (room for the model's error).
+    pub const ESTIMATE_SHARE: f64 = 0.85;
+    ///Shortest sequence the fit cuts to.
+    pub const MIN_SEQ_LEN: u64 = 128;
+    ///Fewest adapted blocks the fit cuts to.
+    pub const MIN_LORA_LAYERS: u64 = 1;
 }
 /// Profile keys (`tables/profile.toml`), in table order.
 pub const PROFILE_KEYS: [ProfileKey; 5] = [

@@ -188,6 +188,11 @@ pub struct RecommendArgs {
     #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
     pub memory: Option<u32>,
 
+    /// Judge by the original project's fixed training figures
+    /// (tables/models.toml) instead of the memory model's estimate
+    #[arg(long)]
+    pub table_figures: bool,
+
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,

@@ -4,8 +4,9 @@ use std::io::{self, Write};
 
 use anyhow::{Context as _, bail};
 use qlora_scale::hardware::{detect_machine, training_budget_gb};
-use qlora_scale::recommend::{Recommendation, recommend};
+use qlora_scale::recommend::{Recommendation, recommend, recommend_estimated};
 use qlora_scale::storage::load_profile;
+use qlora_scale::tables::{FALLBACK_PROFILE, Profile};
 use serde_json::{Value, json};
 
 use crate::Context;
@@ -40,23 +41,24 @@ impl MemorySource {
     }
 }
 
-/// The memory to judge: `--memory`, else the saved profile's, else the
-/// detected hardware's. A saved profile that cannot be read is an error.
-fn memory_gb(args: &RecommendArgs, ctx: &Context) -> anyhow::Result<(u32, MemorySource)> {
+/// The memory to judge and the training settings the estimates assume:
+/// `--memory` (with the default settings), else the saved profile's, else
+/// the detected hardware's. A saved profile that cannot be read is an error.
+fn memory_gb(args: &RecommendArgs, ctx: &Context) -> anyhow::Result<(u32, MemorySource, Profile)> {
     if let Some(m) = args.memory {
-        return Ok((m, MemorySource::Flag));
+        return Ok((m, MemorySource::Flag, FALLBACK_PROFILE));
     }
     if let Some(p) = load_profile(&ctx.profile_path)? {
-        return Ok((p.memory_gb, MemorySource::SavedProfile));
+        return Ok((p.memory_gb, MemorySource::SavedProfile, p.profile));
     }
     // Apple Silicon, else the largest NVIDIA GPU, else the memory a CPU run
     // may use (the smaller of /proc/meminfo and the cgroup limit).
-    if let Some(memory) = detect_machine()
-        .profile()
-        .map(|m| m.memory_gb())
-        .filter(|&m| m > 0)
-    {
-        return Ok((memory, MemorySource::Detected));
+    if let Some(machine) = detect_machine().profile().filter(|m| m.memory_gb() > 0) {
+        return Ok((
+            machine.memory_gb(),
+            MemorySource::Detected,
+            machine.profile(),
+        ));
     }
     bail!(
         "no memory size: pass --memory GB (no saved profile at {}, and the hardware \
@@ -67,8 +69,12 @@ fn memory_gb(args: &RecommendArgs, ctx: &Context) -> anyhow::Result<(u32, Memory
 
 /// Runs `recommend`.
 pub fn run(args: &RecommendArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (memory, source) = memory_gb(args, ctx)?;
-    let list = recommend(memory);
+    let (memory, source, profile) = memory_gb(args, ctx)?;
+    let list = if args.table_figures {
+        recommend(memory)
+    } else {
+        recommend_estimated(memory, profile)
+    };
     let written = if args.json {
         let models: Vec<Value> = list.iter().map(recommendation_json).collect();
         write_json_pretty(
@@ -77,6 +83,7 @@ pub fn run(args: &RecommendArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::
                 "memory_gb": memory,
                 "memory_source": source.key(),
                 "training_budget_gb": training_budget_gb(memory),
+                "judged_by": if args.table_figures { "table_figures" } else { "memory_model" },
                 "models": models,
             }),
         )
@@ -95,6 +102,7 @@ fn recommendation_json(r: &Recommendation) -> Value {
         "tier": r.model.tier,
         "inference_gb": r.model.inference_gb,
         "training_gb": r.model.training_gb,
+        "estimated_training_gb": r.estimated_training_gb,
         "status": r.status,
         "headroom_gb": r.headroom_gb,
         "recommended": r.recommended,
@@ -146,7 +154,10 @@ fn write_table(
             "{mark} {:<key_width$}  {:<params_width$}  {:>5} GB  {:>5} GB  {:<status_width$}  {}",
             r.model.key,
             r.model.params,
-            r.model.training_gb,
+            match r.estimated_training_gb {
+                Some(gb) => format!("{gb:.1}"),
+                None => r.model.training_gb.to_string(),
+            },
             r.headroom_gb,
             r.status.name(),
             r.model.id
@@ -159,5 +170,14 @@ fn write_table(
         }
     }
     writeln!(out)?;
-    writeln!(out, "* recommended: fits, and recommended for fine-tuning")
+    writeln!(out, "* recommended: fits, and recommended for fine-tuning")?;
+    writeln!(
+        out,
+        "TRAINING: {}",
+        if list.iter().any(|r| r.estimated_training_gb.is_some()) {
+            "the trainer's peak by the memory model (tables/memory.toml), with the profile's settings (micro-batch 1 and checkpointing for a tight fit)"
+        } else {
+            "the original project's fixed figures (tables/models.toml)"
+        }
+    )
 }

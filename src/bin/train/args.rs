@@ -111,6 +111,20 @@ pub struct Cli {
     #[cfg(feature = "nccl")]
     #[arg(long, value_name = "FILE")]
     pub nccl_id_file: Option<PathBuf>,
+    /// Memory the run may use, GiB [default: the hardware profile's training
+    /// budget, else this machine's memory times the [cpu] budget fraction]
+    #[arg(long, value_name = "GIB", value_parser = positive_gib)]
+    pub memory_budget: Option<f64>,
+    /// When the memory model says the run will not fit its budget, train the
+    /// nearest configuration that does (smaller micro-batch with more
+    /// accumulation, then fewer LoRA layers, shorter sequences,
+    /// checkpointing on) instead of stopping
+    #[arg(long)]
+    pub auto_fit: bool,
+    /// Before the run, train one step and compare the peak memory with the
+    /// estimate and the budget
+    #[arg(long)]
+    pub trial_step: bool,
     /// Hardware overriding the saved or detected one.
     #[command(flatten)]
     pub hardware: HardwareArgs,
@@ -202,6 +216,8 @@ impl Cli {
             weight_decay: self.weight_decay,
             strict: self.strict.then_some(true),
             collective_timeout: self.collective_timeout,
+            memory_budget: self.memory_budget,
+            auto_fit: self.auto_fit.then_some(true),
         }
     }
 }
@@ -221,4 +237,11 @@ fn profile_path_help() -> String {
         "The saved profile file [default: ${PROFILE_PATH_ENV}, else\n\
          qlora-scale/hardware_profile.json in the per-user config directory]"
     )
+}
+
+fn positive_gib(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number of GiB")),
+    }
 }

@@ -1,0 +1,309 @@
+//! Checks a resolved run against its memory budget before anything is
+//! loaded, with the memory model of [`crate::memory`]; says what does not
+//! fit and the nearest configuration that does, and applies it when asked
+//! (`--auto-fit`).
+
+use serde::Serialize;
+
+use super::config::{TrainConfig, Weights};
+use super::model::embedded_config;
+use crate::hardware::{DeviceKind, memory_profile};
+use crate::memory::{Architecture, Estimate, FitChange, FitConfig, RunShape, estimate, fit};
+use crate::qlora::read_config;
+use crate::tables::memory_fit::ESTIMATE_SHARE;
+
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Where a budget came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetSource {
+    /// `--memory-budget`.
+    Flag,
+    /// The resolved hardware profile's training budget.
+    Profile,
+    /// This machine's usable memory (physical memory or cgroup limit) times
+    /// the `[cpu]` budget fraction of `tables/hardware.toml`.
+    Detected,
+}
+
+/// The memory a run may use.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Budget {
+    /// Bytes.
+    pub bytes: f64,
+    /// Where it came from.
+    pub source: BudgetSource,
+}
+
+impl Budget {
+    /// The budget of a run: `flag_gib` when given, else the hardware
+    /// profile's training budget, else this machine's (Linux: `/proc` and
+    /// the cgroup limit). `None` when nothing says.
+    pub fn of(flag_gib: Option<f64>, cfg: &TrainConfig) -> Option<Budget> {
+        if let Some(g) = flag_gib {
+            return Some(Budget {
+                bytes: g * GIB,
+                source: BudgetSource::Flag,
+            });
+        }
+        if let Some(hw) = &cfg.hardware {
+            return Some(Budget {
+                bytes: hw.training_budget_gb as f64 * GIB,
+                source: BudgetSource::Profile,
+            });
+        }
+        let cpu = crate::hardware::linux::read_linux_cpu(std::path::Path::new("/"))?;
+        let p = memory_profile(DeviceKind::Cpu, cpu.memory_gb);
+        Some(Budget {
+            bytes: p.training_budget_gb as f64 * GIB,
+            source: BudgetSource::Detected,
+        })
+    }
+}
+
+/// An estimate in MiB, as `--dry-run --json` prints it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct EstimateMib {
+    /// The process without a model.
+    pub runtime: f64,
+    /// Frozen weights.
+    pub weights: f64,
+    /// Adapters, gradients, optimizer state.
+    pub adapters: f64,
+    /// Activations.
+    pub activations: f64,
+    /// Logits and their gradient.
+    pub logits: f64,
+    /// Dense temporaries.
+    pub workspace: f64,
+    /// Peak while loading.
+    pub load_peak: f64,
+    /// Peak while training.
+    pub train_peak: f64,
+    /// The peak.
+    pub peak: f64,
+}
+
+impl From<&Estimate> for EstimateMib {
+    fn from(e: &Estimate) -> Self {
+        let m = |x: f64| (x / MIB * 10.0).round() / 10.0;
+        Self {
+            runtime: m(e.runtime),
+            weights: m(e.weights),
+            adapters: m(e.adapters),
+            activations: m(e.activations),
+            logits: m(e.logits),
+            workspace: m(e.workspace),
+            load_peak: m(e.load_peak),
+            train_peak: m(e.train_peak),
+            peak: m(e.peak),
+        }
+    }
+}
+
+/// What the memory check found: the `memory` object of `--dry-run --json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemoryReport {
+    /// The architecture estimated (from config.json, the embedded model, or
+    /// a reference shape scaled to the detected size).
+    pub architecture: Architecture,
+    /// `config_json`, `embedded` or `reference_shape`.
+    pub architecture_source: &'static str,
+    /// The estimate of the run as it will train (after any auto-fit).
+    pub estimate_mib: EstimateMib,
+    /// The budget, GiB; `None` when unknown (then nothing is checked).
+    pub budget_gib: Option<f64>,
+    /// Where the budget came from.
+    pub budget_source: Option<BudgetSource>,
+    /// The share of the budget an estimate may take.
+    pub estimate_share: f64,
+    /// Whether the run fits (true when no budget is known).
+    pub fits: bool,
+    /// Changes `--auto-fit` made.
+    pub auto_fit: Vec<FitChange>,
+    /// When the run does not fit and nothing was applied (a dry run): the
+    /// nearest configuration that fits, as flags, and its estimate in MiB;
+    /// `None` when it fits or nothing the fit may change is enough.
+    pub suggestion: Option<Suggestion>,
+}
+
+/// The nearest configuration that fits, as `--dry-run --json` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Suggestion {
+    /// The flags to pass.
+    pub flags: String,
+    /// What changes.
+    pub changes: Vec<FitChange>,
+    /// Its estimated peak, MiB.
+    pub peak_mib: f64,
+}
+
+/// Errors of the memory check.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    /// The run does not fit; `suggestion` is the nearest that does.
+    #[error(
+        "the run needs about {need_gib:.2} GiB at its peak, more than {limit_gib:.2} GiB ({share:.0}% of the {budget_gib:.2} GiB budget, from the {source_name}){}",
+        match suggestion {
+            Some(s) => format!("; the nearest configuration that fits is {s}: pass those flags, or --auto-fit to apply them"),
+            None => "; nothing the fit may change (micro-batch, adapted blocks, sequence length, checkpointing) brings it under: raise --memory-budget or use a smaller model".to_string(),
+        }
+    )]
+    DoesNotFit {
+        /// The estimate, GiB.
+        need_gib: f64,
+        /// The budget x share, GiB.
+        limit_gib: f64,
+        /// The budget, GiB.
+        budget_gib: f64,
+        /// Share in percent.
+        share: f64,
+        /// Where the budget came from, in words.
+        source_name: &'static str,
+        /// Flags of the nearest configuration that fits, with its estimate.
+        suggestion: Option<String>,
+    },
+    /// `config.json` could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::qlora::LoadError),
+}
+
+/// The architecture a run will train, without loading weights: `None` for a
+/// model known by name whose size is unknown.
+pub fn architecture(cfg: &TrainConfig) -> Result<Option<(Architecture, &'static str)>, FitError> {
+    Ok(match cfg.weights {
+        Weights::Embedded => Some((Architecture::from_config(&embedded_config()), "embedded")),
+        Weights::LocalDir => Some((
+            Architecture::from_config(&read_config(std::path::Path::new(&cfg.model))?),
+            "config_json",
+        )),
+        Weights::NameOnly => (cfg.model_size.params_b > 0.0).then(|| {
+            (
+                Architecture::for_params((cfg.model_size.params_b * 1e9).round() as u64),
+                "reference_shape",
+            )
+        }),
+    })
+}
+
+fn shape(cfg: &TrainConfig) -> FitConfig {
+    FitConfig {
+        run: RunShape {
+            batch: u64::from(cfg.batch_size),
+            seq_len: cfg.seq_len,
+            lora_rank: u64::from(cfg.lora_rank),
+            lora_layers: u64::from(cfg.lora_layers),
+            grad_checkpoint: cfg.grad_checkpoint,
+        },
+        grad_accum: cfg.grad_accum_steps,
+    }
+}
+
+/// What to do with a run that does not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMisfit {
+    /// Stop with [`FitError::DoesNotFit`] (a real run without `--auto-fit`).
+    Refuse,
+    /// Change the run into the nearest configuration that fits.
+    AutoFit,
+    /// Only report it, with the suggestion (a dry run).
+    Report,
+}
+
+/// Checks `cfg` against `budget`. A run that fits is left alone; one that
+/// does not is, by `on_misfit`, an error naming the nearest configuration
+/// that fits, changed into it (`value_sources` then says `auto_fit` for
+/// each value changed), or reported with it. `Ok(None)`: the architecture
+/// is unknown (a name without a size), nothing to check.
+pub fn check(
+    cfg: &mut TrainConfig,
+    budget: Option<Budget>,
+    on_misfit: OnMisfit,
+) -> Result<Option<MemoryReport>, FitError> {
+    let Some((arch, architecture_source)) = architecture(cfg)? else {
+        return Ok(None);
+    };
+    let current = shape(cfg);
+    let mut est = estimate(&arch, &current.run);
+    let mut applied = Vec::new();
+    let mut suggestion = None;
+    if let Some(b) = budget {
+        let limit = b.bytes * ESTIMATE_SHARE;
+        if est.peak > limit {
+            let fitted = fit(&arch, &current, limit);
+            match fitted {
+                Some(f) if on_misfit == OnMisfit::Report => {
+                    suggestion = Some(Suggestion {
+                        flags: flags(&f.changes),
+                        peak_mib: (f.estimate.peak / MIB).round(),
+                        changes: f.changes,
+                    });
+                }
+                None if on_misfit == OnMisfit::Report => {}
+                Some(f) if on_misfit == OnMisfit::AutoFit => {
+                    cfg.batch_size = u32::try_from(f.config.run.batch).unwrap_or(u32::MAX);
+                    cfg.grad_accum_steps = f.config.grad_accum;
+                    cfg.lora_layers = u32::try_from(f.config.run.lora_layers).unwrap_or(u32::MAX);
+                    cfg.seq_len = f.config.run.seq_len;
+                    cfg.grad_checkpoint = f.config.run.grad_checkpoint;
+                    for c in &f.changes {
+                        let keys: &[&str] = match c {
+                            FitChange::BatchSize { .. } => &["batch_size", "grad_accum_steps"],
+                            FitChange::LoraLayers { .. } => &["lora_layers"],
+                            FitChange::SeqLen { .. } => &["seq_len"],
+                            FitChange::GradCheckpoint => &["grad_checkpoint"],
+                        };
+                        for k in keys {
+                            cfg.value_sources.insert(k.to_string(), "auto_fit".into());
+                        }
+                    }
+                    est = f.estimate;
+                    applied = f.changes;
+                }
+                other => {
+                    return Err(FitError::DoesNotFit {
+                        need_gib: est.peak / GIB,
+                        limit_gib: limit / GIB,
+                        budget_gib: b.bytes / GIB,
+                        share: ESTIMATE_SHARE * 100.0,
+                        source_name: match b.source {
+                            BudgetSource::Flag => "--memory-budget flag",
+                            BudgetSource::Profile => "hardware profile",
+                            BudgetSource::Detected => "memory detected on this machine",
+                        },
+                        suggestion: other.map(|f| {
+                            let flags: Vec<String> =
+                                f.changes.iter().map(ToString::to_string).collect();
+                            format!(
+                                "{} (about {:.2} GiB)",
+                                flags.join(" "),
+                                f.estimate.peak_gib()
+                            )
+                        }),
+                    });
+                }
+            }
+        }
+    }
+    Ok(Some(MemoryReport {
+        architecture: arch,
+        architecture_source,
+        estimate_mib: EstimateMib::from(&est),
+        budget_gib: budget.map(|b| b.bytes / GIB),
+        budget_source: budget.map(|b| b.source),
+        estimate_share: ESTIMATE_SHARE,
+        fits: budget.is_none_or(|b| est.peak <= b.bytes * ESTIMATE_SHARE),
+        auto_fit: applied,
+        suggestion,
+    }))
+}
+
+fn flags(changes: &[FitChange]) -> String {
+    changes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
