@@ -51,6 +51,7 @@ impl Sandbox {
             .env("HOME", self.dir.path())
             .env_remove(PROFILE_PATH_ENV)
             .env("NO_COLOR", "1")
+            .env("QLORA_SCALE_DETECT", "off")
             .timeout(Duration::from_secs(120));
         cmd
     }
@@ -142,6 +143,64 @@ mod test_train_qlora_scaling_integration {
         assert_eq!(settings(&v), expect(&FALLBACK_PROFILE));
         assert!(v["hardware"].is_null());
         assert!(!sb.profile().exists(), "a dry run writes no profile");
+    }
+}
+
+/// Without a saved profile or flags, `train` sizes the run for the machine
+/// it runs on: Apple Silicon, else the CPU's usable memory (it trains on the
+/// CPU); `--cpu-memory` / `--gpu-memory` size it for another machine.
+mod hardware_beyond_apple {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_linux_machine_is_detected_by_its_usable_memory() {
+        let sb = Sandbox::new();
+        let out = sb
+            .cmd()
+            .env_remove("QLORA_SCALE_DETECT")
+            .args(["--dry-run", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["profile_source"], "detected");
+        assert_eq!(v["hardware_source"], "detected");
+        assert_eq!(v["hardware"]["device"], "cpu");
+        let memory = v["hardware"]["memory_gb"].as_u64().unwrap();
+        let row = qlora_scale::hardware::memory_row(
+            qlora_scale::hardware::DeviceKind::Cpu,
+            memory as u32,
+        );
+        assert_eq!(v["hardware"]["row_memory_gb"], row.memory_gb);
+        assert_eq!(v["base_profile"]["lora_rank"], row.profile.lora_rank);
+        assert_eq!(v["memory"]["budget_source"], "profile");
+    }
+
+    #[test]
+    fn cpu_and_gpu_memory_flags_size_the_run() {
+        let sb = Sandbox::new();
+        let v = sb.dry(&["--cpu-memory", "64", "--model", "mistralai/Mistral-7B-v0.1"]);
+        assert_eq!(v["profile_source"], "flags");
+        assert_eq!(v["hardware"]["device"], "cpu");
+        assert_eq!(v["hardware"]["row_memory_gb"], 64);
+        assert!(v["hardware"].get("generation").is_none());
+        let row = qlora_scale::hardware::memory_profile(qlora_scale::hardware::DeviceKind::Cpu, 64);
+        assert_eq!(v["hardware"]["training_budget_gb"], row.training_budget_gb);
+        assert_eq!(
+            v["memory"]["budget_gib"].as_f64().unwrap(),
+            row.training_budget_gb as f64
+        );
+        let v = sb.dry(&["--gpu-memory", "80"]);
+        assert_eq!(v["hardware"]["device"], "gpu");
+        assert_eq!(v["hardware"]["row_memory_gb"], 80);
+        let out = sb.run(&["--dry-run", "--gpu-memory", "80", "--cpu-memory", "64"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("cannot be used with"),
+            "{}",
+            stderr(&out)
+        );
     }
 }
 

@@ -198,6 +198,7 @@ fn train(dir: &Path, args: &[&str]) -> Output {
         .env("HOME", dir)
         .env_remove(PROFILE_PATH_ENV)
         .env("NO_COLOR", "1")
+        .env("QLORA_SCALE_DETECT", "off")
         .arg("--profile-path")
         .arg(dir.join("no-profile.json"))
         .args(args)

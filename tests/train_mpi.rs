@@ -63,6 +63,7 @@ fn env(cmd: &mut Command, dir: &Path) {
     cmd.env("HOME", dir)
         .env_remove(PROFILE_PATH_ENV)
         .env("NO_COLOR", "1")
+        .env("QLORA_SCALE_DETECT", "off")
         // One thread per rank: two ranks share the two cores.
         .env("RAYON_NUM_THREADS", "1")
         // CI runs as root.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use indicatif::{ProgressBar, ProgressStyle};
-use qlora_scale::hardware::detect_hardware;
+use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_profile};
 use qlora_scale::storage::default_profile_path;
 use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::config::{Settings, TrainConfig, resolve};
@@ -83,6 +83,27 @@ impl Observer for Progress {
     }
 }
 
+/// Set to `off` to skip hardware detection: the run is then sized by the
+/// saved profile, the hardware flags or the defaults, whatever the machine.
+const DETECT_ENV: &str = "QLORA_SCALE_DETECT";
+
+/// This machine's profile for the trainer, which runs on the CPU: Apple
+/// Silicon's (unified memory), else the CPU's by the memory a run may use
+/// (`/proc/meminfo` and the cgroup limit); `None` with
+/// `QLORA_SCALE_DETECT=off`. (`--gpu-memory` sizes for a GPU.)
+fn detected_machine() -> Option<MachineProfile> {
+    if std::env::var(DETECT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off")) {
+        return None;
+    }
+    let m = detect_machine();
+    if let Some(apple) = m.apple.and_then(|d| d.profile()) {
+        return Some(apple.into());
+    }
+    m.linux_cpu
+        .filter(|c| c.memory_gb > 0)
+        .map(|c| memory_profile(DeviceKind::Cpu, c.memory_gb).into())
+}
+
 fn resolve_config(cli: &Cli) -> anyhow::Result<(TrainConfig, Settings)> {
     let given = cli.settings();
     let settings = match &cli.config {
@@ -93,7 +114,7 @@ fn resolve_config(cli: &Cli) -> anyhow::Result<(TrainConfig, Settings)> {
         Some(p) => p.clone(),
         None => default_profile_path().context("cannot tell where the saved profile lives")?,
     };
-    let cfg = resolve(&settings, &profile_path, detect_hardware)?;
+    let cfg = resolve(&settings, &profile_path, detected_machine)?;
     Ok((cfg, settings))
 }
 

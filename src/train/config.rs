@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{ModelSize, detect_model_size};
 use crate::files::{FilesError, detect_model_size_from_path};
-use crate::hardware::{DetectedHardware, HardwareProfile};
-use crate::resolve::{HardwareOverride, ResolveError, resolve_hardware};
+use crate::hardware::MachineProfile;
+use crate::resolve::{DeviceOverride, HardwareOverride, ResolveError, resolve_machine};
 use crate::scale::scale_profile_for_category;
 use crate::tables::{
     ChipVariant, DEFAULT_MODEL, FALLBACK_PROFILE, Generation, LORA_ALPHA_PER_RANK, Profile,
@@ -107,6 +107,10 @@ pub struct Settings {
     pub chip: Option<ChipVariant>,
     /// Memory, GB.
     pub memory: Option<u32>,
+    /// An NVIDIA GPU's memory, GB: size the run by the `[gpu]` rows.
+    pub gpu_memory: Option<u32>,
+    /// The memory a CPU run may use, GB: size the run by the `[cpu]` rows.
+    pub cpu_memory: Option<u32>,
     /// Micro-batches per optimizer step.
     pub grad_accum_steps: Option<u64>,
     /// Longest sequence, tokens.
@@ -170,6 +174,8 @@ impl Settings {
             keep_checkpoints,
             grad_clip,
             weight_decay,
+            gpu_memory,
+            cpu_memory,
             strict,
             collective_timeout,
             memory_budget,
@@ -233,19 +239,34 @@ pub enum Weights {
     NameOnly,
 }
 
-/// The resolved hardware, when there was any.
+/// The resolved hardware, when there was any: Apple Silicon (generation,
+/// chip, GPU cores) or a machine sized by memory (an NVIDIA GPU's, or what a
+/// CPU run may use: the table row chosen).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HardwareSummary {
-    /// Chip generation.
-    pub generation: Generation,
-    /// Chip variant.
-    pub chip: ChipVariant,
+    /// `apple`, `gpu` or `cpu`.
+    #[serde(default = "apple")]
+    pub device: String,
+    /// Chip generation (Apple Silicon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<Generation>,
+    /// Chip variant (Apple Silicon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chip: Option<ChipVariant>,
     /// Memory, GB.
     pub memory_gb: u32,
-    /// GPU cores.
-    pub gpu_cores: u32,
+    /// GPU cores (Apple Silicon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_cores: Option<u32>,
+    /// The memory of the `[gpu]`/`[cpu]` table row chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_memory_gb: Option<u32>,
     /// Training budget, GB.
     pub training_budget_gb: u32,
+}
+
+fn apple() -> String {
+    "apple".to_string()
 }
 
 /// The fully resolved configuration: what `--dry-run --json` prints and
@@ -406,19 +427,24 @@ pub const DEFAULT_OUTPUT_DIR: &str = "runs/default";
 pub fn resolve(
     settings: &Settings,
     saved_path: &Path,
-    detect: impl FnOnce() -> Option<DetectedHardware>,
+    detect: impl FnOnce() -> Option<MachineProfile>,
 ) -> Result<TrainConfig, ConfigError> {
     let (model, weights, size) = model_and_size(settings.model.as_deref())?;
-    let hw = resolve_hardware(&settings.hardware(), saved_path, detect)?;
+    let devices = DeviceOverride {
+        gpu_memory: settings.gpu_memory,
+        cpu_memory: settings.cpu_memory,
+    };
+    let hw = resolve_machine(&settings.hardware(), devices, saved_path, detect)?;
     let (base, scaled_profile, profile_source, hardware_source, hardware) = match hw {
-        Some((hp, source)) => {
-            let scaled = scale_profile_for_category(hp.profile, size.category);
+        Some((machine, source)) => {
+            let profile = machine.profile();
+            let scaled = scale_profile_for_category(profile, size.category);
             (
-                hp.profile,
+                profile,
                 scaled,
                 source.base().to_string(),
                 Some(source.key().to_string()),
-                Some(summary(&hp)),
+                Some(summary(&machine)),
             )
         }
         // Without any profile, defaults apply as they are: nothing to scale.
@@ -571,13 +597,26 @@ pub fn resolve(
     Ok(cfg)
 }
 
-fn summary(hp: &HardwareProfile) -> HardwareSummary {
-    HardwareSummary {
-        generation: hp.generation,
-        chip: hp.variant,
-        memory_gb: hp.memory_gb,
-        gpu_cores: hp.gpu_cores,
-        training_budget_gb: hp.training_budget_gb,
+fn summary(machine: &MachineProfile) -> HardwareSummary {
+    match machine {
+        MachineProfile::Apple(hp) => HardwareSummary {
+            device: apple(),
+            generation: Some(hp.generation),
+            chip: Some(hp.variant),
+            memory_gb: hp.memory_gb,
+            gpu_cores: Some(hp.gpu_cores),
+            row_memory_gb: None,
+            training_budget_gb: hp.training_budget_gb,
+        },
+        MachineProfile::Memory(p) => HardwareSummary {
+            device: p.device.name().to_string(),
+            generation: None,
+            chip: None,
+            memory_gb: p.memory_gb,
+            gpu_cores: None,
+            row_memory_gb: Some(p.row_memory_gb),
+            training_budget_gb: p.training_budget_gb,
+        },
     }
 }
 

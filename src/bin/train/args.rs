@@ -161,6 +161,16 @@ pub struct HardwareArgs {
     /// Unified memory in GB
     #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
     pub memory: Option<u32>,
+    /// Size the run for an NVIDIA GPU with this much memory, GB (the [gpu]
+    /// rows of tables/hardware.toml)
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
+          conflicts_with_all = ["generation", "chip", "memory", "cpu_memory"])]
+    pub gpu_memory: Option<u32>,
+    /// Size the run for a CPU that may use this much memory, GB (the [cpu]
+    /// rows)
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
+          conflicts_with_all = ["generation", "chip", "memory"])]
+    pub cpu_memory: Option<u32>,
 }
 
 /// Subcommands.
@@ -206,6 +216,8 @@ impl Cli {
             generation: self.hardware.generation,
             chip: self.hardware.chip,
             memory: self.hardware.memory,
+            gpu_memory: self.hardware.gpu_memory,
+            cpu_memory: self.hardware.cpu_memory,
             grad_accum_steps: self.grad_accum_steps,
             seq_len: self.seq_len,
             warmup_steps: self.warmup_steps,
