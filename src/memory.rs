@@ -352,6 +352,23 @@ pub struct Estimate {
 }
 
 impl Estimate {
+    /// The same estimate with every part in MiB, to 0.1 MiB (as
+    /// `--dry-run --json` prints it).
+    pub fn in_mib(&self) -> Estimate {
+        let m = |x: f64| (x / MIB * 10.0).round() / 10.0;
+        Estimate {
+            runtime: m(self.runtime),
+            weights: m(self.weights),
+            adapters: m(self.adapters),
+            activations: m(self.activations),
+            logits: m(self.logits),
+            workspace: m(self.workspace),
+            load_peak: m(self.load_peak),
+            train_peak: m(self.train_peak),
+            peak: m(self.peak),
+        }
+    }
+
     /// The peak in MiB.
     pub fn peak_mib(&self) -> f64 {
         self.peak / MIB

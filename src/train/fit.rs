@@ -63,46 +63,6 @@ impl Budget {
     }
 }
 
-/// An estimate in MiB, as `--dry-run --json` prints it.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct EstimateMib {
-    /// The process without a model.
-    pub runtime: f64,
-    /// Frozen weights.
-    pub weights: f64,
-    /// Adapters, gradients, optimizer state.
-    pub adapters: f64,
-    /// Activations.
-    pub activations: f64,
-    /// Logits and their gradient.
-    pub logits: f64,
-    /// Dense temporaries.
-    pub workspace: f64,
-    /// Peak while loading.
-    pub load_peak: f64,
-    /// Peak while training.
-    pub train_peak: f64,
-    /// The peak.
-    pub peak: f64,
-}
-
-impl From<&Estimate> for EstimateMib {
-    fn from(e: &Estimate) -> Self {
-        let m = |x: f64| (x / MIB * 10.0).round() / 10.0;
-        Self {
-            runtime: m(e.runtime),
-            weights: m(e.weights),
-            adapters: m(e.adapters),
-            activations: m(e.activations),
-            logits: m(e.logits),
-            workspace: m(e.workspace),
-            load_peak: m(e.load_peak),
-            train_peak: m(e.train_peak),
-            peak: m(e.peak),
-        }
-    }
-}
-
 /// What the memory check found: the `memory` object of `--dry-run --json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MemoryReport {
@@ -111,8 +71,9 @@ pub struct MemoryReport {
     pub architecture: Architecture,
     /// `config_json`, `embedded` or `reference_shape`.
     pub architecture_source: &'static str,
-    /// The estimate of the run as it will train (after any auto-fit).
-    pub estimate_mib: EstimateMib,
+    /// The estimate of the run as it will train (after any auto-fit), in
+    /// MiB.
+    pub estimate_mib: Estimate,
     /// The budget, GiB; `None` when unknown (then nothing is checked).
     pub budget_gib: Option<f64>,
     /// Where the budget came from.
@@ -290,7 +251,7 @@ pub fn check(
     Ok(Some(MemoryReport {
         architecture: arch,
         architecture_source,
-        estimate_mib: EstimateMib::from(&est),
+        estimate_mib: est.in_mib(),
         budget_gib: budget.map(|b| b.bytes / GIB),
         budget_source: budget.map(|b| b.source),
         estimate_share: ESTIMATE_SHARE,
