@@ -35,7 +35,7 @@
 use serde::Serialize;
 
 use crate::qlora::LlamaConfig;
-use crate::qlora::nf4::NF4_BLOCK;
+use crate::qlora::nf4::nf4_storage_bytes;
 use crate::tables::memory as table;
 
 const F32: f64 = 4.0;
@@ -201,11 +201,9 @@ pub struct Features {
     pub largest_tensor: f64,
 }
 
-/// NF4 storage of a tensor of `n` values: two codes per byte and one `f32`
-/// scale per block, the last block padded.
-pub fn nf4_bytes(n: u64) -> u64 {
-    let blocks = n.div_ceil(NF4_BLOCK as u64);
-    blocks * (NF4_BLOCK as u64 / 2 + 4)
+/// NF4 storage of a tensor of `n` values ([`nf4_storage_bytes`]).
+fn nf4_bytes(n: u64) -> u64 {
+    nf4_storage_bytes(n as usize) as u64
 }
 
 /// The features of `run` on `arch`.

@@ -131,6 +131,14 @@ impl Nf4Scales {
     }
 }
 
+/// Bytes a tensor of `numel` values takes as NF4 with one `f32` scale per
+/// block (what [`Nf4Tensor::quantize`] allocates without double quant):
+/// two codes per byte, the last block padded.
+pub const fn nf4_storage_bytes(numel: usize) -> usize {
+    let blocks = numel.div_ceil(NF4_BLOCK);
+    blocks * (NF4_BLOCK / 2 + 4)
+}
+
 /// A tensor stored as NF4: packed 4-bit codes plus block scales.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Tensor {
