@@ -4,8 +4,11 @@
 //! Candle's `QMatMul` passes no gradient back to its input, and a plain
 //! `matmul` against a frozen weight computes and keeps a weight gradient that
 //! nobody needs. [`FrozenLinear`] applies [`FrozenMatmulOp`], whose backward
-//! is `dL/dx = dL/dy · W` with `W` dequantized into a temporary that is
-//! dropped at once; it never computes a weight gradient.
+//! is `dL/dx = dL/dy · W`; it never computes a weight gradient. In `f32` on
+//! the CPU, dense and NF4 weights go through [`super::kernel`], which
+//! dequantizes a cache-sized chunk of `W` at a time per thread; other
+//! storages and dtypes dequantize `W` into a temporary that is dropped at
+//! once.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -25,6 +28,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
 
+use super::kernel;
 use super::nf4::{Nf4Error, Nf4Tensor};
 
 /// How a frozen weight is stored and multiplied.
@@ -181,6 +185,36 @@ impl FrozenWeight {
         t.to_dtype(dtype)?.to_device(device)
     }
 
+    /// Whether [`kernel`] multiplies by this weight in `f32` (dense `f32`
+    /// on the CPU, or NF4 with whole blocks per row); other weights take
+    /// the dequantize-then-matmul path.
+    pub fn kernel_ready(&self) -> bool {
+        let (n, k) = self.dims();
+        match self {
+            FrozenWeight::Dense(t) => t.dtype() == DType::F32 && t.device().is_cpu(),
+            FrozenWeight::Nf4(q) => kernel::WeightRef::Nf4(q).supported(n, k),
+            FrozenWeight::Bf16(_) | FrozenWeight::Ggml(..) => false,
+        }
+    }
+
+    /// Runs `f` on the [`kernel::WeightRef`] of a [`Self::kernel_ready`]
+    /// weight.
+    fn with_kernel_ref<R>(&self, f: impl FnOnce(kernel::WeightRef) -> R) -> candle_core::Result<R> {
+        match self {
+            FrozenWeight::Nf4(q) => Ok(f(kernel::WeightRef::Nf4(q))),
+            FrozenWeight::Dense(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                match (&*storage, layout.contiguous_offsets()) {
+                    (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                        Ok(f(kernel::WeightRef::Dense(&v[a..b])))
+                    }
+                    _ => candle_core::bail!("frozen matmul: dense weight is not contiguous f32"),
+                }
+            }
+            _ => candle_core::bail!("frozen matmul: no kernel for this weight"),
+        }
+    }
+
     /// Rows `ids` of the weight (an embedding lookup), dense `dtype`.
     pub fn rows(&self, ids: &[u32], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let (rows, cols) = self.dims();
@@ -247,6 +281,10 @@ impl CustomOp1 for FrozenMatmulOp {
                     _ => candle_core::bail!("frozen matmul: unexpected QMatMul output"),
                 }
             }
+            (weight, CpuStorage::F32(data)) if weight.kernel_ready() => {
+                let x = &data[start..start + m * k];
+                CpuStorage::F32(weight.with_kernel_ref(|w| kernel::matmul_wt(x, m, w, n, k))?)
+            }
             _ => {
                 let w = self.weight.dequantize(s.dtype(), &Device::Cpu)?;
                 let (ws, wl) = w.storage_and_layout();
@@ -268,11 +306,27 @@ impl CustomOp1 for FrozenMatmulOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (n, _) = self.weight.dims();
+        let (n, k) = self.weight.dims();
+        let m = grad_res.elem_count() / n;
+        if grad_res.dtype() == DType::F32
+            && grad_res.device().is_cpu()
+            && self.weight.kernel_ready()
+        {
+            let dy = grad_res.contiguous()?;
+            let (storage, layout) = dy.storage_and_layout();
+            if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                let dy = &data[a..b];
+                let gx = self
+                    .weight
+                    .with_kernel_ref(|w| kernel::matmul_w(dy, m, w, n, k))?;
+                return Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?));
+            }
+        }
         let w = self
             .weight
             .dequantize(grad_res.dtype(), grad_res.device())?;
-        let m = grad_res.elem_count() / n;
         let gx = grad_res.reshape((m, n))?.matmul(&w)?.reshape(arg.shape())?;
         Ok(Some(gx))
     }

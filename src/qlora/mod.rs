@@ -22,6 +22,7 @@
 
 pub mod checkpoint;
 pub mod frozen;
+pub mod kernel;
 pub mod llama;
 pub mod load;
 pub mod lora;

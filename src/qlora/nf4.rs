@@ -269,6 +269,37 @@ impl Nf4Tensor {
             });
     }
 
+    /// Dequantizes whole blocks `first ..` into `out`, whose length must be
+    /// a multiple of [`NF4_BLOCK`] (one block per [`NF4_BLOCK`] values): the
+    /// fast path of the matmul kernels, which read rows that start a block.
+    ///
+    /// # Panics
+    /// If `out` is not whole blocks or runs past the last block (a
+    /// programming error).
+    pub fn dequantize_blocks_into(&self, first: usize, out: &mut [f32]) {
+        assert!(
+            out.len().is_multiple_of(NF4_BLOCK),
+            "NF4 dequantize: {} values are not whole blocks",
+            out.len()
+        );
+        let bytes = self
+            .packed
+            .get(first * NF4_BLOCK / 2..(first * NF4_BLOCK + out.len()) / 2)
+            .expect("NF4 dequantize: blocks out of bounds");
+        for (b, (dst, src)) in out
+            .chunks_exact_mut(NF4_BLOCK)
+            .zip(bytes.chunks_exact(NF4_BLOCK / 2))
+            .enumerate()
+        {
+            let scale = self.block_scale(first + b);
+            let table: [f32; 16] = NF4_CODE.map(|c| c * scale);
+            for (pair, &byte) in dst.chunks_exact_mut(2).zip(src) {
+                pair[0] = table[usize::from(byte & 0x0f)];
+                pair[1] = table[usize::from(byte >> 4)];
+            }
+        }
+    }
+
     /// The reconstructed absmax scale of block `b`.
     pub fn block_scale(&self, b: usize) -> f32 {
         match &self.scales {

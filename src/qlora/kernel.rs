@@ -1,0 +1,382 @@
+//! CPU kernels of the frozen matmul: `y = x · Wᵀ` and its input gradient
+//! `dx = dy · W`, for a dense `f32` or an NF4 weight, in `f32`.
+//!
+//! Candle's own path (dequantize the whole weight, then one `matmul`) has two
+//! costs this module avoids:
+//! - the dequantized weight is a full `f32` copy (98 MiB for a 32k x 768
+//!   head) written to fresh pages and then read back from memory;
+//! - its multi-threaded GEMM splits each product between the threads with a
+//!   synchronisation per block.
+//!
+//! Here the threads split the output into contiguous column ranges (the
+//! weight's rows for `y`, its columns for `dx`), and each thread dequantizes
+//! its part of the weight a chunk of about [`CHUNK_BYTES`] at a time into a
+//! scratch buffer it reuses, then multiplies it with a single-threaded GEMM
+//! (the `gemm` crate, the kernel Candle itself uses). Nothing is shared
+//! between threads but the read-only inputs; each writes its own columns.
+//!
+//! The sums are the same products in another order, so results equal
+//! Candle's to `f32` rounding (tests compare both).
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use super::nf4::{NF4_BLOCK, Nf4Tensor};
+
+/// Bytes of dequantized weight a thread holds at once: small enough to stay
+/// in a core's L2 cache while the GEMM reads it.
+pub const CHUNK_BYTES: usize = 512 << 10;
+
+/// A frozen `(n, k)` row-major weight the kernels can read.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRef<'a> {
+    /// Dense `f32`, read in place.
+    Dense(&'a [f32]),
+    /// NF4 (with or without double quantization), dequantized chunk by
+    /// chunk. Needs `k` to be a multiple of [`NF4_BLOCK`], so that every
+    /// row starts a block.
+    Nf4(&'a Nf4Tensor),
+}
+
+impl WeightRef<'_> {
+    /// Whether the kernels can multiply by this `(n, k)` weight.
+    pub fn supported(&self, n: usize, k: usize) -> bool {
+        match self {
+            WeightRef::Dense(w) => w.len() == n * k,
+            WeightRef::Nf4(q) => q.shape() == [n, k] && k.is_multiple_of(NF4_BLOCK),
+        }
+    }
+}
+
+/// The output buffer, written by several threads at disjoint columns.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `SharedOut` is only handed to the tasks of one `for_each` below,
+// each of which writes a column range no other task writes, and the buffer
+// outlives the `for_each` (it is borrowed mutably for its whole duration).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// A strided `rows x cols` view: element `(i, j)` at `offset + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+struct View {
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl View {
+    fn row_major(offset: usize, rows: usize, cols: usize, rs: usize) -> View {
+        View {
+            offset,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
+    /// Whether every element lies inside a buffer of `len`.
+    fn fits(&self, len: usize) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return self.offset <= len;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.rs)
+            .and_then(|a| (self.cols - 1).checked_mul(self.cs).map(|b| (a, b)))
+            .and_then(|(a, b)| a.checked_add(b))
+            .and_then(|d| d.checked_add(self.offset));
+        last.is_some_and(|l| l < len)
+    }
+}
+
+/// `dst = lhs · rhs` (or `dst += lhs · rhs` when `accumulate`), one thread.
+///
+/// # Panics
+/// If the shapes disagree or a view reaches outside its buffer (a bug in
+/// this module, never bad input: the public functions check their inputs).
+fn sgemm(dst: SharedOut, d: View, accumulate: bool, lhs: &[f32], l: View, rhs: &[f32], r: View) {
+    assert!(
+        d.rows == l.rows && d.cols == r.cols && l.cols == r.rows,
+        "sgemm: shapes ({}x{}) = ({}x{}) . ({}x{})",
+        d.rows,
+        d.cols,
+        l.rows,
+        l.cols,
+        r.rows,
+        r.cols
+    );
+    assert!(
+        d.fits(dst.len) && l.fits(lhs.len()) && r.fits(rhs.len()),
+        "sgemm: view out of bounds"
+    );
+    if d.rows == 0 || d.cols == 0 {
+        return;
+    }
+    let stride = |s: usize| isize::try_from(s).expect("stride fits isize");
+    // SAFETY: every element each view addresses lies inside its buffer
+    // (checked above); `lhs` and `rhs` are shared borrows that gemm only
+    // reads; `dst` is valid for writes at `d` and, by the callers' split, no
+    // other thread touches those elements during this call.
+    unsafe {
+        gemm(
+            d.rows,
+            d.cols,
+            l.cols,
+            dst.ptr.add(d.offset),
+            stride(d.cs),
+            stride(d.rs),
+            accumulate,
+            lhs.as_ptr().add(l.offset),
+            stride(l.cs),
+            stride(l.rs),
+            rhs.as_ptr().add(r.offset),
+            stride(r.cs),
+            stride(r.rs),
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+thread_local! {
+    /// Each thread's dequantization buffer, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer of at least `len` values.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Splits `0..len` into at most `parts` contiguous ranges, each a multiple
+/// of `align` long but the last.
+fn split(len: usize, parts: usize, align: usize) -> Vec<Range<usize>> {
+    let per = len.div_ceil(parts.max(1)).div_ceil(align) * align;
+    (0..len)
+        .step_by(per.max(1))
+        .map(|s| s..(s + per).min(len))
+        .collect()
+}
+
+/// Threads to use: rayon's pool size.
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Rows of the weight per chunk when `cols` of each are dequantized.
+fn chunk_rows(cols: usize) -> usize {
+    (CHUNK_BYTES / 4 / cols.max(1)).max(16)
+}
+
+/// Checks the operands of a product with an `(n, k)` weight.
+fn check(what: &str, x_len: usize, m: usize, width: usize, w: &WeightRef, n: usize, k: usize) {
+    assert!(
+        w.supported(n, k),
+        "{what}: weight is not a supported ({n}, {k}) matrix"
+    );
+    assert_eq!(x_len, m * width, "{what}: input is not {m} x {width}");
+}
+
+/// `y = x · Wᵀ` for `x` of `m x k` (row-major) and `W` of `n x k`: `m x n`.
+///
+/// # Panics
+/// If `x` is not `m x k` or `w` is not a supported `n x k` weight
+/// ([`WeightRef::supported`]).
+pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f32> {
+    check("frozen matmul", x.len(), m, k, &w, n, k);
+    let mut out = vec![0f32; m * n];
+    let dst = SharedOut {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    let x_view = View::row_major(0, m, k, k);
+    split(n, threads(), 16).into_par_iter().for_each(|cols| {
+        // Wᵀ[.., cols] is (k x |cols|): element (i, j) is W[cols.start + j, i].
+        match w {
+            WeightRef::Dense(wd) => {
+                let r = View {
+                    offset: cols.start * k,
+                    rows: k,
+                    cols: cols.len(),
+                    rs: 1,
+                    cs: k,
+                };
+                let d = View::row_major(cols.start, m, cols.len(), n);
+                sgemm(dst, d, false, x, x_view, wd, r);
+            }
+            WeightRef::Nf4(q) => {
+                let rows = chunk_rows(k);
+                with_scratch(rows * k, |buf| {
+                    for start in cols.clone().step_by(rows) {
+                        let end = (start + rows).min(cols.end);
+                        let chunk = &mut buf[..(end - start) * k];
+                        q.dequantize_blocks_into(start * k / NF4_BLOCK, chunk);
+                        let r = View {
+                            offset: 0,
+                            rows: k,
+                            cols: end - start,
+                            rs: 1,
+                            cs: k,
+                        };
+                        let d = View::row_major(start, m, end - start, n);
+                        sgemm(dst, d, false, x, x_view, chunk, r);
+                    }
+                });
+            }
+        }
+    });
+    out
+}
+
+/// `dx = dy · W` for `dy` of `m x n` (row-major) and `W` of `n x k`: `m x k`,
+/// the input gradient of [`matmul_wt`].
+///
+/// # Panics
+/// If `dy` is not `m x n` or `w` is not a supported `n x k` weight.
+pub fn matmul_w(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f32> {
+    check("frozen matmul backward", dy.len(), m, n, &w, n, k);
+    let mut out = vec![0f32; m * k];
+    let dst = SharedOut {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    split(k, threads(), NF4_BLOCK)
+        .into_par_iter()
+        .for_each(|cols| match w {
+            WeightRef::Dense(wd) => {
+                let l = View::row_major(0, m, n, n);
+                let r = View::row_major(cols.start, n, cols.len(), k);
+                let d = View::row_major(cols.start, m, cols.len(), k);
+                sgemm(dst, d, false, dy, l, wd, r);
+            }
+            WeightRef::Nf4(q) => {
+                let width = cols.len();
+                let rows = chunk_rows(width);
+                let (first_block, blocks) = (cols.start / NF4_BLOCK, width / NF4_BLOCK);
+                let row_blocks = k / NF4_BLOCK;
+                with_scratch(rows * width, |buf| {
+                    for start in (0..n).step_by(rows) {
+                        let end = (start + rows).min(n);
+                        let chunk = &mut buf[..(end - start) * width];
+                        // W[start..end, cols], one row segment at a time.
+                        for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
+                            let b = (start + i) * row_blocks + first_block;
+                            debug_assert_eq!(row.len(), blocks * NF4_BLOCK);
+                            q.dequantize_blocks_into(b, row);
+                        }
+                        let l = View::row_major(start, m, end - start, n);
+                        let r = View::row_major(0, end - start, width, width);
+                        let d = View::row_major(cols.start, m, width, k);
+                        sgemm(dst, d, start > 0, dy, l, chunk, r);
+                    }
+                });
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect()
+    }
+
+    /// `x · Wᵀ` and `dy · W` in f64, the obvious way.
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
+                    .sum();
+            }
+        }
+        let dy = data(m * n, 7);
+        let mut dx = vec![0f64; m * k];
+        for i in 0..m {
+            for t in 0..k {
+                dx[i * k + t] = (0..n)
+                    .map(|j| f64::from(dy[i * n + j]) * f64::from(w[j * k + t]))
+                    .sum();
+            }
+        }
+        (y, dx)
+    }
+
+    fn close(got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(g) - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn dense_and_nf4_match_the_reference_on_odd_shapes() {
+        // n not a multiple of the thread split's alignment, several NF4
+        // chunks (k = 128 gives chunks of 1024 rows), m = 1 and m > 1.
+        for &(m, n, k) in &[(1, 5, 64), (3, 1031, 128), (7, 33, 192), (2, 2100, 64)] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let (y, dx) = reference(&x, m, &w, n, k);
+            close(&matmul_wt(&x, m, WeightRef::Dense(&w), n, k), &y);
+            close(
+                &matmul_w(&data(m * n, 7), m, WeightRef::Dense(&w), n, k),
+                &dx,
+            );
+            for dq in [false, true] {
+                let q = Nf4Tensor::quantize(&w, &[n, k], dq).expect("quantize");
+                let wq = q.dequantize();
+                let (yq, dxq) = reference(&x, m, &wq, n, k);
+                close(&matmul_wt(&x, m, WeightRef::Nf4(&q), n, k), &yq);
+                close(
+                    &matmul_w(&data(m * n, 7), m, WeightRef::Nf4(&q), n, k),
+                    &dxq,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nf4_needs_whole_blocks_per_row() {
+        let w = data(3 * 100, 2);
+        let q = Nf4Tensor::quantize(&w, &[3, 100], false).expect("quantize");
+        assert!(!WeightRef::Nf4(&q).supported(3, 100));
+        assert!(WeightRef::Dense(&w).supported(3, 100));
+        assert!(!WeightRef::Dense(&w).supported(4, 100));
+    }
+
+    #[test]
+    fn split_covers_the_range_with_aligned_parts() {
+        assert_eq!(split(10, 3, 4), vec![0..4, 4..8, 8..10]);
+        assert_eq!(split(128, 2, 64), vec![0..64, 64..128]);
+        assert_eq!(split(64, 2, 64), vec![0..64]);
+        assert_eq!(split(0, 2, 64), Vec::<Range<usize>>::new());
+    }
+}
