@@ -178,6 +178,17 @@ mod hardware_beyond_apple {
     }
 
     #[test]
+    fn detection_off_reads_no_budget_from_the_machine() {
+        // No flag, no saved profile, detection off: nothing says what the
+        // budget is, so none is assumed (and nothing is checked).
+        let v = Sandbox::new().dry(&[]);
+        assert_eq!(v["hardware_source"], Value::Null, "{v}");
+        assert_eq!(v["memory"]["budget_gib"], Value::Null, "{v}");
+        assert_eq!(v["memory"]["budget_source"], Value::Null, "{v}");
+        assert_eq!(v["memory"]["fits"], true, "{v}");
+    }
+
+    #[test]
     fn cpu_and_gpu_memory_flags_size_the_run() {
         let sb = Sandbox::new();
         let v = sb.dry(&["--cpu-memory", "64", "--model", "mistralai/Mistral-7B-v0.1"]);

@@ -87,12 +87,17 @@ impl Observer for Progress {
 /// saved profile, the hardware flags or the defaults, whatever the machine.
 const DETECT_ENV: &str = "QLORA_SCALE_DETECT";
 
+/// Whether hardware detection is on (it is unless `QLORA_SCALE_DETECT=off`).
+fn detection_enabled() -> bool {
+    !std::env::var(DETECT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+}
+
 /// This machine's profile for the trainer, which runs on the CPU: Apple
 /// Silicon's (unified memory), else the CPU's by the memory a run may use
 /// (`/proc/meminfo` and the cgroup limit); `None` with
 /// `QLORA_SCALE_DETECT=off`. (`--gpu-memory` sizes for a GPU.)
 fn detected_machine() -> Option<MachineProfile> {
-    if std::env::var(DETECT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off")) {
+    if !detection_enabled() {
         return None;
     }
     let m = detect_machine();
@@ -173,7 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return merge(m);
     }
     let (mut cfg, settings) = resolve_config(&cli)?;
-    let budget = Budget::of(settings.memory_budget, &cfg);
+    let budget = Budget::of(settings.memory_budget, &cfg, detection_enabled());
     let on_misfit = if settings.auto_fit.unwrap_or(false) {
         OnMisfit::AutoFit
     } else if cli.dry_run {

@@ -40,8 +40,9 @@ pub struct Budget {
 impl Budget {
     /// The budget of a run: `flag_gib` when given, else the hardware
     /// profile's training budget, else this machine's (Linux: `/proc` and
-    /// the cgroup limit). `None` when nothing says.
-    pub fn of(flag_gib: Option<f64>, cfg: &TrainConfig) -> Option<Budget> {
+    /// the cgroup limit) when `detect` allows reading it. `None` when
+    /// nothing says.
+    pub fn of(flag_gib: Option<f64>, cfg: &TrainConfig, detect: bool) -> Option<Budget> {
         if let Some(g) = flag_gib {
             return Some(Budget {
                 bytes: g * GIB,
@@ -53,6 +54,9 @@ impl Budget {
                 bytes: hw.training_budget_gb as f64 * GIB,
                 source: BudgetSource::Profile,
             });
+        }
+        if !detect {
+            return None;
         }
         let cpu = crate::hardware::linux::read_linux_cpu(std::path::Path::new("/"))?;
         let p = memory_profile(DeviceKind::Cpu, cpu.memory_gb);
