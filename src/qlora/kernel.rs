@@ -58,6 +58,16 @@ struct SharedOut {
     len: usize,
 }
 
+impl SharedOut {
+    /// The buffer's pointer and length, for the tasks of one `for_each`.
+    fn of(out: &mut [f32]) -> SharedOut {
+        SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+}
+
 // SAFETY: `SharedOut` is only handed to the tasks of one `for_each` below,
 // each of which writes a column range no other task writes, and the buffer
 // outlives the `for_each` (it is borrowed mutably for its whole duration).
@@ -75,6 +85,18 @@ struct View {
 }
 
 impl View {
+    /// `Wᵀ[.., rows]` of a row-major `W` with rows of `k` values, starting at
+    /// `offset`: `(k x rows)`, element `(i, j)` at `offset + j*k + i`.
+    fn transposed(offset: usize, k: usize, rows: usize) -> View {
+        View {
+            offset,
+            rows: k,
+            cols: rows,
+            rs: 1,
+            cs: k,
+        }
+    }
+
     fn row_major(offset: usize, rows: usize, cols: usize, rs: usize) -> View {
         View {
             offset,
@@ -205,22 +227,13 @@ fn check(what: &str, x_len: usize, m: usize, width: usize, w: &WeightRef, n: usi
 pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f32> {
     check("frozen matmul", x.len(), m, k, &w, n, k);
     let mut out = vec![0f32; m * n];
-    let dst = SharedOut {
-        ptr: out.as_mut_ptr(),
-        len: out.len(),
-    };
+    let dst = SharedOut::of(&mut out);
     let x_view = View::row_major(0, m, k, k);
-    split(n, threads(), 16).into_par_iter().for_each(|cols| {
-        // Wᵀ[.., cols] is (k x |cols|): element (i, j) is W[cols.start + j, i].
-        match w {
+    split(n, threads(), 16)
+        .into_par_iter()
+        .for_each(|cols| match w {
             WeightRef::Dense(wd) => {
-                let r = View {
-                    offset: cols.start * k,
-                    rows: k,
-                    cols: cols.len(),
-                    rs: 1,
-                    cs: k,
-                };
+                let r = View::transposed(cols.start * k, k, cols.len());
                 let d = View::row_major(cols.start, m, cols.len(), n);
                 sgemm(dst, d, false, x, x_view, wd, r);
             }
@@ -231,20 +244,13 @@ pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
                         let end = (start + rows).min(cols.end);
                         let chunk = &mut buf[..(end - start) * k];
                         q.dequantize_blocks_into(start * k / NF4_BLOCK, chunk);
-                        let r = View {
-                            offset: 0,
-                            rows: k,
-                            cols: end - start,
-                            rs: 1,
-                            cs: k,
-                        };
+                        let r = View::transposed(0, k, end - start);
                         let d = View::row_major(start, m, end - start, n);
                         sgemm(dst, d, false, x, x_view, chunk, r);
                     }
                 });
             }
-        }
-    });
+        });
     out
 }
 
@@ -256,10 +262,7 @@ pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
 pub fn matmul_w(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f32> {
     check("frozen matmul backward", dy.len(), m, n, &w, n, k);
     let mut out = vec![0f32; m * k];
-    let dst = SharedOut {
-        ptr: out.as_mut_ptr(),
-        len: out.len(),
-    };
+    let dst = SharedOut::of(&mut out);
     split(k, threads(), NF4_BLOCK)
         .into_par_iter()
         .for_each(|cols| match w {
