@@ -155,10 +155,10 @@ impl FrozenWeight {
 
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
-        let d: Vec<usize> = match self {
-            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => t.dims().to_vec(),
-            FrozenWeight::Nf4(q) => q.shape().to_vec(),
-            FrozenWeight::Ggml(q, _) => q.shape().dims().to_vec(),
+        let d: &[usize] = match self {
+            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => t.dims(),
+            FrozenWeight::Nf4(q) => q.shape(),
+            FrozenWeight::Ggml(q, _) => q.shape().dims(),
         };
         (d[0], d[1])
     }

@@ -308,25 +308,35 @@ mod tests {
             .collect()
     }
 
-    /// `x · Wᵀ` and `dy · W` in f64, the obvious way.
-    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
-        let mut y = vec![0f64; m * n];
+    /// `a · b` in f64 for `a` of `m x t` and `b` of `t x n`, each read
+    /// through an index function `(row, col) -> f32`.
+    fn product(
+        (m, t, n): (usize, usize, usize),
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] = (0..k)
-                    .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
+                out[i * n + j] = (0..t)
+                    .map(|p| f64::from(a(i, p)) * f64::from(b(p, j)))
                     .sum();
             }
         }
-        let dy = data(m * n, 7);
-        let mut dx = vec![0f64; m * k];
-        for i in 0..m {
-            for t in 0..k {
-                dx[i * k + t] = (0..n)
-                    .map(|j| f64::from(dy[i * n + j]) * f64::from(w[j * k + t]))
-                    .sum();
-            }
-        }
+        out
+    }
+
+    /// `x · Wᵀ` and `dy · W` in f64, the obvious way.
+    fn reference(
+        x: &[f32],
+        dy: &[f32],
+        m: usize,
+        w: &[f32],
+        n: usize,
+        k: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let y = product((m, k, n), |i, t| x[i * k + t], |t, j| w[j * k + t]);
+        let dx = product((m, n, k), |i, j| dy[i * n + j], |j, t| w[j * k + t]);
         (y, dx)
     }
 
@@ -345,23 +355,16 @@ mod tests {
         // n not a multiple of the thread split's alignment, several NF4
         // chunks (k = 128 gives chunks of 1024 rows), m = 1 and m > 1.
         for &(m, n, k) in &[(1, 5, 64), (3, 1031, 128), (7, 33, 192), (2, 2100, 64)] {
-            let x = data(m * k, 1);
+            let (x, dy) = (data(m * k, 1), data(m * n, 7));
             let w = data(n * k, 2);
-            let (y, dx) = reference(&x, m, &w, n, k);
+            let (y, dx) = reference(&x, &dy, m, &w, n, k);
             close(&matmul_wt(&x, m, WeightRef::Dense(&w), n, k), &y);
-            close(
-                &matmul_w(&data(m * n, 7), m, WeightRef::Dense(&w), n, k),
-                &dx,
-            );
+            close(&matmul_w(&dy, m, WeightRef::Dense(&w), n, k), &dx);
             for dq in [false, true] {
                 let q = Nf4Tensor::quantize(&w, &[n, k], dq).expect("quantize");
-                let wq = q.dequantize();
-                let (yq, dxq) = reference(&x, m, &wq, n, k);
+                let (yq, dxq) = reference(&x, &dy, m, &q.dequantize(), n, k);
                 close(&matmul_wt(&x, m, WeightRef::Nf4(&q), n, k), &yq);
-                close(
-                    &matmul_w(&data(m * n, 7), m, WeightRef::Nf4(&q), n, k),
-                    &dxq,
-                );
+                close(&matmul_w(&dy, m, WeightRef::Nf4(&q), n, k), &dxq);
             }
         }
     }

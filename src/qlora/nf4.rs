@@ -139,6 +139,19 @@ pub const fn nf4_storage_bytes(numel: usize) -> usize {
     blocks * (NF4_BLOCK / 2 + 4)
 }
 
+/// Decodes one block's packed codes `src` with absmax `scale` into `dst`
+/// (a whole block, or the shorter last block of a padded tensor).
+#[inline]
+fn decode_block(src: &[u8], scale: f32, dst: &mut [f32]) {
+    let table: [f32; 16] = NF4_CODE.map(|c| c * scale);
+    for (pair, &byte) in dst.chunks_mut(2).zip(src) {
+        pair[0] = table[usize::from(byte & 0x0f)];
+        if let Some(hi) = pair.get_mut(1) {
+            *hi = table[usize::from(byte >> 4)];
+        }
+    }
+}
+
 /// A tensor stored as NF4: packed 4-bit codes plus block scales.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Tensor {
@@ -258,15 +271,7 @@ impl Nf4Tensor {
         out.par_chunks_mut(NF4_BLOCK)
             .zip(self.packed.par_chunks(NF4_BLOCK / 2))
             .zip(scales.par_iter())
-            .for_each(|((dst, src), &scale)| {
-                let table: [f32; 16] = NF4_CODE.map(|c| c * scale);
-                for (pair, &byte) in dst.chunks_mut(2).zip(src) {
-                    pair[0] = table[(byte & 0x0f) as usize];
-                    if let Some(hi) = pair.get_mut(1) {
-                        *hi = table[(byte >> 4) as usize];
-                    }
-                }
-            });
+            .for_each(|((dst, src), &scale)| decode_block(src, scale, dst));
     }
 
     /// Dequantizes whole blocks `first ..` into `out`, whose length must be
@@ -291,12 +296,7 @@ impl Nf4Tensor {
             .zip(bytes.chunks_exact(NF4_BLOCK / 2))
             .enumerate()
         {
-            let scale = self.block_scale(first + b);
-            let table: [f32; 16] = NF4_CODE.map(|c| c * scale);
-            for (pair, &byte) in dst.chunks_exact_mut(2).zip(src) {
-                pair[0] = table[usize::from(byte & 0x0f)];
-                pair[1] = table[usize::from(byte >> 4)];
-            }
+            decode_block(src, self.block_scale(first + b), dst);
         }
     }
 
