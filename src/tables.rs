@@ -272,7 +272,8 @@ pub struct UnknownName {
     pub known: String,
 }
 
-/// `Display`, `FromStr` and serde (as the table name) for a generated enum.
+/// `Display`, `FromStr`, serde and clap's `ValueEnum` (as the table name)
+/// for a generated enum.
 macro_rules! table_name_impls {
     ($($ty:ident: $what:literal),* $(,)?) => {$(
         impl ::core::fmt::Display for $ty {
@@ -299,6 +300,15 @@ macro_rules! table_name_impls {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
                 s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+        /// Command-line values: the table names, in table order.
+        impl clap::ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &$ty::ALL
+            }
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(clap::builder::PossibleValue::new(self.name()))
             }
         }
     )*};

@@ -4,7 +4,6 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use qlora_scale::resolve::HardwareOverride;
 use qlora_scale::storage::PROFILE_PATH_ENV;
@@ -136,11 +135,11 @@ pub struct JsonArgs {
 #[derive(Clone, Copy, Debug, Default, Args)]
 pub struct HardwareFlags {
     /// Apple Silicon generation
-    #[arg(long, value_name = "GEN", value_parser = generation_parser(), ignore_case = true)]
+    #[arg(long, value_name = "GEN", value_enum, ignore_case = true)]
     pub generation: Option<Generation>,
 
     /// Apple Silicon chip variant
-    #[arg(long, value_name = "VARIANT", value_parser = variant_parser(), ignore_case = true)]
+    #[arg(long, value_name = "VARIANT", value_enum, ignore_case = true)]
     pub chip: Option<ChipVariant>,
 
     /// Apple Silicon unified memory in GB
@@ -226,16 +225,6 @@ pub struct ScaleArgs {
         conflicts_with_all = ["generation", "chip", "memory"]
     )]
     pub cpu_memory: Option<u32>,
-}
-
-fn generation_parser() -> impl TypedValueParser<Value = Generation> {
-    PossibleValuesParser::new(Generation::ALL.map(|g| PossibleValue::new(g.name())))
-        .try_map(|s| s.parse::<Generation>())
-}
-
-fn variant_parser() -> impl TypedValueParser<Value = ChipVariant> {
-    PossibleValuesParser::new(ChipVariant::ALL.map(|v| PossibleValue::new(v.name())))
-        .try_map(|s| s.parse::<ChipVariant>())
 }
 
 /// `--memory`'s long help: the sizes each variant is sold with, from the

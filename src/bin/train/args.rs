@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use qlora_scale::storage::PROFILE_PATH_ENV;
 use qlora_scale::train::config::Settings;
@@ -153,10 +152,10 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct HardwareArgs {
     /// Apple Silicon generation
-    #[arg(long, value_name = "GEN", value_parser = generation_parser(), ignore_case = true)]
+    #[arg(long, value_name = "GEN", value_enum, ignore_case = true)]
     pub generation: Option<Generation>,
     /// Chip variant
-    #[arg(long, value_name = "VARIANT", value_parser = variant_parser(), ignore_case = true)]
+    #[arg(long, value_name = "VARIANT", value_enum, ignore_case = true)]
     pub chip: Option<ChipVariant>,
     /// Unified memory in GB
     #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
@@ -232,16 +231,6 @@ impl Cli {
             auto_fit: self.auto_fit.then_some(true),
         }
     }
-}
-
-fn generation_parser() -> impl TypedValueParser<Value = Generation> {
-    PossibleValuesParser::new(Generation::ALL.map(|g| PossibleValue::new(g.name())))
-        .try_map(|s| s.parse::<Generation>())
-}
-
-fn variant_parser() -> impl TypedValueParser<Value = ChipVariant> {
-    PossibleValuesParser::new(ChipVariant::ALL.map(|v| PossibleValue::new(v.name())))
-        .try_map(|s| s.parse::<ChipVariant>())
 }
 
 fn profile_path_help() -> String {
