@@ -16,12 +16,13 @@ use std::process::Output;
 use std::time::Duration;
 
 use assert_cmd::Command;
-use qlora_scale::storage::PROFILE_PATH_ENV;
 use qlora_scale::tables::{DEFAULT_MODEL, FALLBACK_PROFILE};
 use qlora_scale::{
     ChipVariant, Generation, HardwareProfile, Profile, optimized_profile, scale_profile_for_model,
 };
 use serde_json::Value;
+
+mod train_common;
 
 const HW: [&str; 6] = ["--generation", "m2", "--chip", "ultra", "--memory", "192"];
 
@@ -46,13 +47,8 @@ impl Sandbox {
 
     /// `train` in the sandbox, without arguments.
     fn bare(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-        cmd.current_dir(self.dir.path())
-            .env("HOME", self.dir.path())
-            .env_remove(PROFILE_PATH_ENV)
-            .env("NO_COLOR", "1")
-            .env("QLORA_SCALE_DETECT", "off")
-            .timeout(Duration::from_secs(120));
+        let mut cmd = Command::from_std(train_common::train_in(self.dir.path()));
+        cmd.timeout(Duration::from_secs(120));
         cmd
     }
 

@@ -18,9 +18,10 @@ use qlora_scale::memory::{
     Architecture, FitChange, FitConfig, Measurement, RunShape, estimate, features, fit,
 };
 use qlora_scale::qlora::{FrozenStorage, LlamaConfig, LlamaModel, ModelOptions, RandomWeights};
-use qlora_scale::storage::PROFILE_PATH_ENV;
 use qlora_scale::train::model::embedded_config;
 use serde_json::Value;
+
+mod train_common;
 
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -193,14 +194,7 @@ fn fit_turns_the_knobs_in_order_and_as_little_as_it_can() {
 }
 
 fn train(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .current_dir(dir)
-        .env("HOME", dir)
-        .env_remove(PROFILE_PATH_ENV)
-        .env("NO_COLOR", "1")
-        .env("QLORA_SCALE_DETECT", "off")
-        .arg("--profile-path")
-        .arg(dir.join("no-profile.json"))
+    Command::from_std(train_common::train_without_profile(dir))
         .args(args)
         .timeout(Duration::from_secs(300))
         .output()

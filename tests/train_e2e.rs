@@ -11,10 +11,11 @@ use std::time::Duration;
 use assert_cmd::Command;
 use candle_core::{Device, Tensor};
 use qlora_scale::qlora::FrozenStorage;
-use qlora_scale::storage::PROFILE_PATH_ENV;
 use qlora_scale::train::config::{Settings, resolve};
 use qlora_scale::train::{checkpoint, model};
 use serde_json::Value;
+
+mod train_common;
 
 /// Tiny settings: 2 x 2 sequences of 32 bytes per step.
 const TINY: [&str; 14] = [
@@ -35,14 +36,7 @@ const TINY: [&str; 14] = [
 ];
 
 fn train(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .current_dir(dir)
-        .env("HOME", dir)
-        .env_remove(PROFILE_PATH_ENV)
-        .env("NO_COLOR", "1")
-        .env("QLORA_SCALE_DETECT", "off")
-        .arg("--profile-path")
-        .arg(dir.join("no-profile.json"))
+    Command::from_std(train_common::train_without_profile(dir))
         .args(TINY)
         .args(args)
         .timeout(Duration::from_secs(300))
@@ -164,13 +158,7 @@ fn a_run_killed_mid_training_resumes_to_the_straight_runs_losses() {
     // The same run, killed (SIGKILL: no chance to clean up) once its second
     // checkpoint is on disk.
     let killed = dir.path().join("killed");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_train"))
-        .current_dir(dir.path())
-        .env("HOME", dir.path())
-        .env("QLORA_SCALE_DETECT", "off")
-        .env_remove(PROFILE_PATH_ENV)
-        .arg("--profile-path")
-        .arg(dir.path().join("no-profile.json"))
+    let mut child = train_common::train_without_profile(dir.path())
         .args(TINY)
         .args(common)
         .args(["--output-dir", "killed"])
@@ -313,8 +301,7 @@ fn exported_adapter_reloads_to_the_same_logits_and_merges() {
     );
 
     // `train merge`, then the merged dense model without adapters.
-    let out = Command::new(env!("CARGO_BIN_EXE_train"))
-        .current_dir(dir.path())
+    let out = Command::from_std(train_common::train_in(dir.path()))
         .args(["merge", "--run-dir", "run", "--out", "merged"])
         .timeout(Duration::from_secs(120))
         .output()

@@ -20,9 +20,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use qlora_scale::storage::PROFILE_PATH_ENV;
 use qlora_scale::train::checkpoint;
 use serde_json::Value;
+
+mod train_common;
 
 /// Tiny settings shared by every run here.
 const TINY: [&str; 14] = [
@@ -42,7 +43,7 @@ const TINY: [&str; 14] = [
     "3",
 ];
 
-const TRAIN: &str = env!("CARGO_BIN_EXE_train");
+use train_common::TRAIN;
 
 /// Generous: a loaded CI machine with 2 cores.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -50,7 +51,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 /// `train` with TINY and `args`, as a process of its own.
 fn train_cmd(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(TRAIN);
-    cmd.current_dir(dir);
     env(&mut cmd, dir);
     cmd.arg("--profile-path")
         .arg(dir.join("no-profile.json"))
@@ -60,10 +60,7 @@ fn train_cmd(dir: &Path, args: &[&str]) -> Command {
 }
 
 fn env(cmd: &mut Command, dir: &Path) {
-    cmd.env("HOME", dir)
-        .env_remove(PROFILE_PATH_ENV)
-        .env("NO_COLOR", "1")
-        .env("QLORA_SCALE_DETECT", "off")
+    train_common::sandbox(cmd, dir)
         // One thread per rank: two ranks share the two cores.
         .env("RAYON_NUM_THREADS", "1")
         // CI runs as root.
@@ -79,7 +76,6 @@ fn mpirun_cmd(dir: &Path, args: &[&str]) -> Command {
 /// `mpirun` with one process per `(working directory, arguments)`.
 fn mpmd(dir: &Path, ranks: &[(&Path, &[&str])]) -> Command {
     let mut cmd = Command::new("mpirun");
-    cmd.current_dir(dir);
     env(&mut cmd, dir);
     cmd.args(["--oversubscribe", "--bind-to", "none"]);
     for (i, (wdir, args)) in ranks.iter().enumerate() {
