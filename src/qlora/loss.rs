@@ -100,10 +100,10 @@ struct TokenNll {
 
 /// The per-row arithmetic of [`TokenNll`]: exact `f64` for `f64` logits
 /// (the finite-difference tests run there); for `f32`, eight lanes at a time
-/// with `wide`'s vectorised `exp` (1-2 ulp), partial sums of at most
-/// [`SUM_BLOCK`] terms carried into an `f64` total. A training step takes
-/// three exponentials per logit (32k-vocabulary rows: 24M per step at 4 x 64
-/// tokens), which `libm`'s scalar `f64` `exp` made a tenth of the step.
+/// with `wide`'s vectorised `exp`, partial sums of at most [`SUM_BLOCK`]
+/// terms carried into an `f64` total. A training step takes three
+/// exponentials per logit (32k-vocabulary rows: 24M per step at 4 x 64
+/// tokens); one scalar `f64` `exp` each took about 4% of a step's time.
 trait NllFloat: WithDType {
     /// `log(sum(exp(row)))`, the row maximum subtracted first.
     fn row_lse(row: &[Self]) -> f64;
