@@ -385,57 +385,37 @@ fn local_model_dir_trains_and_bad_dirs_are_named() {
     )
     .unwrap();
     let (ms, d) = (m.to_str().unwrap(), data.to_str().unwrap());
-    ok(train(
-        dir.path(),
-        &[
-            "--model",
-            ms,
-            "--data-dir",
-            d,
-            "--max-steps",
-            "2",
-            "--output-dir",
-            "r",
-        ],
-    ));
+    // Two steps of the local model into `out`.
+    let run = |out: &str| {
+        train(
+            dir.path(),
+            &[
+                "--model",
+                ms,
+                "--data-dir",
+                d,
+                "--max-steps",
+                "2",
+                "--output-dir",
+                out,
+            ],
+        )
+    };
+    ok(run("r"));
     let cfg: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("r/adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["base_model_name_or_path"], ms);
 
     std::fs::remove_file(m.join("tokenizer.json")).unwrap();
-    let out = train(
-        dir.path(),
-        &[
-            "--model",
-            ms,
-            "--data-dir",
-            d,
-            "--max-steps",
-            "2",
-            "--output-dir",
-            "r2",
-        ],
-    );
+    let out = run("r2");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tokenizer.json: not found"), "{err}");
 
     std::fs::remove_file(m.join("model.safetensors")).unwrap();
     std::fs::write(m.join("pytorch_model.bin"), b"pickle").unwrap();
-    let out = train(
-        dir.path(),
-        &[
-            "--model",
-            ms,
-            "--data-dir",
-            d,
-            "--max-steps",
-            "2",
-            "--output-dir",
-            "r3",
-        ],
-    );
+    let out = run("r3");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
