@@ -68,31 +68,42 @@ pub fn masked_causal_lm_nll_sum(
     if t < 2 {
         return Ok((Tensor::zeros((), logits.dtype(), logits.device())?, 0));
     }
-    let n = b * (t - 1);
-    let lg = logits.narrow(1, 0, t - 1)?.reshape((n, v))?;
-    let tg = input_ids
-        .narrow(1, 1, t - 1)?
-        .to_dtype(DType::U32)?
-        .reshape((n, 1))?;
-    let m = mask
-        .narrow(1, 1, t - 1)?
-        .to_dtype(logits.dtype())?
-        .reshape(n)?;
-    let targets: Vec<u32> = tg.flatten_all()?.to_vec1()?;
+    // Position `j` predicts token `j + 1`; the last position of each row
+    // predicts nothing (target 0, mask 0). The op reads the logits as they
+    // are, `b * t` rows: slicing them first would add three logit-sized
+    // copies forward and three more (each a zeroed buffer plus a sum) to
+    // backward, where candle accumulates every node's gradient.
+    let ids: Vec<Vec<u32>> = input_ids.to_dtype(DType::U32)?.to_vec2()?;
+    let keep: Vec<Vec<f32>> = mask.to_dtype(DType::F32)?.to_vec2()?;
+    let mut targets = Vec::with_capacity(b * t);
+    let mut m = Vec::with_capacity(b * t);
+    for (row_ids, row_keep) in ids.iter().zip(&keep) {
+        for j in 0..t {
+            if j + 1 < t {
+                targets.push(row_ids[j + 1]);
+                m.push(row_keep[j + 1]);
+            } else {
+                targets.push(0);
+                m.push(0.0);
+            }
+        }
+    }
     if let Some(&bad) = targets.iter().find(|&&x| x as usize >= v) {
         candle_core::bail!("loss: token id {bad} out of range for {v} logits");
     }
-    let nll = lg.contiguous()?.apply_op1(TokenNll {
+    let count: f64 = m.iter().map(|&x| f64::from(x)).sum();
+    let m = Tensor::from_vec(m, b * t, logits.device())?.to_dtype(logits.dtype())?;
+    let nll = logits.contiguous()?.apply_op1(TokenNll {
         targets: std::sync::Arc::new(targets),
     })?;
-    let count = m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok(((nll * m)?.sum_all()?, count.round() as usize))
 }
 
 /// Fused, stable per-row negative log-likelihood `logsumexp(x) - x[target]`
-/// of `(n, v)` logits. Its backward is `(softmax(x) - onehot) * dL/dnll`,
-/// computed from the logits: no log-softmax intermediates are kept, which
-/// saves several logit-sized buffers per step.
+/// of logits read as rows of their last dimension. Its backward is
+/// `(softmax(x) - onehot) * dL/dnll`, computed from the logits: no
+/// log-softmax intermediates are kept, which saves several logit-sized
+/// buffers per step.
 #[derive(Debug, Clone)]
 struct TokenNll {
     targets: std::sync::Arc<Vec<u32>>,
@@ -189,13 +200,22 @@ fn nll_grad<T: NllFloat>(x: &[T], v: usize, targets: &[u32], g: &[f64]) -> Vec<T
     out
 }
 
+/// Logits of any rank as `(rows, vocabulary)`: the last dimension is the
+/// vocabulary.
+fn rows(shape: &Shape) -> candle_core::Result<(usize, usize)> {
+    match shape.dims().last() {
+        Some(&v) if v > 0 => Ok((shape.elem_count() / v, v)),
+        _ => candle_core::bail!("token nll: logits of shape {shape:?}"),
+    }
+}
+
 impl CustomOp1 for TokenNll {
     fn name(&self) -> &'static str {
         "qlora-token-nll"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, v) = l.shape().dims2()?;
+        let (n, v) = rows(l.shape())?;
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("token nll: logits must be contiguous");
         };
@@ -216,8 +236,15 @@ impl CustomOp1 for TokenNll {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (n, v) = arg.dims2()?;
+        let (n, v) = rows(arg.shape())?;
         let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
+        if n != self.targets.len() || g.len() != n {
+            candle_core::bail!(
+                "token nll: {n} rows, {} targets, {} gradients",
+                self.targets.len(),
+                g.len()
+            );
+        }
         let arg = arg.to_device(&Device::Cpu)?.contiguous()?;
         let (st, l) = arg.storage_and_layout();
         let Some((a, b)) = l.contiguous_offsets() else {
@@ -226,12 +253,12 @@ impl CustomOp1 for TokenNll {
         let t = match &*st {
             Storage::Cpu(CpuStorage::F32(x)) => Tensor::from_vec(
                 nll_grad(&x[a..b], v, &self.targets, &g),
-                (n, v),
+                arg.shape(),
                 &Device::Cpu,
             )?,
             Storage::Cpu(CpuStorage::F64(x)) => Tensor::from_vec(
                 nll_grad(&x[a..b], v, &self.targets, &g),
-                (n, v),
+                arg.shape(),
                 &Device::Cpu,
             )?,
             _ => candle_core::bail!("token nll: unsupported logits storage"),
