@@ -220,12 +220,19 @@ fn run_as(
         let mut out = stdout.lock();
         let mut value = serde_json::to_value(cfg).context("cannot serialise the configuration")?;
         value["memory"] = serde_json::to_value(memory).context("cannot serialise the estimate")?;
-        if cli.json {
-            serde_json::to_writer(&mut out, &value).context("cannot write to stdout")?;
+        let mut text = if cli.json {
+            serde_json::to_string(&value)
         } else {
-            serde_json::to_writer_pretty(&mut out, &value).context("cannot write to stdout")?;
+            serde_json::to_string_pretty(&value)
         }
-        writeln!(out).context("cannot write to stdout")?;
+        .context("cannot serialise the configuration")?;
+        text.push('\n');
+        // One write: under `mpirun` every rank prints its configuration, and
+        // stdout's 1 KiB line buffer would otherwise hand a longer line to
+        // the pipe in pieces that interleave with the other ranks'.
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .context("cannot write to stdout")?;
         return Ok(());
     }
     let lead = coll.rank() == 0;
