@@ -39,8 +39,10 @@ use crate::qlora::nf4::nf4_storage_bytes;
 use crate::tables::memory as table;
 
 const F32: f64 = 4.0;
-const MIB: f64 = (1u64 << 20) as f64;
-const GIB: f64 = (1u64 << 30) as f64;
+/// Bytes in a MiB.
+pub const MIB: f64 = (1u64 << 20) as f64;
+/// Bytes in a GiB.
+pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// The shape of a Llama-family decoder, as the memory model needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -11,7 +11,8 @@ use std::time::Duration;
 use assert_cmd::Command;
 use candle_core::{Device, Tensor};
 use qlora_scale::qlora::FrozenStorage;
-use qlora_scale::train::config::{Settings, resolve};
+use qlora_scale::train::settings::Settings;
+use qlora_scale::train::spec::plan;
 use qlora_scale::train::{checkpoint, model};
 use serde_json::Value;
 
@@ -283,7 +284,7 @@ fn exported_adapter_reloads_to_the_same_logits_and_merges() {
     ));
     let run = dir.path().join("run");
     let ck = checkpoint::load(&checkpoint::checkpoint_path(&run.join("checkpoints"), 4)).unwrap();
-    let cfg = ck.state.config.clone();
+    let cfg = ck.state.spec.clone();
     // The model as trained: adapters from the checkpoint.
     let (trained, _) = model::build(&cfg).unwrap();
     for (name, var) in trained.trainable_vars() {
@@ -330,14 +331,15 @@ fn exported_adapter_reloads_to_the_same_logits_and_merges() {
 
 #[test]
 fn config_resolution_in_process_matches_defaults() {
-    let cfg = resolve(
+    let run = plan(
         &Settings::default(),
         Path::new("/nonexistent/p.json"),
         || None,
     )
     .unwrap();
-    assert_eq!(cfg.max_steps, qlora_scale::tables::embedded::MAX_STEPS);
-    assert_eq!(cfg.seq_len, qlora_scale::tables::embedded::SEQ_LEN);
+    let s = &run.spec.settings;
+    assert_eq!(s.max_steps, qlora_scale::tables::embedded::MAX_STEPS);
+    assert_eq!(s.seq_len, qlora_scale::tables::embedded::SEQ_LEN);
 }
 
 /// A tiny local Hugging Face directory: config.json, model.safetensors and

@@ -554,7 +554,7 @@ fn newest_checkpoint_loads(run: &Path) {
     let (step, newest) = cks.last().expect("checkpoints were written");
     let ck = checkpoint::load(newest).expect("the last checkpoint verifies");
     assert_eq!(ck.state.step, *step);
-    assert_eq!(ck.state.config.world_size, 2);
+    assert_eq!(ck.state.world_size, 2);
 }
 
 #[test]

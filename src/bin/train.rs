@@ -1,9 +1,9 @@
 //! `train`: QLoRA fine-tuning sized by the hardware profile and the model.
 //!
 //! Without arguments it trains the embedded model on the corpus shipped in
-//! `data/default` (CPU, a minute or two). The flags and the `--dry-run
-//! --json` output are specified in `spec/architecture.md`;
-//! `tests/cli_train*.rs` run them and snapshot `--help`.
+//! `data/default` (CPU, a minute or two). The flags are the fields of
+//! [`Settings`]; `docs/architecture.md` follows a run through the code;
+//! `tests/cli_train.rs` runs them and snapshots `--help`.
 
 #[path = "train/args.rs"]
 mod args;
@@ -19,9 +19,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_profile};
 use qlora_scale::storage::default_profile_path;
 use qlora_scale::train::collective::{self, Collective};
-use qlora_scale::train::config::{Settings, TrainConfig, resolve};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
-use qlora_scale::train::run::{Observer, StepLog, train, train_on};
+use qlora_scale::train::settings::Settings;
+use qlora_scale::train::spec::{RunPlan, Weights, World, plan};
+use qlora_scale::train::trainer::{Observer, StepLog, TracingObserver, train, train_with};
 
 use args::{Cli, Command};
 use qlora_scale::report::error_message;
@@ -109,8 +110,10 @@ fn detected_machine() -> Option<MachineProfile> {
         .map(|c| memory_profile(DeviceKind::Cpu, c.memory_gb).into())
 }
 
-fn resolve_config(cli: &Cli) -> anyhow::Result<(TrainConfig, Settings)> {
-    let given = cli.settings();
+/// The run the command line asks for: its flags over its `--config` file,
+/// resolved against the saved or detected profile.
+fn resolve_plan(cli: &Cli) -> anyhow::Result<(RunPlan, Settings)> {
+    let given = cli.given();
     let settings = match &cli.config {
         Some(path) => given.or(&Settings::from_file(path)?),
         None => given,
@@ -119,20 +122,18 @@ fn resolve_config(cli: &Cli) -> anyhow::Result<(TrainConfig, Settings)> {
         Some(p) => p.clone(),
         None => default_profile_path().context("cannot tell where the saved profile lives")?,
     };
-    let cfg = resolve(&settings, &profile_path, detected_machine)?;
-    Ok((cfg, settings))
+    let plan = plan(&settings, &profile_path, detected_machine)?;
+    Ok((plan, settings))
 }
 
-/// A one-step run of `cfg` into a temporary directory: the peak memory it
+/// A one-step run of `plan` into a temporary directory: the peak memory it
 /// measured, MiB.
-fn trial_step(cfg: &TrainConfig) -> anyhow::Result<f64> {
+fn trial_step(plan: &RunPlan) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir().context("cannot create a directory for the trial step")?;
-    let mut trial = cfg.clone();
-    trial.output_dir = dir.path().to_path_buf();
-    trial.max_steps = 1;
-    trial.checkpoint_every = 1;
-    let summary = train(&trial, false, &mut qlora_scale::train::run::TracingObserver)
-        .context("trial step")?;
+    let mut spec = plan.spec.clone();
+    spec.settings.max_steps = 1;
+    spec.settings.checkpoint_every = 1;
+    let summary = train(&spec, dir.path(), false, &mut TracingObserver).context("trial step")?;
     Ok(summary.peak_rss_mib)
 }
 
@@ -156,14 +157,14 @@ impl Observer for QuietObserver {
 
 /// The collective this process trains with: NCCL when its flags are given,
 /// else MPI when an MPI launcher started it, else this process alone.
-fn connect(cli: &Cli, cfg: &TrainConfig) -> anyhow::Result<Box<dyn Collective>> {
-    let timeout = Duration::from_secs(cfg.collective_timeout_s);
+fn connect(cli: &Cli, plan: &RunPlan) -> anyhow::Result<Box<dyn Collective>> {
+    let timeout = Duration::from_secs(plan.spec.settings.collective_timeout);
     #[cfg(feature = "nccl")]
     if let (Some(rank), Some(world)) = (cli.nccl_rank, cli.nccl_world_size) {
         let id_file = cli
             .nccl_id_file
             .clone()
-            .unwrap_or_else(|| collective::nccl::default_id_file(&cfg.output_dir));
+            .unwrap_or_else(|| collective::nccl::default_id_file(&plan.output_dir));
         return Ok(Box::new(collective::nccl::NcclCollective::connect(
             rank, world, &id_file, timeout,
         )?));
@@ -177,8 +178,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Merge(m)) = &cli.command {
         return merge(m);
     }
-    let (mut cfg, settings) = resolve_config(&cli)?;
-    let budget = Budget::of(settings.memory_budget, &cfg, detection_enabled());
+    let (mut plan, settings) = resolve_plan(&cli)?;
+    let budget = Budget::of(
+        settings.memory_budget,
+        plan.provenance.hardware.as_ref(),
+        detection_enabled(),
+    );
     let on_misfit = if settings.auto_fit.unwrap_or(false) {
         OnMisfit::AutoFit
     } else if cli.dry_run {
@@ -186,21 +191,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         OnMisfit::Refuse
     };
-    // Every rank fits the same configuration (the ranks check at start that
-    // they agree), and then learns its rank and the global batch.
-    let memory = fit::check(&mut cfg, budget, on_misfit)?;
-    let coll = connect(&cli, &cfg)?;
-    let (rank, world) = (coll.rank(), coll.world_size());
-    let cfg = cfg.for_rank(coll.backend(), rank as u32, world as u32);
-    let result = run_as(&cli, &cfg, coll.as_ref(), memory.as_ref(), budget);
+    // Every rank fits the same spec (the ranks check at start that they
+    // agree), and then learns its rank and the global batch.
+    let fitted = fit::check(&plan.spec, budget, on_misfit)?;
+    plan.spec = fitted.spec;
+    plan.provenance.value_sources.extend(fitted.changed);
+    let coll = connect(&cli, &plan)?;
+    let world = World::of(coll.as_ref());
+    let run = Run {
+        cli: &cli,
+        plan: &plan,
+        world,
+        memory: fitted.report.as_ref(),
+        budget,
+        trial_step: settings.trial_step.unwrap_or(false),
+    };
+    let result = if cli.dry_run {
+        run.print_dry_run()
+    } else {
+        run.train(coll.as_ref())
+    };
     if let Err(err) = &result
-        && world > 1
+        && world.size > 1
     {
         // The other ranks would wait for this one in their next collective:
         // end them all, after saying why.
         let _ = writeln!(
             io::stderr().lock(),
-            "error: rank {rank} of {world}: {}",
+            "error: rank {} of {}: {}",
+            world.rank,
+            world.size,
             error_message(err)
         );
         coll.abort(1);
@@ -208,72 +228,98 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-fn run_as(
-    cli: &Cli,
-    cfg: &TrainConfig,
-    coll: &dyn Collective,
-    memory: Option<&MemoryReport>,
+/// A resolved run about to start in this process.
+struct Run<'a> {
+    cli: &'a Cli,
+    plan: &'a RunPlan,
+    world: World,
+    memory: Option<&'a MemoryReport>,
     budget: Option<Budget>,
-) -> anyhow::Result<()> {
-    if cli.dry_run {
-        let stdout = io::stdout();
-        let mut out = stdout.lock();
-        let mut value = serde_json::to_value(cfg).context("cannot serialise the configuration")?;
-        value["memory"] = serde_json::to_value(memory).context("cannot serialise the estimate")?;
-        let mut text = if cli.json {
-            serde_json::to_string(&value)
+    trial_step: bool,
+}
+
+/// What `--dry-run` prints: the spec, its provenance, where it writes,
+/// this process's world, the global batch and the memory check, as one
+/// flat JSON object.
+#[derive(serde::Serialize)]
+struct DryRun<'a> {
+    #[serde(flatten)]
+    spec: &'a qlora_scale::train::spec::RunSpec,
+    #[serde(flatten)]
+    provenance: &'a qlora_scale::train::spec::Provenance,
+    output_dir: &'a std::path::Path,
+    #[serde(flatten)]
+    world: World,
+    per_rank_batch_size: u32,
+    global_batch_size: u64,
+    memory: Option<&'a MemoryReport>,
+}
+
+impl Run<'_> {
+    fn print_dry_run(&self) -> anyhow::Result<()> {
+        let spec = &self.plan.spec;
+        let view = DryRun {
+            spec,
+            provenance: &self.plan.provenance,
+            output_dir: &self.plan.output_dir,
+            world: self.world,
+            per_rank_batch_size: spec.settings.batch_size,
+            global_batch_size: self.world.global_batch(spec),
+            memory: self.memory,
+        };
+        let mut text = if self.cli.json {
+            serde_json::to_string(&view)
         } else {
-            serde_json::to_string_pretty(&value)
+            serde_json::to_string_pretty(&view)
         }
         .context("cannot serialise the configuration")?;
         text.push('\n');
         // One write: under `mpirun` every rank prints its configuration, and
         // stdout's 1 KiB line buffer would otherwise hand a longer line to
         // the pipe in pieces that interleave with the other ranks'.
+        let stdout = io::stdout();
+        let mut out = stdout.lock();
         out.write_all(text.as_bytes())
             .and_then(|()| out.flush())
-            .context("cannot write to stdout")?;
-        return Ok(());
+            .context("cannot write to stdout")
     }
-    let lead = coll.rank() == 0;
-    let setup = format!(
-        "profile: {}{}; model {} ({} {}B, {}); batch {} x {} accum{}, rank {}, alpha {}, {} LoRA layers, checkpointing {}",
-        cfg.profile_source,
-        if cfg.profile_source == "defaults" {
-            " (no saved profile and no detected hardware)"
-        } else {
-            ""
-        },
-        cfg.model,
-        cfg.model_size.category,
-        cfg.model_size.params_b,
-        match cfg.weights {
-            qlora_scale::train::config::Weights::Embedded => "training the embedded model",
-            _ => "local files",
-        },
-        cfg.batch_size,
-        cfg.grad_accum_steps,
-        if cfg.world_size > 1 {
-            format!(
-                " x {} ranks ({}) = {} examples per step",
-                cfg.world_size, cfg.collective, cfg.global_batch_size
-            )
-        } else {
-            String::new()
-        },
-        cfg.lora_rank,
-        cfg.lora_alpha,
-        cfg.lora_layers,
-        cfg.grad_checkpoint
-    );
-    if !lead {
-        tracing::debug!("rank {} of {}: {setup}", cfg.rank, cfg.world_size);
-        train_on(cfg, cli.resume, &mut QuietObserver, coll)
-            .with_context(|| format!("training into {}", cfg.output_dir.display()))?;
-        return Ok(());
+
+    /// The one line that says what will train.
+    fn setup_line(&self) -> String {
+        let (spec, prov, world) = (&self.plan.spec, &self.plan.provenance, self.world);
+        let s = &spec.settings;
+        format!(
+            "profile: {}; model {} ({} {}B, {}); batch {} x {} accum{}, rank {}, alpha {}, {} LoRA layers, checkpointing {}",
+            prov.profile_source.describe(),
+            spec.model,
+            spec.model_size.category,
+            spec.model_size.params_b,
+            match spec.weights {
+                Weights::Embedded => "training the embedded model",
+                _ => "local files",
+            },
+            s.batch_size,
+            s.grad_accum_steps,
+            if world.size > 1 {
+                format!(
+                    " x {} ranks ({}) = {} examples per step",
+                    world.size,
+                    world.backend,
+                    world.global_batch(spec)
+                )
+            } else {
+                String::new()
+            },
+            s.lora_rank,
+            s.lora_alpha,
+            s.lora_layers,
+            s.grad_checkpoint
+        )
     }
-    tracing::info!("{setup}");
-    if let Some(m) = memory {
+
+    /// Logs the memory estimate and, with `--trial-step`, measures one step
+    /// against it and the budget.
+    fn check_memory(&self, m: &MemoryReport) -> anyhow::Result<()> {
         let e = &m.estimate_mib;
         tracing::info!(
             "memory: estimated peak {:.0} MiB (weights {:.0}, adapters {:.0}, activations {:.0}, logits {:.0}){}",
@@ -290,48 +336,68 @@ fn run_as(
         for c in &m.auto_fit {
             tracing::info!("auto-fit: {c}");
         }
-        if cli.trial_step {
-            let measured = trial_step(cfg)?;
-            tracing::info!(
-                "trial step: peak {measured:.0} MiB measured, {:.0} MiB estimated ({:+.0}%)",
-                e.peak,
-                100.0 * (e.peak / measured - 1.0)
-            );
-            if let Some(b) = budget
-                && measured * (1u64 << 20) as f64 > b.bytes
-            {
-                anyhow::bail!(
-                    "the trial step peaked at {measured:.0} MiB, over the budget of {:.0} MiB: lower --batch-size or --seq-len, or raise --memory-budget",
-                    b.bytes / (1u64 << 20) as f64
-                );
-            }
+        if !self.trial_step {
+            return Ok(());
         }
-    }
-    let mut progress = Progress::new(cfg.max_steps, 0);
-    let summary = train_on(cfg, cli.resume, &mut progress, coll)
-        .with_context(|| format!("training into {}", cfg.output_dir.display()))?;
-    if let Some(bar) = &progress.bar {
-        bar.finish_and_clear();
-    }
-    let (first, last) = (summary.steps.first(), summary.steps.last());
-    if let (Some(f), Some(l)) = (first, last) {
+        let measured = trial_step(self.plan)?;
         tracing::info!(
-            "done: loss {:.4} (step {}) -> {:.4} (step {}), {:.0} tokens/s, peak RSS {:.0} MiB; wrote {}",
-            f.loss,
-            f.step,
-            l.loss,
-            l.step,
-            summary.tokens_per_s,
-            summary.peak_rss_mib,
-            cfg.output_dir.display()
+            "trial step: peak {measured:.0} MiB measured, {:.0} MiB estimated ({:+.0}%)",
+            e.peak,
+            100.0 * (e.peak / measured - 1.0)
         );
-    } else {
-        tracing::info!(
-            "nothing to do: the run already reached step {}",
-            cfg.max_steps
-        );
+        if let Some(b) = self.budget
+            && measured > b.mib()
+        {
+            anyhow::bail!(
+                "the trial step peaked at {measured:.0} MiB, over the budget of {:.0} MiB: lower --batch-size or --seq-len, or raise --memory-budget",
+                b.mib()
+            );
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn train(&self, coll: &dyn Collective) -> anyhow::Result<()> {
+        let (spec, out) = (&self.plan.spec, &self.plan.output_dir);
+        let context = || format!("training into {}", out.display());
+        if !self.world.is_lead() {
+            tracing::debug!(
+                "rank {} of {}: {}",
+                self.world.rank,
+                self.world.size,
+                self.setup_line()
+            );
+            train_with(spec, out, self.cli.resume, &mut QuietObserver, coll)
+                .with_context(context)?;
+            return Ok(());
+        }
+        tracing::info!("{}", self.setup_line());
+        if let Some(m) = self.memory {
+            self.check_memory(m)?;
+        }
+        let mut progress = Progress::new(spec.settings.max_steps, 0);
+        let summary =
+            train_with(spec, out, self.cli.resume, &mut progress, coll).with_context(context)?;
+        if let Some(bar) = &progress.bar {
+            bar.finish_and_clear();
+        }
+        match (summary.steps.first(), summary.steps.last()) {
+            (Some(f), Some(l)) => tracing::info!(
+                "done: loss {:.4} (step {}) -> {:.4} (step {}), {:.0} tokens/s, peak RSS {:.0} MiB; wrote {}",
+                f.loss,
+                f.step,
+                l.loss,
+                l.step,
+                summary.tokens_per_s,
+                summary.peak_rss_mib,
+                out.display()
+            ),
+            _ => tracing::info!(
+                "nothing to do: the run already reached step {}",
+                spec.settings.max_steps
+            ),
+        }
+        Ok(())
+    }
 }
 
 fn merge(m: &args::MergeArgs) -> anyhow::Result<()> {
@@ -344,7 +410,7 @@ fn merge(m: &args::MergeArgs) -> anyhow::Result<()> {
     })?;
     let state = qlora_scale::train::checkpoint::load(path)?.state;
     let out: PathBuf = m.out.clone().unwrap_or_else(|| m.run_dir.join("merged"));
-    qlora_scale::train::model::merge(&state.config, &m.run_dir, &out)
+    qlora_scale::train::model::merge(&state.spec, &m.run_dir, &out)
         .with_context(|| format!("merging {} into {}", m.run_dir.display(), out.display()))?;
     tracing::info!("wrote {}", out.join("model.safetensors").display());
     Ok(())

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::config::TrainConfig;
+use super::optim::AdamWState;
+use super::spec::RunSpec;
 use crate::storage::write_atomic;
 
 /// First bytes of a checkpoint file.
@@ -23,12 +24,28 @@ pub const MAGIC: &[u8; 8] = b"QLSCKPT1";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// Reading or writing failed.
-    #[error("checkpoint {path}: {source}")]
+    #[error("checkpoint {path}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The checkpoint could not be encoded.
+    #[error("cannot encode checkpoint {path}")]
+    Encode {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Its contents do not parse.
+    #[error("checkpoint {path} is corrupt")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The file is damaged: bad magic, checksum mismatch, or unreadable
     /// contents.
@@ -56,8 +73,11 @@ pub struct CheckpointState {
     pub cursor: u64,
     /// Target tokens trained on so far.
     pub tokens_seen: u64,
-    /// The run's configuration.
-    pub config: TrainConfig,
+    /// What the run trains.
+    pub spec: RunSpec,
+    /// The ranks that wrote it (a resume with another number of ranks must
+    /// keep the global batch).
+    pub world_size: usize,
 }
 
 /// A loaded checkpoint.
@@ -78,17 +98,33 @@ pub fn checkpoint_path(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step-{step:08}.ckpt"))
 }
 
-/// Writes a checkpoint atomically to `path`.
+impl Checkpoint {
+    /// The optimizer's state it holds.
+    pub fn optimizer(&self) -> AdamWState {
+        AdamWState {
+            t: self.state.optimizer_t,
+            m: self.m.clone(),
+            v: self.v.clone(),
+        }
+    }
+}
+
+/// Writes a checkpoint atomically to `path`: `state`, the adapters and the
+/// optimizer's moments (its step count is `state.optimizer_t`).
 pub fn save(
     path: &Path,
     state: &CheckpointState,
     adapters: &[(String, Tensor)],
-    m: &HashMap<String, Tensor>,
-    v: &HashMap<String, Tensor>,
+    optimizer: &AdamWState,
 ) -> Result<(), CheckpointError> {
+    let (m, v) = (&optimizer.m, &optimizer.v);
     let corrupt = |why: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         why,
+    };
+    let encode = |source: Box<dyn std::error::Error + Send + Sync>| CheckpointError::Encode {
+        path: path.to_path_buf(),
+        source,
     };
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, t) in adapters {
@@ -102,10 +138,10 @@ pub fn save(
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = HashMap::from([(
         "state".to_string(),
-        serde_json::to_string(state).map_err(|e| corrupt(e.to_string()))?,
+        serde_json::to_string(state).map_err(|e| encode(e.into()))?,
     )]);
     let payload = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-        .map_err(|e| corrupt(e.to_string()))?;
+        .map_err(|e| encode(e.into()))?;
     let mut bytes = Vec::with_capacity(payload.len() + 12);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -144,17 +180,22 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
             "checksum mismatch (stored {stored:08x}, computed {actual:08x})"
         )));
     }
+    let unreadable =
+        |source: Box<dyn std::error::Error + Send + Sync>| CheckpointError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        };
     let (_, meta) =
-        safetensors::SafeTensors::read_metadata(payload).map_err(|e| corrupt(e.to_string()))?;
+        safetensors::SafeTensors::read_metadata(payload).map_err(|e| unreadable(e.into()))?;
     let state_json = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("state"))
         .ok_or_else(|| corrupt("no state".into()))?;
     let state: CheckpointState =
-        serde_json::from_str(state_json).map_err(|e| corrupt(format!("state: {e}")))?;
+        serde_json::from_str(state_json).map_err(|e| unreadable(e.into()))?;
     let tensors = candle_core::safetensors::load_buffer(payload, &Device::Cpu)
-        .map_err(|e| corrupt(e.to_string()))?;
+        .map_err(|e| unreadable(e.into()))?;
     let mut ck = Checkpoint {
         state,
         adapters: HashMap::new(),

@@ -35,9 +35,19 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use serde::Deserialize;
 
 use super::tokenizer::{Tokenizer, TokenizerError};
+
+/// The default corpus's training split (`data/default/train.jsonl`), built
+/// into the binary and used without `--data-dir`.
+pub const DEFAULT_TRAIN_JSONL: &[u8] = include_bytes!("../../data/default/train.jsonl");
+/// The default corpus's validation split (`data/default/valid.jsonl`).
+pub const DEFAULT_VALID_JSONL: &[u8] = include_bytes!("../../data/default/valid.jsonl");
 
 /// One record of a JSONL file.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -97,7 +107,7 @@ pub struct BadLine {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -108,7 +118,7 @@ pub enum DataError {
     #[error("{0} (--strict makes bad lines fatal)")]
     Strict(BadLine),
     /// Tokenizing failed.
-    #[error("{}:{line}: {source}", .path.display())]
+    #[error("{}:{line}", .path.display())]
     Tokenize {
         /// The file.
         path: PathBuf,
@@ -120,6 +130,9 @@ pub enum DataError {
     /// No usable example.
     #[error("{0}: no usable examples")]
     Empty(PathBuf),
+    /// Building a batch's tensors failed.
+    #[error("cannot build a batch")]
+    Batch(#[from] candle_core::Error),
 }
 
 /// Parses one line.
@@ -269,4 +282,186 @@ pub fn tokenize(record: &Record, tok: &Tokenizer) -> Result<Example, TokenizerEr
         }
     }
     Ok(ex)
+}
+
+/// A run's data: the training split and the optional validation split.
+#[derive(Debug)]
+pub struct TrainData {
+    /// `train.jsonl`.
+    pub train: Dataset,
+    /// `valid.jsonl`, when there is one.
+    pub valid: Option<Dataset>,
+}
+
+impl TrainData {
+    /// Reads `dir/train.jsonl` (required) and `dir/valid.jsonl` (when it is
+    /// a file); without `dir`, the default corpus built into the binary, so
+    /// `train` runs from any directory. Examples are truncated to `seq_len`
+    /// tokens; bad lines are collected, or fatal with `strict`. A training
+    /// split without one usable example is an error.
+    pub fn load(
+        dir: Option<&Path>,
+        tok: &Tokenizer,
+        seq_len: usize,
+        strict: bool,
+    ) -> Result<TrainData, DataError> {
+        let (train_path, data) = match dir {
+            Some(dir) => {
+                let train_path = dir.join("train.jsonl");
+                let valid_path = dir.join("valid.jsonl");
+                let train = load_jsonl(&train_path, tok, seq_len, strict)?;
+                let valid = if valid_path.is_file() {
+                    Some(load_jsonl(&valid_path, tok, seq_len, strict)?)
+                } else {
+                    None
+                };
+                (train_path, TrainData { train, valid })
+            }
+            None => {
+                let (train_path, valid_path) = (
+                    PathBuf::from("data/default/train.jsonl"),
+                    PathBuf::from("data/default/valid.jsonl"),
+                );
+                let train = parse_jsonl(&train_path, DEFAULT_TRAIN_JSONL, tok, seq_len, strict)?;
+                let valid = parse_jsonl(&valid_path, DEFAULT_VALID_JSONL, tok, seq_len, strict)?;
+                (
+                    train_path,
+                    TrainData {
+                        train,
+                        valid: Some(valid),
+                    },
+                )
+            }
+        };
+        if data.train.examples.is_empty() {
+            return Err(DataError::Empty(train_path));
+        }
+        Ok(data)
+    }
+
+    /// Every bad line skipped, training split first.
+    pub fn bad_lines(&self) -> impl Iterator<Item = &BadLine> {
+        self.train
+            .bad_lines
+            .iter()
+            .chain(self.valid.iter().flat_map(|v| &v.bad_lines))
+    }
+
+    /// A fingerprint of the training examples (count and CRC-32 of their
+    /// tokens and masks): ranks compare it to know they train on the same
+    /// data.
+    pub fn fingerprint(&self) -> String {
+        let mut crc = crc32fast::Hasher::new();
+        for e in &self.train.examples {
+            crc.update(&(e.ids.len() as u64).to_le_bytes());
+            for (&id, &m) in e.ids.iter().zip(&e.targets) {
+                crc.update(&id.to_le_bytes());
+                crc.update(&[u8::from(m != 0)]);
+            }
+        }
+        format!(
+            "{} examples, CRC-32 {:08x}",
+            self.train.examples.len(),
+            crc.finalize()
+        )
+    }
+}
+
+/// The shuffled order of epoch `epoch`: a function of the seed and the
+/// epoch only, so a resumed run sees the same order.
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// The position in the shuffled training data: the epoch and the next
+/// example within it. The whole random state of the data.
+#[derive(Clone, Debug)]
+pub struct Cursor {
+    n: usize,
+    seed: u64,
+    epoch: u64,
+    pos: u64,
+    order: Vec<usize>,
+}
+
+impl Cursor {
+    /// At example `pos` of epoch `epoch` of `n` examples shuffled by `seed`.
+    pub fn new(n: usize, seed: u64, epoch: u64, pos: u64) -> Self {
+        Self {
+            n,
+            seed,
+            epoch,
+            pos,
+            order: epoch_order(n, seed, epoch),
+        }
+    }
+
+    /// The epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The next example's place in the epoch.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The indices (into the `n` examples) of the next `size` examples.
+    pub fn next_batch(&mut self, size: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(size);
+        while out.len() < size {
+            if self.pos as usize >= self.order.len() {
+                self.epoch += 1;
+                self.pos = 0;
+                self.order = epoch_order(self.n, self.seed, self.epoch);
+            }
+            out.push(self.order[self.pos as usize]);
+            self.pos += 1;
+        }
+        out
+    }
+}
+
+/// A right-padded batch as tensors.
+#[derive(Debug)]
+pub struct Batch {
+    /// Token ids, `(b, t)`.
+    pub ids: Tensor,
+    /// 1 on real tokens, 0 on padding, `(b, t)`.
+    pub attention: Tensor,
+    /// 1.0 where a token is a target, `(b, t)`.
+    pub targets: Tensor,
+}
+
+impl Batch {
+    /// The examples, right-padded to the longest (at least 2 tokens).
+    pub fn of(examples: &[&Example], dev: &Device) -> candle_core::Result<Batch> {
+        let t = examples
+            .iter()
+            .map(|e| e.ids.len())
+            .max()
+            .unwrap_or(1)
+            .max(2);
+        let b = examples.len();
+        let mut ids = vec![0u32; b * t];
+        let mut att = vec![0u8; b * t];
+        let mut tgt = vec![0f32; b * t];
+        for (i, e) in examples.iter().enumerate() {
+            for (j, (&id, &m)) in e.ids.iter().zip(&e.targets).enumerate() {
+                ids[i * t + j] = id;
+                att[i * t + j] = 1;
+                if j > 0 && m != 0 {
+                    tgt[i * t + j] = 1.0;
+                }
+            }
+        }
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (b, t), dev)?,
+            attention: Tensor::from_vec(att, (b, t), dev)?,
+            targets: Tensor::from_vec(tgt, (b, t), dev)?,
+        })
+    }
 }

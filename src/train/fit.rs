@@ -5,15 +5,15 @@
 
 use serde::Serialize;
 
-use super::config::{TrainConfig, Weights};
 use super::model::embedded_config;
+use super::settings::ValueSource;
+use super::spec::{HardwareSummary, RunSpec, Weights};
 use crate::hardware::{DeviceKind, memory_profile};
-use crate::memory::{Architecture, Estimate, FitChange, FitConfig, RunShape, estimate, fit};
+use crate::memory::{
+    Architecture, Estimate, FitChange, FitConfig, GIB, MIB, RunShape, estimate, fit,
+};
 use crate::qlora::read_config;
 use crate::tables::memory_fit::ESTIMATE_SHARE;
-
-const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
 
 /// Where a budget came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -28,6 +28,16 @@ pub enum BudgetSource {
     Detected,
 }
 
+impl BudgetSource {
+    fn describe(self) -> &'static str {
+        match self {
+            BudgetSource::Flag => "--memory-budget flag",
+            BudgetSource::Profile => "hardware profile",
+            BudgetSource::Detected => "memory detected on this machine",
+        }
+    }
+}
+
 /// The memory a run may use.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Budget {
@@ -38,20 +48,24 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// The budget of a run: `flag_gib` when given, else the hardware
-    /// profile's training budget, else this machine's (Linux: `/proc` and
+    /// The budget of a run: `flag_gib` when given, else the resolved
+    /// hardware's training budget, else this machine's (Linux: `/proc` and
     /// the cgroup limit) when `detect` allows reading it. `None` when
     /// nothing says.
-    pub fn of(flag_gib: Option<f64>, cfg: &TrainConfig, detect: bool) -> Option<Budget> {
+    pub fn of(
+        flag_gib: Option<f64>,
+        hardware: Option<&HardwareSummary>,
+        detect: bool,
+    ) -> Option<Budget> {
         if let Some(g) = flag_gib {
             return Some(Budget {
                 bytes: g * GIB,
                 source: BudgetSource::Flag,
             });
         }
-        if let Some(hw) = &cfg.hardware {
+        if let Some(hw) = hardware {
             return Some(Budget {
-                bytes: hw.training_budget_gb as f64 * GIB,
+                bytes: f64::from(hw.training_budget_gb) * GIB,
                 source: BudgetSource::Profile,
             });
         }
@@ -61,9 +75,14 @@ impl Budget {
         let cpu = crate::hardware::linux::read_linux_cpu(std::path::Path::new("/"))?;
         let p = memory_profile(DeviceKind::Cpu, cpu.memory_gb);
         Some(Budget {
-            bytes: p.training_budget_gb as f64 * GIB,
+            bytes: f64::from(p.training_budget_gb) * GIB,
             source: BudgetSource::Detected,
         })
+    }
+
+    /// The budget in MiB.
+    pub fn mib(&self) -> f64 {
+        self.bytes / MIB
     }
 }
 
@@ -137,32 +156,33 @@ pub enum FitError {
 
 /// The architecture a run will train, without loading weights: `None` for a
 /// model known by name whose size is unknown.
-pub fn architecture(cfg: &TrainConfig) -> Result<Option<(Architecture, &'static str)>, FitError> {
-    Ok(match cfg.weights {
+pub fn architecture(spec: &RunSpec) -> Result<Option<(Architecture, &'static str)>, FitError> {
+    Ok(match spec.weights {
         Weights::Embedded => Some((Architecture::from_config(&embedded_config()), "embedded")),
         Weights::LocalDir => Some((
-            Architecture::from_config(&read_config(std::path::Path::new(&cfg.model))?),
+            Architecture::from_config(&read_config(std::path::Path::new(&spec.model))?),
             "config_json",
         )),
-        Weights::NameOnly => (cfg.model_size.params_b > 0.0).then(|| {
+        Weights::NameOnly => (spec.model_size.params_b > 0.0).then(|| {
             (
-                Architecture::for_params((cfg.model_size.params_b * 1e9).round() as u64),
+                Architecture::for_params((spec.model_size.params_b * 1e9).round() as u64),
                 "reference_shape",
             )
         }),
     })
 }
 
-fn shape(cfg: &TrainConfig) -> FitConfig {
+fn shape(spec: &RunSpec) -> FitConfig {
+    let s = &spec.settings;
     FitConfig {
         run: RunShape {
-            batch: u64::from(cfg.batch_size),
-            seq_len: cfg.seq_len,
-            lora_rank: u64::from(cfg.lora_rank),
-            lora_layers: u64::from(cfg.lora_layers),
-            grad_checkpoint: cfg.grad_checkpoint,
+            batch: u64::from(s.batch_size),
+            seq_len: s.seq_len,
+            lora_rank: u64::from(s.lora_rank),
+            lora_layers: u64::from(s.lora_layers),
+            grad_checkpoint: s.grad_checkpoint,
         },
-        grad_accum: cfg.grad_accum_steps,
+        grad_accum: s.grad_accum_steps,
     }
 }
 
@@ -177,73 +197,78 @@ pub enum OnMisfit {
     Report,
 }
 
-/// Checks `cfg` against `budget`. A run that fits is left alone; one that
-/// does not is, by `on_misfit`, an error naming the nearest configuration
-/// that fits, changed into it (`value_sources` then says `auto_fit` for
-/// each value changed), or reported with it. `Ok(None)`: the architecture
-/// is unknown (a name without a size), nothing to check.
+/// The outcome of the memory check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fitted {
+    /// The run as it will train: the spec checked, or the nearest one that
+    /// fits when `--auto-fit` changed it.
+    pub spec: RunSpec,
+    /// The settings `--auto-fit` changed, for the run's provenance.
+    pub changed: Vec<(&'static str, ValueSource)>,
+    /// What the check found; `None`: the architecture is unknown (a name
+    /// without a size), nothing was checked.
+    pub report: Option<MemoryReport>,
+}
+
+/// Checks `spec` against `budget`. A run that fits is returned as it is;
+/// one that does not is, by `on_misfit`, an error naming the nearest
+/// configuration that fits, changed into it, or reported with it.
 pub fn check(
-    cfg: &mut TrainConfig,
+    spec: &RunSpec,
     budget: Option<Budget>,
     on_misfit: OnMisfit,
-) -> Result<Option<MemoryReport>, FitError> {
-    let Some((arch, architecture_source)) = architecture(cfg)? else {
-        return Ok(None);
+) -> Result<Fitted, FitError> {
+    let mut out = Fitted {
+        spec: spec.clone(),
+        changed: Vec::new(),
+        report: None,
     };
-    let current = shape(cfg);
+    let Some((arch, architecture_source)) = architecture(spec)? else {
+        return Ok(out);
+    };
+    let current = shape(spec);
     let mut est = estimate(&arch, &current.run);
     let mut applied = Vec::new();
     let mut suggestion = None;
     if let Some(b) = budget {
         let limit = b.bytes * ESTIMATE_SHARE;
         if est.peak > limit {
-            let fitted = fit(&arch, &current, limit);
-            match fitted {
-                Some(f) if on_misfit == OnMisfit::Report => {
+            match (fit(&arch, &current, limit), on_misfit) {
+                (Some(f), OnMisfit::Report) => {
                     suggestion = Some(Suggestion {
                         flags: flags(&f.changes),
                         peak_mib: (f.estimate.peak / MIB).round(),
                         changes: f.changes,
                     });
                 }
-                None if on_misfit == OnMisfit::Report => {}
-                Some(f) if on_misfit == OnMisfit::AutoFit => {
-                    cfg.batch_size = u32::try_from(f.config.run.batch).unwrap_or(u32::MAX);
-                    cfg.grad_accum_steps = f.config.grad_accum;
-                    cfg.lora_layers = u32::try_from(f.config.run.lora_layers).unwrap_or(u32::MAX);
-                    cfg.seq_len = f.config.run.seq_len;
-                    cfg.grad_checkpoint = f.config.run.grad_checkpoint;
-                    for c in &f.changes {
-                        let keys: &[&str] = match c {
-                            FitChange::BatchSize { .. } => &["batch_size", "grad_accum_steps"],
-                            FitChange::LoraLayers { .. } => &["lora_layers"],
-                            FitChange::SeqLen { .. } => &["seq_len"],
-                            FitChange::GradCheckpoint => &["grad_checkpoint"],
-                        };
-                        for k in keys {
-                            cfg.value_sources.insert(k.to_string(), "auto_fit".into());
-                        }
-                    }
+                (None, OnMisfit::Report) => {}
+                (Some(f), OnMisfit::AutoFit) => {
+                    let s = &mut out.spec.settings;
+                    s.batch_size = u32::try_from(f.config.run.batch).unwrap_or(u32::MAX);
+                    s.grad_accum_steps = f.config.grad_accum;
+                    s.lora_layers = u32::try_from(f.config.run.lora_layers).unwrap_or(u32::MAX);
+                    s.seq_len = f.config.run.seq_len;
+                    s.grad_checkpoint = f.config.run.grad_checkpoint;
+                    out.changed = f
+                        .changes
+                        .iter()
+                        .flat_map(changed_settings)
+                        .map(|k| (*k, ValueSource::AutoFit))
+                        .collect();
                     est = f.estimate;
                     applied = f.changes;
                 }
-                other => {
+                (other, _) => {
                     return Err(FitError::DoesNotFit {
                         need_gib: est.peak / GIB,
                         limit_gib: limit / GIB,
                         budget_gib: b.bytes / GIB,
                         share: ESTIMATE_SHARE * 100.0,
-                        source_name: match b.source {
-                            BudgetSource::Flag => "--memory-budget flag",
-                            BudgetSource::Profile => "hardware profile",
-                            BudgetSource::Detected => "memory detected on this machine",
-                        },
+                        source_name: b.source.describe(),
                         suggestion: other.map(|f| {
-                            let flags: Vec<String> =
-                                f.changes.iter().map(ToString::to_string).collect();
                             format!(
                                 "{} (about {:.2} GiB)",
-                                flags.join(" "),
+                                flags(&f.changes),
                                 f.estimate.peak_gib()
                             )
                         }),
@@ -252,7 +277,7 @@ pub fn check(
             }
         }
     }
-    Ok(Some(MemoryReport {
+    out.report = Some(MemoryReport {
         architecture: arch,
         architecture_source,
         estimate_mib: est.in_mib(),
@@ -262,7 +287,18 @@ pub fn check(
         fits: budget.is_none_or(|b| est.peak <= b.bytes * ESTIMATE_SHARE),
         auto_fit: applied,
         suggestion,
-    }))
+    });
+    Ok(out)
+}
+
+/// The settings a fit change sets.
+fn changed_settings(change: &FitChange) -> &'static [&'static str] {
+    match change {
+        FitChange::BatchSize { .. } => &["batch_size", "grad_accum_steps"],
+        FitChange::LoraLayers { .. } => &["lora_layers"],
+        FitChange::SeqLen { .. } => &["seq_len"],
+        FitChange::GradCheckpoint => &["grad_checkpoint"],
+    }
 }
 
 fn flags(changes: &[FitChange]) -> String {

@@ -1,18 +1,22 @@
-//! The trainer behind `cargo run --bin train`: resolve the configuration
-//! ([`config`]), build the model ([`model`]), read the data ([`data`],
-//! [`tokenizer`]), train ([`run`]) with AdamW ([`optim`]) and checkpoints
-//! ([`checkpoint`]), and plot the loss ([`plot`]). [`fit`] checks the run
-//! against its memory budget before anything is loaded; over several
-//! processes the ranks share gradients through a [`collective`].
+//! The trainer behind `cargo run --bin train`: the user's [`settings`]
+//! resolve into a run ([`spec`]: what trains, where each value came from,
+//! and this process's place among the ranks); [`fit`] checks it against its
+//! memory budget before anything is loaded; a [`trainer::Trainer`] builds
+//! the model ([`model`]), reads the data ([`data`], [`tokenizer`], [`chat`])
+//! and trains with AdamW ([`optim`]), writing checkpoints ([`checkpoint`]),
+//! metrics and the loss plot ([`plot`]). Over several processes the ranks
+//! share gradients through a [`collective`] ([`sync`]).
 
 pub mod chat;
 pub mod checkpoint;
 pub mod collective;
-pub mod config;
 pub mod data;
 pub mod fit;
 pub mod model;
 pub mod optim;
 pub mod plot;
-pub mod run;
+pub mod settings;
+pub mod spec;
+pub mod sync;
 pub mod tokenizer;
+pub mod trainer;

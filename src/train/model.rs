@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use super::config::{TrainConfig, Weights};
+use super::spec::{RunSpec, Weights};
 use super::tokenizer::{Tokenizer, TokenizerError};
 use crate::qlora::lora::{LoraConfig, LoraTarget};
 use crate::qlora::{
@@ -41,13 +41,29 @@ pub enum ModelError {
         /// What disagrees.
         message: String,
     },
-    /// Writing or reading an adapter failed.
+    /// An adapter does not fit the model.
     #[error("{path}: {message}")]
     Adapter {
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// What does not fit.
         message: String,
+    },
+    /// A file could not be written (or encoded).
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file could not be read (or decoded).
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A Candle error.
     #[error(transparent)]
@@ -69,39 +85,39 @@ pub fn embedded_config() -> LlamaConfig {
 }
 
 /// The LoRA settings of a run for a model of `num_layers` blocks.
-pub fn lora_config(cfg: &TrainConfig, num_layers: usize) -> LoraConfig {
+pub fn lora_config(spec: &RunSpec, num_layers: usize) -> LoraConfig {
     LoraConfig {
-        rank: cfg.lora_rank as usize,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout as f32,
+        rank: spec.settings.lora_rank as usize,
+        alpha: spec.settings.lora_alpha,
+        dropout: spec.settings.lora_dropout as f32,
         targets: LoraTarget::ALL.to_vec(),
-        last_layers: Some((cfg.lora_layers as usize).min(num_layers)),
+        last_layers: Some((spec.settings.lora_layers as usize).min(num_layers)),
         use_rslora: false,
-        seed: cfg.seed,
+        seed: spec.settings.seed,
     }
 }
 
 /// Builds the model (NF4 frozen base, LoRA adapters) and its tokenizer.
-pub fn build(cfg: &TrainConfig) -> Result<(LlamaModel, Tokenizer), ModelError> {
-    build_with(cfg, FrozenStorage::Nf4)
+pub fn build(spec: &RunSpec) -> Result<(LlamaModel, Tokenizer), ModelError> {
+    build_with(spec, FrozenStorage::Nf4)
 }
 
 /// [`build`] with another frozen storage.
 pub fn build_with(
-    cfg: &TrainConfig,
+    spec: &RunSpec,
     storage: FrozenStorage,
 ) -> Result<(LlamaModel, Tokenizer), ModelError> {
     let dev = Device::Cpu;
-    match cfg.weights {
+    match spec.weights {
         Weights::Embedded => {
             let c = embedded_config();
-            let opts = options(cfg, &c, storage);
+            let opts = options(spec, &c, storage);
             let w = RandomWeights::new(&c, embedded::WEIGHT_SEED, &dev);
             Ok((LlamaModel::new(&c, &w, &opts)?, Tokenizer::Bytes))
         }
-        Weights::NameOnly => Err(ModelError::NotLocal(cfg.model.clone())),
+        Weights::NameOnly => Err(ModelError::NotLocal(spec.model.clone())),
         Weights::LocalDir => {
-            let dir = Path::new(&cfg.model);
+            let dir = Path::new(&spec.model);
             let c = read_config(dir)?;
             if let Some(t) = c.model_type.as_deref()
                 && !matches!(t, "llama" | "mistral" | "qwen2")
@@ -123,33 +139,33 @@ pub fn build_with(
                     ),
                 });
             }
-            let opts = options(cfg, &c, storage);
+            let opts = options(spec, &c, storage);
             Ok((LlamaModel::new(&c, &w, &opts)?, tok))
         }
     }
 }
 
-fn options(cfg: &TrainConfig, c: &LlamaConfig, storage: FrozenStorage) -> ModelOptions {
+fn options(spec: &RunSpec, c: &LlamaConfig, storage: FrozenStorage) -> ModelOptions {
     ModelOptions {
         storage,
-        lora: lora_config(cfg, c.num_hidden_layers),
+        lora: lora_config(spec, c.num_hidden_layers),
         dtype: DType::F32,
         device: Device::Cpu,
-        checkpointing: cfg.grad_checkpoint,
+        checkpointing: spec.settings.grad_checkpoint,
     }
 }
 
 /// The base model's name as PEFT records it.
-pub fn base_name(cfg: &TrainConfig) -> String {
-    match cfg.weights {
+pub fn base_name(spec: &RunSpec) -> String {
+    match spec.weights {
         Weights::Embedded => EMBEDDED_BASE_NAME.to_string(),
-        _ => cfg.model.clone(),
+        _ => spec.model.clone(),
     }
 }
 
 /// Writes `adapter_model.safetensors` (PEFT key names) and
 /// `adapter_config.json` to `dir`, atomically.
-pub fn export_adapter(model: &LlamaModel, cfg: &TrainConfig, dir: &Path) -> Result<(), ModelError> {
+pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<(), ModelError> {
     let st = dir.join("adapter_model.safetensors");
     let vars = model.trainable_vars();
     let tensors: Vec<(String, Tensor)> = vars
@@ -157,25 +173,25 @@ pub fn export_adapter(model: &LlamaModel, cfg: &TrainConfig, dir: &Path) -> Resu
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
-        .map_err(|e| ModelError::Adapter {
+        .map_err(|e| ModelError::Write {
             path: st.clone(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
-    write_atomic(&st, &bytes).map_err(|e| ModelError::Adapter {
+    write_atomic(&st, &bytes).map_err(|e| ModelError::Write {
         path: st.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     let n = model.config().num_hidden_layers;
-    let lora = lora_config(cfg, n);
+    let lora = lora_config(spec, n);
     let layers: Vec<usize> = (0..n).filter(|&l| lora.adapts_layer(l, n)).collect();
     let targets: Vec<&str> = lora.targets.iter().map(|t| t.module_name()).collect();
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name(cfg),
-        "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout,
+        "base_model_name_or_path": base_name(spec),
+        "r": spec.settings.lora_rank,
+        "lora_alpha": spec.settings.lora_alpha,
+        "lora_dropout": spec.settings.lora_dropout,
         "target_modules": targets,
         "bias": "none",
         "layers_to_transform": layers,
@@ -184,9 +200,9 @@ pub fn export_adapter(model: &LlamaModel, cfg: &TrainConfig, dir: &Path) -> Resu
         "inference_mode": true,
     });
     let path = dir.join("adapter_config.json");
-    let mut text = serde_json::to_vec_pretty(&config).map_err(|e| ModelError::Adapter {
+    let mut text = serde_json::to_vec_pretty(&config).map_err(|e| ModelError::Write {
         path: path.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     text.push(b'\n');
     write_atomic(&path, &text).map_err(|e| ModelError::Adapter {
@@ -199,14 +215,14 @@ pub fn export_adapter(model: &LlamaModel, cfg: &TrainConfig, dir: &Path) -> Resu
 /// adapter of the model must be in the file with its shape.
 pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
     let path = dir.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&path).map_err(|e| ModelError::Adapter {
+    let bytes = std::fs::read(&path).map_err(|e| ModelError::Read {
         path: path.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-        ModelError::Adapter {
+        ModelError::Read {
             path: path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         }
     })?;
     for (name, var) in model.trainable_vars() {
@@ -229,11 +245,11 @@ pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// Merges the adapter in `adapter_dir` into the base of `cfg` and writes
+/// Merges the adapter in `adapter_dir` into the base of `spec` and writes
 /// `model.safetensors` (dense f32, HF names) and `config.json` to `out`.
 /// The base is dequantized from NF4, as it was trained.
-pub fn merge(cfg: &TrainConfig, adapter_dir: &Path, out: &Path) -> Result<(), ModelError> {
-    let (mut model, _) = build(cfg)?;
+pub fn merge(spec: &RunSpec, adapter_dir: &Path, out: &Path) -> Result<(), ModelError> {
+    let (mut model, _) = build(spec)?;
     load_adapter(&model, adapter_dir)?;
     model.merge_adapters()?;
     let weights = model.dequantized_weights()?;
@@ -241,31 +257,31 @@ pub fn merge(cfg: &TrainConfig, adapter_dir: &Path, out: &Path) -> Result<(), Mo
     names.sort();
     let path = out.join("model.safetensors");
     let bytes = safetensors::serialize(names.iter().map(|n| (n.as_str(), &weights[*n])), None)
-        .map_err(|e| ModelError::Adapter {
+        .map_err(|e| ModelError::Write {
             path: path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
-    write_atomic(&path, &bytes).map_err(|e| ModelError::Adapter {
+    write_atomic(&path, &bytes).map_err(|e| ModelError::Write {
         path: path.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     let cpath = out.join("config.json");
-    let mut text = serde_json::to_vec_pretty(model.config()).map_err(|e| ModelError::Adapter {
+    let mut text = serde_json::to_vec_pretty(model.config()).map_err(|e| ModelError::Write {
         path: cpath.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     text.push(b'\n');
-    write_atomic(&cpath, &text).map_err(|e| ModelError::Adapter {
+    write_atomic(&cpath, &text).map_err(|e| ModelError::Write {
         path: cpath,
-        message: e.to_string(),
+        source: e.into(),
     })?;
-    if cfg.weights == Weights::LocalDir {
+    if spec.weights == Weights::LocalDir {
         for f in ["tokenizer.json", "tokenizer_config.json"] {
-            let src = Path::new(&cfg.model).join(f);
+            let src = Path::new(&spec.model).join(f);
             if let Ok(b) = std::fs::read(&src) {
-                write_atomic(&out.join(f), &b).map_err(|e| ModelError::Adapter {
+                write_atomic(&out.join(f), &b).map_err(|e| ModelError::Write {
                     path: out.join(f),
-                    message: e.to_string(),
+                    source: e.into(),
                 })?;
             }
         }

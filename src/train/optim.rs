@@ -46,12 +46,20 @@ pub struct AdamWParams {
 pub struct AdamW {
     params: AdamWParams,
     vars: Vec<(String, Var)>,
-    /// First moments, by name.
-    pub m: HashMap<String, Tensor>,
-    /// Second moments, by name.
-    pub v: HashMap<String, Tensor>,
+    m: HashMap<String, Tensor>,
+    v: HashMap<String, Tensor>,
+    t: u64,
+}
+
+/// What AdamW keeps between steps: its step count and moments, by name.
+#[derive(Clone, Debug)]
+pub struct AdamWState {
     /// Steps taken.
     pub t: u64,
+    /// First moments.
+    pub m: HashMap<String, Tensor>,
+    /// Second moments.
+    pub v: HashMap<String, Tensor>,
 }
 
 impl AdamW {
@@ -75,6 +83,39 @@ impl AdamW {
     /// The optimized variables.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
+    }
+
+    /// Its state now (the tensors are shared, not copied).
+    pub fn state(&self) -> AdamWState {
+        AdamWState {
+            t: self.t,
+            m: self.m.clone(),
+            v: self.v.clone(),
+        }
+    }
+
+    /// Continues from `state`, which must hold both moments of every
+    /// variable, each of the variable's shape; on error nothing changes.
+    pub fn restore(&mut self, state: AdamWState) -> Result<(), String> {
+        for (name, var) in &self.vars {
+            for (which, moments) in [("first", &state.m), ("second", &state.v)] {
+                match moments.get(name) {
+                    None => return Err(format!("no {which} moment for {name}")),
+                    Some(t) if t.dims() != var.dims() => {
+                        return Err(format!(
+                            "{which} moment of {name}: shape {:?}, the adapter's is {:?}",
+                            t.dims(),
+                            var.dims()
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        self.t = state.t;
+        self.m = state.m;
+        self.v = state.v;
+        Ok(())
     }
 
     /// One update with gradients `grads` (by name) at learning rate `lr`.

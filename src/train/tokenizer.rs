@@ -29,15 +29,15 @@ pub enum TokenizerError {
     #[error("{0}: not found (a local model needs its tokenizer.json)")]
     Missing(PathBuf),
     /// `tokenizer.json` could not be loaded.
-    #[error("{path}: {message}")]
+    #[error("{path}")]
     Load {
         /// The file.
         path: PathBuf,
         /// Why.
-        message: String,
+        source: tokenizers::Error,
     },
     /// `tokenizer_config.json` is not valid JSON.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Config {
         /// The file.
         path: PathBuf,
@@ -45,8 +45,8 @@ pub enum TokenizerError {
         source: serde_json::Error,
     },
     /// Encoding failed.
-    #[error("cannot tokenize text: {0}")]
-    Encode(String),
+    #[error("cannot tokenize text")]
+    Encode(#[source] tokenizers::Error),
     /// The chat template does not compile.
     #[error("{path}: chat_template: {message}")]
     Template {
@@ -110,7 +110,7 @@ impl Tokenizer {
         let tokenizer =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
                 path: path.clone(),
-                message: e.to_string(),
+                source: e,
             })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read(&cfg_path) {
@@ -165,7 +165,7 @@ impl Tokenizer {
             Tokenizer::Hf { tokenizer, .. } => tokenizer
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| TokenizerError::Encode(e.to_string())),
+                .map_err(TokenizerError::Encode),
         }
     }
 

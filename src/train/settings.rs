@@ -1,0 +1,339 @@
+//! What a user can set for a run: one [`Settings`] struct that is both the
+//! command line (clap flattens it into `train`) and the schema of a
+//! `--config` TOML file (keys spelled like the flags: `lora-rank = 16`).
+//!
+//! Every setting is declared once, in the [`settings!`] table below: its doc
+//! line (the `--help` text), its clap attributes, its type and how it
+//! resolves when nobody gave it. From that one entry come the flag, the TOML
+//! key, the merge of command line over file ([`Settings::or`]), the resolved
+//! value in [`TrainSettings`] (part of the run's spec, so it is printed by
+//! `--dry-run`, compared between ranks and stored in checkpoints) and its
+//! [`ValueSource`] in the run's provenance.
+//!
+//! The resolution rules of an entry:
+//! - `launch`: not part of what trains (the model, paths, hardware, memory
+//!   budget); [`super::spec`] reads it by hand.
+//! - `profile(f)`: the hardware profile's value, `f(&profile)`.
+//! - `default(embedded, trainer)`: a constant of `tables/defaults.toml`, the
+//!   first for the embedded model, the second for a model from files.
+//! - `derived(expr)`: computed from settings resolved before it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tables::{ChipVariant, Generation, LORA_ALPHA_PER_RANK, Profile, embedded, trainer};
+
+/// Where a resolved value came from (`value_sources` in `--dry-run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueSource {
+    /// The command line or the `--config` file.
+    CliOrConfig,
+    /// The hardware profile, scaled for the model.
+    Profile,
+    /// `tables/defaults.toml` (or derived from other values).
+    Default,
+    /// `--auto-fit` changed it so the run fits its memory budget.
+    AutoFit,
+}
+
+/// Each resolved setting's source, by setting name.
+pub type ValueSources = BTreeMap<&'static str, ValueSource>;
+
+/// What a setting nobody gave falls back to.
+#[derive(Clone, Copy, Debug)]
+pub struct Fallback {
+    /// The hardware profile scaled for the model.
+    pub profile: Profile,
+    /// Whether that profile stands on hardware (saved, detected or flags);
+    /// without hardware its values count as defaults.
+    pub from_hardware: bool,
+    /// Whether the embedded model trains (its own defaults apply).
+    pub embedded: bool,
+}
+
+macro_rules! settings {
+    (
+        $(
+            $(#[doc = $doc:literal])*
+            #[arg($($clap:tt)*)]
+            $(#[json = $json:literal])?
+            $name:ident : $ty:ty => $rule:ident $(($($args:tt)*))?
+        ),* $(,)?
+    ) => {
+        /// Values given by the user on the command line or in a `--config`
+        /// file; `None`: not given. The doc line of each field is its
+        /// `--help` text.
+        #[derive(Clone, Debug, Default, PartialEq, clap::Args, Deserialize)]
+        #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct Settings {
+            $(
+                $(#[doc = $doc])*
+                #[arg($($clap)*)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl Settings {
+            /// `self` where given, else `lower` (command line over file).
+            pub fn or(&self, lower: &Settings) -> Settings {
+                Settings {
+                    $( $name: self.$name.clone().or_else(|| lower.$name.clone()), )*
+                }
+            }
+        }
+
+        settings!(@trained (s fb src) [] [] []
+            $( [$(#[doc = $doc])*] [$($json)?] $name : $ty => $rule $(($($args)*))? ; )*
+        );
+    };
+
+    // A launch setting: not part of the spec.
+    (@trained ($s:ident $fb:ident $src:ident) [$($f:tt)*] [$($st:tt)*] [$($n:tt)*]
+        [$($doc:tt)*] [$($json:literal)?] $name:ident : $ty:ty => launch ; $($rest:tt)*
+    ) => {
+        settings!(@trained ($s $fb $src) [$($f)*] [$($st)*] [$($n)*] $($rest)*);
+    };
+
+    // A setting that trains: a field, and a statement resolving it.
+    (@trained ($s:ident $fb:ident $src:ident) [$($f:tt)*] [$($st:tt)*] [$($n:tt)*]
+        [$($doc:tt)*] [$($json:literal)?] $name:ident : $ty:ty => $rule:ident $(($($args:tt)*))? ;
+        $($rest:tt)*
+    ) => {
+        settings!(@trained ($s $fb $src)
+            [$($f)* $($doc)* $(#[serde(rename = $json)])? pub $name: $ty,]
+            [$($st)*
+                let $name: $ty = match $s.$name.clone() {
+                    Some(v) => {
+                        $src.insert(stringify!($name), ValueSource::CliOrConfig);
+                        v
+                    }
+                    None => settings!(@fallback ($s $fb $src) $name $rule $(($($args)*))?),
+                };
+            ]
+            [$($n)* $name,]
+            $($rest)*
+        );
+    };
+
+    (@trained ($s:ident $fb:ident $src:ident) [$($f:tt)*] [$($st:tt)*] [$($n:tt)*]) => {
+        /// The resolved values of the settings that shape training: part of
+        /// the run's spec (flattened into it, so each is a top-level key of
+        /// `--dry-run --json` and of a checkpoint's spec).
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub struct TrainSettings {
+            $($f)*
+        }
+
+        impl TrainSettings {
+            /// Each setting as given in `$s`, else by its rule; with the
+            /// source of each.
+            pub fn resolve($s: &Settings, $fb: &Fallback) -> (TrainSettings, ValueSources) {
+                let mut $src = ValueSources::new();
+                $($st)*
+                (TrainSettings { $($n)* }, $src)
+            }
+        }
+    };
+
+    (@fallback ($s:ident $fb:ident $src:ident) $name:ident profile($f:expr)) => {{
+        $src.insert(
+            stringify!($name),
+            if $fb.from_hardware { ValueSource::Profile } else { ValueSource::Default },
+        );
+        ($f)(&$fb.profile)
+    }};
+    (@fallback ($s:ident $fb:ident $src:ident) $name:ident default($embedded:expr, $trainer:expr)) => {{
+        $src.insert(stringify!($name), ValueSource::Default);
+        if $fb.embedded { $embedded } else { $trainer }
+    }};
+    (@fallback ($s:ident $fb:ident $src:ident) $name:ident derived($e:expr)) => {{
+        $src.insert(stringify!($name), ValueSource::Default);
+        $e
+    }};
+}
+
+settings! {
+    /// Model: a local Hugging Face directory (config.json, *.safetensors,
+    /// tokenizer.json), or a name/id used for sizing only [default: the
+    /// embedded model; scaled for the default model id]
+    #[arg(long, value_name = "PATH_OR_ID")]
+    model: String => launch,
+    /// Directory with train.jsonl and optional valid.jsonl [default: data/default]
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf => launch,
+    /// Where the adapter, adapter_config.json, checkpoints, metrics.jsonl and
+    /// loss.svg go [default: runs/default]
+    #[arg(long, value_name = "DIR")]
+    output_dir: PathBuf => launch,
+    /// Optimizer steps
+    #[arg(long, value_name = "N")]
+    max_steps: u64 => default(embedded::MAX_STEPS, trainer::MAX_STEPS),
+    /// Examples per micro-batch [default: the profile's]
+    #[arg(long, value_name = "N")]
+    batch_size: u32 => profile(|p: &Profile| p.batch_size),
+    /// Peak learning rate (warmup, then cosine decay)
+    #[arg(long, value_name = "X")]
+    learning_rate: f64 => default(embedded::LEARNING_RATE, trainer::LEARNING_RATE),
+    /// The run's one seed (shuffling, adapter init, dropout)
+    #[arg(long, value_name = "N")]
+    seed: u64 => default(trainer::SEED, trainer::SEED),
+    /// LoRA rank [default: the profile's]
+    #[arg(long, value_name = "N")]
+    lora_rank: u32 => profile(|p: &Profile| p.lora_rank),
+    /// LoRA alpha [default: 2 x rank]
+    #[arg(long, value_name = "X")]
+    lora_alpha: f64 => derived(f64::from(lora_rank) * LORA_ALPHA_PER_RANK),
+    /// Blocks, counted from the last, with adapters [default: the profile's]
+    #[arg(long, value_name = "N")]
+    lora_layers: u32 => profile(|p: &Profile| p.lora_num_layers),
+    /// Dropout on the LoRA path in training
+    #[arg(long, value_name = "X")]
+    lora_dropout: f64 => default(trainer::LORA_DROPOUT, trainer::LORA_DROPOUT),
+    /// Recompute activations in backward to save memory [default: the profile's]
+    #[arg(long, num_args = 0, default_missing_value = "true", overrides_with = "no_grad_checkpoint")]
+    grad_checkpoint: bool => profile(|p: &Profile| p.grad_checkpoint),
+    /// Keep activations (faster, more memory)
+    #[arg(long, num_args = 0, default_missing_value = "true", overrides_with = "grad_checkpoint")]
+    no_grad_checkpoint: bool => launch,
+    /// Micro-batches per optimizer step
+    #[arg(long, value_name = "N")]
+    grad_accum_steps: u64 => default(trainer::GRAD_ACCUM_STEPS, trainer::GRAD_ACCUM_STEPS),
+    /// Longest sequence in tokens (longer records are truncated)
+    #[arg(long, value_name = "N")]
+    seq_len: u64 => default(embedded::SEQ_LEN, trainer::SEQ_LEN),
+    /// Warmup steps
+    #[arg(long, value_name = "N")]
+    warmup_steps: u64 => default(embedded::WARMUP_STEPS, trainer::WARMUP_STEPS),
+    /// Validation loss every N steps
+    #[arg(long, value_name = "N")]
+    eval_every: u64 => default(embedded::EVAL_EVERY, trainer::EVAL_EVERY),
+    /// A checkpoint every N steps
+    #[arg(long, value_name = "N")]
+    checkpoint_every: u64 => default(embedded::CHECKPOINT_EVERY, trainer::CHECKPOINT_EVERY),
+    /// Checkpoints kept
+    #[arg(long, value_name = "N")]
+    keep_checkpoints: u64 => default(trainer::KEEP_CHECKPOINTS, trainer::KEEP_CHECKPOINTS),
+    /// Global gradient-norm clip
+    #[arg(long, value_name = "X")]
+    grad_clip: f64 => default(trainer::GRAD_CLIP, trainer::GRAD_CLIP),
+    /// AdamW weight decay
+    #[arg(long, value_name = "X")]
+    weight_decay: f64 => default(trainer::WEIGHT_DECAY, trainer::WEIGHT_DECAY),
+    /// Make bad data lines fatal (otherwise skipped and counted)
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    strict: bool => default(false, false),
+    /// Several processes (mpirun): seconds a rank waits in one collective
+    /// call before it decides another rank died or hangs
+    #[arg(long, value_name = "SECS")]
+    #[json = "collective_timeout_s"]
+    collective_timeout: u64 => default(trainer::COLLECTIVE_TIMEOUT_S, trainer::COLLECTIVE_TIMEOUT_S),
+    /// Memory the run may use, GiB [default: the hardware profile's training
+    /// budget, else this machine's memory times the [cpu] budget fraction]
+    #[arg(long, value_name = "GIB", value_parser = positive_gib)]
+    memory_budget: f64 => launch,
+    /// When the memory model says the run will not fit its budget, train the
+    /// nearest configuration that does (smaller micro-batch with more
+    /// accumulation, then fewer LoRA layers, shorter sequences,
+    /// checkpointing on) instead of stopping
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    auto_fit: bool => launch,
+    /// Before the run, train one step and compare the peak memory with the
+    /// estimate and the budget
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    trial_step: bool => launch,
+    /// Apple Silicon generation
+    #[arg(long, value_name = "GEN", value_enum, ignore_case = true)]
+    generation: Generation => launch,
+    /// Chip variant
+    #[arg(long, value_name = "VARIANT", value_enum, ignore_case = true)]
+    chip: ChipVariant => launch,
+    /// Unified memory in GB
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
+    memory: u32 => launch,
+    /// Size the run for an NVIDIA GPU with this much memory, GB (the [gpu]
+    /// rows of tables/hardware.toml)
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
+          conflicts_with_all = ["generation", "chip", "memory", "cpu_memory"])]
+    gpu_memory: u32 => launch,
+    /// Size the run for a CPU that may use this much memory, GB (the [cpu]
+    /// rows)
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
+          conflicts_with_all = ["generation", "chip", "memory"])]
+    cpu_memory: u32 => launch,
+}
+
+/// Errors of reading a `--config` file.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key or a bad value.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message with its line, column and key, on one line
+        /// (the parser's own text spans several, with a snippet).
+        message: String,
+    },
+}
+
+impl Settings {
+    /// `--no-grad-checkpoint` folded into `grad_checkpoint`, so that one
+    /// source's `--no-grad-checkpoint` beats a lower source's
+    /// `grad-checkpoint = true` in [`Settings::or`].
+    pub fn normalized(mut self) -> Settings {
+        if let Some(off) = self.no_grad_checkpoint.take() {
+            self.grad_checkpoint = Some(!off);
+        }
+        self
+    }
+
+    /// Reads a `--config` TOML file. Unknown keys and bad values are errors
+    /// naming the file (and the key, line and column). Relative paths in it
+    /// are taken relative to the file's directory.
+    pub fn from_file(path: &Path) -> Result<Settings, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut s: Settings = toml::from_str(&text).map_err(|e| SettingsError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for p in [&mut s.data_dir, &mut s.output_dir].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(m) = &mut s.model
+            && looks_like_path(m)
+            && Path::new(m).is_relative()
+        {
+            *m = base.join(&*m).to_string_lossy().into_owned();
+        }
+        Ok(s.normalized())
+    }
+}
+
+/// Whether a `--model` value is meant as a path (`./m`, `/m`, `~/m`, `..`).
+pub fn looks_like_path(model: &str) -> bool {
+    model.starts_with('.') || model.starts_with('/') || model.starts_with('~')
+}
+
+fn positive_gib(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number of GiB")),
+    }
+}

@@ -1,0 +1,677 @@
+//! The training loop as a [`Trainer`]: micro-batches, gradient accumulation
+//! and clipping, AdamW with warmup + cosine, validation, metrics,
+//! checkpoints and resume, on one process or data-parallel over several.
+//!
+//! A step's gradient is the sum of its token losses' gradients divided by
+//! the step's token count, over all its micro-batches and all ranks: how
+//! the step's examples are split (batch size, accumulation, ranks) changes
+//! nothing but rounding. With N ranks, each global micro-batch is the next
+//! `batch_size x N` examples of the seeded epoch order, and rank r trains on
+//! its contiguous slice ([`shard_range`]); one all-reduce per step sums the
+//! flattened adapter gradients, the loss sums and the token counts
+//! ([`super::sync`]). Only rank 0 writes files.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, CheckpointError, CheckpointState};
+use super::collective::{Collective, CollectiveError, SingleProcess, shard_range};
+use super::data::{Batch, Cursor, DataError, Example, TrainData};
+use super::model::{self, ModelError};
+use super::optim::{AdamW, AdamWParams, clip_global_norm, lr_at};
+use super::plot::loss_svg;
+use super::spec::{RunSpec, World};
+use super::sync;
+use crate::memory::MIB;
+use crate::qlora::LlamaModel;
+use crate::qlora::loss::masked_causal_lm_nll_sum;
+use crate::storage::write_atomic;
+
+/// Errors of a run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The model could not be built.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The data could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A file could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The loss became NaN or infinite.
+    #[error(
+        "{what} is {value} at step {step}: training stopped; {}",
+        match .last_good { Some(p) => format!("the last good checkpoint is {}", p.display()), None => "no checkpoint was written yet".to_string() }
+    )]
+    NonFinite {
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// The step.
+        step: u64,
+        /// The value.
+        value: f64,
+        /// The newest checkpoint on disk.
+        last_good: Option<PathBuf>,
+    },
+    /// `--resume` found nothing usable.
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    /// A Candle error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The ranks of a data-parallel run could not work together.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+}
+
+/// One optimizer step, as `metrics.jsonl` records it (one JSON object a
+/// line) and the plot and progress display read it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    /// Optimizer step (1-based).
+    pub step: u64,
+    /// Training loss of the step: its summed token losses over all
+    /// micro-batches and ranks, divided by its token count.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens of the step (all ranks together).
+    pub tokens: u64,
+    /// Target tokens per second in this step (all ranks together).
+    pub tokens_per_s: f64,
+    /// Peak resident memory so far, MiB (Linux; 0 elsewhere).
+    pub peak_rss_mib: f64,
+    /// Milliseconds this rank spent in the step's gradient all-reduce (0 in
+    /// a single process).
+    pub allreduce_ms: f64,
+    /// Validation loss, when evaluated at this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    /// Steps logged by this process (a resumed run: only the new ones).
+    pub steps: Vec<StepLog>,
+    /// The step the run resumed from, if it did.
+    pub resumed_from: Option<u64>,
+    /// Bad data lines skipped.
+    pub bad_lines: usize,
+    /// Mean target tokens per second over the run.
+    pub tokens_per_s: f64,
+    /// Peak resident memory, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Hooks for progress display: called after each optimizer step and for
+/// notable events (kept out of the library's concern for terminals).
+pub trait Observer {
+    /// After step `log.step` of `max_steps`.
+    fn step(&mut self, log: &StepLog, max_steps: u64);
+    /// A message worth showing (checkpoint written, corrupt checkpoint
+    /// skipped, bad lines).
+    fn note(&mut self, message: &str);
+}
+
+/// An observer that logs through `tracing` only.
+#[derive(Debug, Default)]
+pub struct TracingObserver;
+
+impl Observer for TracingObserver {
+    fn step(&mut self, log: &StepLog, max_steps: u64) {
+        tracing::debug!(
+            step = log.step,
+            max_steps,
+            loss = log.loss,
+            lr = log.lr,
+            "step"
+        );
+    }
+    fn note(&mut self, message: &str) {
+        tracing::info!("{message}");
+    }
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`), 0 when unknown.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A run in progress: the model with its adapters, the optimizer, the
+/// position in the data, and the ranks it trains with. Every rank holds
+/// one and calls the same methods in the same order.
+pub struct Trainer<'c> {
+    spec: RunSpec,
+    world: World,
+    out: PathBuf,
+    model: LlamaModel,
+    optimizer: AdamW,
+    cursor: Cursor,
+    data: TrainData,
+    collective: &'c dyn Collective,
+    /// Optimizer steps taken.
+    step: u64,
+    tokens_seen: u64,
+    /// Every step logged so far, the resumed run's included (rank 0).
+    history: Vec<StepLog>,
+}
+
+impl<'c> Trainer<'c> {
+    /// Builds the model and reads the data of `spec`, writing into `out`, as
+    /// one rank of `collective` (the ranks check they train the same run on
+    /// the same data).
+    pub fn new(
+        spec: &RunSpec,
+        out: &Path,
+        collective: &'c dyn Collective,
+        obs: &mut dyn Observer,
+    ) -> Result<Self, TrainError> {
+        let world = World::of(collective);
+        let (model, tok) = model::build(spec)?;
+        obs.note(&format!(
+            "model ready: {:.0} MiB of frozen weights, peak RSS {:.0} MiB so far",
+            model.frozen_bytes() as f64 / MIB,
+            peak_rss_mib()
+        ));
+        let s = &spec.settings;
+        let data = TrainData::load(spec.data_dir.as_deref(), &tok, s.seq_len as usize, s.strict)?;
+        report_bad_lines(&data, world.is_lead(), obs);
+        if world.size > 1 {
+            sync::check_same_run(collective, spec, &data.fingerprint())?;
+        }
+        let optimizer = AdamW::new(
+            model.trainable_vars(),
+            AdamWParams {
+                beta1: spec.adam_betas.0,
+                beta2: spec.adam_betas.1,
+                eps: spec.adam_eps,
+                weight_decay: s.weight_decay,
+            },
+        )?;
+        Ok(Trainer {
+            cursor: Cursor::new(data.train.examples.len(), s.seed, 0, 0),
+            spec: spec.clone(),
+            world,
+            out: out.to_path_buf(),
+            model,
+            optimizer,
+            data,
+            collective,
+            step: 0,
+            tokens_seen: 0,
+            history: Vec::new(),
+        })
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+
+    fn metrics_path(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+
+    /// The steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// Continues from the newest good checkpoint in the output directory
+    /// (rank 0 reads it and sends it to the others; corrupt ones are
+    /// reported and skipped): adapters, optimizer, data position, and the
+    /// metrics of the steps it covers. Returns its step.
+    pub fn resume(&mut self, obs: &mut dyn Observer) -> Result<u64, TrainError> {
+        let dir = self.checkpoint_dir();
+        let (path, ck) = sync::checkpoint_to_resume(self.collective, &dir, obs)?;
+        let (theirs, mine) = (&ck.state.spec, &self.spec);
+        if theirs.model != mine.model || theirs.settings.lora_rank != mine.settings.lora_rank {
+            return Err(TrainError::Resume(format!(
+                "{} was written for model {} with rank {}, not {} with rank {}",
+                path.display(),
+                theirs.model,
+                theirs.settings.lora_rank,
+                mine.model,
+                mine.settings.lora_rank
+            )));
+        }
+        self.check_world(&path, &ck.state)?;
+        for (name, var) in self.optimizer.vars() {
+            let a = ck
+                .adapters
+                .get(name)
+                .ok_or_else(|| TrainError::Resume(format!("{} lacks {name}", path.display())))?;
+            var.set(a)?;
+        }
+        self.optimizer
+            .restore(ck.optimizer())
+            .map_err(|why| TrainError::Resume(format!("{}: {why}", path.display())))?;
+        let st = &ck.state;
+        self.step = st.step;
+        self.tokens_seen = st.tokens_seen;
+        self.cursor = Cursor::new(
+            self.data.train.examples.len(),
+            self.spec.settings.seed,
+            st.epoch,
+            st.cursor,
+        );
+        obs.note(&format!(
+            "resumed from {} (step {})",
+            path.display(),
+            st.step
+        ));
+        if self.world.is_lead() {
+            // Keep the metrics of the steps the checkpoint covers.
+            self.history = read_metrics(&self.metrics_path())
+                .into_iter()
+                .filter(|l| l.step <= st.step)
+                .collect();
+        }
+        Ok(st.step)
+    }
+
+    /// An error when this run can not continue the checkpoint at `path`:
+    /// another number of ranks is allowed only with the same global batch
+    /// (the data order and every step's examples are then the same).
+    fn check_world(&self, path: &Path, ck: &CheckpointState) -> Result<(), TrainError> {
+        let ck_world = World {
+            size: ck.world_size.max(1),
+            ..self.world
+        };
+        let ck_global = ck_world.global_batch(&ck.spec);
+        let global = self.world.global_batch(&self.spec);
+        if ck_world.size == self.world.size || ck_global == global {
+            return Ok(());
+        }
+        let (s, cs) = (&self.spec.settings, &ck.spec.settings);
+        Err(TrainError::Resume(format!(
+            "{} was written by {} rank(s) with a global batch of {ck_global} examples \
+             ({} per rank x {} rank(s) x {} accumulation steps), but this run has \
+             {} rank(s) and a global batch of {global} ({} x {} x {}): resume with {} rank(s), \
+             or choose --batch-size and --grad-accum-steps so that the global batch stays {ck_global}",
+            path.display(),
+            ck_world.size,
+            cs.batch_size,
+            ck_world.size,
+            cs.grad_accum_steps,
+            self.world.size,
+            s.batch_size,
+            self.world.size,
+            s.grad_accum_steps,
+            ck_world.size,
+        )))
+    }
+
+    /// One optimizer step: every micro-batch of this rank's shard, one
+    /// all-reduce, clipping, AdamW, and the validation loss when due.
+    pub fn step(&mut self) -> Result<StepLog, TrainError> {
+        let step = self.step + 1;
+        let s = self.spec.settings.clone();
+        let t0 = Instant::now();
+        let lr = lr_at(
+            step,
+            s.learning_rate,
+            s.warmup_steps,
+            s.max_steps,
+            self.spec.min_lr_ratio,
+        );
+        let (grads, loss_sum, tokens) = self.accumulate(step)?;
+        let t_reduce = Instant::now();
+        let (mut grads, loss_sum, tokens) = if self.world.size == 1 {
+            let n = tokens.max(1) as f64;
+            let grads = grads
+                .into_iter()
+                .map(|(k, g)| Ok((k, (g / n)?)))
+                .collect::<candle_core::Result<_>>()?;
+            (grads, loss_sum, tokens)
+        } else {
+            sync::all_reduce_step(
+                self.collective,
+                self.optimizer.vars(),
+                grads,
+                loss_sum,
+                tokens,
+            )?
+        };
+        let allreduce_ms = if self.world.size == 1 {
+            0.0
+        } else {
+            t_reduce.elapsed().as_secs_f64() * 1e3
+        };
+        let loss = loss_sum / tokens.max(1) as f64;
+        self.stop_unless_finite("loss", step, loss)?;
+        let grad_norm = clip_global_norm(&mut grads, s.grad_clip)?;
+        self.stop_unless_finite("gradient norm", step, grad_norm)?;
+        self.optimizer.step(&grads, lr)?;
+        drop(grads);
+        self.step = step;
+        self.tokens_seen = self.tokens_seen.saturating_add(tokens);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let val_loss = if step.is_multiple_of(s.eval_every) || step == s.max_steps {
+            self.evaluate()?
+        } else {
+            None
+        };
+        Ok(StepLog {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            peak_rss_mib: peak_rss_mib(),
+            allreduce_ms,
+            val_loss,
+        })
+    }
+
+    /// This rank's sums over the step's micro-batches: the gradients of its
+    /// summed token losses, the losses, the target tokens.
+    fn accumulate(&mut self, step: u64) -> Result<(HashMap<String, Tensor>, f64, u64), TrainError> {
+        let s = &self.spec.settings;
+        let (rank, world) = (self.world.rank, self.world.size);
+        let global_micro = s.batch_size as usize * world;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let (mut loss_sum, mut tokens) = (0f64, 0u64);
+        for micro in 0..s.grad_accum_steps {
+            let batch = self.cursor.next_batch(global_micro);
+            let shard = &batch[shard_range(batch.len(), rank, world)];
+            // `QLORA_SCALE_LOG=qlora_scale::shard=trace` lists every rank's
+            // examples (tests/train_mpi.rs checks an epoch with it).
+            tracing::trace!(target: "qlora_scale::shard", step, micro, rank, examples = ?shard);
+            let mine: Vec<&Example> = shard
+                .iter()
+                .map(|&i| &self.data.train.examples[i])
+                .collect();
+            let b = Batch::of(&mine, &Device::Cpu).map_err(DataError::from)?;
+            let seed = (s.lora_dropout > 0.0).then(|| {
+                s.seed
+                    ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    ^ micro.wrapping_mul(0xbf58_476d_1ce4_e5b9)
+                    ^ (rank as u64).wrapping_mul(0x94d0_49bb_1331_11eb)
+            });
+            let logits = self.model.forward(&b.ids, Some(&b.attention), seed)?;
+            let (nll, n) = masked_causal_lm_nll_sum(&logits, &b.ids, &b.targets)?;
+            loss_sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            tokens += n as u64;
+            let g = nll.backward()?;
+            for (name, var) in self.optimizer.vars() {
+                if let Some(gt) = g.get(var.as_tensor()) {
+                    let acc = match grads.remove(name) {
+                        Some(prev) => (prev + gt)?,
+                        None => gt.clone(),
+                    };
+                    grads.insert(name.clone(), acc);
+                }
+            }
+        }
+        Ok((grads, loss_sum, tokens))
+    }
+
+    fn stop_unless_finite(
+        &self,
+        what: &'static str,
+        step: u64,
+        value: f64,
+    ) -> Result<(), TrainError> {
+        if value.is_finite() {
+            return Ok(());
+        }
+        Err(TrainError::NonFinite {
+            what,
+            step,
+            value,
+            last_good: checkpoint::list(&self.checkpoint_dir())
+                .pop()
+                .map(|(_, p)| p),
+        })
+    }
+
+    /// Validation loss (token-weighted) over the first `eval_batches` global
+    /// batches of `valid.jsonl`, in file order, without dropout and without
+    /// a backward pass; each rank evaluates its shard of every batch.
+    /// `None` without a validation split.
+    pub fn evaluate(&self) -> Result<Option<f64>, TrainError> {
+        let Some(valid) = &self.data.valid else {
+            return Ok(None);
+        };
+        let (rank, world) = (self.world.rank, self.world.size);
+        let global = self.spec.settings.batch_size as usize * world;
+        let (mut sum, mut tokens) = (0f64, 0usize);
+        for chunk in valid
+            .examples
+            .chunks(global)
+            .take(self.spec.eval_batches as usize)
+        {
+            let refs: Vec<&Example> = chunk[shard_range(chunk.len(), rank, world)]
+                .iter()
+                .collect();
+            if refs.is_empty() {
+                continue;
+            }
+            let b = Batch::of(&refs, &Device::Cpu).map_err(DataError::from)?;
+            // The graph recorded by this forward is dropped with `logits`
+            // right away; no gradient is computed.
+            let logits = self
+                .model
+                .forward(&b.ids, Some(&b.attention), None)?
+                .detach();
+            let (nll, n) = masked_causal_lm_nll_sum(&logits, &b.ids, &b.targets)?;
+            sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            tokens += n;
+        }
+        if world > 1 {
+            let mut buf = [sum as f32, tokens as f32];
+            self.collective.all_reduce_sum(&mut buf)?;
+            (sum, tokens) = (f64::from(buf[0]), buf[1] as usize);
+        }
+        Ok(Some(if tokens == 0 {
+            f64::NAN
+        } else {
+            sum / tokens as f64
+        }))
+    }
+
+    /// Writes a checkpoint of the step just taken, prunes old ones, and
+    /// exports the adapter (rank 0; other ranks write nothing). Returns the
+    /// checkpoint's path.
+    pub fn save(&self) -> Result<Option<PathBuf>, TrainError> {
+        if !self.world.is_lead() {
+            return Ok(None);
+        }
+        let dir = self.checkpoint_dir();
+        let path = checkpoint::checkpoint_path(&dir, self.step);
+        let optimizer = self.optimizer.state();
+        let state = CheckpointState {
+            step: self.step,
+            optimizer_t: optimizer.t,
+            epoch: self.cursor.epoch(),
+            cursor: self.cursor.position(),
+            tokens_seen: self.tokens_seen,
+            spec: self.spec.clone(),
+            world_size: self.world.size,
+        };
+        let adapters: Vec<(String, Tensor)> = self
+            .optimizer
+            .vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        checkpoint::save(&path, &state, &adapters, &optimizer)?;
+        checkpoint::prune(&dir, self.spec.settings.keep_checkpoints as usize)?;
+        model::export_adapter(&self.model, &self.spec, &self.out)?;
+        Ok(Some(path))
+    }
+
+    /// Trains up to `max_steps`: each step is reported to `obs` and appended
+    /// to `metrics.jsonl`, a checkpoint is written every `checkpoint_every`
+    /// steps and at the end, then the adapter and `loss.svg`.
+    pub fn run(mut self, obs: &mut dyn Observer) -> Result<RunSummary, TrainError> {
+        let resumed_from = (self.step > 0).then_some(self.step);
+        let mut metrics = self.open_metrics()?;
+        let max_steps = self.spec.settings.max_steps;
+        let (run_start, mut run_tokens) = (Instant::now(), 0u64);
+        let mut logs = Vec::new();
+        while self.step < max_steps {
+            let log = self.step()?;
+            obs.step(&log, max_steps);
+            if let Some(file) = &mut metrics {
+                let line = serde_json::to_string(&log).unwrap_or_default();
+                writeln!(file, "{line}").map_err(write_err(&self.metrics_path()))?;
+                self.history.push(log.clone());
+            }
+            run_tokens += log.tokens;
+            logs.push(log);
+            let due = self
+                .step
+                .is_multiple_of(self.spec.settings.checkpoint_every);
+            if (due || self.step == max_steps)
+                && let Some(path) = self.save()?
+            {
+                obs.note(&format!(
+                    "step {}: checkpoint {}",
+                    self.step,
+                    path.display()
+                ));
+            }
+        }
+        if let Some(mut file) = metrics {
+            file.flush().map_err(write_err(&self.metrics_path()))?;
+            model::export_adapter(&self.model, &self.spec, &self.out)?;
+            self.write_plot()?;
+        }
+        let secs = run_start.elapsed().as_secs_f64();
+        Ok(RunSummary {
+            steps: logs,
+            resumed_from,
+            bad_lines: self.data.bad_lines().count(),
+            tokens_per_s: run_tokens as f64 / secs.max(1e-9),
+            peak_rss_mib: peak_rss_mib(),
+        })
+    }
+
+    /// Rank 0: creates the checkpoint directory, rewrites `metrics.jsonl`
+    /// with the history kept (atomically) and opens it to append.
+    fn open_metrics(&self) -> Result<Option<std::fs::File>, TrainError> {
+        if !self.world.is_lead() {
+            return Ok(None);
+        }
+        let dir = self.checkpoint_dir();
+        std::fs::create_dir_all(&dir).map_err(write_err(&dir))?;
+        let path = self.metrics_path();
+        let text: String = self
+            .history
+            .iter()
+            .map(|l| serde_json::to_string(l).unwrap_or_default() + "\n")
+            .collect();
+        write_atomic(&path, text.as_bytes()).map_err(write_err(&path))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(write_err(&path))?;
+        Ok(Some(file))
+    }
+
+    /// Writes `loss.svg` from the steps logged.
+    fn write_plot(&self) -> Result<(), TrainError> {
+        let train: Vec<(u64, f64)> = self.history.iter().map(|l| (l.step, l.loss)).collect();
+        let valid: Vec<(u64, f64)> = self
+            .history
+            .iter()
+            .filter_map(|l| Some((l.step, l.val_loss?)))
+            .collect();
+        let path = self.out.join("loss.svg");
+        write_atomic(&path, loss_svg(&train, &valid).as_bytes()).map_err(write_err(&path))
+    }
+}
+
+/// The steps of a `metrics.jsonl` file; lines that do not parse are left
+/// out, a missing file is no steps.
+pub fn read_metrics(path: &Path) -> Vec<StepLog> {
+    std::fs::read_to_string(path)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn report_bad_lines(data: &TrainData, lead: bool, obs: &mut dyn Observer) {
+    for b in data.bad_lines() {
+        if lead {
+            tracing::warn!("skipped bad line {b}");
+        } else {
+            tracing::debug!("skipped bad line {b}");
+        }
+    }
+    let bad = data.bad_lines().count();
+    if bad > 0 && lead {
+        obs.note(&format!(
+            "{bad} bad data line(s) skipped (first: {}); --strict makes them fatal",
+            data.bad_lines()
+                .next()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        ));
+    }
+}
+
+/// Trains `spec` into `out` in this process alone; with `resume`,
+/// continues from the newest good checkpoint in `out/checkpoints`.
+pub fn train(
+    spec: &RunSpec,
+    out: &Path,
+    resume: bool,
+    obs: &mut dyn Observer,
+) -> Result<RunSummary, TrainError> {
+    train_with(spec, out, resume, obs, &SingleProcess)
+}
+
+/// Trains `spec` into `out` as one rank of `collective` (every rank calls
+/// it with the same spec); with `resume`, continues from the newest good
+/// checkpoint. Only rank 0 writes files and reports through `obs` what a
+/// user should see.
+pub fn train_with(
+    spec: &RunSpec,
+    out: &Path,
+    resume: bool,
+    obs: &mut dyn Observer,
+    collective: &dyn Collective,
+) -> Result<RunSummary, TrainError> {
+    let mut trainer = Trainer::new(spec, out, collective, obs)?;
+    if resume {
+        trainer.resume(obs)?;
+    }
+    trainer.run(obs)
+}
