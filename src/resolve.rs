@@ -1,4 +1,4 @@
-//! Which hardware profile a run uses (spec/reference.md, section 7): a saved
+//! Which hardware profile a run uses (docs/reference.md, section 7): a saved
 //! profile, else the detected hardware, else nothing; `--generation`,
 //! `--chip` and `--memory` override it. Shared by `profile scale` and
 //! `train`.

@@ -3,14 +3,15 @@
 //! A profile made for big hardware wastes memory on a small model (and can be
 //! slower than needed); scaling lowers rank and layers to the model's size
 //! category and raises the batch size to use the memory that frees.
-//! The rule (spec/reference.md, section 3): only when the profile's tier is
+//! The rule (docs/reference.md, section 3): only when the profile's tier is
 //! above the tier of the model's category, rank and layers become the
 //! category's and the batch size becomes `floor(batch x multiplier)`, capped.
 //!
-//! One deliberate difference from the reference: rank and layers become the
-//! smaller of the profile's and the category's, so scaling down never raises
-//! them (the reference would raise a large-tier profile with rank 16 to the
-//! category's 32). Every case the seed names gives the reference's answer.
+//! One deliberate difference from the original project's rule: rank and
+//! layers become the smaller of the profile's and the category's, so scaling
+//! down never raises them (the original rule would raise a large-tier profile
+//! with rank 16 to the category's 32). Every case its tests name gives the
+//! original answer.
 
 use serde_json::{Map, Value};
 

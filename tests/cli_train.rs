@@ -1,7 +1,7 @@
 //! Real runs of the `train` binary through `--dry-run --json`: the seed's
 //! integration tests (one module per class of
-//! `tests/integration/test_train_qlora_scaling.py`), the resolution order of
-//! spec/reference.md section 7, `--config`, and the `--help` snapshot.
+//! `tests/integration/test_train_qlora_scaling.py`), the resolution order
+//! (docs/reference.md, section 7), `--config`, and the `--help` snapshot.
 //!
 //! Every run names its profile file with `--profile-path` inside a fresh
 //! temporary directory, so the real per-user config is never read.

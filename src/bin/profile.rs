@@ -1,9 +1,9 @@
 //! `profile`: detect model sizes, inspect the hardware, create the saved
 //! hardware profile, recommend models and print the profile scaled for a model.
 //!
-//! The black-box interface (subcommands, output formats) is specified in
-//! `spec/architecture.md`; `tests/cli_profile.rs` runs it and snapshots every
-//! `--help`.
+//! The subcommands and their output formats are the interface that scripts
+//! rely on (README.md, "The `profile` command"); `tests/cli_profile.rs` runs
+//! them and snapshots every `--help`.
 //!
 //! The subcommands live in `src/bin/profile/` (a crate root looks for its
 //! modules beside it, hence the `#[path]`s).
