@@ -444,6 +444,31 @@ mod resolution {
     }
 
     #[test]
+    fn lora_targets_flag_and_config_key() {
+        let sb = Sandbox::new();
+        let v = sb.dry(&[]);
+        assert_eq!(
+            v["lora_targets"],
+            serde_json::json!(["q", "k", "v", "o", "gate", "up", "down"])
+        );
+        assert_eq!(v["value_sources"]["lora_targets"], "default");
+        let v = sb.dry(&["--lora-targets", "v,Q,q_proj"]);
+        assert_eq!(v["lora_targets"], serde_json::json!(["q", "v"]));
+        assert_eq!(v["value_sources"]["lora_targets"], "cli_or_config");
+        let file = sb.dir.path().join("run.toml");
+        std::fs::write(&file, "lora-targets = [\"down\", \"up\"]\n").unwrap();
+        let v = sb.dry(&["--config", file.to_str().unwrap()]);
+        assert_eq!(v["lora_targets"], serde_json::json!(["up", "down"]));
+        let out = sb.run(&["--dry-run", "--lora-targets", "q,x"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("\"x\" is not a linear layer"),
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    #[test]
     fn config_file_unknown_key_names_file_and_key() {
         let sb = Sandbox::new();
         let file = sb.dir.path().join("run.toml");

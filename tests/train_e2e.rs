@@ -425,3 +425,41 @@ fn local_model_dir_trains_and_bad_dirs_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn lora_targets_reach_the_adapter_and_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(train(
+        dir.path(),
+        &[
+            "--max-steps",
+            "2",
+            "--lora-targets",
+            "v,q",
+            "--output-dir",
+            "run",
+        ],
+    ));
+    let run = dir.path().join("run");
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(run.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    let bytes = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .len();
+    let ck = checkpoint::load(&checkpoint::checkpoint_path(&run.join("checkpoints"), 2)).unwrap();
+    assert_eq!(ck.state.spec.settings.lora_targets.0.len(), 2);
+    // Two adapters (A and B) for each of q and v in every adapted block.
+    assert_eq!(names, ck.adapters.len());
+    assert!(
+        ck.adapters
+            .keys()
+            .all(|k| k.contains("q_proj") || k.contains("v_proj"))
+    );
+    assert_eq!(names % 4, 0);
+}

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::spec::{RunSpec, Weights};
 use super::tokenizer::{Tokenizer, TokenizerError};
-use crate::qlora::lora::{LoraConfig, LoraTarget};
+use crate::qlora::lora::LoraConfig;
 use crate::qlora::{
     FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, RandomWeights, SafetensorsDir,
     read_config,
@@ -90,7 +90,7 @@ pub fn lora_config(spec: &RunSpec, num_layers: usize) -> LoraConfig {
         rank: spec.settings.lora_rank as usize,
         alpha: spec.settings.lora_alpha,
         dropout: spec.settings.lora_dropout as f32,
-        targets: LoraTarget::ALL.to_vec(),
+        targets: spec.settings.lora_targets.0.clone(),
         last_layers: Some((spec.settings.lora_layers as usize).min(num_layers)),
         use_rslora: false,
         seed: spec.settings.seed,

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::qlora::lora::LoraTarget;
 use crate::tables::{ChipVariant, Generation, LORA_ALPHA_PER_RANK, Profile, embedded, trainer};
 
 /// Where a resolved value came from (`value_sources` in `--dry-run`).
@@ -192,6 +193,10 @@ settings! {
     /// Dropout on the LoRA path in training
     #[arg(long, value_name = "X")]
     lora_dropout: f64 => default(trainer::LORA_DROPOUT, trainer::LORA_DROPOUT),
+    /// Linear layers of each adapted block that get adapters, comma-separated:
+    /// q, k, v, o, gate, up, down [default: all]
+    #[arg(long, value_name = "LIST")]
+    lora_targets: LoraTargets => default(LoraTargets::all(), LoraTargets::all()),
     /// Recompute activations in backward to save memory [default: the profile's]
     #[arg(long, num_args = 0, default_missing_value = "true", overrides_with = "no_grad_checkpoint")]
     grad_checkpoint: bool => profile(|p: &Profile| p.grad_checkpoint),
@@ -323,6 +328,68 @@ impl Settings {
             *m = base.join(&*m).to_string_lossy().into_owned();
         }
         Ok(s.normalized())
+    }
+}
+
+/// The linear layers of each adapted block that get adapters
+/// (`--lora-targets q,v`; in a `--config` file a list or the same string).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoraTargets(pub Vec<LoraTarget>);
+
+impl LoraTargets {
+    /// All seven linear layers of a block.
+    pub fn all() -> LoraTargets {
+        LoraTargets(LoraTarget::ALL.to_vec())
+    }
+}
+
+impl std::str::FromStr for LoraTargets {
+    type Err = String;
+
+    /// A comma-separated list of `q`, `k`, `v`, `o`, `gate`, `up`, `down`
+    /// (or PEFT's `q_proj`, ...), or `all`; in block order, each once.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("all") {
+            return Ok(LoraTargets::all());
+        }
+        let mut targets = Vec::new();
+        for name in s.split(',').map(str::trim) {
+            let t = LoraTarget::from_module_name(&name.to_ascii_lowercase()).ok_or_else(|| {
+                format!("{name:?} is not a linear layer of a block: use q, k, v, o, gate, up, down or all")
+            })?;
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+        targets.sort();
+        Ok(LoraTargets(targets))
+    }
+}
+
+impl Serialize for LoraTargets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let names: Vec<&str> = self
+            .0
+            .iter()
+            .map(|t| t.module_name().trim_end_matches("_proj"))
+            .collect();
+        names.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            List(Vec<String>),
+            Text(String),
+        }
+        let text = match Given::deserialize(d)? {
+            Given::List(names) => names.join(","),
+            Given::Text(text) => text,
+        };
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
