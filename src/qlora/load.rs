@@ -24,7 +24,7 @@ use super::llama::LlamaConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -32,7 +32,7 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// A JSON file is malformed.
-    #[error("{path}: {source}")]
+    #[error("cannot parse {path}")]
     Json {
         /// The file.
         path: PathBuf,
@@ -48,7 +48,7 @@ pub enum LoadError {
     #[error("{0}: no model.safetensors, model.safetensors.index.json or *.safetensors found")]
     NoWeights(PathBuf),
     /// A safetensors file is invalid.
-    #[error("{path}: {source}")]
+    #[error("{path}: invalid safetensors")]
     Safetensors {
         /// The file or files.
         path: PathBuf,
@@ -74,12 +74,39 @@ pub enum LoadError {
         found: Vec<usize>,
     },
     /// A frozen weight could not be stored.
-    #[error("tensor {name}: {source}")]
+    #[error("tensor {name}")]
     Frozen {
         /// The tensor.
         name: String,
         /// The error.
         source: FrozenError,
+    },
+    /// The shard index is malformed or names a file outside the model
+    /// directory (the same rule as size detection's).
+    #[error(transparent)]
+    Index(#[from] crate::files::FilesError),
+    /// A weights file resolves (through symlinks) outside the model
+    /// directory.
+    #[error(
+        "{path} resolves to {target}, outside the model directory {dir}: refused (a model's files must stay inside its directory)"
+    )]
+    OutsideDir {
+        /// The file as named.
+        path: PathBuf,
+        /// Where it leads.
+        target: PathBuf,
+        /// The model directory.
+        dir: PathBuf,
+    },
+    /// A `config.json` value the model cannot be built with.
+    #[error("{path}: {key} {problem}")]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
     },
     /// The config asks for a RoPE scaling this crate does not implement.
     #[error("unsupported rope_scaling type {0:?} (supported: default, linear, llama3)")]
@@ -135,9 +162,53 @@ impl std::fmt::Debug for SafetensorsDir {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct Index {
-    weight_map: HashMap<String, String>,
+/// Where a model directory's weights may resolve to, through symlinks: the
+/// directory itself, and for a Hugging Face hub cache snapshot
+/// (`models--org--name/snapshots/REV`), that repository's `blobs/`, where
+/// the snapshot's symlinks point.
+struct AllowedRoots {
+    dir: PathBuf,
+    roots: Vec<PathBuf>,
+}
+
+impl AllowedRoots {
+    fn of(dir: &Path) -> Result<Self, LoadError> {
+        let real = dir.canonicalize().map_err(|source| LoadError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut roots = vec![real.clone()];
+        if let Some(snapshots) = real.parent()
+            && snapshots.file_name().is_some_and(|n| n == "snapshots")
+            && let Some(repo) = snapshots.parent()
+            && repo
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("models--"))
+        {
+            roots.push(repo.join("blobs"));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            roots,
+        })
+    }
+
+    /// An error unless `file` resolves inside one of the roots.
+    fn check(&self, file: &Path) -> Result<(), LoadError> {
+        let target = file.canonicalize().map_err(|source| LoadError::Io {
+            path: file.to_path_buf(),
+            source,
+        })?;
+        if self.roots.iter().any(|r| target.starts_with(r)) {
+            return Ok(());
+        }
+        Err(LoadError::OutsideDir {
+            path: file.to_path_buf(),
+            target,
+            dir: self.dir.clone(),
+        })
+    }
 }
 
 fn is_pickle(p: &Path) -> bool {
@@ -158,12 +229,10 @@ impl SafetensorsDir {
         };
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(io(&index))?;
-            let idx: Index = serde_json::from_str(&text).map_err(|source| LoadError::Json {
-                path: index.clone(),
-                source,
-            })?;
-            let shards: BTreeSet<&String> = idx.weight_map.values().collect();
+            // One rule with size detection: shard names are plain file
+            // names in the index's own directory.
+            let idx = crate::files::read_safetensors_index(&index)?;
+            let shards: BTreeSet<&String> = idx.shards.iter().collect();
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else if dir.join("model.safetensors").is_file() {
             vec![dir.join("model.safetensors")]
@@ -201,6 +270,10 @@ impl SafetensorsDir {
                     ),
                 });
             }
+        }
+        let inside = AllowedRoots::of(dir)?;
+        for f in &files {
+            inside.check(f)?;
         }
         let mut shards = Vec::with_capacity(files.len());
         let mut routing = HashMap::new();
@@ -241,6 +314,22 @@ impl SafetensorsDir {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Decoder blocks the files hold weights for: one more than the highest
+    /// `N` of a `model.layers.N.` tensor name (0 when there is none).
+    pub fn block_count(&self) -> usize {
+        self.routing
+            .keys()
+            .filter_map(|name| {
+                name.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |n| n.saturating_add(1))
     }
 }
 
@@ -295,12 +384,125 @@ impl WeightSource for SafetensorsDir {
     }
 }
 
-/// Reads `dir/config.json`.
+/// Reads and validates `dir/config.json` ([`validate_config`]).
 pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
         path: path.clone(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Json { path, source })
+    let config = serde_json::from_str(&text).map_err(|source| LoadError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    validate_config(&config, &path)?;
+    Ok(config)
+}
+
+/// Checks that a model can be built from `c` (read from `path`, which
+/// errors name): every count at least 1, heads that divide the width and
+/// the key/value heads, an even head width (RoPE rotates pairs), and every
+/// product of the shapes (a projection's width, the parameter total)
+/// representable, so that nothing downstream divides by zero, wraps or
+/// asks for an impossible allocation.
+pub fn validate_config(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
+    let bad = |key: &'static str, problem: String| LoadError::BadConfig {
+        path: path.to_path_buf(),
+        key,
+        problem,
+    };
+    for (key, v) in [
+        ("hidden_size", c.hidden_size),
+        ("intermediate_size", c.intermediate_size),
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("num_attention_heads", c.num_attention_heads),
+        ("vocab_size", c.vocab_size),
+        ("max_position_embeddings", c.max_position_embeddings),
+    ] {
+        if v == 0 {
+            return Err(bad(key, "is 0: must be at least 1".into()));
+        }
+    }
+    let heads = c.num_attention_heads;
+    let kv = c.kv_heads();
+    if kv == 0 || !heads.is_multiple_of(kv) {
+        return Err(bad(
+            "num_key_value_heads",
+            format!("is {kv}: must be at least 1 and divide num_attention_heads ({heads})"),
+        ));
+    }
+    if c.head_dim.is_none() && !c.hidden_size.is_multiple_of(heads) {
+        return Err(bad(
+            "num_attention_heads",
+            format!(
+                "is {heads}, which does not divide hidden_size ({}) and no head_dim is given",
+                c.hidden_size
+            ),
+        ));
+    }
+    let head = c.head_width();
+    if head == 0 || !head.is_multiple_of(2) {
+        return Err(bad(
+            "head_dim",
+            format!("is {head}: must be even and at least 2 (RoPE rotates pairs)"),
+        ));
+    }
+    if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
+        return Err(bad(
+            "rms_norm_eps",
+            format!("is {}: must be positive", c.rms_norm_eps),
+        ));
+    }
+    if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+        return Err(bad(
+            "rope_theta",
+            format!("is {}: must be positive", c.rope_theta),
+        ));
+    }
+    parameter_count(c).map_err(|key| {
+        bad(
+            key,
+            "is too large: with the other widths the parameter count overflows".into(),
+        )
+    })?;
+    Ok(())
+}
+
+/// The parameter count of the linear layers, norms and embeddings of `c`;
+/// when it overflows, the key whose product overflowed.
+fn parameter_count(c: &LlamaConfig) -> Result<u64, &'static str> {
+    let n = |x: usize| u64::try_from(x).unwrap_or(u64::MAX);
+    let (h, i, v) = (n(c.hidden_size), n(c.intermediate_size), n(c.vocab_size));
+    let head = n(c.head_width());
+    let head_key = if c.head_dim.is_some() {
+        "head_dim"
+    } else {
+        "num_attention_heads"
+    };
+    let q = n(c.num_attention_heads).checked_mul(head).ok_or(head_key)?;
+    let kv = n(c.kv_heads())
+        .checked_mul(head)
+        .ok_or("num_key_value_heads")?;
+    let attention = q
+        .checked_mul(2)
+        .and_then(|x| x.checked_add(kv.checked_mul(2)?))
+        .and_then(|x| x.checked_mul(h))
+        .and_then(|x| x.checked_add(q)?.checked_add(kv.checked_mul(2)?))
+        .ok_or(head_key)?;
+    let mlp = h
+        .checked_mul(i)
+        .and_then(|x| x.checked_mul(3))
+        .ok_or("intermediate_size")?;
+    let block = attention
+        .checked_add(mlp)
+        .and_then(|x| x.checked_add(h.checked_mul(2)?))
+        .ok_or("hidden_size")?;
+    let embeddings = v
+        .checked_mul(h)
+        .and_then(|x| x.checked_mul(2))
+        .ok_or("vocab_size")?;
+    n(c.num_hidden_layers)
+        .checked_mul(block)
+        .and_then(|x| x.checked_add(embeddings)?.checked_add(h))
+        .ok_or("num_hidden_layers")
 }

@@ -128,6 +128,18 @@ pub fn build_with(
                 });
             }
             let w = SafetensorsDir::open(dir, &dev)?;
+            if c.num_hidden_layers > w.block_count() {
+                return Err(LoadError::BadConfig {
+                    path: dir.join("config.json"),
+                    key: "num_hidden_layers",
+                    problem: format!(
+                        "is {}, but the weights hold {} blocks",
+                        c.num_hidden_layers,
+                        w.block_count()
+                    ),
+                }
+                .into());
+            }
             let tok = Tokenizer::from_dir(dir)?;
             if tok.vocab_size() > c.vocab_size {
                 return Err(ModelError::Inconsistent {

@@ -35,3 +35,35 @@ pub fn train_without_profile(dir: &Path) -> Command {
     cmd.arg("--profile-path").arg(dir.join("no-profile.json"));
     cmd
 }
+
+/// A tiny local Hugging Face directory: config.json, model.safetensors and
+/// a word-level tokenizer.json.
+pub fn write_local_model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = qlora_scale::qlora::LlamaConfig::tiny(2, 64, 128, 64);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let w = cfg
+        .random_weights(3, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let words = [
+        "<unk>", "<s>", "</s>", "the", "river", "runs", "past", "mill", "wheel", "turns", ".",
+    ];
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), serde_json::Value::from(i)))
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": {"content": "</s>"}}"#,
+    )
+    .unwrap();
+}

@@ -1,0 +1,157 @@
+//! `train` on model directories a stranger made: an index or a symlink that
+//! points outside the directory, and `config.json` values no model can be
+//! built with. Each run ends within seconds with exit status 1 (never a
+//! panic's 101 or a signal) and a message naming the file and what is wrong.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use serde_json::{Value, json};
+
+mod train_common;
+
+/// `train --model MODEL` for two steps in `dir` (a dry run with `dry`).
+fn run(dir: &Path, model: &Path, dry: bool) -> Output {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("train.jsonl"),
+        "{\"text\": \"the river runs .\"}\n",
+    )
+    .unwrap();
+    let mut cmd = Command::from_std(train_common::train_without_profile(dir));
+    cmd.arg("--model")
+        .arg(model)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--max-steps", "2", "--output-dir", "out"])
+        .timeout(Duration::from_secs(60));
+    if dry {
+        cmd.arg("--dry-run");
+    }
+    cmd.output().expect("train runs")
+}
+
+/// The run failed cleanly, in time, naming every one of `needles`.
+fn refused(out: &Output, started: Instant, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit status (101 is a panic): {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "took too long");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn model_dir(root: &Path) -> std::path::PathBuf {
+    let m = root.join("model");
+    train_common::write_local_model(&m);
+    m
+}
+
+#[test]
+fn an_index_naming_a_shard_outside_the_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_dir(dir.path());
+    // A valid safetensors file outside the model directory.
+    let outside = dir.path().join("elsewhere.safetensors");
+    std::fs::rename(m.join("model.safetensors"), &outside).unwrap();
+    for shard in [
+        outside.to_str().unwrap().to_string(),
+        "../elsewhere.safetensors".to_string(),
+        "/etc/passwd".to_string(),
+    ] {
+        let index = json!({"weight_map": {"model.embed_tokens.weight": shard}});
+        std::fs::write(m.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let t = Instant::now();
+        let out = run(dir.path(), &m, false);
+        refused(
+            &out,
+            t,
+            &[
+                "model.safetensors.index.json",
+                "outside the index's directory",
+            ],
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_weights_symlink_leading_outside_the_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_dir(dir.path());
+    let outside = dir.path().join("elsewhere.safetensors");
+    std::fs::rename(m.join("model.safetensors"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, m.join("model.safetensors")).unwrap();
+    let t = Instant::now();
+    let out = run(dir.path(), &m, false);
+    refused(
+        &out,
+        t,
+        &["model.safetensors", "outside the model directory"],
+    );
+
+    // A Hugging Face cache snapshot's symlinks into its own blobs/ load.
+    let repo = dir.path().join("hub/models--org--tiny");
+    let snap = repo.join("snapshots/abc123");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(m.join(f), snap.join(f)).unwrap();
+    }
+    std::fs::rename(&outside, repo.join("blobs/0123abcd")).unwrap();
+    std::os::unix::fs::symlink("../../blobs/0123abcd", snap.join("model.safetensors")).unwrap();
+    let out = run(dir.path(), &snap, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn config_values_no_model_can_be_built_with_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_dir(dir.path());
+    let good: Value =
+        serde_json::from_slice(&std::fs::read(m.join("config.json")).unwrap()).unwrap();
+    let cases: [(&str, Value, &str); 7] = [
+        ("num_key_value_heads", json!(0), "must be at least 1"),
+        (
+            "num_key_value_heads",
+            json!(3),
+            "divide num_attention_heads",
+        ),
+        ("num_attention_heads", json!(0), "must be at least 1"),
+        ("head_dim", json!(1u64 << 62), "overflows"),
+        (
+            "num_hidden_layers",
+            json!(1u64 << 40),
+            "the weights hold 2 blocks",
+        ),
+        ("num_hidden_layers", json!(0), "must be at least 1"),
+        ("vocab_size", json!(0), "must be at least 1"),
+    ];
+    for (key, value, why) in cases {
+        let mut cfg = good.clone();
+        cfg[key] = value.clone();
+        std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+        // A real run, and a dry run (whose memory estimate reads the same
+        // config), both refuse it.
+        for dry in [false, true] {
+            if dry && key == "num_hidden_layers" && value != json!(0) {
+                continue; // the block count is known only from the weights
+            }
+            let t = Instant::now();
+            let out = run(dir.path(), &m, dry);
+            refused(&out, t, &["config.json", key, why]);
+        }
+    }
+}
