@@ -47,11 +47,14 @@ pub use crate::tables::DISAGREEMENT_FRACTION;
 /// File extensions of pickled checkpoints, which are never opened.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"];
 
-/// Why a model file gave no count. Every variant names the file.
+/// Why a model file gave no count. Every variant names the file; where
+/// there is a cause (an I/O error, a parser's or a format's complaint) it is
+/// the `source()`, not part of the message, so print the whole chain
+/// ([`crate::report::chain_message`]).
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
     /// The file or directory could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -67,15 +70,15 @@ pub enum FilesError {
         len: u64,
     },
     /// A JSON file does not parse.
-    #[error("{}: not valid JSON: {message}", path.display())]
+    #[error("{}: not valid JSON", path.display())]
     Json {
         /// The file.
         path: PathBuf,
-        /// The parser's message.
-        message: String,
+        /// The parser's error (it gives the line and column).
+        source: serde_json::Error,
     },
     /// `config.json` gave no count.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Config {
         /// The file.
         path: PathBuf,
@@ -83,7 +86,7 @@ pub enum FilesError {
         source: ConfigError,
     },
     /// A safetensors header (or index) gave no count.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Safetensors {
         /// The file.
         path: PathBuf,
@@ -101,7 +104,7 @@ pub enum FilesError {
         problem: &'static str,
     },
     /// A GGUF header could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Gguf {
         /// The file.
         path: PathBuf,
@@ -155,9 +158,9 @@ fn read_json(path: &Path) -> Result<Value, FilesError> {
     file.take(MAX_JSON_LEN + 1)
         .read_to_end(&mut text)
         .map_err(io_error(path))?;
-    serde_json::from_slice(&text).map_err(|e| FilesError::Json {
+    serde_json::from_slice(&text).map_err(|source| FilesError::Json {
         path: path.to_owned(),
-        message: e.to_string(),
+        source,
     })
 }
 
@@ -376,13 +379,13 @@ pub struct FileSize {
     /// Pickled checkpoints found and not opened.
     pub not_read: Vec<PathBuf>,
     /// Files that were read but gave no count, and why (a directory's other
-    /// sources still count).
+    /// sources still count). Serialised as each error's whole chain.
     #[serde(serialize_with = "serialize_errors")]
     pub problems: Vec<FilesError>,
 }
 
 fn serialize_errors<S: serde::Serializer>(errors: &[FilesError], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(errors.iter().map(ToString::to_string))
+    s.collect_seq(errors.iter().map(|e| crate::report::chain_message(e)))
 }
 
 fn extension(path: &Path) -> String {

@@ -431,7 +431,7 @@ pub fn detect_machine() -> Machine {
     } else {
         match nvidia::query_nvidia_smi() {
             Ok(gpus) => (gpus, None),
-            Err(e) => (Vec::new(), Some(e.to_string())),
+            Err(e) => (Vec::new(), Some(crate::report::chain_message(&e))),
         }
     };
     let linux_cpu = if cfg!(target_os = "linux") {

@@ -9,34 +9,33 @@ use crate::hardware::HardwareProfile;
 /// Environment variable that overrides where the profile is kept.
 pub const PROFILE_PATH_ENV: &str = "QLORA_SCALE_PROFILE";
 
-/// Errors reading or writing the saved profile. Each names the file.
+/// Errors reading or writing the saved profile. Each names the file; the
+/// cause, if any, is the `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The file exists but cannot be read.
-    #[error("cannot read saved profile {path}: {cause}")]
+    #[error("cannot read saved profile {path}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why (in the message, so not also a `source()`).
-        cause: std::io::Error,
+        /// Why.
+        source: std::io::Error,
     },
     /// The file is not a valid profile; it is left untouched.
-    #[error(
-        "saved profile {path} is not a valid profile (left untouched; fix or delete it): {cause}"
-    )]
+    #[error("saved profile {path} is not a valid profile (left untouched; fix or delete it)")]
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// Why (in the message, so not also a `source()`).
-        cause: serde_json::Error,
+        /// Why: the parser's error, with its line and column.
+        source: serde_json::Error,
     },
     /// Writing failed; any previous file is intact.
-    #[error("cannot write saved profile {path}: {cause}")]
+    #[error("cannot write saved profile {path}")]
     Write {
         /// The file.
         path: PathBuf,
-        /// Why (in the message, so not also a `source()`).
-        cause: std::io::Error,
+        /// Why.
+        source: std::io::Error,
     },
     /// No place to keep the profile could be found.
     #[error("no config directory found: set {PROFILE_PATH_ENV} or pass --profile-path")]
@@ -60,18 +59,18 @@ pub fn load_profile(path: &Path) -> Result<Option<HardwareProfile>, StoreError> 
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(cause) => {
+        Err(source) => {
             return Err(StoreError::Read {
                 path: path.to_path_buf(),
-                cause,
+                source,
             });
         }
     };
     serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|cause| StoreError::Corrupt {
+        .map_err(|source| StoreError::Corrupt {
             path: path.to_path_buf(),
-            cause,
+            source,
         })
 }
 
@@ -108,8 +107,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn save_profile(path: &Path, profile: &HardwareProfile) -> Result<(), StoreError> {
     let mut json = serde_json::to_vec_pretty(profile).expect("a profile always serialises");
     json.push(b'\n');
-    write_atomic(path, &json).map_err(|cause| StoreError::Write {
+    write_atomic(path, &json).map_err(|source| StoreError::Write {
         path: path.to_path_buf(),
-        cause,
+        source,
     })
 }

@@ -142,7 +142,7 @@ fn unknown_model_type_names_the_file_and_the_type() {
     assert!(
         matches!(&err, FilesError::Config { source: ConfigError::UnsupportedModelType { model_type }, .. } if model_type == "mamba")
     );
-    let message = err.to_string();
+    let message = qlora_scale::report::chain_message(&err);
     assert!(message.contains("unknown-mamba.json"), "{message}");
     assert!(message.contains("\"mamba\""), "{message}");
 }

@@ -127,7 +127,7 @@ fn a_broken_config_leaves_the_other_sources() {
     assert_eq!(found.chosen, Some(CountSource::Safetensors));
     assert_eq!(found.size.params, 1_000_000);
     assert_eq!(found.problems.len(), 1);
-    let problem = found.problems[0].to_string();
+    let problem = qlora_scale::report::chain_message(&found.problems[0]);
     assert!(
         problem.contains("config.json") && problem.contains("\"mamba\""),
         "{problem}"

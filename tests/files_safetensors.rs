@@ -325,7 +325,7 @@ fn file_errors_name_the_file() {
     let path = dir.path().join("broken.safetensors");
     std::fs::write(&path, b"\x10\0\0\0\0\0\0\0{").unwrap();
     let err = count_safetensors_file(&path, &QuantHints::default()).unwrap_err();
-    let message = err.to_string();
+    let message = qlora_scale::report::chain_message(&err);
     assert!(
         message.contains("broken.safetensors") && message.contains("truncated"),
         "{message}"

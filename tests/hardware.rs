@@ -283,7 +283,7 @@ fn corrupt_profile_is_an_error_and_left_untouched() {
     assert_eq!(std::fs::read(&path).unwrap(), garbage);
 
     std::fs::write(&path, br#"{"generation":"m7","variant":"max","memory_gb":1,"gpu_cores":1,"training_budget_gb":0,"batch_size":1,"lora_rank":8,"lora_num_layers":4,"grad_checkpoint":true,"model_tier":"entry"}"#).unwrap();
-    let msg = load_profile(&path).unwrap_err().to_string();
+    let msg = qlora_scale::report::chain_message(&load_profile(&path).unwrap_err());
     assert!(
         msg.contains("unknown generation \"m7\" (known: m1, m2, m3, m4)"),
         "{msg}"

@@ -101,12 +101,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn causes_already_quoted_are_not_repeated() {
+    fn every_cause_is_printed_in_order() {
         let inner = io::Error::other("disk on fire");
-        let outer = anyhow::Error::new(inner).context("cannot save: disk on fire");
+        let outer = anyhow::Error::new(inner).context("cannot save");
         assert_eq!(error_message(&outer), "cannot save: disk on fire");
         let outer = anyhow::anyhow!("root cause").context("while saving");
         assert_eq!(error_message(&outer), "while saving: root cause");
+        // Nothing is stripped: a message that quotes its cause says it twice,
+        // which is that message's bug, not the printer's.
+        let inner = io::Error::other("disk on fire");
+        let outer = anyhow::Error::new(inner).context("cannot save: disk on fire");
+        assert_eq!(
+            error_message(&outer),
+            "cannot save: disk on fire: disk on fire"
+        );
     }
 
     #[test]

@@ -38,11 +38,12 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
 
 /// Why a `config.json` gave no parameter count. Wrapped with the file's path
 /// in [`FilesError::Config`](crate::files::FilesError::Config).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file is not valid JSON.
-    #[error("not valid JSON: {0}")]
-    Json(String),
+    /// The text is not valid JSON; the parser's error (with its line and
+    /// column) is the source.
+    #[error("not valid JSON")]
+    Json(#[source] serde_json::Error),
     /// The top level is not a JSON object.
     #[error("the top level is not a JSON object")]
     NotAnObject,
@@ -158,7 +159,7 @@ pub fn config_param_count(config: &Value) -> Result<ConfigCount, ConfigError> {
 /// assert!(matches!(err, ConfigError::UnsupportedModelType { .. }));
 /// ```
 pub fn config_param_count_str(text: &str) -> Result<ConfigCount, ConfigError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+    let value: Value = serde_json::from_str(text).map_err(ConfigError::Json)?;
     config_param_count(&value)
 }
 

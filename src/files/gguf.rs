@@ -93,7 +93,7 @@ pub enum GgufError {
         name: String,
     },
     /// A read failed for a reason other than the end of the file.
-    #[error("read failed: {0}")]
+    #[error("read failed")]
     Io(#[from] io::Error),
 }
 

@@ -38,9 +38,9 @@ pub enum SafetensorsError {
         /// The declared length.
         len: u64,
     },
-    /// The header is not a JSON object.
-    #[error("the header is not valid JSON: {0}")]
-    Json(String),
+    /// The header is not a JSON object; the parser's error is the source.
+    #[error("the header is not valid JSON")]
+    Json(#[source] serde_json::Error),
     /// A tensor entry is malformed.
     #[error("tensor {name:?}: {problem}")]
     InvalidTensor {
@@ -56,7 +56,7 @@ pub enum SafetensorsError {
         name: String,
     },
     /// A read failed.
-    #[error("read failed: {0}")]
+    #[error("read failed")]
     Io(#[from] io::Error),
 }
 
@@ -231,8 +231,7 @@ fn read_exact<R: Read>(
 /// Parses header JSON; `data_len` is the length of the data section, which
 /// every tensor's `data_offsets` must lie within.
 fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<TensorEntry>, SafetensorsError> {
-    let map: Map<String, Value> =
-        serde_json::from_slice(header).map_err(|e| SafetensorsError::Json(e.to_string()))?;
+    let map: Map<String, Value> = serde_json::from_slice(header).map_err(SafetensorsError::Json)?;
     let mut tensors = Vec::with_capacity(map.len());
     for (name, entry) in map {
         if name == "__metadata__" {

@@ -157,8 +157,8 @@ pub enum GpuProbeError {
     #[error("nvidia-smi not found")]
     NotInstalled,
     /// It could not be run.
-    #[error("cannot run nvidia-smi: {0}")]
-    Run(std::io::Error),
+    #[error("cannot run nvidia-smi")]
+    Run(#[source] std::io::Error),
     /// It took longer than [`NVIDIA_SMI_TIMEOUT`] and was stopped.
     #[error("nvidia-smi did not answer within {0:?}")]
     TimedOut(Duration),

@@ -5,6 +5,7 @@ use std::io::{self, BufRead, IsTerminal, Write};
 use anyhow::Context as _;
 use qlora_scale::ModelSize;
 use qlora_scale::files::detect_model_size_local;
+use qlora_scale::report::chain_message;
 use serde_json::json;
 
 use crate::args::DetectModelArgs;
@@ -63,7 +64,7 @@ fn local_or_name(name: &[u8]) -> ModelSize {
         let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name));
         let (size, problems) = detect_model_size_local(path);
         for e in problems {
-            let _ = writeln!(io::stderr(), "warning: {e}; using the name instead");
+            warn_unread(&e);
         }
         size
     }
@@ -73,13 +74,23 @@ fn local_or_name(name: &[u8]) -> ModelSize {
             Ok(s) => {
                 let (size, problems) = detect_model_size_local(std::path::Path::new(s));
                 for e in problems {
-                    let _ = writeln!(io::stderr(), "warning: {e}; using the name instead");
+                    warn_unread(&e);
                 }
                 size
             }
             Err(_) => qlora_scale::detect_model_size(name),
         }
     }
+}
+
+/// Reports on stderr a local model file that gave no count: the error and
+/// its causes.
+pub fn warn_unread(e: &qlora_scale::files::FilesError) {
+    let _ = writeln!(
+        io::stderr(),
+        "warning: {}; using the name instead",
+        chain_message(e)
+    );
 }
 
 /// Writes the line for one name: `NAME<TAB>CATEGORY<TAB>PARAMS_B`, or a JSON

@@ -41,7 +41,7 @@ fn model_size(model: &[u8]) -> ModelSize {
     };
     let (size, problems) = detect_model_size_local(std::path::Path::new(text));
     for e in problems {
-        let _ = writeln!(std::io::stderr(), "warning: {e}; using the name instead");
+        crate::detect_model::warn_unread(&e);
     }
     size
 }

@@ -12,6 +12,7 @@ use std::io::{self, BufRead, IsTerminal, Write};
 
 use anyhow::{Context as _, bail};
 use qlora_scale::hardware::{DetectedHardware, detect_hardware};
+use qlora_scale::report::chain_message;
 use qlora_scale::storage::{StoreError, load_profile, save_profile};
 use qlora_scale::tables::MEMORY_OPTIONS_GB;
 use qlora_scale::{ChipVariant, Generation, optimized_profile};
@@ -229,9 +230,13 @@ pub fn wizard(
         Err(e) => {
             // Only a yes (or --yes) replaces a file that cannot be read.
             let why = match &e {
-                StoreError::Corrupt { cause, .. } => format!("is not a valid profile ({cause})"),
-                StoreError::Read { cause, .. } => format!("cannot be read ({cause})"),
-                other => format!("cannot be used ({other})"),
+                StoreError::Corrupt { source, .. } => {
+                    format!("is not a valid profile ({})", chain_message(source))
+                }
+                StoreError::Read { source, .. } => {
+                    format!("cannot be read ({})", chain_message(source))
+                }
+                other => format!("cannot be used ({})", chain_message(other)),
             };
             writeln!(p.out, "note: the existing file {} {why}", path.display())
                 .context("cannot write to stdout")?;
