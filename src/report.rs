@@ -59,16 +59,3 @@ pub fn chain_message(err: &(dyn Error + 'static)) -> String {
     }
     message
 }
-
-/// A library error and its causes (its `source()` chain), `: `-separated:
-/// how a message is written where there is no `anyhow::Error`.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    message
-}

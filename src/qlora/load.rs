@@ -53,7 +53,17 @@ pub enum LoadError {
         /// The file or files.
         path: PathBuf,
         /// The error.
-        source: candle_core::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A tensor of a safetensors file cannot be read.
+    #[error("{path}: tensor {name}")]
+    BadTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// What is wrong.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A tensor the model needs is absent.
     #[error("tensor {name} not found in {source_name}")]
@@ -285,13 +295,13 @@ impl SafetensorsDir {
             let (n, metadata) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Safetensors {
                     path: f.clone(),
-                    source: candle_core::Error::Msg(e.to_string()),
+                    source: e.into(),
                 })?;
             // Check every tensor's bounds now, so a truncated file is an
             // error that names it, before anything is built.
             SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Safetensors {
                 path: f.clone(),
-                source: candle_core::Error::Msg(e.to_string()),
+                source: e.into(),
             })?;
             for name in metadata.tensors().into_keys() {
                 routing.insert(name, shards.len());
@@ -343,9 +353,10 @@ impl WeightSource for SafetensorsDir {
                 name: name.to_string(),
                 source_name: self.dir.display().to_string(),
             })?;
-        let bad = |message: String| LoadError::Safetensors {
+        let bad = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::BadTensor {
             path: shard.path.clone(),
-            source: candle_core::Error::Msg(format!("tensor {name}: {message}")),
+            name: name.to_string(),
+            source,
         };
         let info = shard
             .metadata
@@ -358,13 +369,10 @@ impl WeightSource for SafetensorsDir {
             .get(start..end)
             .ok_or_else(|| bad("data lies outside the file".into()))?;
         let view = TensorView::new(info.dtype, info.shape.clone(), bytes)
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| bad(e.into()))?;
         let tensor = view
             .load(&self.device)
-            .map_err(|source| LoadError::Safetensors {
-                path: shard.path.clone(),
-                source,
-            })?;
+            .map_err(|e| bad(e.into()))?;
         drop(view);
         // The tensor owns a copy now: hand the mapped pages back, so the
         // file never becomes resident as a whole.

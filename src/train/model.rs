@@ -217,9 +217,9 @@ pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<
         source: e.into(),
     })?;
     text.push(b'\n');
-    write_atomic(&path, &text).map_err(|e| ModelError::Adapter {
+    write_atomic(&path, &text).map_err(|e| ModelError::Write {
         path,
-        message: e.to_string(),
+        source: e.into(),
     })
 }
 

@@ -73,7 +73,7 @@ fn newest_good_checkpoint(
             Ok((bytes, ck)) => return Some((path, bytes, ck)),
             Err(e) => obs.note(&format!(
                 "{}; trying the previous checkpoint",
-                crate::report::error_chain(&e)
+                crate::report::chain_message(&e)
             )),
         }
     }
