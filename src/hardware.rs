@@ -9,6 +9,7 @@
 
 pub mod linux;
 pub mod nvidia;
+pub mod resolve;
 
 use crate::tables::{
     BUDGET_FRACTION, CPU_BUDGET_FRACTION, CPU_ROWS, ChipVariant, DEFAULT_VARIANT, FALLBACK_PROFILE,

@@ -19,6 +19,7 @@
 //! assert_eq!((scaled.batch_size, scaled.lora_rank, scaled.lora_num_layers), (8, 32, 8));
 //! ```
 
+mod derive;
 pub mod detect;
 pub mod files;
 pub mod hardware;
@@ -26,10 +27,9 @@ pub mod memory;
 pub mod qlora;
 pub mod recommend;
 pub mod report;
-pub mod resolve;
+pub mod safe_io;
+pub mod saved_profile;
 pub mod scale;
-mod scaled;
-pub mod storage;
 pub mod tables;
 pub mod train;
 
@@ -38,7 +38,7 @@ pub mod train;
 extern crate self as qlora_scale;
 
 #[doc(hidden)]
-pub use scaled::private as __private;
+pub use derive::private as __private;
 
 pub use detect::{ModelName, ModelSize, SizeSource, detect_model_size};
 pub use files::{FileSize, FilesError, detect_model_size_from_path};
@@ -49,11 +49,11 @@ pub use hardware::{
 pub use scale::{scale_profile_for_category, scale_profile_for_model};
 pub use tables::{ChipVariant, Generation, Profile, SizeCategory, SizeConfig, Tier};
 
+/// The trait: scale your own profile type for a model.
+pub use derive::ScaledProfile;
 /// `#[derive(ScaledProfile)]`: implements [`ScaledProfile`](trait@ScaledProfile)
 /// for a struct whose fields hold profile keys.
 pub use qlora_scale_macros::ScaledProfile;
-/// The trait: scale your own profile type for a model.
-pub use scaled::ScaledProfile;
 
 /// A `const` profile for a row of `tables/hardware.toml`, checked when it
 /// compiles: an unknown variant or generation, or a memory size without a

@@ -21,7 +21,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use assert_cmd::Command;
-use qlora_scale::storage::PROFILE_PATH_ENV;
+use qlora_scale::saved_profile::PROFILE_PATH_ENV;
 use serde_json::Value;
 
 const HERMES_7B: &str = "NousResearch/Hermes-2-Pro-Mistral-7B";

@@ -2,7 +2,7 @@
 
 use qlora_scale::hardware::{base_profile, parse_sysctl, training_budget_gb};
 use qlora_scale::recommend::{FitStatus, recommend};
-use qlora_scale::storage::{StoreError, load_profile, save_profile};
+use qlora_scale::saved_profile::{StoreError, load_profile, save_profile};
 use qlora_scale::tables::{GPU_CORES, MEMORY_OPTIONS_GB};
 use qlora_scale::{ChipVariant, Generation, Tier, optimized_profile};
 

@@ -473,7 +473,7 @@ fn an_old_saved_apple_profile_still_loads() {
     std::fs::write(&path, OLD_SAVED_PROFILE).unwrap();
     let expected = optimized_profile(Generation::M3, ChipVariant::Max, 64);
     assert_eq!(
-        qlora_scale::storage::load_profile(&path).unwrap(),
+        qlora_scale::saved_profile::load_profile(&path).unwrap(),
         Some(expected)
     );
     // As the machine-wide profile too: the Apple variant, unchanged.

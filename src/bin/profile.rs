@@ -46,7 +46,7 @@ impl Context {
     fn from_cli(cli_path: Option<PathBuf>) -> anyhow::Result<Context> {
         let profile_path = match cli_path {
             Some(p) => p,
-            None => qlora_scale::storage::default_profile_path()
+            None => qlora_scale::saved_profile::default_profile_path()
                 .context("cannot tell where the saved profile lives")?,
         };
         Ok(Context { profile_path })

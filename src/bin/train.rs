@@ -17,12 +17,13 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_profile};
-use qlora_scale::storage::default_profile_path;
+use qlora_scale::saved_profile::default_profile_path;
+use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
 use qlora_scale::train::settings::Settings;
 use qlora_scale::train::spec::{RunPlan, Weights, World, plan};
-use qlora_scale::train::trainer::{Observer, StepLog, TracingObserver, train, train_with};
+use qlora_scale::train::trainer::{Observer, StepLog, TracingObserver, train};
 
 use args::{Cli, Command};
 use qlora_scale::report::error_message;
@@ -133,7 +134,14 @@ fn trial_step(plan: &RunPlan) -> anyhow::Result<f64> {
     let mut spec = plan.spec.clone();
     spec.settings.max_steps = 1;
     spec.settings.checkpoint_every = 1;
-    let summary = train(&spec, dir.path(), false, &mut TracingObserver).context("trial step")?;
+    let summary = train(
+        &spec,
+        dir.path(),
+        false,
+        &mut TracingObserver,
+        &SingleProcess,
+    )
+    .context("trial step")?;
     Ok(summary.peak_rss_mib)
 }
 
@@ -209,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let result = if cli.dry_run {
         run.print_dry_run()
     } else {
-        run.train(coll.as_ref())
+        run.start(coll.as_ref())
     };
     if let Err(err) = &result
         && world.size > 1
@@ -356,7 +364,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn train(&self, coll: &dyn Collective) -> anyhow::Result<()> {
+    /// Trains, with the progress display on rank 0.
+    fn start(&self, coll: &dyn Collective) -> anyhow::Result<()> {
         let (spec, out) = (&self.plan.spec, &self.plan.output_dir);
         let context = || format!("training into {}", out.display());
         if !self.world.is_lead() {
@@ -366,8 +375,7 @@ impl Run<'_> {
                 self.world.size,
                 self.setup_line()
             );
-            train_with(spec, out, self.cli.resume, &mut QuietObserver, coll)
-                .with_context(context)?;
+            train(spec, out, self.cli.resume, &mut QuietObserver, coll).with_context(context)?;
             return Ok(());
         }
         tracing::info!("{}", self.setup_line());
@@ -376,7 +384,7 @@ impl Run<'_> {
         }
         let mut progress = Progress::new(spec.settings.max_steps, 0);
         let summary =
-            train_with(spec, out, self.cli.resume, &mut progress, coll).with_context(context)?;
+            train(spec, out, self.cli.resume, &mut progress, coll).with_context(context)?;
         if let Some(bar) = &progress.bar {
             bar.finish_and_clear();
         }

@@ -27,10 +27,10 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Deserialize;
 
-use super::checkpoint::CheckpointOp;
 use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 use super::load::{LoadError, WeightSource};
 use super::lora::{LoraAdapter, LoraConfig, LoraLinear, LoraTarget, dropout_mask, peft_key};
+use super::recompute::CheckpointOp;
 
 /// `rope_scaling` of an HF `config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]

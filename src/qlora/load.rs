@@ -368,11 +368,9 @@ impl WeightSource for SafetensorsDir {
             .mmap
             .get(start..end)
             .ok_or_else(|| bad("data lies outside the file".into()))?;
-        let view = TensorView::new(info.dtype, info.shape.clone(), bytes)
-            .map_err(|e| bad(e.into()))?;
-        let tensor = view
-            .load(&self.device)
-            .map_err(|e| bad(e.into()))?;
+        let view =
+            TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(|e| bad(e.into()))?;
+        let tensor = view.load(&self.device).map_err(|e| bad(e.into()))?;
         drop(view);
         // The tensor owns a copy now: hand the mapped pages back, so the
         // file never becomes resident as a whole.

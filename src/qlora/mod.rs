@@ -20,7 +20,6 @@
 //! assert!(grads.get(var.as_tensor()).is_some());
 //! ```
 
-pub mod checkpoint;
 pub mod frozen;
 pub mod kernel;
 pub mod llama;
@@ -28,6 +27,7 @@ pub mod load;
 pub mod lora;
 pub mod loss;
 pub mod nf4;
+pub mod recompute;
 
 pub use frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 pub use llama::{LlamaConfig, LlamaModel, ModelOptions, RandomWeights};

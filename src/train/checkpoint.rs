@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWState;
 use super::spec::RunSpec;
-use crate::storage::write_atomic;
+use crate::safe_io::write_atomic;
 
 /// First bytes of a checkpoint file.
 pub const MAGIC: &[u8; 8] = b"QLSCKPT1";

@@ -13,7 +13,7 @@ use crate::qlora::{
     FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, RandomWeights, SafetensorsDir,
     read_config,
 };
-use crate::storage::write_atomic;
+use crate::safe_io::write_atomic;
 use crate::tables::embedded;
 
 /// What `base_model_name_or_path` says for the embedded model.

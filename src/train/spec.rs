@@ -28,7 +28,7 @@ use super::settings::{Fallback, Settings, SettingsError, TrainSettings, ValueSou
 use crate::detect::{ModelSize, detect_model_size};
 use crate::files::{FilesError, detect_model_size_from_path};
 use crate::hardware::MachineProfile;
-use crate::resolve::{DeviceOverride, HardwareOverride, HardwareSource, ResolveError};
+use crate::hardware::resolve::{DeviceOverride, HardwareOverride, HardwareSource, ResolveError};
 use crate::scale::scale_profile_for_category;
 use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, trainer};
 
@@ -314,7 +314,7 @@ pub fn plan(
     detect: impl FnOnce() -> Option<MachineProfile>,
 ) -> Result<RunPlan, PlanError> {
     let (model, weights, size) = model_and_size(settings.model.as_deref())?;
-    let hw = crate::resolve::resolve_machine(
+    let hw = crate::hardware::resolve::resolve_machine(
         &HardwareOverride {
             generation: settings.generation,
             chip: settings.chip,

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointError, CheckpointState};
-use super::collective::{Collective, CollectiveError, SingleProcess, shard_range};
+use super::collective::{Collective, CollectiveError, shard_range};
 use super::data::{Batch, Cursor, DataError, Example, TrainData};
 use super::model::{self, ModelError};
 use super::optim::{AdamW, AdamWParams, clip_global_norm, lr_at};
@@ -30,7 +30,7 @@ use super::sync;
 use crate::memory::MIB;
 use crate::qlora::LlamaModel;
 use crate::qlora::loss::masked_causal_lm_nll_sum;
-use crate::storage::write_atomic;
+use crate::safe_io::write_atomic;
 
 /// Errors of a run.
 #[derive(Debug, thiserror::Error)]
@@ -647,22 +647,11 @@ fn report_bad_lines(data: &TrainData, lead: bool, obs: &mut dyn Observer) {
     }
 }
 
-/// Trains `spec` into `out` in this process alone; with `resume`,
-/// continues from the newest good checkpoint in `out/checkpoints`.
-pub fn train(
-    spec: &RunSpec,
-    out: &Path,
-    resume: bool,
-    obs: &mut dyn Observer,
-) -> Result<RunSummary, TrainError> {
-    train_with(spec, out, resume, obs, &SingleProcess)
-}
-
 /// Trains `spec` into `out` as one rank of `collective` (every rank calls
 /// it with the same spec); with `resume`, continues from the newest good
 /// checkpoint. Only rank 0 writes files and reports through `obs` what a
 /// user should see.
-pub fn train_with(
+pub fn train(
     spec: &RunSpec,
     out: &Path,
     resume: bool,

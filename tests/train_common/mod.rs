@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use qlora_scale::storage::PROFILE_PATH_ENV;
+use qlora_scale::saved_profile::PROFILE_PATH_ENV;
 
 /// The `train` binary Cargo built for these tests.
 pub const TRAIN: &str = env!("CARGO_BIN_EXE_train");

@@ -5,8 +5,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use qlora_scale::resolve::HardwareOverride;
-use qlora_scale::storage::PROFILE_PATH_ENV;
+use qlora_scale::hardware::resolve::HardwareOverride;
+use qlora_scale::saved_profile::PROFILE_PATH_ENV;
 use qlora_scale::tables::MEMORY_OPTIONS_GB;
 use qlora_scale::{ChipVariant, Generation};
 

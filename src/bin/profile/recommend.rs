@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use anyhow::{Context as _, bail};
 use qlora_scale::hardware::{detect_machine, training_budget_gb};
 use qlora_scale::recommend::{Recommendation, recommend, recommend_estimated};
-use qlora_scale::storage::load_profile;
+use qlora_scale::saved_profile::load_profile;
 use qlora_scale::tables::{FALLBACK_PROFILE, Profile};
 use serde_json::{Value, json};
 

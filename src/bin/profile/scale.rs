@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use qlora_scale::files::detect_model_size_local;
+use qlora_scale::hardware::resolve::{DeviceOverride, HardwareSource, resolve_machine};
 use qlora_scale::hardware::{MachineProfile, detect_machine};
-use qlora_scale::resolve::{DeviceOverride, HardwareSource, resolve_machine};
 use qlora_scale::{ModelSize, detect_model_size, scale_profile_for_category};
 use serde_json::{Map, Value};
 
@@ -14,7 +14,7 @@ use crate::Context;
 use crate::args::{HardwareFlags, ScaleArgs};
 use crate::render::{model_size_json, write_json_pretty};
 
-/// Resolves the hardware with [`qlora_scale::resolve::resolve_machine`];
+/// Resolves the hardware with [`qlora_scale::hardware::resolve::resolve_machine`];
 /// with neither a base nor flags, says how to give one.
 pub fn resolve_hardware(
     flags: &HardwareFlags,

@@ -13,7 +13,7 @@ use std::io::{self, BufRead, IsTerminal, Write};
 use anyhow::{Context as _, bail};
 use qlora_scale::hardware::{DetectedHardware, detect_hardware};
 use qlora_scale::report::chain_message;
-use qlora_scale::storage::{StoreError, load_profile, save_profile};
+use qlora_scale::saved_profile::{StoreError, load_profile, save_profile};
 use qlora_scale::tables::MEMORY_OPTIONS_GB;
 use qlora_scale::{ChipVariant, Generation, optimized_profile};
 
@@ -223,7 +223,17 @@ pub fn wizard(
     write_hardware_profile(p.out, &profile).context("cannot write to stdout")?;
     writeln!(p.out).context("cannot write to stdout")?;
 
-    let path = &ctx.profile_path;
+    confirm_and_save(args, &ctx.profile_path, &profile, p)
+}
+
+/// Asks before writing `profile` to `path` (replacing a saved or unusable
+/// file only on a yes, or with `--yes`), then saves it.
+fn confirm_and_save(
+    args: &SetupArgs,
+    path: &std::path::Path,
+    profile: &qlora_scale::HardwareProfile,
+    p: &mut Prompter<'_>,
+) -> anyhow::Result<()> {
     let question = match load_profile(path) {
         Ok(None) => format!("Save it to {}? (y/n)", path.display()),
         Ok(Some(_)) => format!("Replace the saved profile at {}? (y/n)", path.display()),
@@ -259,7 +269,7 @@ pub fn wizard(
         writeln!(p.out, "Not saved.").context("cannot write to stdout")?;
         return Ok(());
     }
-    save_profile(path, &profile)?;
+    save_profile(path, profile)?;
     writeln!(
         p.out,
         "Saved to {}. Show it with `profile show`.",

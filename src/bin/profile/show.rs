@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context as _;
-use qlora_scale::storage::load_profile;
+use qlora_scale::saved_profile::load_profile;
 use serde_json::Value;
 
 use crate::Context;

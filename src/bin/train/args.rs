@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use qlora_scale::storage::PROFILE_PATH_ENV;
+use qlora_scale::saved_profile::PROFILE_PATH_ENV;
 use qlora_scale::train::settings::Settings;
 
 /// Fine-tune a causal LM with QLoRA, sized for the machine and the model

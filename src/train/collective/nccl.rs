@@ -25,7 +25,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::{Collective, CollectiveError, Watchdog};
-use crate::storage::write_atomic;
+use crate::safe_io::write_atomic;
 
 /// Bytes of an NCCL unique id.
 const ID_BYTES: usize = 128;

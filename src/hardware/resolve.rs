@@ -4,7 +4,7 @@
 //! `train`.
 //!
 //! ```
-//! use qlora_scale::resolve::{HardwareOverride, HardwareSource, resolve_hardware};
+//! use qlora_scale::hardware::resolve::{HardwareOverride, HardwareSource, resolve_hardware};
 //! use qlora_scale::{ChipVariant, Generation};
 //! let flags = HardwareOverride {
 //!     generation: Some(Generation::M2),
@@ -22,7 +22,7 @@ use crate::hardware::{
     DetectedHardware, DeviceKind, HardwareProfile, MachineProfile, memory_profile,
     optimized_profile,
 };
-use crate::storage::{StoreError, load_profile};
+use crate::saved_profile::{StoreError, load_profile};
 use crate::tables::{ChipVariant, Generation};
 
 /// The hardware flags, each optional.

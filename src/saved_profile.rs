@@ -1,7 +1,7 @@
 //! The saved hardware profile: JSON in the per-user config directory,
 //! written atomically.
 
-use std::io::Write;
+use crate::safe_io::write_atomic;
 use std::path::{Path, PathBuf};
 
 use crate::hardware::HardwareProfile;
@@ -72,35 +72,6 @@ pub fn load_profile(path: &Path) -> Result<Option<HardwareProfile>, StoreError> 
             path: path.to_path_buf(),
             source,
         })
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same
-/// directory, flushed to disk, then renamed over `path`. A crash leaves the
-/// old file or the new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)?;
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".tmp-");
-    // A temporary file is private (0600) by default; the file it becomes
-    // gets the permissions of any newly created file (0666 less the umask).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let mut tmp = builder.tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    // Make the rename itself durable where the platform allows it.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Saves `profile` to `path` atomically, as pretty JSON.
