@@ -151,8 +151,22 @@ fn aligned_dfa(name: &str, file: &str, doc: &str) -> TokenStream {
 /// The whole generated file.
 pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Source]) -> String {
     let mut items = Vec::new();
+    items.extend(size_items(t));
+    items.push(detect_items(t, override_splits));
+    items.extend(known_model_items(t));
+    items.extend(apple_items(t));
+    items.push(memory_row_items(t));
+    items.extend(model_items(t));
+    // Trainer and embedded-model defaults.
+    items.push(settings(t));
+    // Profile keys.
+    items.push(profile_keys(t));
+    render(&items, sources)
+}
 
-    // Tiers and categories.
+/// Tiers and categories (`tables/size.toml`).
+fn size_items(t: &Tables) -> Vec<TokenStream> {
+    let mut items = Vec::new();
     items.push(name_enum(
         "Tier",
         "Model tiers, smallest first (`tables/size.toml`, `[tiers]`).",
@@ -229,8 +243,12 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
             batch_size_multiplier_max: #mmax,
         };
     });
+    items
+}
 
-    // Detection.
+/// Detection patterns, units, families, MoE layouts and path rules
+/// (`tables/detect.toml`, and the families of `tables/known_models.toml`).
+fn detect_items(t: &Tables, override_splits: &[dfa::OverrideSplit]) -> TokenStream {
     let kinds = t.patterns.iter().map(|(k, _)| match k {
         PatternKind::Size => quote!(PatternKind::Size),
         PatternKind::Ignore => quote!(PatternKind::Ignore),
@@ -273,12 +291,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
     let cache_separator = t.cache_separator.as_str();
     let cache_prefix = t.cache_prefix.as_str();
     let disagreement = f64_lit(t.disagreement_fraction);
-    let known_entries: Vec<(String, String)> = t
-        .known_models
-        .iter()
-        .map(|(n, p, _)| (n.clone(), format!("{p}u64")))
-        .collect();
-    items.push(quote! {
+    quote! {
         /// What each detection pattern marks, by pattern id.
         pub const PATTERN_KINDS: [PatternKind; #n_pat] = [ #( #kinds ),* ];
         /// The regex of each detection pattern, by pattern id.
@@ -305,7 +318,17 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         pub const CACHE_PREFIX: &str = #cache_prefix;
         /// In a cache component the name follows the last one.
         pub const CACHE_SEPARATOR: &str = #cache_separator;
-    });
+    }
+}
+
+/// Models known by exact name (`tables/known_models.toml`) and the two DFAs.
+fn known_model_items(t: &Tables) -> Vec<TokenStream> {
+    let mut items = Vec::new();
+    let known_entries: Vec<(String, String)> = t
+        .known_models
+        .iter()
+        .map(|(n, p, _)| (n.clone(), format!("{p}u64")))
+        .collect();
     let known_names = t.known_models.iter().map(|(n, _, _)| n.as_str());
     let n_known = Literal::usize_unsuffixed(t.known_models.len());
     items.push(quote! {
@@ -341,8 +364,13 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         dfa::FALLBACK,
         "DFA of the other families' substrings (all matches).",
     ));
+    items
+}
 
-    // Hardware.
+/// Apple Silicon variants, generations and profile rows
+/// (`tables/hardware.toml`).
+fn apple_items(t: &Tables) -> Vec<TokenStream> {
+    let mut items = Vec::new();
     items.push(name_enum(
         "ChipVariant",
         "Apple Silicon chip variants (`tables/hardware.toml`, `apple.variants`).",
@@ -406,8 +434,12 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         /// Hardware profile rows by variant `index()`, in table order.
         pub const HARDWARE_ROWS: [&[HardwareRow]; #n_var] = [ #( #by_variant ),* ];
     });
+    items
+}
 
-    // Machines other than Apple Silicon.
+/// Machines other than Apple Silicon: the `[gpu]` and `[cpu]` rows and SIMD
+/// features (`tables/hardware.toml`).
+fn memory_row_items(t: &Tables) -> TokenStream {
     let memory_rows = |rows: &[super::validate::MemoryRow]| -> Vec<TokenStream> {
         rows.iter()
             .map(|r| {
@@ -433,7 +465,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         quote!(SimdFeature { name: #name, flags: &[ #( #flags ),* ] })
     });
     let n_simd = Literal::usize_unsuffixed(t.simd.len());
-    items.push(quote! {
+    quote! {
         /// Share of one GPU's memory a training run may use.
         pub const GPU_BUDGET_FRACTION: f64 = #gpu_budget;
         /// Profiles by the memory (GB) of one GPU, smallest first.
@@ -444,9 +476,13 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         pub const CPU_ROWS: [MemoryRow; #n_cpu] = [ #( #cpu_rows ),* ];
         /// SIMD features reported for a CPU, in table order.
         pub const SIMD_FEATURES: [SimdFeature; #n_simd] = [ #( #simd ),* ];
-    });
+    }
+}
 
-    // Recommendations and defaults.
+/// The recommender's models (`tables/models.toml`) and `[train]` defaults
+/// (`tables/defaults.toml`).
+fn model_items(t: &Tables) -> Vec<TokenStream> {
+    let mut items = Vec::new();
     let tight = u32_lit(t.tight_below_gb);
     let comfortable = u32_lit(t.comfortable_below_gb);
     let advice = t.tight_advice.as_str();
@@ -513,14 +549,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
         /// LoRA alpha defaults to this many times the rank.
         pub const LORA_ALPHA_PER_RANK: f64 = #alpha;
     });
-
-    // Trainer and embedded-model defaults.
-    items.push(settings(t));
-
-    // Profile keys.
-    items.push(profile_keys(t));
-
-    render(&items, sources)
+    items
 }
 
 /// `pub mod trainer { pub const LEARNING_RATE: f64 = ...; }` and
