@@ -9,6 +9,9 @@
 //! by length and end bytes. Detection allocates nothing, never panics, and
 //! runs in time linear in the input.
 
+mod segment;
+mod swar;
+
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -19,11 +22,12 @@ use regex_automata::dfa::dense::DFA;
 use regex_automata::util::primitives::StateID;
 use unicase::Ascii;
 
+pub use self::segment::{last_segment, model_segment};
+use self::swar::{WORD, digit_bytes, word_at};
 use crate::tables::{
-    CACHE_PREFIX, CACHE_SEPARATOR, FALLBACK_DFA, FALLBACK_FAMILIES, Family, HASH_MIN_LEN,
-    KNOWN_MODEL_NAMES, KNOWN_MODEL_PARAMS, MOE_LAYOUTS, OVERRIDE_FAMILIES, PATTERN_KINDS,
-    PatternKind, SIZE_DFA, SIZE_DFA_MAX_STATES, SIZE_DFA_TABLE_CAPACITY, SKIP_SEGMENTS,
-    SizeCategory, UNIT_PARAMS,
+    FALLBACK_DFA, FALLBACK_FAMILIES, Family, KNOWN_MODEL_NAMES, KNOWN_MODEL_PARAMS, MOE_LAYOUTS,
+    OVERRIDE_FAMILIES, PATTERN_KINDS, PatternKind, SIZE_DFA, SIZE_DFA_MAX_STATES,
+    SIZE_DFA_TABLE_CAPACITY, SizeCategory, UNIT_PARAMS,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -447,120 +451,6 @@ fn matchers() -> Option<&'static Matchers> {
 /// Whether the embedded DFAs load; `false` means a broken build.
 pub fn matchers_ok() -> bool {
     matchers().is_some()
-}
-
-// Word-at-a-time byte scanning: eight bytes per `u64`, little-endian (byte
-// `i` of a word at bits `8i..8i + 8`), each test setting the high bit of the
-// bytes that pass. No test carries from one byte into the next.
-
-/// Bytes per word.
-const WORD: usize = 8;
-/// `0x01` in every byte.
-const ONES: u64 = u64::from_ne_bytes([0x01; WORD]);
-/// The high bit of every byte.
-const HIGH: u64 = ONES * 0x80;
-
-/// The high bit of each byte of `word` that is an ASCII digit. With
-/// `t = byte ^ b'0'`, a digit is a `t` below 10: adding `0x76` to the low
-/// seven bits of `t` sets the high bit exactly when they are 10 or more.
-#[inline]
-fn digit_bytes(word: u64) -> u64 {
-    let t = word ^ (ONES * u64::from(b'0'));
-    !(((t & !HIGH) + ONES * (0x80 - 10)) | t) & HIGH
-}
-
-/// The word of `bytes[at..]`'s first eight bytes, zeros past the end.
-#[inline]
-fn word_at(bytes: &[u8], at: usize) -> u64 {
-    let rest = bytes.get(at..).unwrap_or_default();
-    if let Some(word) = rest.first_chunk::<WORD>() {
-        return u64::from_le_bytes(*word);
-    }
-    // Fewer than eight bytes: two overlapping reads, as `memcpy` does.
-    let n = rest.len();
-    if let (Some(lo), Some(hi)) = (rest.first_chunk::<4>(), rest.last_chunk::<4>()) {
-        return u64::from(u32::from_le_bytes(*lo))
-            | u64::from(u32::from_le_bytes(*hi)) << (8 * (n - 4));
-    }
-    match rest {
-        [] => 0,
-        // One to three bytes: the first, the middle and the last.
-        [first, ..] => {
-            u64::from(*first)
-                | u64::from(rest[n / 2]) << (8 * (n / 2))
-                | u64::from(rest[n - 1]) << (8 * (n - 1))
-        }
-    }
-}
-
-/// The position of the last `/` or `\\` in `bytes`. On x86-64, SSE2 is
-/// always there: calling it directly skips `memrchr2`'s run-time choice
-/// (an indirect call) and its AVX2 set-up, which short names do not repay.
-#[inline]
-fn last_separator(bytes: &[u8]) -> Option<usize> {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(two) = memchr::arch::x86_64::sse2::memchr::Two::new(b'/', b'\\') {
-        return two.rfind(bytes);
-    }
-    memchr::memrchr2(b'/', b'\\', bytes)
-}
-
-/// The last path component of `name`, `/` and `\\` both separating, trailing
-/// separators ignored.
-#[inline]
-pub fn last_segment(name: &[u8]) -> &[u8] {
-    let is_sep = |b: &u8| *b == b'/' || *b == b'\\';
-    let end = name.iter().rposition(|b| !is_sep(b)).map_or(0, |i| i + 1);
-    let trimmed = &name[..end];
-    let start = last_separator(trimmed).map_or(0, |i| i + 1);
-    &trimmed[start..]
-}
-
-/// Whether a path component names no model: a cache directory
-/// (`snapshots`) or a commit hash.
-#[inline]
-fn is_skipped(component: &[u8]) -> bool {
-    (component.len() >= HASH_MIN_LEN && component.iter().all(u8::is_ascii_hexdigit))
-        || SKIP_SEGMENTS
-            .iter()
-            .any(|s| component.eq_ignore_ascii_case(s.as_bytes()))
-}
-
-/// The component of `name` that names the model: the last one that is not a
-/// cache directory or a hash, and of a cache component
-/// (`models--ORG--NAME`), the part after the last separator.
-///
-/// ```
-/// use qlora_scale::detect::model_segment;
-/// let p = b"/hf/hub/models--Qwen--Qwen2.5-0.5B/snapshots/7ae557604adf67be50417f59c2c2f167def9a775/";
-/// assert_eq!(model_segment(p), b"Qwen2.5-0.5B");
-/// assert_eq!(model_segment(b"meta-llama/Llama-2-7b-hf"), b"Llama-2-7b-hf");
-/// ```
-#[inline]
-pub fn model_segment(name: &[u8]) -> &[u8] {
-    let mut rest = name;
-    let mut segment = last_segment(rest);
-    loop {
-        if segment.is_empty() || !is_skipped(segment) {
-            break;
-        }
-        // Drop this component (and the separators after it) and look again.
-        let before = segment.as_ptr() as usize - rest.as_ptr() as usize;
-        rest = &rest[..before];
-        let next = last_segment(rest);
-        if next.is_empty() {
-            break;
-        }
-        segment = next;
-    }
-    if !segment.starts_with(CACHE_PREFIX.as_bytes()) {
-        return segment;
-    }
-    let sep = CACHE_SEPARATOR.as_bytes();
-    match segment.windows(sep.len()).rposition(|w| w == sep) {
-        Some(i) if i + sep.len() < segment.len() => &segment[i + sep.len()..],
-        _ => segment,
-    }
 }
 
 /// Reads ASCII digits from `bytes[i..]`: (value, digits read, 10^n for the
