@@ -9,8 +9,11 @@
 //! by length and end bytes. Detection allocates nothing, never panics, and
 //! runs in time linear in the input.
 
+mod compact_dfa;
+mod number;
 mod segment;
 mod swar;
+mod written_size;
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -22,12 +25,13 @@ use regex_automata::dfa::dense::DFA;
 use regex_automata::util::primitives::StateID;
 use unicase::Ascii;
 
+use self::compact_dfa::CompactDfa;
 pub use self::segment::{last_segment, model_segment};
-use self::swar::{WORD, digit_bytes, word_at};
+use self::swar::{WORD, word_at};
+use self::written_size::size_from_name;
 use crate::tables::{
-    FALLBACK_DFA, FALLBACK_FAMILIES, Family, KNOWN_MODEL_NAMES, KNOWN_MODEL_PARAMS, MOE_LAYOUTS,
-    OVERRIDE_FAMILIES, PATTERN_KINDS, PatternKind, SIZE_DFA, SIZE_DFA_MAX_STATES,
-    SIZE_DFA_TABLE_CAPACITY, SizeCategory, UNIT_PARAMS,
+    FALLBACK_DFA, FALLBACK_FAMILIES, Family, KNOWN_MODEL_NAMES, KNOWN_MODEL_PARAMS,
+    OVERRIDE_FAMILIES, SIZE_DFA, SizeCategory,
 };
 
 /// Anything a model can be named by: a Hugging Face id, a bare name, or a
@@ -451,298 +455,6 @@ fn matchers() -> Option<&'static Matchers> {
 /// Whether the embedded DFAs load; `false` means a broken build.
 pub fn matchers_ok() -> bool {
     matchers().is_some()
-}
-
-/// Reads ASCII digits from `bytes[i..]`: (value, digits read, 10^n for the
-/// n digits kept). Keeps at most 18 digits (the rest only count as read), so
-/// neither value nor scale overflows.
-#[inline]
-fn digits(bytes: &[u8], mut i: usize) -> (u64, usize, u64) {
-    let (mut value, mut scale, start) = (0u64, 1u64, i);
-    while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
-        if scale < 1_000_000_000_000_000_000 {
-            value = value * 10 + u64::from(d - b'0');
-            scale *= 10;
-        }
-        i += 1;
-    }
-    (value, i - start, scale)
-}
-
-/// Reads the parameter count written at `bytes[start..]`, where the size DFA
-/// matched: ASCII digits, an optional fraction (`.5`, `_6`), optional
-/// `-`/`_`, a unit letter, and optional digits after the unit as the fraction
-/// (`7b1` is 7.1B) when no letter follows them. Saturates on overflow.
-#[inline]
-fn parse_size(bytes: &[u8], start: usize) -> Option<u64> {
-    let mut i = start;
-    let mut int: u64 = 0;
-    while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
-        int = int.saturating_mul(10).saturating_add(u64::from(d - b'0'));
-        i += 1;
-    }
-    if i == start {
-        return None;
-    }
-    let (mut frac, mut scale) = (0u64, 1u64);
-    if matches!(bytes.get(i), Some(b'.' | b'_')) && bytes.get(i + 1).is_some_and(u8::is_ascii_digit)
-    {
-        let (f, n, s) = digits(bytes, i + 1);
-        (frac, scale) = (f, s);
-        i += 1 + n;
-    }
-    while matches!(bytes.get(i), Some(b'-' | b'_')) {
-        i += 1;
-    }
-    let letter = bytes.get(i)?.to_ascii_lowercase();
-    if !letter.is_ascii_lowercase() {
-        return None;
-    }
-    let unit = UNIT_PARAMS[usize::from(letter - b'a')];
-    if unit == 0 {
-        return None;
-    }
-    if scale == 1 {
-        let (f, n, s) = digits(bytes, i + 1);
-        if n > 0 && !bytes.get(i + 1 + n).is_some_and(u8::is_ascii_alphabetic) {
-            (frac, scale) = (f, s);
-        }
-    }
-    let whole = int.saturating_mul(unit);
-    if frac == 0 {
-        return Some(whole);
-    }
-    // frac < scale, so the fraction of a unit is below `unit` and fits u64.
-    let part = u128::from(frac) * u128::from(unit) / u128::from(scale);
-    Some(whole.saturating_add(part as u64))
-}
-
-/// Reads a mixture of experts at `bytes[start..]` (`8x7B`): the total from
-/// the known layouts, else experts x expert size (an estimate).
-fn parse_moe(bytes: &[u8], start: usize) -> Option<(u64, SizeSource)> {
-    let (experts, n, _) = digits(bytes, start);
-    if n == 0
-        || !bytes
-            .get(start + n)
-            .is_some_and(|b| b.eq_ignore_ascii_case(&b'x'))
-    {
-        return None;
-    }
-    let expert = parse_size(bytes, start + n + 1)?;
-    for layout in &MOE_LAYOUTS {
-        if u64::from(layout.experts) == experts && layout.expert_params == expert {
-            return Some((layout.total_params, SizeSource::Name));
-        }
-    }
-    Some((experts.saturating_mul(expert), SizeSource::NameEstimate))
-}
-
-/// A small anchored DFA re-laid from regex-automata's dense DFA when it is
-/// loaded: byte classes, then one flat table of `u16` state ids
-/// premultiplied by the stride, with the special states (dead, matching)
-/// first. The inner loop is two table reads and one comparison per byte,
-/// with no bounds check (indexes are masked to the table's power-of-two
-/// size, which every id fits: the generator checks the size DFA against
-/// [`SIZE_DFA_TABLE_CAPACITY`] and [`SIZE_DFA_MAX_STATES`]).
-struct CompactDfa {
-    /// Byte class of each byte.
-    classes: [u8; 256],
-    /// Next state id by `state id + class`.
-    next: [u16; SIZE_DFA_TABLE_CAPACITY],
-    /// The class of the end of input.
-    eoi: usize,
-    /// For each state number (id >> `stride2`): `None` or the pattern it
-    /// matches.
-    matches: [Option<u8>; SIZE_DFA_MAX_STATES],
-    /// Ids below this are special: dead, quit or matching.
-    special: u16,
-    /// log2 of the stride.
-    stride2: usize,
-    /// The start state's id.
-    start: u16,
-}
-
-/// Index mask of [`CompactDfa::next`].
-const TABLE_MASK: usize = SIZE_DFA_TABLE_CAPACITY - 1;
-
-impl CompactDfa {
-    /// Re-lays the states of `dfa` reachable from `start`; `None` when they
-    /// do not fit (the generator checks that they do).
-    fn new(dfa: &StaticDfa, start: StateID) -> Option<CompactDfa> {
-        let classes = dfa.byte_classes();
-        let stride2 = classes.alphabet_len().next_power_of_two().trailing_zeros() as usize;
-        // Every state reachable from the start, dead first.
-        let mut found = [StateID::ZERO; SIZE_DFA_MAX_STATES];
-        let mut len = 0;
-        let mut push = |found: &mut [StateID; SIZE_DFA_MAX_STATES], id: StateID| {
-            if !found[..len].contains(&id) {
-                *found.get_mut(len)? = id;
-                len += 1;
-            }
-            Some(len)
-        };
-        push(&mut found, StateID::ZERO)?;
-        let mut reached = push(&mut found, start)?;
-        let mut i = 0;
-        while i < reached {
-            let id = found[i];
-            i += 1;
-            if !(dfa.is_dead_state(id) || dfa.is_quit_state(id)) {
-                for unit in classes.representatives(..) {
-                    let next = match unit.as_u8() {
-                        Some(b) => dfa.next_state(id, b),
-                        None => dfa.next_eoi_state(id),
-                    };
-                    reached = push(&mut found, next)?;
-                }
-            }
-        }
-        let found = &found[..reached];
-        // Special states get the lowest numbers.
-        let special =
-            |id: StateID| dfa.is_dead_state(id) || dfa.is_quit_state(id) || dfa.is_match_state(id);
-        let mut order = [StateID::ZERO; SIZE_DFA_MAX_STATES];
-        let mut k = 0;
-        for pass in [true, false] {
-            for &id in found.iter().filter(|&&id| special(id) == pass) {
-                order[k] = id;
-                k += 1;
-            }
-        }
-        let order = &order[..reached];
-        if (reached << stride2) > SIZE_DFA_TABLE_CAPACITY {
-            return None;
-        }
-        let id_of = |id: StateID| {
-            let number = order.iter().position(|&s| s == id)?;
-            u16::try_from(number << stride2).ok()
-        };
-        let mut compact = CompactDfa {
-            classes: [0; 256],
-            next: [0; SIZE_DFA_TABLE_CAPACITY],
-            eoi: classes.eoi().as_usize(),
-            matches: [None; SIZE_DFA_MAX_STATES],
-            special: 0,
-            stride2,
-            start: id_of(start)?,
-        };
-        for b in 0..=255u8 {
-            compact.classes[usize::from(b)] = classes.get(b);
-        }
-        for (number, &id) in order.iter().enumerate() {
-            if special(id) {
-                compact.special = id_of(id)? + 1;
-                if dfa.is_match_state(id) {
-                    let pattern = u8::try_from(dfa.match_pattern(id, 0).as_usize()).ok()?;
-                    compact.matches[number] = Some(pattern);
-                }
-            }
-            if dfa.is_dead_state(id) || dfa.is_quit_state(id) {
-                // A row of zeros: the dead state, id 0.
-                continue;
-            }
-            let row = number << stride2;
-            for unit in classes.representatives(..) {
-                let (class, next) = match unit.as_u8() {
-                    Some(b) => (usize::from(classes.get(b)), dfa.next_state(id, b)),
-                    None => (compact.eoi, dfa.next_eoi_state(id)),
-                };
-                compact.next[row + class] = id_of(next)?;
-            }
-        }
-        Some(compact)
-    }
-
-    /// The state after `state` reads `byte`.
-    #[inline]
-    fn next(&self, state: u16, byte: u8) -> u16 {
-        let class = usize::from(self.classes[usize::from(byte)]);
-        self.next[(usize::from(state) + class) & TABLE_MASK]
-    }
-
-    /// The state after `state` reads the end of input.
-    #[inline]
-    fn next_eoi(&self, state: u16) -> u16 {
-        self.next[(usize::from(state) + self.eoi) & TABLE_MASK]
-    }
-
-    /// For a special state: `None` (dead) or the pattern it matches.
-    #[inline]
-    fn matched(&self, state: u16) -> Option<u8> {
-        self.matches[(usize::from(state) >> self.stride2) % SIZE_DFA_MAX_STATES]
-    }
-}
-
-/// The leftmost-first match of the size DFA anchored at `start`: (end,
-/// pattern id), or `None`.
-#[inline]
-fn match_at(m: &Matchers, hay: &[u8], start: usize) -> Option<(usize, usize)> {
-    let dfa = &m.size;
-    let mut state = dfa.start;
-    let mut last = None;
-    for (i, &b) in hay.iter().enumerate().skip(start) {
-        state = dfa.next(state, b);
-        if state < dfa.special {
-            match dfa.matched(state) {
-                // Matches are reported one byte late: this one ends at `i`.
-                Some(pattern) => last = Some((i, usize::from(pattern))),
-                None => return last,
-            }
-        }
-    }
-    state = dfa.next_eoi(state);
-    if state < dfa.special
-        && let Some(pattern) = dfa.matched(state)
-    {
-        last = Some((hay.len(), usize::from(pattern)));
-    }
-    last
-}
-
-/// The first size written in `segment`, skipping tokens the tables mark as
-/// not sizes.
-///
-/// Every size pattern starts with a digit, and `[0-9]+` absorbs any digits
-/// before a later start in the same run, so the leftmost match always starts
-/// where a run of digits starts: the DFA is run, anchored, only from there.
-/// After a token that is not a size, the search goes on from the first run
-/// that starts at or after the token's end. Each run is scanned at most
-/// twice (from its own start and, across a decimal point, from the run
-/// before), so the search is linear.
-#[inline]
-fn size_from_name(m: &Matchers, segment: &[u8]) -> Option<(u64, SizeSource, usize)> {
-    // No match starts before `next`.
-    let mut next = 0;
-    // The digit bit of the byte before the word, moved to byte 0.
-    let mut carry = 0u64;
-    let mut base = 0;
-    while base < segment.len() {
-        let digits = digit_bytes(word_at(segment, base));
-        // Digits not preceded by a digit.
-        let mut starts = digits & !((digits << 8) | carry);
-        carry = digits >> (8 * (WORD - 1));
-        while starts != 0 {
-            let pos = base + (starts.trailing_zeros() / 8) as usize;
-            starts &= starts - 1;
-            if pos < next {
-                continue;
-            }
-            if let Some((end, pattern)) = match_at(m, segment, pos) {
-                let found = match PATTERN_KINDS[pattern] {
-                    PatternKind::Size => parse_size(segment, pos).map(|p| (p, SizeSource::Name)),
-                    PatternKind::Moe => parse_moe(segment, pos),
-                    PatternKind::Ignore => None,
-                };
-                if let Some((params, source)) = found.filter(|&(p, _)| p > 0) {
-                    return Some((params, source, pos));
-                }
-                // Go on after this token.
-                next = end;
-            }
-        }
-        base += WORD;
-    }
-    None
 }
 
 /// Detects a model's size from its name: a Hugging Face id (`org/name`), a
