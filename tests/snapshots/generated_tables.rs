@@ -5,7 +5,7 @@
 //   tables/hardware.toml 9ad6868eb7fd61c4
 //   tables/models.toml 5b3aebe10d46a4b0
 //   tables/defaults.toml 92db2f7194cc0c16
-//   tables/known_models.toml 222e2f19666c5609
+//   tables/known_models.toml 5798dee00a6f8030
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
 
