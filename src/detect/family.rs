@@ -17,6 +17,7 @@ pub(super) struct FamilyMatcher {
 }
 
 impl FamilyMatcher {
+    #[inline]
     pub(super) fn load(bytes: &'static [u8], families: &'static [Family]) -> Option<FamilyMatcher> {
         let (dfa, _) = DFA::from_bytes(bytes).ok()?;
         let start = dfa.universal_start_state(Anchored::No)?;
