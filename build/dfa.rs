@@ -81,8 +81,8 @@ fn failure(what: &str, e: impl std::fmt::Display) -> Vec<Diagnostic> {
 }
 
 /// Where the size DFA finds the first written size in `name`, searching as
-/// `src/detect.rs` does: anchored at each digit run's start, skipping
-/// `ignore` tokens.
+/// `src/detect/written_size.rs` does: anchored at each digit run's start,
+/// skipping `ignore` tokens.
 pub fn written_size_at(size: &dense::DFA<Vec<u32>>, t: &Tables, name: &[u8]) -> Option<usize> {
     let mut pos = 0;
     while pos < name.len() {

@@ -5,7 +5,7 @@
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
 //   tables/defaults.toml 5219ccd2a943851a
-//   tables/known_models.toml a9487491cb0a93c6
+//   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
 
