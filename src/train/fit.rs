@@ -5,14 +5,12 @@
 
 use serde::Serialize;
 
-use super::model::embedded_config;
 use super::settings::ValueSource;
 use super::spec::{HardwareSummary, RunSpec, Weights};
 use crate::hardware::{DeviceKind, memory_profile};
 use crate::memory::{
     Architecture, Estimate, FitChange, FitConfig, GIB, MIB, RunShape, estimate, fit,
 };
-use crate::qlora::read_config;
 use crate::tables::memory_fit::ESTIMATE_SHARE;
 
 /// Where a budget came from.
@@ -149,27 +147,28 @@ pub enum FitError {
         /// Flags of the nearest configuration that fits, with its estimate.
         suggestion: Option<String>,
     },
-    /// `config.json` could not be read.
-    #[error(transparent)]
-    Config(#[from] crate::qlora::LoadError),
 }
 
-/// The architecture a run will train, without loading weights: `None` for a
-/// model known by name whose size is unknown.
-pub fn architecture(spec: &RunSpec) -> Result<Option<(Architecture, &'static str)>, FitError> {
-    Ok(match spec.weights {
-        Weights::Embedded => Some((Architecture::from_config(&embedded_config()), "embedded")),
-        Weights::LocalDir => Some((
-            Architecture::from_config(&read_config(std::path::Path::new(&spec.model))?),
-            "config_json",
-        )),
+/// The architecture the memory model estimates: the spec's, or for a model
+/// known by name the reference shape nearest its size; `None` when even the
+/// size is unknown.
+pub fn architecture(spec: &RunSpec) -> Option<(Architecture, &'static str)> {
+    if let Some(c) = &spec.architecture {
+        let source = match spec.weights {
+            Weights::Embedded => "embedded",
+            _ => "config_json",
+        };
+        return Some((Architecture::from_config(c), source));
+    }
+    match spec.weights {
+        Weights::Embedded | Weights::LocalDir => None,
         Weights::NameOnly => (spec.model_size.params_b > 0.0).then(|| {
             (
                 Architecture::for_params((spec.model_size.params_b * 1e9).round() as u64),
                 "reference_shape",
             )
         }),
-    })
+    }
 }
 
 fn shape(spec: &RunSpec) -> FitConfig {
@@ -223,7 +222,7 @@ pub fn check(
         changed: Vec::new(),
         report: None,
     };
-    let Some((arch, architecture_source)) = architecture(spec)? else {
+    let Some((arch, architecture_source)) = architecture(spec) else {
         return Ok(out);
     };
     let current = shape(spec);

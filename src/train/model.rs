@@ -9,6 +9,7 @@ use serde_json::json;
 use super::spec::{RunSpec, Weights};
 use super::tokenizer::{Tokenizer, TokenizerError};
 use crate::qlora::lora::LoraConfig;
+use crate::qlora::load::validate_config;
 use crate::qlora::{
     FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, RandomWeights, SafetensorsDir,
     read_config,
@@ -110,7 +111,8 @@ pub fn build_with(
     let dev = Device::Cpu;
     match spec.weights {
         Weights::Embedded => {
-            let c = embedded_config();
+            let c = spec.architecture.clone().unwrap_or_else(embedded_config);
+            validate_config(&c, Path::new("the embedded model's config"))?;
             let opts = options(spec, &c, storage);
             let w = RandomWeights::new(&c, embedded::WEIGHT_SEED, &dev);
             Ok((LlamaModel::new(&c, &w, &opts)?, Tokenizer::Bytes))
@@ -118,7 +120,15 @@ pub fn build_with(
         Weights::NameOnly => Err(ModelError::NotLocal(spec.model.clone())),
         Weights::LocalDir => {
             let dir = Path::new(&spec.model);
-            let c = read_config(dir)?;
+            // The spec's architecture (from plan, or from a checkpoint),
+            // checked again: a checkpoint is a file like any other.
+            let c = match &spec.architecture {
+                Some(c) => {
+                    validate_config(c, &dir.join("config.json"))?;
+                    c.clone()
+                }
+                None => read_config(dir)?,
+            };
             if let Some(t) = c.model_type.as_deref()
                 && !matches!(t, "llama" | "mistral" | "qwen2")
             {

@@ -24,10 +24,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::collective::Collective;
+use super::model::embedded_config;
 use super::settings::{Fallback, Settings, SettingsError, TrainSettings, ValueSources};
 use crate::detect::{ModelSize, detect_model_size};
 use crate::files::{FilesError, detect_model_size_from_path};
 use crate::hardware::MachineProfile;
+use crate::qlora::{LlamaConfig, LoadError, read_config};
 use crate::hardware::resolve::{DeviceOverride, HardwareOverride, HardwareSource, ResolveError};
 use crate::scale::scale_profile_for_category;
 use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, trainer};
@@ -57,6 +59,9 @@ pub enum PlanError {
         /// Why.
         source: FilesError,
     },
+    /// The local model's `config.json` cannot be read or is invalid.
+    #[error(transparent)]
+    Model(#[from] LoadError),
     /// A value is out of range.
     #[error("{name} is {value}: {why}")]
     Invalid {
@@ -119,6 +124,12 @@ pub struct RunSpec {
     pub weights: Weights,
     /// The model's size: category, parameters (billions) and source.
     pub model_size: ModelSizeSummary,
+    /// The model's architecture, parsed and validated once: the local
+    /// directory's `config.json`, or the embedded model's; `None` for a
+    /// model known only by name (the memory model then takes the published
+    /// shape nearest its size). The memory check, the model builder and
+    /// `train merge` all take this one value.
+    pub architecture: Option<LlamaConfig>,
     /// The resolved settings (flattened: `lora_rank`, `max_steps`, ...).
     #[serde(flatten)]
     pub settings: TrainSettings,
@@ -314,6 +325,11 @@ pub fn plan(
     detect: impl FnOnce() -> Option<MachineProfile>,
 ) -> Result<RunPlan, PlanError> {
     let (model, weights, size) = model_and_size(settings.model.as_deref())?;
+    let architecture = match weights {
+        Weights::Embedded => Some(embedded_config()),
+        Weights::LocalDir => Some(read_config(Path::new(&model))?),
+        Weights::NameOnly => None,
+    };
     let hw = crate::hardware::resolve::resolve_machine(
         &HardwareOverride {
             generation: settings.generation,
@@ -357,6 +373,7 @@ pub fn plan(
         model,
         weights,
         model_size: ModelSizeSummary::of(&size),
+        architecture,
         settings: resolved,
         min_lr_ratio: trainer::MIN_LR_RATIO,
         adam_betas: (trainer::ADAM_BETA1, trainer::ADAM_BETA2),

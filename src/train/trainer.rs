@@ -265,6 +265,13 @@ impl<'c> Trainer<'c> {
                 mine.settings.lora_rank
             )));
         }
+        if theirs.architecture != mine.architecture {
+            return Err(TrainError::Resume(format!(
+                "{} was written for a model of another architecture than {}'s config.json now describes",
+                path.display(),
+                mine.model
+            )));
+        }
         self.check_world(&path, &ck.state)?;
         for (name, var) in self.optimizer.vars() {
             let a = ck
