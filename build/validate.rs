@@ -481,6 +481,13 @@ pub static SETTINGS: &[Setting] = &[
         "Seconds a rank waits in one collective call before it gives up.",
     ),
     int(
+        "trainer",
+        "max_small_file_bytes",
+        1 << 10,
+        1 << 40,
+        "Largest small file read whole (config.json, tokenizer_config.json, a shard index, the saved profile, a --config file), bytes.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

@@ -19,7 +19,7 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        source: crate::safe_io::ReadError,
     },
     /// The file is not a valid profile; it is left untouched.
     #[error("saved profile {path} is not a valid profile (left untouched; fix or delete it)")]
@@ -56,9 +56,9 @@ pub fn default_profile_path() -> Result<PathBuf, StoreError> {
 /// Loads the profile at `path`. A missing file is `Ok(None)`; an unreadable
 /// or invalid one is an error, and the file is not touched.
 pub fn load_profile(path: &Path) -> Result<Option<HardwareProfile>, StoreError> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::safe_io::read_small(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.is_not_found() => return Ok(None),
         Err(source) => {
             return Err(StoreError::Read {
                 path: path.to_path_buf(),

@@ -155,3 +155,62 @@ fn config_values_no_model_can_be_built_with_are_named() {
         }
     }
 }
+
+/// Small files that are not regular files, or endless: a FIFO (opening it
+/// for reading would wait for a writer forever), `/dev/zero` (reading it
+/// never ends), a directory where a file should be.
+#[cfg(unix)]
+#[test]
+fn special_files_are_refused_by_name_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = |p: &Path| {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    // config.json as a FIFO: the dry run and a real run.
+    let m = model_dir(dir.path());
+    std::fs::remove_file(m.join("config.json")).unwrap();
+    fifo(&m.join("config.json"));
+    for dry in [true, false] {
+        let t = Instant::now();
+        let out = run(dir.path(), &m, dry);
+        refused(&out, t, &["config.json", "not a regular file"]);
+    }
+    // tokenizer_config.json as /dev/zero, then as a directory: present but
+    // unreadable is an error, not "no chat template".
+    let m = dir.path().join("model2");
+    train_common::write_local_model(&m);
+    let tc = m.join("tokenizer_config.json");
+    std::fs::remove_file(&tc).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &tc).unwrap();
+    let t = Instant::now();
+    let out = run(dir.path(), &m, false);
+    refused(&out, t, &["tokenizer_config.json", "not a regular file"]);
+    std::fs::remove_file(&tc).unwrap();
+    std::fs::create_dir(&tc).unwrap();
+    let t = Instant::now();
+    let out = run(dir.path(), &m, false);
+    refused(&out, t, &["tokenizer_config.json", "a directory"]);
+    // A --config file that is a FIFO, and a saved profile that is /dev/zero.
+    let cfg = dir.path().join("run.toml");
+    fifo(&cfg);
+    let t = Instant::now();
+    let out = Command::from_std(train_common::train_without_profile(dir.path()))
+        .args(["--dry-run", "--config"])
+        .arg(&cfg)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    refused(&out, t, &["run.toml", "not a regular file"]);
+    let profile = dir.path().join("zero-profile.json");
+    std::os::unix::fs::symlink("/dev/zero", &profile).unwrap();
+    let t = Instant::now();
+    let out = Command::from_std(train_common::train_in(dir.path()))
+        .args(["--dry-run", "--profile-path"])
+        .arg(&profile)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    refused(&out, t, &["zero-profile.json", "not a regular file"]);
+}

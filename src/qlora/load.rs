@@ -31,6 +31,10 @@ pub enum LoadError {
         /// The error.
         source: std::io::Error,
     },
+    /// A small file could not be read, or is not a regular file, or is too
+    /// large.
+    #[error(transparent)]
+    Read(#[from] crate::safe_io::ReadError),
     /// A JSON file is malformed.
     #[error("cannot parse {path}")]
     Json {
@@ -393,11 +397,8 @@ impl WeightSource for SafetensorsDir {
 /// Reads and validates `dir/config.json` ([`validate_config`]).
 pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let config = serde_json::from_str(&text).map_err(|source| LoadError::Json {
+    let text = crate::safe_io::read_small(&path)?;
+    let config = serde_json::from_slice(&text).map_err(|source| LoadError::Json {
         path: path.clone(),
         source,
     })?;

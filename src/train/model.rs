@@ -8,8 +8,8 @@ use serde_json::json;
 
 use super::spec::{RunSpec, Weights};
 use super::tokenizer::{Tokenizer, TokenizerError};
-use crate::qlora::lora::LoraConfig;
 use crate::qlora::load::validate_config;
+use crate::qlora::lora::LoraConfig;
 use crate::qlora::{
     FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, RandomWeights, SafetensorsDir,
     read_config,

@@ -279,7 +279,7 @@ pub enum SettingsError {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        source: crate::safe_io::ReadError,
     },
     /// Not valid TOML, an unknown key or a bad value.
     #[error("config file {path}: {message}")]
@@ -307,10 +307,11 @@ impl Settings {
     /// naming the file (and the key, line and column). Relative paths in it
     /// are taken relative to the file's directory.
     pub fn from_file(path: &Path) -> Result<Settings, SettingsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::safe_io::read_small_string(path).map_err(|source| SettingsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let mut s: Settings = toml::from_str(&text).map_err(|e| SettingsError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', " "),

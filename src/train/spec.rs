@@ -29,8 +29,8 @@ use super::settings::{Fallback, Settings, SettingsError, TrainSettings, ValueSou
 use crate::detect::{ModelSize, detect_model_size};
 use crate::files::{FilesError, detect_model_size_from_path};
 use crate::hardware::MachineProfile;
-use crate::qlora::{LlamaConfig, LoadError, read_config};
 use crate::hardware::resolve::{DeviceOverride, HardwareOverride, HardwareSource, ResolveError};
+use crate::qlora::{LlamaConfig, LoadError, read_config};
 use crate::scale::scale_profile_for_category;
 use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, trainer};
 

@@ -36,6 +36,10 @@ pub enum TokenizerError {
         /// Why.
         source: tokenizers::Error,
     },
+    /// A tokenizer file exists but cannot be read (unreadable, not a
+    /// regular file, too large): absent is not unreadable.
+    #[error(transparent)]
+    Read(#[from] crate::safe_io::ReadError),
     /// `tokenizer_config.json` is not valid JSON.
     #[error("{path}")]
     Config {
@@ -107,20 +111,26 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(TokenizerError::Missing(path));
         }
+        let bytes = crate::safe_io::read_small(&path)?;
         let tokenizer =
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Load {
                 path: path.clone(),
                 source: e,
             })?;
+        drop(bytes);
         let cfg_path = dir.join("tokenizer_config.json");
-        let config: serde_json::Value = match std::fs::read(&cfg_path) {
+        // Absent: no template, no BOS/EOS. Present but unreadable (no
+        // permission, a directory, a FIFO, too large): an error, so a run
+        // never trains the wrong format silently.
+        let config: serde_json::Value = match crate::safe_io::read_small(&cfg_path) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes).map_err(|source| TokenizerError::Config {
                     path: cfg_path.clone(),
                     source,
                 })?
             }
-            Err(_) => serde_json::Value::Null,
+            Err(e) if e.is_not_found() => serde_json::Value::Null,
+            Err(e) => return Err(e.into()),
         };
         let id = |key| special(&config, key).and_then(|t| tokenizer.token_to_id(&t));
         let (bos, eos) = (id("bos_token"), id("eos_token"));
