@@ -4,7 +4,7 @@
 //   tables/detect.toml 87d1d15310e859d7
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml 5219ccd2a943851a
+//   tables/defaults.toml 5d79d95fa517a8b1
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1458,6 +1458,14 @@ pub mod trainer {
     pub const KEEP_CHECKPOINTS: u64 = 3;
     ///Seconds a rank waits in one collective call before it gives up.
     pub const COLLECTIVE_TIMEOUT_S: u64 = 600;
+    ///Longest line of a data file, bytes; longer lines are bad lines.
+    pub const MAX_LINE_BYTES: u64 = 16777216;
+    ///Bytes of a record's text tokenized per token wanted (first try; doubled as needed).
+    pub const TOKENIZE_PREFIX_BYTES_PER_TOKEN: u64 = 16;
+    ///Bad data lines shown one by one; the rest are counted.
+    pub const BAD_LINES_SHOWN: u64 = 10;
+    ///A progress line every this many MiB read of a data file.
+    pub const LOAD_PROGRESS_MIB: u64 = 256;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
