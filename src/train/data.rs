@@ -22,9 +22,16 @@
 //! them. Sequences are truncated to the run's `seq_len`; an example left
 //! with no target token is skipped.
 //!
-//! A line that is not valid JSON or not one of the shapes above is reported
+//! A line that is not valid JSON or not one of the shapes above, or longer
+//! than `[trainer] max_line_bytes` of `tables/defaults.toml`, is reported
 //! with its file and line number, skipped and counted (or fatal with
-//! `strict`). Empty lines are ignored.
+//! `strict`); the first `bad_lines_shown` are kept, the rest only counted.
+//! Empty lines are ignored.
+//!
+//! Files are streamed line by line: no more than one line (at most
+//! `max_line_bytes`) is held at once, and a record's text is tokenized from
+//! a prefix long enough for `seq_len` tokens ([`tokenize_truncated`]), not
+//! in full.
 //!
 //! ```
 //! use qlora_scale::train::data::{Record, parse_line};
@@ -33,6 +40,7 @@
 //! assert!(parse_line(r#"{"txt": "typo"}"#).is_err());
 //! ```
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -42,6 +50,9 @@ use rand::seq::SliceRandom;
 use serde::Deserialize;
 
 use super::tokenizer::{Tokenizer, TokenizerError};
+use crate::tables::trainer::{
+    BAD_LINES_SHOWN, LOAD_PROGRESS_MIB, MAX_LINE_BYTES, TOKENIZE_PREFIX_BYTES_PER_TOKEN,
+};
 
 /// The default corpus's training split (`data/default/train.jsonl`), built
 /// into the binary and used without `--data-dir`.
@@ -149,8 +160,10 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
 pub struct Dataset {
     /// Tokenized examples, in file order.
     pub examples: Vec<Example>,
-    /// Bad lines (skipped).
+    /// The first bad lines (skipped), at most `[trainer] bad_lines_shown`.
     pub bad_lines: Vec<BadLine>,
+    /// Every bad line skipped, those in `bad_lines` included.
+    pub bad_line_count: usize,
     /// Records left with no target token after truncation.
     pub skipped_empty: usize,
 }
@@ -165,24 +178,28 @@ impl Dataset {
     }
 }
 
-/// Reads and tokenizes `path`. Bad lines are collected (fatal when
-/// `strict`); examples are truncated to `seq_len` tokens.
+/// The longest line a data file may hold, in bytes (`[trainer]
+/// max_line_bytes`).
+pub const MAX_LINE: usize = MAX_LINE_BYTES as usize;
+
+/// Reads and tokenizes `path`, streamed line by line. Bad lines are
+/// collected (fatal when `strict`); examples are truncated to `seq_len`
+/// tokens.
 pub fn load_jsonl(
     path: &Path,
     tokenizer: &Tokenizer,
     seq_len: usize,
     strict: bool,
 ) -> Result<Dataset, DataError> {
-    let text = std::fs::read(path).map_err(|source| DataError::Io {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_jsonl(path, &text, tokenizer, seq_len, strict)
+    read_jsonl(path, BufReader::new(file), tokenizer, seq_len, strict)
 }
 
-/// Parses and tokenizes JSONL `text`; `path` names it in messages. Bad lines
-/// are collected (fatal when `strict`); examples are truncated to `seq_len`
-/// tokens.
+/// Parses and tokenizes JSONL `text` (the built-in corpus); `path` names it
+/// in messages. As [`read_jsonl`].
 pub fn parse_jsonl(
     path: &Path,
     text: &[u8],
@@ -190,35 +207,118 @@ pub fn parse_jsonl(
     seq_len: usize,
     strict: bool,
 ) -> Result<Dataset, DataError> {
+    read_jsonl(path, text, tokenizer, seq_len, strict)
+}
+
+/// One line of a data file read with at most [`MAX_LINE`] bytes held.
+enum Line {
+    /// The line, without its newline.
+    Ok,
+    /// Longer than the cap: the rest up to the newline was skipped.
+    TooLong,
+    /// End of the input.
+    End,
+}
+
+/// Reads the next line of `reader` into `buf` (cleared first): never more
+/// than `max + 1` bytes are buffered; a longer line is skipped to its
+/// newline.
+fn next_line<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+    read: &mut u64,
+) -> std::io::Result<Line> {
+    buf.clear();
+    let limit = max as u64 + 1;
+    let n = reader.by_ref().take(limit).read_until(b'\n', buf)?;
+    *read += n as u64;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        return Ok(Line::Ok);
+    }
+    if (buf.len() as u64) < limit {
+        // The last line, without a newline.
+        return Ok(Line::Ok);
+    }
+    buf.clear();
+    buf.shrink_to(max.min(1 << 16));
+    *read += reader.skip_until(b'\n')? as u64;
+    Ok(Line::TooLong)
+}
+
+/// Parses and tokenizes the JSONL of `reader`, one line at a time; `path`
+/// names it in messages. Bad lines (invalid, or over `[trainer]
+/// max_line_bytes`) are collected, the first `bad_lines_shown` kept and all
+/// counted (the first is fatal when `strict`); examples are truncated to
+/// `seq_len` tokens. A progress line is logged every `load_progress_mib`
+/// MiB read.
+pub fn read_jsonl<R: BufRead>(
+    path: &Path,
+    mut reader: R,
+    tokenizer: &Tokenizer,
+    seq_len: usize,
+    strict: bool,
+) -> Result<Dataset, DataError> {
+    let io = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let progress_every = LOAD_PROGRESS_MIB << 20;
+    let mut next_progress = progress_every;
+    let mut read = 0u64;
     let mut out = Dataset::default();
-    for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
-        let line_no = i + 1;
+    let mut buf = Vec::new();
+    let mut line_no = 0usize;
+    loop {
+        let line = next_line(&mut reader, &mut buf, MAX_LINE, &mut read).map_err(io)?;
+        if read >= next_progress {
+            tracing::info!(
+                "{}: {} MiB read, {} examples",
+                path.display(),
+                read >> 20,
+                out.examples.len()
+            );
+            next_progress = (read / progress_every + 1) * progress_every;
+        }
+        line_no += 1;
         let bad = |message: String| BadLine {
             path: path.to_path_buf(),
             line: line_no,
             message,
         };
-        let record = match std::str::from_utf8(raw) {
-            Err(e) => Err(bad(format!("not UTF-8: {e}"))),
-            Ok(s) if s.trim().is_empty() => continue,
-            Ok(s) => parse_line(s).map_err(bad),
+        let record = match line {
+            Line::End => break,
+            Line::TooLong => Err(bad(format!(
+                "line longer than {MAX_LINE} bytes (the cap, [trainer] max_line_bytes)"
+            ))),
+            Line::Ok => match std::str::from_utf8(&buf) {
+                Err(e) => Err(bad(format!("not UTF-8: {e}"))),
+                Ok(s) if s.trim().is_empty() => continue,
+                Ok(s) => parse_line(s).map_err(bad),
+            },
         };
         let record = match record {
             Ok(r) => r,
             Err(b) if strict => return Err(DataError::Strict(b)),
             Err(b) => {
-                out.bad_lines.push(b);
+                out.bad_line_count += 1;
+                if out.bad_lines.len() < BAD_LINES_SHOWN as usize {
+                    out.bad_lines.push(b);
+                }
                 continue;
             }
         };
-        let ex = tokenize(&record, tokenizer).map_err(|source| DataError::Tokenize {
-            path: path.to_path_buf(),
-            line: line_no,
-            source,
+        let ex = tokenize_truncated(&record, tokenizer, seq_len).map_err(|source| {
+            DataError::Tokenize {
+                path: path.to_path_buf(),
+                line: line_no,
+                source,
+            }
         })?;
-        let mut ex = ex;
-        ex.ids.truncate(seq_len);
-        ex.targets.truncate(seq_len);
         // Position 0 is never predicted: a target needs a token before it.
         if ex.targets.iter().skip(1).all(|&t| t == 0) {
             out.skipped_empty += 1;
@@ -229,6 +329,59 @@ pub fn parse_jsonl(
     Ok(out)
 }
 
+/// The first `want` token ids of `text`, exactly as of [`Tokenizer::encode`]
+/// on the whole text, without tokenizing all of a long text.
+///
+/// A prefix of `want * tokenize_prefix_bytes_per_token` bytes (cut at a char
+/// boundary) is tokenized; when it is shorter than the text and gives fewer
+/// than `2 * want` tokens, the prefix is doubled and tokenized again, until
+/// it does or is the whole text. The cut can change only the tokens of the
+/// pre-tokenizer's word it falls in (BPE merges, WordPiece and word-level
+/// lookups stay within a word), so with `want` more tokens after the kept
+/// ones those are the whole text's. The one approximation: a single word of
+/// more than `want` tokens that straddles the cut, whose BPE merges could in
+/// principle cascade back that far; normal text never has one. Work is
+/// bounded by about twice the prefix finally needed, not the text.
+pub fn encode_prefix(tok: &Tokenizer, text: &str, want: usize) -> Result<Vec<u32>, TokenizerError> {
+    if want == 0 {
+        return Ok(Vec::new());
+    }
+    let mut limit = want.saturating_mul(TOKENIZE_PREFIX_BYTES_PER_TOKEN as usize);
+    loop {
+        if limit >= text.len() {
+            let mut ids = tok.encode(text)?;
+            ids.truncate(want);
+            return Ok(ids);
+        }
+        let mut cut = limit;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let mut ids = tok.encode(&text[..cut])?;
+        if ids.len() >= want.saturating_mul(2) {
+            ids.truncate(want);
+            return Ok(ids);
+        }
+        limit = limit.saturating_mul(2);
+    }
+}
+
+/// [`tokenize`], truncated to `seq_len` tokens, tokenizing only as much of
+/// each piece of text as can still be kept ([`encode_prefix`]): the same
+/// example as `tokenize` then truncating.
+pub fn tokenize_truncated(
+    record: &Record,
+    tok: &Tokenizer,
+    seq_len: usize,
+) -> Result<Example, TokenizerError> {
+    let mut ex = build(record, tok, |ex: &Example, text: &str| {
+        encode_prefix(tok, text, seq_len.saturating_sub(ex.ids.len()))
+    })?;
+    ex.ids.truncate(seq_len);
+    ex.targets.truncate(seq_len);
+    Ok(ex)
+}
+
 fn push(ex: &mut Example, ids: &[u32], target: bool) {
     ex.ids.extend_from_slice(ids);
     ex.targets
@@ -237,6 +390,15 @@ fn push(ex: &mut Example, ids: &[u32], target: bool) {
 
 /// Tokenizes a record (see the module docs for the template and masks).
 pub fn tokenize(record: &Record, tok: &Tokenizer) -> Result<Example, TokenizerError> {
+    build(record, tok, |_: &Example, text: &str| tok.encode(text))
+}
+
+/// The example of `record`, each piece of text tokenized by `encode` (given
+/// the example so far).
+fn build<E>(record: &Record, tok: &Tokenizer, mut encode: E) -> Result<Example, TokenizerError>
+where
+    E: FnMut(&Example, &str) -> Result<Vec<u32>, TokenizerError>,
+{
     let mut ex = Example {
         ids: Vec::new(),
         targets: Vec::new(),
@@ -251,7 +413,8 @@ pub fn tokenize(record: &Record, tok: &Tokenizer) -> Result<Example, TokenizerEr
             push(&mut ex, &[b], false);
         }
         for (text, trained) in &segments {
-            push(&mut ex, &tok.encode(text)?, *trained);
+            let ids = encode(&ex, text)?;
+            push(&mut ex, &ids, *trained);
         }
         return Ok(ex);
     }
@@ -261,23 +424,29 @@ pub fn tokenize(record: &Record, tok: &Tokenizer) -> Result<Example, TokenizerEr
     let eos: Vec<u32> = tok.eos().into_iter().collect();
     match record {
         Record::Text { text } => {
-            push(&mut ex, &tok.encode(text)?, true);
+            let ids = encode(&ex, text)?;
+            push(&mut ex, &ids, true);
             push(&mut ex, &eos, true);
         }
         Record::PromptCompletion { prompt, completion } => {
-            push(&mut ex, &tok.encode(prompt)?, false);
-            push(&mut ex, &tok.encode(completion)?, true);
+            let ids = encode(&ex, prompt)?;
+            push(&mut ex, &ids, false);
+            let ids = encode(&ex, completion)?;
+            push(&mut ex, &ids, true);
             push(&mut ex, &eos, true);
         }
         Record::Messages { messages } => {
             for m in messages {
-                push(&mut ex, &tok.encode(&format!("<|{}|>\n", m.role))?, false);
+                let ids = encode(&ex, &format!("<|{}|>\n", m.role))?;
+                push(&mut ex, &ids, false);
                 let assistant = m.role == "assistant";
-                push(&mut ex, &tok.encode(&m.content)?, assistant);
+                let ids = encode(&ex, &m.content)?;
+                push(&mut ex, &ids, assistant);
                 if assistant {
                     push(&mut ex, &eos, true);
                 }
-                push(&mut ex, &tok.encode("\n")?, false);
+                let ids = encode(&ex, "\n")?;
+                push(&mut ex, &ids, false);
             }
         }
     }
@@ -339,12 +508,18 @@ impl TrainData {
         Ok(data)
     }
 
-    /// Every bad line skipped, training split first.
+    /// Bad lines skipped, training split first: the first few of each
+    /// split ([`Dataset::bad_lines`]); [`Self::bad_line_count`] counts all.
     pub fn bad_lines(&self) -> impl Iterator<Item = &BadLine> {
         self.train
             .bad_lines
             .iter()
             .chain(self.valid.iter().flat_map(|v| &v.bad_lines))
+    }
+
+    /// Every bad line skipped, in both splits.
+    pub fn bad_line_count(&self) -> usize {
+        self.train.bad_line_count + self.valid.as_ref().map_or(0, |v| v.bad_line_count)
     }
 
     /// A fingerprint of the training examples (count and CRC-32 of their
@@ -463,5 +638,97 @@ impl Batch {
             attention: Tensor::from_vec(att, (b, t), dev)?,
             targets: Tensor::from_vec(tgt, (b, t), dev)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], max: usize) -> Vec<Option<Vec<u8>>> {
+        let mut r = input;
+        let (mut buf, mut read, mut out) = (Vec::new(), 0, Vec::new());
+        loop {
+            match next_line(&mut r, &mut buf, max, &mut read).unwrap() {
+                Line::End => break,
+                Line::Ok => out.push(Some(buf.clone())),
+                Line::TooLong => out.push(None),
+            }
+        }
+        assert_eq!(read, input.len() as u64);
+        out
+    }
+
+    #[test]
+    fn lines_over_the_cap_are_skipped_to_their_newline() {
+        let l = lines(b"abcd\nabcdef\n\nxyz", 5);
+        let want: Vec<Option<Vec<u8>>> = vec![
+            Some(b"abcd".to_vec()),
+            None,
+            Some(vec![]),
+            Some(b"xyz".to_vec()),
+        ];
+        assert_eq!(l, want);
+        // Exactly at the cap, with or without the newline.
+        assert_eq!(lines(b"abcde\nabcde", 5).len(), 2);
+        assert!(lines(b"abcde\nabcde", 5).iter().all(Option::is_some));
+        assert_eq!(lines(b"abcdef", 5), vec![None]);
+    }
+
+    #[test]
+    fn prefix_tokenizing_keeps_the_tokens_of_the_whole_text() {
+        let tok = Tokenizer::Bytes;
+        let text = "héllo wörld — ".repeat(500);
+        for want in [0, 1, 2, 3, 7, 16, 100, 1000, 10_000] {
+            let mut all = tok.encode(&text).unwrap();
+            all.truncate(want);
+            assert_eq!(encode_prefix(&tok, &text, want).unwrap(), all, "{want}");
+        }
+        let records = [
+            Record::Text { text: text.clone() },
+            Record::PromptCompletion {
+                prompt: text.clone(),
+                completion: "done".into(),
+            },
+            Record::PromptCompletion {
+                prompt: "q".into(),
+                completion: text.clone(),
+            },
+            Record::Messages {
+                messages: vec![
+                    Message {
+                        role: "user".into(),
+                        content: text.clone(),
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: text.clone(),
+                    },
+                ],
+            },
+        ];
+        for r in &records {
+            for seq_len in [1, 2, 5, 64, 256, 5000, 100_000] {
+                let mut full = tokenize(r, &tok).unwrap();
+                full.ids.truncate(seq_len);
+                full.targets.truncate(seq_len);
+                assert_eq!(tokenize_truncated(r, &tok, seq_len).unwrap(), full);
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_first_bad_lines_are_kept_but_all_are_counted() {
+        let mut text = b"{\"text\": \"the river runs\"}\n".to_vec();
+        for _ in 0..BAD_LINES_SHOWN + 15 {
+            text.extend_from_slice(b"{\"txt\": 1}\n");
+        }
+        let d = parse_jsonl(Path::new("t.jsonl"), &text, &Tokenizer::Bytes, 32, false).unwrap();
+        assert_eq!(d.examples.len(), 1);
+        assert_eq!(d.bad_lines.len(), BAD_LINES_SHOWN as usize);
+        assert_eq!(d.bad_line_count, BAD_LINES_SHOWN as usize + 15);
+        assert_eq!(d.bad_lines[0].line, 2);
+        let e = parse_jsonl(Path::new("t.jsonl"), &text, &Tokenizer::Bytes, 32, true).unwrap_err();
+        assert!(e.to_string().starts_with("t.jsonl:2: "), "{e}");
     }
 }

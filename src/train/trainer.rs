@@ -581,7 +581,7 @@ impl<'c> Trainer<'c> {
         Ok(RunSummary {
             steps: logs,
             resumed_from,
-            bad_lines: self.data.bad_lines().count(),
+            bad_lines: self.data.bad_line_count(),
             tokens_per_s: run_tokens as f64 / secs.max(1e-9),
             peak_rss_mib: peak_rss_mib(),
         })
@@ -635,6 +635,7 @@ pub fn read_metrics(path: &Path) -> Vec<StepLog> {
 }
 
 fn report_bad_lines(data: &TrainData, lead: bool, obs: &mut dyn Observer) {
+    // Only the first few of each split are kept (`[trainer] bad_lines_shown`).
     for b in data.bad_lines() {
         if lead {
             tracing::warn!("skipped bad line {b}");
@@ -642,10 +643,16 @@ fn report_bad_lines(data: &TrainData, lead: bool, obs: &mut dyn Observer) {
             tracing::debug!("skipped bad line {b}");
         }
     }
-    let bad = data.bad_lines().count();
+    let bad = data.bad_line_count();
+    let shown = data.bad_lines().count();
     if bad > 0 && lead {
+        let more = if bad > shown {
+            format!(", {} more not shown", bad - shown)
+        } else {
+            String::new()
+        };
         obs.note(&format!(
-            "{bad} bad data line(s) skipped (first: {}); --strict makes them fatal",
+            "{bad} bad data line(s) skipped (first: {}{more}); --strict makes them fatal",
             data.bad_lines()
                 .next()
                 .map(ToString::to_string)

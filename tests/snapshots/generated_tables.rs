@@ -4,7 +4,7 @@
 //   tables/detect.toml 87d1d15310e859d7
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml b42b0020b0e5c321
+//   tables/defaults.toml 04c37c59915a5bc0
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1460,6 +1460,14 @@ pub mod trainer {
     pub const COLLECTIVE_TIMEOUT_S: u64 = 600;
     ///Largest small file read whole (config.json, tokenizer_config.json, a shard index, the saved profile, a --config file), bytes.
     pub const MAX_SMALL_FILE_BYTES: u64 = 67108864;
+    ///Longest line of a data file, bytes; longer lines are bad lines.
+    pub const MAX_LINE_BYTES: u64 = 16777216;
+    ///Bytes of a record's text tokenized per token wanted (first try; doubled as needed).
+    pub const TOKENIZE_PREFIX_BYTES_PER_TOKEN: u64 = 16;
+    ///Bad data lines shown one by one; the rest are counted.
+    pub const BAD_LINES_SHOWN: u64 = 10;
+    ///A progress line every this many MiB read of a data file.
+    pub const LOAD_PROGRESS_MIB: u64 = 256;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
