@@ -4,7 +4,7 @@
 //   tables/detect.toml 87d1d15310e859d7
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml 5219ccd2a943851a
+//   tables/defaults.toml 8a18a8d866aeb078
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1458,6 +1458,10 @@ pub mod trainer {
     pub const KEEP_CHECKPOINTS: u64 = 3;
     ///Seconds a rank waits in one collective call before it gives up.
     pub const COLLECTIVE_TIMEOUT_S: u64 = 600;
+    ///MiniJinja instructions one rendering of a chat template may run.
+    pub const CHAT_TEMPLATE_FUEL: u64 = 50000000;
+    ///Bytes one rendering of a chat template may write.
+    pub const CHAT_TEMPLATE_MAX_BYTES: u64 = 67108864;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
