@@ -123,6 +123,10 @@ impl ChatTemplate {
     /// print. A syntax error is returned as text naming its line. Each
     /// rendering may run `trainer.chat_template_fuel` instructions and write
     /// `trainer.chat_template_max_bytes` bytes (`tables/defaults.toml`).
+    /// MiniJinja itself refuses a string repetition (`'a' * n`) longer than
+    /// 100 MB. Not bounded: values a template builds without printing them,
+    /// such as a string concatenated with itself (`s ~ s`) again and again,
+    /// which costs one instruction per doubling.
     pub fn new(source: &str, bos: Option<String>, eos: Option<String>) -> Result<Self, String> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
