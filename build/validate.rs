@@ -516,6 +516,20 @@ pub static SETTINGS: &[Setting] = &[
         "A progress line every this many MiB read of a data file.",
     ),
     int(
+        "trainer",
+        "chat_template_fuel",
+        1000,
+        1 << 40,
+        "MiniJinja instructions one rendering of a chat template may run.",
+    ),
+    int(
+        "trainer",
+        "chat_template_max_bytes",
+        1 << 10,
+        1 << 32,
+        "Bytes one rendering of a chat template may write.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

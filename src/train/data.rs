@@ -404,7 +404,14 @@ where
         targets: Vec::new(),
     };
     if let (Record::Messages { messages }, Some(chat)) = (record, tok.chat_template()) {
-        let segments = chat.segments(messages).map_err(TokenizerError::Render)?;
+        let segments = chat
+            .segments(messages)
+            .map_err(|message| TokenizerError::Render {
+                path: chat
+                    .origin()
+                    .map_or_else(|| "chat template".into(), Path::to_path_buf),
+                message,
+            })?;
         // The template writes BOS itself when it wants one.
         let writes_bos = chat.bos_text().is_some_and(|b| {
             !b.is_empty() && segments.first().is_some_and(|(s, _)| s.starts_with(b))

@@ -59,9 +59,14 @@ pub enum TokenizerError {
         /// Why.
         message: String,
     },
-    /// The chat template failed on a conversation.
-    #[error("chat template: {0}")]
-    Render(String),
+    /// The chat template failed on a conversation (or hit a limit).
+    #[error("{path}: chat_template: {message}")]
+    Render {
+        /// `tokenizer_config.json`, or `chat template` when not from a file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
 }
 
 /// A tokenizer.
@@ -153,7 +158,7 @@ impl Tokenizer {
                     special(&config, "bos_token"),
                     special(&config, "eos_token"),
                 )
-                .map(std::sync::Arc::new)
+                .map(|t| std::sync::Arc::new(t.with_origin(cfg_path.clone())))
                 .map_err(|message| TokenizerError::Template {
                     path: cfg_path.clone(),
                     message,

@@ -4,7 +4,7 @@
 //   tables/detect.toml 87d1d15310e859d7
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml 04c37c59915a5bc0
+//   tables/defaults.toml 37214c0daf4fa1d6
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1468,6 +1468,10 @@ pub mod trainer {
     pub const BAD_LINES_SHOWN: u64 = 10;
     ///A progress line every this many MiB read of a data file.
     pub const LOAD_PROGRESS_MIB: u64 = 256;
+    ///MiniJinja instructions one rendering of a chat template may run.
+    pub const CHAT_TEMPLATE_FUEL: u64 = 50000000;
+    ///Bytes one rendering of a chat template may write.
+    pub const CHAT_TEMPLATE_MAX_BYTES: u64 = 67108864;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
