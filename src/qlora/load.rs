@@ -362,6 +362,21 @@ impl WeightSource for SafetensorsDir {
             .metadata
             .info(name)
             .ok_or_else(|| bad("not in the header".into()))?;
+        // Weights are float: an integer tensor (an I64 buffer, a packed
+        // quantized weight) converted to float would load as garbage.
+        if !matches!(
+            info.dtype,
+            safetensors::Dtype::F16
+                | safetensors::Dtype::BF16
+                | safetensors::Dtype::F32
+                | safetensors::Dtype::F64
+        ) {
+            return Err(bad(format!(
+                "dtype {:?} is not a float type (F16, BF16, F32 or F64): refused as a weight",
+                info.dtype
+            )
+            .into()));
+        }
         let (start, end) = info.data_offsets;
         let (start, end) = (shard.data_start + start, shard.data_start + end);
         let bytes = shard
