@@ -333,3 +333,33 @@ fn the_loader_refuses_an_integer_weight() {
     let src = SafetensorsDir::open(dir.path(), &Device::Cpu).unwrap();
     LlamaModel::new(&cfg, &src, &ModelOptions::default()).unwrap();
 }
+
+#[test]
+fn the_loader_refuses_a_duplicate_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::tiny(1, 32, 48, 37);
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec(&cfg).unwrap(),
+    )
+    .unwrap();
+    let json = concat!(
+        r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#,
+        r#""w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#
+    );
+    std::fs::write(dir.path().join("model.safetensors"), file_bytes(json, 4)).unwrap();
+    let err = SafetensorsDir::open(dir.path(), &Device::Cpu).unwrap_err();
+    let message = chain_message(&err);
+    assert!(message.contains("model.safetensors"), "{message}");
+    assert!(
+        message.contains("key \"w\" appears more than once"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_duplicate_field_inside_an_entry_is_refused() {
+    let json = r#"{"w":{"dtype":"F32","dtype":"I8","shape":[1],"data_offsets":[0,4]}}"#;
+    let err = header_error(json, 4);
+    assert!(matches!(err, SafetensorsError::Json(_)), "{err}");
+}

@@ -292,6 +292,15 @@ impl SafetensorsDir {
             // SAFETY: mapped read-only; like every mmap-based loader we
             // assume nobody truncates the file while the model is built.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io(f))?;
+            // Size detection's checks first: they refuse what the
+            // `safetensors` crate lets through (a duplicate key, whose last
+            // entry it keeps) with an error naming the key or tensor.
+            crate::files::read_safetensors_header(&mmap[..], mmap.len() as u64).map_err(|e| {
+                LoadError::Safetensors {
+                    path: f.clone(),
+                    source: e.into(),
+                }
+            })?;
             let (n, metadata) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Safetensors {
                     path: f.clone(),
