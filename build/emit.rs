@@ -291,6 +291,7 @@ fn detect_items(t: &Tables, override_splits: &[dfa::OverrideSplit]) -> TokenStre
     let cache_separator = t.cache_separator.as_str();
     let cache_prefix = t.cache_prefix.as_str();
     let disagreement = f64_lit(t.disagreement_fraction);
+    let max_header = Literal::u64_unsuffixed(u64::from(t.max_safetensors_header_bytes));
     quote! {
         /// What each detection pattern marks, by pattern id.
         pub const PATTERN_KINDS: [PatternKind; #n_pat] = [ #( #kinds ),* ];
@@ -314,6 +315,9 @@ fn detect_items(t: &Tables, override_splits: &[dfa::OverrideSplit]) -> TokenStre
         /// Sources of a local model's size that differ from the chosen count
         /// by more than this fraction are reported as disagreeing.
         pub const DISAGREEMENT_FRACTION: f64 = #disagreement;
+        /// Safetensors headers longer than this many bytes are refused
+        /// before they are read.
+        pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = #max_header;
         /// A cache component (`models--ORG--NAME`) starts with this.
         pub const CACHE_PREFIX: &str = #cache_prefix;
         /// In a cache component the name follows the last one.

@@ -89,6 +89,7 @@ pub struct DetectFile {
 #[serde(deny_unknown_fields)]
 pub struct FilesRules {
     pub disagreement_fraction: S<f64>,
+    pub max_safetensors_header_bytes: S<i64>,
 }
 
 #[derive(Deserialize)]

@@ -169,6 +169,8 @@ pub struct Tables {
     pub hash_min_len: u32,
     /// Files sources differing by more than this fraction disagree.
     pub disagreement_fraction: f64,
+    /// Longest safetensors header read, in bytes.
+    pub max_safetensors_header_bytes: u32,
     pub cache_prefix: String,
     pub cache_separator: String,
     pub budget_fraction: f64,
@@ -265,6 +267,7 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         skip_segments: detect.skip_segments,
         hash_min_len: detect.hash_min_len,
         disagreement_fraction: detect.disagreement_fraction,
+        max_safetensors_header_bytes: detect.max_safetensors_header_bytes,
         cache_prefix: detect.cache_prefix,
         cache_separator: detect.cache_separator,
         budget_fraction: hardware.budget_fraction,

@@ -15,6 +15,7 @@ pub(super) struct Detect {
     pub cache_separator: String,
     pub cache_prefix: String,
     pub disagreement_fraction: f64,
+    pub max_safetensors_header_bytes: u32,
 }
 
 pub(super) fn check(f: &mut FileChecker, t: &DetectFile) -> Detect {
@@ -45,6 +46,12 @@ pub(super) fn check(f: &mut FileChecker, t: &DetectFile) -> Detect {
             format!("disagreement_fraction is {disagreement_fraction}, must be in (0, 1)"),
         );
     }
+    let max_safetensors_header_bytes = f.int(
+        &t.files.get_ref().max_safetensors_header_bytes,
+        "max_safetensors_header_bytes",
+        1 << 20,
+        1 << 30,
+    );
     Detect {
         patterns,
         units,
@@ -54,6 +61,7 @@ pub(super) fn check(f: &mut FileChecker, t: &DetectFile) -> Detect {
         cache_separator,
         cache_prefix,
         disagreement_fraction,
+        max_safetensors_header_bytes,
     }
 }
 

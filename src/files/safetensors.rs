@@ -8,14 +8,15 @@
 //! API wants the whole file (or a memory map of it): we read exactly
 //! `8 + header_len` bytes and never touch tensor data.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, Read};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// The largest header accepted, the limit the reference `safetensors`
-/// implementation enforces (100 MB). Real headers are a few MB at most.
-pub const MAX_HEADER_LEN: u64 = 100_000_000;
+/// The largest header accepted (`tables/detect.toml`, `[files]`), the limit
+/// the reference `safetensors` implementation enforces (100 MB). Real
+/// headers are a few MB at most.
+pub const MAX_HEADER_LEN: u64 = crate::tables::MAX_SAFETENSORS_HEADER_BYTES;
 
 /// The default bit width of packed weights when the config does not say.
 const DEFAULT_BITS: u32 = 4;
@@ -54,6 +55,43 @@ pub enum SafetensorsError {
     Overflow {
         /// The tensor whose count overflowed.
         name: String,
+    },
+    /// A key appears twice in the header (JSON parsers would silently keep
+    /// one of the entries).
+    #[error("key {name:?} appears more than once in the header")]
+    DuplicateKey {
+        /// The repeated key.
+        name: String,
+    },
+    /// A tensor's dtype is not one safetensors defines.
+    #[error("tensor {name:?}: unknown dtype {dtype:?}")]
+    UnknownDtype {
+        /// The tensor.
+        name: String,
+        /// The dtype as written.
+        dtype: String,
+    },
+    /// A tensor's shape in its dtype does not fill its `data_offsets`.
+    #[error(
+        "tensor {name:?}: shape × dtype ({elements} {dtype} elements) does not match the {span} bytes its data_offsets span"
+    )]
+    SizeMismatch {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+        /// The product of its shape.
+        elements: u64,
+        /// `end - start` of its `data_offsets`.
+        span: u64,
+    },
+    /// Two tensors share bytes of the data section.
+    #[error("tensors {first:?} and {second:?} overlap in the data section")]
+    Overlap {
+        /// The tensor that starts first.
+        first: String,
+        /// The tensor that starts inside it.
+        second: String,
     },
     /// A read failed.
     #[error("read failed")]
@@ -228,26 +266,86 @@ fn read_exact<R: Read>(
     })
 }
 
-/// Parses header JSON; `data_len` is the length of the data section, which
-/// every tensor's `data_offsets` must lie within.
-fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<TensorEntry>, SafetensorsError> {
-    let map: Map<String, Value> = serde_json::from_slice(header).map_err(SafetensorsError::Json)?;
-    let mut tensors = Vec::with_capacity(map.len());
-    for (name, entry) in map {
-        if name == "__metadata__" {
-            continue;
+/// The header as written: every key in file order, duplicates kept (a
+/// `Map` would keep only the last), `__metadata__` as `None`.
+struct RawHeader(Vec<(String, Option<RawEntry>)>);
+
+/// One tensor's entry, each field left as JSON so that a wrong type is an
+/// error naming the tensor.
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    #[serde(default)]
+    dtype: Option<Value>,
+    #[serde(default)]
+    shape: Option<Value>,
+    #[serde(default)]
+    data_offsets: Option<Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = RawHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawHeader, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let entry = if key == "__metadata__" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        None
+                    } else {
+                        Some(map.next_value::<RawEntry>()?)
+                    };
+                    entries.push((key, entry));
+                }
+                Ok(RawHeader(entries))
+            }
         }
+        d.deserialize_map(Entries)
+    }
+}
+
+/// Parses header JSON; `data_len` is the length of the data section.
+///
+/// Every tensor must have a known dtype, a shape whose size in that dtype
+/// is exactly the span of its `data_offsets`, and offsets within the data
+/// section; no two tensors may share bytes, and no key may appear twice.
+/// Linear in the header's size but for one sort of the tensors by offset.
+fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<TensorEntry>, SafetensorsError> {
+    let RawHeader(entries) = serde_json::from_slice(header).map_err(SafetensorsError::Json)?;
+    let mut seen = HashSet::with_capacity(entries.len());
+    for (name, _) in &entries {
+        if !seen.insert(name.as_str()) {
+            return Err(SafetensorsError::DuplicateKey { name: name.clone() });
+        }
+    }
+    drop(seen);
+    let mut tensors = Vec::with_capacity(entries.len());
+    // (start, end, index into `tensors`) of every tensor that holds bytes.
+    let mut spans: Vec<(u64, u64, usize)> = Vec::with_capacity(entries.len());
+    for (name, entry) in entries {
+        let Some(entry) = entry else {
+            continue;
+        };
         let invalid = |problem| SafetensorsError::InvalidTensor {
             name: name.clone(),
             problem,
         };
         let dtype = entry
-            .get("dtype")
+            .dtype
+            .as_ref()
             .and_then(Value::as_str)
             .ok_or_else(|| invalid("no \"dtype\" string"))?
             .to_owned();
         let shape = entry
-            .get("shape")
+            .shape
+            .as_ref()
             .and_then(Value::as_array)
             .ok_or_else(|| invalid("no \"shape\" array"))?;
         let mut elements: u64 = 1;
@@ -259,13 +357,20 @@ fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<TensorEntry>, Safete
                 .checked_mul(dim)
                 .ok_or_else(|| SafetensorsError::Overflow { name: name.clone() })?;
         }
-        match entry
-            .get("data_offsets")
+        let Some(bits) = storage_bits(&dtype) else {
+            return Err(SafetensorsError::UnknownDtype { name, dtype });
+        };
+        let (start, end) = match entry
+            .data_offsets
+            .as_ref()
             .and_then(Value::as_array)
             .map(Vec::as_slice)
         {
             Some([begin, end]) => match (begin.as_u64(), end.as_u64()) {
-                (Some(b), Some(e)) if b <= e && e <= data_len => {}
+                (Some(b), Some(e)) if b <= e && e <= data_len => (b, e),
+                (Some(b), Some(e)) if b > e => {
+                    return Err(invalid("data_offsets end before they begin"));
+                }
                 (Some(_), Some(_)) => {
                     return Err(invalid(
                         "data_offsets lie outside the file (truncated download?)",
@@ -274,6 +379,22 @@ fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<TensorEntry>, Safete
                 _ => return Err(invalid("data_offsets are not integers")),
             },
             _ => return Err(invalid("no \"data_offsets\" pair")),
+        };
+        // Sub-byte dtypes (F4, F6_*) pack their elements: the tensor's
+        // bits must fill whole bytes.
+        let size_bits = elements
+            .checked_mul(bits)
+            .ok_or_else(|| SafetensorsError::Overflow { name: name.clone() })?;
+        if size_bits % 8 != 0 || size_bits / 8 != end - start {
+            return Err(SafetensorsError::SizeMismatch {
+                name,
+                dtype,
+                elements,
+                span: end - start,
+            });
+        }
+        if start < end {
+            spans.push((start, end, tensors.len()));
         }
         tensors.push(TensorEntry {
             name,
@@ -281,7 +402,33 @@ fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<TensorEntry>, Safete
             elements,
         });
     }
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+        // Sorted by start and none overlaps the one before: the previous
+        // end is the furthest so far.
+        if start < end {
+            return Err(SafetensorsError::Overlap {
+                first: tensors[a].name.clone(),
+                second: tensors[b].name.clone(),
+            });
+        }
+    }
     Ok(tensors)
+}
+
+/// Bits per element of every safetensors dtype (the reference
+/// implementation's list); `None` for a dtype it does not define.
+fn storage_bits(dtype: &str) -> Option<u64> {
+    match dtype {
+        "F4" => Some(4),
+        "F6_E2M3" | "F6_E3M2" => Some(6),
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => Some(8),
+        "I16" | "U16" | "F16" | "BF16" => Some(16),
+        "I32" | "U32" | "F32" => Some(32),
+        "I64" | "U64" | "F64" | "C64" => Some(64),
+        _ => None,
+    }
 }
 
 /// Bits per stored element of a dtype, for the dtypes packed weights use.
@@ -405,7 +552,11 @@ fn is_bnb4(weight: &str, has: &impl Fn(&str) -> bool) -> bool {
 
 /// Whether `name` is a bitsandbytes 4-bit companion (`x.weight.absmax`,
 /// `x.weight.quant_state.bitsandbytes__nf4`, ...) of a stored uint8 weight.
+///
+/// Only the last `.weight.` is tried: no companion's suffix holds another,
+/// and trying every one hashed a prefix per occurrence, quadratic in the
+/// length of a crafted name.
 fn is_bnb4_companion<'a>(name: &str, dtype_of: &impl Fn(&str) -> Option<&'a str>) -> bool {
-    name.match_indices(".weight.")
-        .any(|(i, _)| dtype_of(&name[..i + ".weight".len()]) == Some("U8"))
+    name.rfind(".weight.")
+        .is_some_and(|i| dtype_of(&name[..i + ".weight".len()]) == Some("U8"))
 }

@@ -296,6 +296,15 @@ impl SafetensorsDir {
             // SAFETY: mapped read-only; like every mmap-based loader we
             // assume nobody truncates the file while the model is built.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io(f))?;
+            // Size detection's checks first: they refuse what the
+            // `safetensors` crate lets through (a duplicate key, whose last
+            // entry it keeps) with an error naming the key or tensor.
+            crate::files::read_safetensors_header(&mmap[..], mmap.len() as u64).map_err(|e| {
+                LoadError::Safetensors {
+                    path: f.clone(),
+                    source: e.into(),
+                }
+            })?;
             let (n, metadata) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Safetensors {
                     path: f.clone(),
@@ -366,6 +375,21 @@ impl WeightSource for SafetensorsDir {
             .metadata
             .info(name)
             .ok_or_else(|| bad("not in the header".into()))?;
+        // Weights are float: an integer tensor (an I64 buffer, a packed
+        // quantized weight) converted to float would load as garbage.
+        if !matches!(
+            info.dtype,
+            safetensors::Dtype::F16
+                | safetensors::Dtype::BF16
+                | safetensors::Dtype::F32
+                | safetensors::Dtype::F64
+        ) {
+            return Err(bad(format!(
+                "dtype {:?} is not a float type (F16, BF16, F32 or F64): refused as a weight",
+                info.dtype
+            )
+            .into()));
+        }
         let (start, end) = info.data_offsets;
         let (start, end) = (shard.data_start + start, shard.data_start + end);
         let bytes = shard
