@@ -469,6 +469,30 @@ mod resolution {
     }
 
     #[test]
+    fn a_zeroed_saved_profile_is_named_not_a_flag() {
+        let sb = Sandbox::new();
+        let mut v = serde_json::to_value(ultra_192()).unwrap();
+        for key in ["batch_size", "lora_rank", "lora_num_layers"] {
+            v[key] = 0.into();
+        }
+        std::fs::write(sb.profile(), v.to_string()).unwrap();
+        let out = sb.run(&["--dry-run", "--json"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("of the saved hardware profile is 0") && !err.contains("--"),
+            "{err}"
+        );
+        // Given on the command line, the flag is named.
+        let out = sb.run(&["--dry-run", "--lora-rank", "0"]);
+        assert!(
+            stderr(&out).contains("--lora-rank is 0"),
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    #[test]
     fn config_file_unknown_key_names_file_and_key() {
         let sb = Sandbox::new();
         let file = sb.dir.path().join("run.toml");

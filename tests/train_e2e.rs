@@ -254,15 +254,33 @@ fn non_finite_loss_stops_with_last_good_checkpoint_intact() {
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("training stopped; the last good checkpoint is"),
-        "{err}"
-    );
     let cks = checkpoint::list(&dir.path().join("r/checkpoints"));
-    let (_, newest) = cks
+    let (newest_step, newest) = cks
         .last()
         .expect("a checkpoint was written before the blow-up");
     checkpoint::load(newest).expect("the last checkpoint verifies");
+    // The newest checkpoint (written every step) holds the weights that gave
+    // the non-finite loss: it is named as such, never as the last good one.
+    assert!(
+        err.contains(&format!(
+            "{} holds the weights that gave it",
+            newest.file_name().unwrap().to_string_lossy()
+        )),
+        "{err}"
+    );
+    match cks.len() {
+        1 => assert!(err.contains("no checkpoint is known good"), "{err}"),
+        n => {
+            let (_, good) = &cks[n - 2];
+            assert!(
+                err.contains(&format!(
+                    "the last good checkpoint is r/checkpoints/{}",
+                    good.file_name().unwrap().to_string_lossy()
+                )),
+                "step {newest_step}: {err}"
+            );
+        }
+    }
 }
 
 fn logits(m: &qlora_scale::qlora::LlamaModel) -> Vec<f32> {

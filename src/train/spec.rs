@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::collective::Collective;
 use super::model::embedded_config;
-use super::settings::{Fallback, Settings, SettingsError, TrainSettings, ValueSources};
+use super::settings::{
+    Fallback, Settings, SettingsError, TrainSettings, ValueSource, ValueSources,
+};
 use crate::detect::{ModelSize, detect_model_size};
 use crate::files::{FilesError, detect_model_size_from_path};
 use crate::hardware::MachineProfile;
@@ -65,8 +67,9 @@ pub enum PlanError {
     /// A value is out of range.
     #[error("{name} is {value}: {why}")]
     Invalid {
-        /// The setting (`--lora-rank`).
-        name: &'static str,
+        /// The setting as the user gave it (`--lora-rank`), or where the
+        /// value came from (`lora_rank of the saved hardware profile`).
+        name: String,
         /// The value given.
         value: String,
         /// What is allowed.
@@ -381,12 +384,12 @@ pub fn plan(
         eval_batches: trainer::EVAL_BATCHES,
         data_dir: settings.data_dir.clone(),
     };
-    validate(&spec.settings)?;
+    validate(&spec.settings, &value_sources, profile_source)?;
     if let Some(gib) = settings.memory_budget
         && !(gib.is_finite() && gib > 0.0)
     {
         return Err(PlanError::Invalid {
-            name: "--memory-budget",
+            name: "--memory-budget".into(),
             value: gib.to_string(),
             why: "must be a positive number of GiB",
         });
@@ -442,8 +445,30 @@ fn model_and_size(model: Option<&str>) -> Result<(String, Weights, ModelSize), P
     ))
 }
 
-fn validate(c: &TrainSettings) -> Result<(), PlanError> {
-    let bad = |name, value: String, why| Err(PlanError::Invalid { name, value, why });
+/// Checks the resolved values. A bad value is named as its source gave it:
+/// the flag (or `--config` key) the user set, else the profile's or the
+/// defaults' key, so a zeroed saved profile is not blamed on a flag nobody
+/// passed.
+fn validate(
+    c: &TrainSettings,
+    sources: &ValueSources,
+    profile: ProfileSource,
+) -> Result<(), PlanError> {
+    let bad = |flag: &'static str, value: String, why| {
+        let key = flag.trim_start_matches("--").replace('-', "_");
+        let name = match sources.get(key.as_str()) {
+            Some(ValueSource::Profile) => {
+                let key = match key.as_str() {
+                    "lora_layers" => "lora_num_layers",
+                    k => k,
+                };
+                format!("{key} of the {} hardware profile", profile.describe())
+            }
+            Some(ValueSource::Default) => format!("{key} of tables/defaults.toml"),
+            _ => flag.to_string(),
+        };
+        Err(PlanError::Invalid { name, value, why })
+    };
     for (name, v) in [
         ("--batch-size", c.batch_size),
         ("--lora-rank", c.lora_rank),

@@ -54,8 +54,9 @@ pub enum TrainError {
     },
     /// The loss became NaN or infinite.
     #[error(
-        "{what} is {value} at step {step}: training stopped; {}",
-        match .last_good { Some(p) => format!("the last good checkpoint is {}", p.display()), None => "no checkpoint was written yet".to_string() }
+        "{what} is {value} at step {step}: training stopped; {}{}",
+        match .last_good { Some(p) => format!("the last good checkpoint is {}", p.display()), None => "no checkpoint is known good".to_string() },
+        match .culprit { Some(p) => format!(" ({} holds the weights that gave it)", p.display()), None => String::new() }
     )]
     NonFinite {
         /// `loss` or `gradient norm`.
@@ -64,8 +65,12 @@ pub enum TrainError {
         step: u64,
         /// The value.
         value: f64,
-        /// The newest checkpoint on disk.
+        /// The newest checkpoint whose weights gave a finite loss in the
+        /// step after it.
         last_good: Option<PathBuf>,
+        /// The checkpoint of the step just before, whose weights gave this
+        /// value, when there is one.
+        culprit: Option<PathBuf>,
     },
     /// `--resume` found nothing usable.
     #[error("cannot resume: {0}")]
@@ -454,13 +459,19 @@ impl<'c> Trainer<'c> {
         if value.is_finite() {
             return Ok(());
         }
+        // A checkpoint of step k is good when step k + 1 had a finite
+        // loss: every one before the step just taken.
+        let mut checkpoints = checkpoint::list(&self.checkpoint_dir());
+        let culprit = match checkpoints.last() {
+            Some((k, _)) if k + 1 >= step => checkpoints.pop().map(|(_, p)| p),
+            _ => None,
+        };
         Err(TrainError::NonFinite {
             what,
             step,
             value,
-            last_good: checkpoint::list(&self.checkpoint_dir())
-                .pop()
-                .map(|(_, p)| p),
+            last_good: checkpoints.pop().map(|(_, p)| p),
+            culprit,
         })
     }
 
