@@ -1,6 +1,6 @@
-//! Real runs of the `train` binary through `--dry-run --json`: the seed's
-//! integration tests (one module per class of
-//! `tests/integration/test_train_qlora_scaling.py`), the resolution order
+//! Real runs of the `train` binary through `--dry-run --json`: the original
+//! project's integration cases for the trainer's scaling (one module per
+//! class of cases), the resolution order
 //! (docs/reference.md, section 7), `--config`, and the `--help` snapshot.
 //!
 //! Every run names its profile file with `--profile-path` inside a fresh

@@ -1,5 +1,5 @@
-//! The seed's unit tests (`tests/unit/test_hardware_profiles.py` of the
-//! original), one module per test class, one `#[test]` per case.
+//! The original project's unit cases for hardware profiles, one module per
+//! class of cases, one `#[test]` per case.
 
 #![allow(non_snake_case)]
 
