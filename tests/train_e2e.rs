@@ -449,3 +449,52 @@ fn lora_targets_reach_the_adapter_and_the_checkpoint() {
     );
     assert_eq!(names % 4, 0);
 }
+
+#[test]
+fn a_used_output_dir_is_refused_unless_resume_or_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = [
+        "--max-steps",
+        "3",
+        "--checkpoint-every",
+        "1",
+        "--output-dir",
+        "run",
+    ];
+    ok(train(dir.path(), &first));
+    let run = dir.path().join("run");
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    // A new run into it is refused by name, and nothing there changes.
+    let out = train(dir.path(), &["--max-steps", "2", "--output-dir", "run"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("run is not empty") && err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+    assert_eq!(checkpoint::list(&run.join("checkpoints")).len(), 3);
+    // --overwrite replaces the old run: only the new run's steps and
+    // checkpoints remain; a file of the user's stays.
+    std::fs::write(run.join("notes.txt"), "mine").unwrap();
+    ok(train(
+        dir.path(),
+        &[
+            "--max-steps",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--output-dir",
+            "run",
+            "--overwrite",
+        ],
+    ));
+    let steps: Vec<u64> = losses(&run).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, [1, 2]);
+    let cks: Vec<u64> = checkpoint::list(&run.join("checkpoints"))
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(cks, [1, 2]);
+    assert!(run.join("notes.txt").is_file());
+}

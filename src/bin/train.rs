@@ -23,7 +23,7 @@ use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
 use qlora_scale::train::settings::Settings;
 use qlora_scale::train::spec::{RunPlan, Weights, World, plan};
-use qlora_scale::train::trainer::{Observer, StepLog, TracingObserver, train};
+use qlora_scale::train::trainer::{Observer, Start, StepLog, TracingObserver, train};
 
 use args::{Cli, Command};
 use qlora_scale::report::error_message;
@@ -137,7 +137,7 @@ fn trial_step(plan: &RunPlan) -> anyhow::Result<f64> {
     let summary = train(
         &spec,
         dir.path(),
-        false,
+        Start::Fresh,
         &mut TracingObserver,
         &SingleProcess,
     )
@@ -364,6 +364,17 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// How this run treats its output directory.
+    fn start_mode(&self) -> Start {
+        if self.cli.resume {
+            Start::Resume
+        } else if self.cli.overwrite {
+            Start::Overwrite
+        } else {
+            Start::Fresh
+        }
+    }
+
     /// Trains, with the progress display on rank 0.
     fn start(&self, coll: &dyn Collective) -> anyhow::Result<()> {
         let (spec, out) = (&self.plan.spec, &self.plan.output_dir);
@@ -375,7 +386,7 @@ impl Run<'_> {
                 self.world.size,
                 self.setup_line()
             );
-            train(spec, out, self.cli.resume, &mut QuietObserver, coll).with_context(context)?;
+            train(spec, out, self.start_mode(), &mut QuietObserver, coll).with_context(context)?;
             return Ok(());
         }
         tracing::info!("{}", self.setup_line());
@@ -384,7 +395,7 @@ impl Run<'_> {
         }
         let mut progress = Progress::new(spec.settings.max_steps, 0);
         let summary =
-            train(spec, out, self.cli.resume, &mut progress, coll).with_context(context)?;
+            train(spec, out, self.start_mode(), &mut progress, coll).with_context(context)?;
         if let Some(bar) = &progress.bar {
             bar.finish_and_clear();
         }

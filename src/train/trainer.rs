@@ -72,6 +72,12 @@ pub enum TrainError {
         /// value, when there is one.
         culprit: Option<PathBuf>,
     },
+    /// The output directory already holds files, and neither `--resume`
+    /// nor `--overwrite` was given.
+    #[error(
+        "{0} is not empty (it holds {1}): pass --resume to continue the run there, --overwrite to replace it, or another --output-dir"
+    )]
+    OutputInUse(PathBuf, String),
     /// `--resume` found nothing usable.
     #[error("cannot resume: {0}")]
     Resume(String),
@@ -672,19 +678,84 @@ fn report_bad_lines(data: &TrainData, lead: bool, obs: &mut dyn Observer) {
     }
 }
 
+/// How a run treats its output directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: the directory must be absent or empty.
+    Fresh,
+    /// Continue from the newest good checkpoint there (`--resume`).
+    Resume,
+    /// A new run replacing the one there (`--overwrite`): its checkpoints,
+    /// metrics, plot and adapter are deleted first; other files are left.
+    Overwrite,
+}
+
+/// The files and folders a run writes in its output directory.
+const RUN_FILES: [&str; 5] = [
+    "checkpoints",
+    "metrics.jsonl",
+    "loss.svg",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+];
+
+/// Rank 0's check of the output directory before a run: a fresh run
+/// refuses a directory with anything in it (so an earlier run's metrics,
+/// adapter and checkpoints are never mixed with a new one's); an overwrite
+/// deletes the earlier run's files.
+fn prepare_output(out: &Path, start: Start) -> Result<(), TrainError> {
+    match start {
+        Start::Resume => Ok(()),
+        Start::Fresh => {
+            let Ok(entries) = std::fs::read_dir(out) else {
+                return Ok(());
+            };
+            let names: Vec<String> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .take(4)
+                .collect();
+            if names.is_empty() {
+                return Ok(());
+            }
+            Err(TrainError::OutputInUse(out.to_path_buf(), names.join(", ")))
+        }
+        Start::Overwrite => {
+            for name in RUN_FILES {
+                let path = out.join(name);
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match removed {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(TrainError::Write { path, source: e });
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Trains `spec` into `out` as one rank of `collective` (every rank calls
 /// it with the same spec); with `resume`, continues from the newest good
 /// checkpoint. Only rank 0 writes files and reports through `obs` what a
-/// user should see.
+/// user should see; it first checks the output directory as `start` says.
 pub fn train(
     spec: &RunSpec,
     out: &Path,
-    resume: bool,
+    start: Start,
     obs: &mut dyn Observer,
     collective: &dyn Collective,
 ) -> Result<RunSummary, TrainError> {
+    if collective.rank() == 0 {
+        prepare_output(out, start)?;
+    }
     let mut trainer = Trainer::new(spec, out, collective, obs)?;
-    if resume {
+    if start == Start::Resume {
         trainer.resume(obs)?;
     }
     trainer.run(obs)

@@ -47,8 +47,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", help = profile_path_help())]
     pub profile_path: Option<PathBuf>,
     /// Continue from the newest good checkpoint in the output directory
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start a new run in an output directory that holds one, deleting its
+    /// checkpoints, metrics, plot and adapter (without it, a new run refuses
+    /// a directory that is not empty)
+    #[arg(long)]
+    pub overwrite: bool,
     /// Print the resolved configuration and train nothing
     #[arg(long)]
     pub dry_run: bool,
