@@ -54,6 +54,7 @@ EOF
 
 run() { # NAME RANKS THREADS BATCH
   local out="$work/$1"
+  rm -rf "$out"  # a new run each time (train refuses a used directory)
   if [ "$2" = 1 ]; then
     RAYON_NUM_THREADS="$3" "$bin" "${common[@]}" --batch-size "$4" --output-dir "$out"
   else

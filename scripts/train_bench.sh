@@ -18,6 +18,7 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 row() {
   local label="$1" settings="$2"
   shift 2
+  rm -rf "$work/run"  # each row is a new run (train refuses a used directory)
   /usr/bin/time -f '%M' -o "$work/rss" "$bin/train" --output-dir "$work/run" "$@" \
     >/dev/null 2>"$work/log" || { cat "$work/log" >&2; exit 1; }
   python3 - "$label" "$settings" "$work/run/metrics.jsonl" "$(tail -1 "$work/rss")" <<'EOF'
