@@ -498,3 +498,85 @@ fn a_used_output_dir_is_refused_unless_resume_or_overwrite() {
     assert_eq!(cks, [1, 2]);
     assert!(run.join("notes.txt").is_file());
 }
+
+/// SIGINT (twice) or SIGTERM to a run of `args` in `dir/NAME` once its
+/// `metrics.jsonl` has two steps; the exit status and stderr.
+#[cfg(unix)]
+fn interrupt(dir: &Path, name: &str, signal: i32, twice: bool) -> (Option<i32>, String) {
+    let run = dir.join(name);
+    let mut child = train_common::train_without_profile(dir)
+        .args(TINY)
+        .args(["--max-steps", "100000", "--checkpoint-every", "1000"])
+        .args(["--output-dir", name])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(start.elapsed() < Duration::from_secs(120), "no steps");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    if twice {
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(180),
+        "it did not stop"
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[cfg(unix)]
+#[test]
+fn a_stopped_run_saves_its_last_step_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = interrupt(dir.path(), "run", libc::SIGTERM, false);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("train --resume --output-dir run"),
+        "says how to resume: {err}"
+    );
+    let run = dir.path().join("run");
+    let last = losses(&run).last().unwrap().0;
+    let cks = checkpoint::list(&run.join("checkpoints"));
+    assert_eq!(
+        cks.last().map(|c| c.0),
+        Some(last),
+        "a checkpoint of the last step"
+    );
+    assert!(run.join("adapter_model.safetensors").is_file());
+    assert!(run.join("loss.svg").is_file());
+    for d in [&run, &run.join("checkpoints")] {
+        for e in std::fs::read_dir(d).unwrap() {
+            let name = e.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().starts_with(".tmp-"),
+                "{name:?} left"
+            );
+        }
+    }
+    let err = ok(train(
+        dir.path(),
+        &[
+            "--max-steps",
+            &(last + 2).to_string(),
+            "--output-dir",
+            "run",
+            "--resume",
+        ],
+    ));
+    assert!(err.contains(&format!("(step {last})")), "{err}");
+    assert_eq!(losses(&run).last().unwrap().0, last + 2);
+
+    // A second SIGINT ends the process at once.
+    let (code, _) = interrupt(dir.path(), "twice", libc::SIGINT, true);
+    assert_ne!(code, Some(0));
+}

@@ -23,7 +23,9 @@ use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
 use qlora_scale::train::settings::Settings;
 use qlora_scale::train::spec::{RunPlan, Weights, World, plan};
-use qlora_scale::train::trainer::{Observer, Start, StepLog, TracingObserver, train};
+use qlora_scale::train::trainer::{
+    Observer, Start, StepLog, TracingObserver, TrainError, request_stop, train,
+};
 
 use args::{Cli, Command};
 use qlora_scale::report::error_message;
@@ -221,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if let Err(err) = &result
         && world.size > 1
+        && !stopped(err)
     {
         // The other ranks would wait for this one in their next collective:
         // end them all, after saying why.
@@ -435,6 +438,29 @@ fn merge(m: &args::MergeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `err` is a run stopped on request (every rank stops after the
+/// same step; nobody needs to be aborted).
+fn stopped(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<TrainError>(),
+            Some(TrainError::Stopped { .. })
+        )
+    })
+}
+
+/// SIGINT or SIGTERM: the first stops the run after its current step, with
+/// a checkpoint; a second ends the process at once.
+fn on_signal() {
+    if request_stop() {
+        std::process::exit(130);
+    }
+    let _ = writeln!(
+        io::stderr().lock(),
+        "stopping after the current step with a checkpoint (again to quit at once)"
+    );
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("QLORA_SCALE_LOG")
@@ -447,11 +473,21 @@ fn main() -> ExitCode {
         // Colour only on a terminal: logs piped to a file stay plain text.
         .with_ansi(io::stderr().is_terminal())
         .init();
+    if let Err(e) = ctrlc::set_handler(on_signal) {
+        tracing::warn!(
+            "cannot handle SIGINT/SIGTERM ({e}): a stop will lose the current run's progress since its last checkpoint"
+        );
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let _ = writeln!(io::stderr().lock(), "error: {}", error_message(&err));
-            ExitCode::FAILURE
+            if stopped(&err) {
+                // 128 + SIGINT, as a shell reports an interrupted command.
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -120,26 +120,29 @@ pub fn checkpoint_to_resume(
 }
 
 /// Sums every rank's step in one all-reduce: the gradients of `vars` (as
-/// one flat `f32` buffer), the loss sums and the token counts. Returns the
-/// gradients divided by the step's total token count, the total loss sum
-/// and the total tokens.
+/// one flat `f32` buffer), the loss sums, the token counts and whether the
+/// rank was asked to stop. Returns the gradients divided by the step's
+/// total token count, the total loss sum, the total tokens, and whether any
+/// rank was asked to stop.
 pub fn all_reduce_step(
     coll: &dyn Collective,
     vars: &[(String, Var)],
     grads: HashMap<String, Tensor>,
     loss_sum: f64,
     tokens: u64,
-) -> Result<(HashMap<String, Tensor>, f64, u64), TrainError> {
+    stop: bool,
+) -> Result<(HashMap<String, Tensor>, f64, u64, bool), TrainError> {
     let grad_len: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut flat = Vec::with_capacity(grad_len + 2);
     flatten_grads(vars, &grads, &mut flat)?;
     drop(grads);
     // Token counts are exact in f32 up to 2^24 per step.
-    flat.extend([loss_sum as f32, tokens as f32]);
+    flat.extend([loss_sum as f32, tokens as f32, f32::from(u8::from(stop))]);
     coll.all_reduce_sum(&mut flat)?;
     let tokens = flat[grad_len + 1].round() as u64;
+    let stop = flat[grad_len + 2] > 0.0;
     let grads = unflatten_grads(vars, &flat, tokens.max(1) as f64)?;
-    Ok((grads, f64::from(flat[grad_len]), tokens))
+    Ok((grads, f64::from(flat[grad_len]), tokens, stop))
 }
 
 /// Appends the gradients of `vars` to `flat` in order, as `f32`, zeros for

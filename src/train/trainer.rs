@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -78,6 +79,18 @@ pub enum TrainError {
         "{0} is not empty (it holds {1}): pass --resume to continue the run there, --overwrite to replace it, or another --output-dir"
     )]
     OutputInUse(PathBuf, String),
+    /// A stop was requested (SIGINT or SIGTERM): the run stopped after a
+    /// step, with a checkpoint of it and the adapter written.
+    #[error(
+        "stopped after step {step}: checkpoint and adapter written; continue with `train --resume --output-dir {}`",
+        .dir.display()
+    )]
+    Stopped {
+        /// The last step taken.
+        step: u64,
+        /// The output directory.
+        dir: PathBuf,
+    },
     /// `--resume` found nothing usable.
     #[error("cannot resume: {0}")]
     Resume(String),
@@ -160,6 +173,19 @@ impl Observer for TracingObserver {
     }
 }
 
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks every run of this process to stop after its current step, with a
+/// checkpoint (the binary calls it on SIGINT or SIGTERM). Returns whether a
+/// stop had already been asked for.
+pub fn request_stop() -> bool {
+    STOP_REQUESTED.swap(true, Ordering::SeqCst)
+}
+
+fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
+
 /// Peak resident memory of this process in MiB (`VmHWM`), 0 when unknown.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -196,6 +222,8 @@ pub struct Trainer<'c> {
     tokens_seen: u64,
     /// Every step logged so far, the resumed run's included (rank 0).
     history: Vec<StepLog>,
+    /// Some rank was asked to stop: every rank stops after this step.
+    stopping: bool,
 }
 
 impl<'c> Trainer<'c> {
@@ -242,6 +270,7 @@ impl<'c> Trainer<'c> {
             step: 0,
             tokens_seen: 0,
             history: Vec::new(),
+            stopping: false,
         })
     }
 
@@ -365,13 +394,16 @@ impl<'c> Trainer<'c> {
         );
         let (grads, loss_sum, tokens) = self.accumulate(step)?;
         let t_reduce = Instant::now();
-        let (mut grads, loss_sum, tokens) = if self.world.size == 1 {
+        // Whether to stop after this step travels with its sums, so that
+        // every rank stops after the same step.
+        let asked = stop_requested();
+        let (mut grads, loss_sum, tokens, stop) = if self.world.size == 1 {
             let n = tokens.max(1) as f64;
             let grads = grads
                 .into_iter()
                 .map(|(k, g)| Ok((k, (g / n)?)))
                 .collect::<candle_core::Result<_>>()?;
-            (grads, loss_sum, tokens)
+            (grads, loss_sum, tokens, asked)
         } else {
             sync::all_reduce_step(
                 self.collective,
@@ -379,8 +411,10 @@ impl<'c> Trainer<'c> {
                 grads,
                 loss_sum,
                 tokens,
+                asked,
             )?
         };
+        self.stopping = stop;
         let allreduce_ms = if self.world.size == 1 {
             0.0
         } else {
@@ -566,7 +600,7 @@ impl<'c> Trainer<'c> {
         let max_steps = self.spec.settings.max_steps;
         let (run_start, mut run_tokens) = (Instant::now(), 0u64);
         let mut logs = Vec::new();
-        while self.step < max_steps {
+        while self.step < max_steps && !self.stopping {
             let log = self.step()?;
             obs.step(&log, max_steps);
             if let Some(file) = &mut metrics {
@@ -579,7 +613,7 @@ impl<'c> Trainer<'c> {
             let due = self
                 .step
                 .is_multiple_of(self.spec.settings.checkpoint_every);
-            if (due || self.step == max_steps)
+            if (due || self.step == max_steps || self.stopping)
                 && let Some(path) = self.save()?
             {
                 obs.note(&format!(
@@ -593,6 +627,12 @@ impl<'c> Trainer<'c> {
             file.flush().map_err(write_err(&self.metrics_path()))?;
             model::export_adapter(&self.model, &self.spec, &self.out)?;
             self.write_plot()?;
+        }
+        if self.stopping && self.step < max_steps {
+            return Err(TrainError::Stopped {
+                step: self.step,
+                dir: self.out.clone(),
+            });
         }
         let secs = run_start.elapsed().as_secs_f64();
         Ok(RunSummary {
