@@ -580,3 +580,49 @@ fn a_stopped_run_saves_its_last_step_and_resumes() {
     let (code, _) = interrupt(dir.path(), "twice", libc::SIGINT, true);
     assert_ne!(code, Some(0));
 }
+
+#[test]
+fn resume_keeps_the_runs_settings_and_refuses_a_different_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(train(
+        dir.path(),
+        &[
+            "--max-steps",
+            "6",
+            "--checkpoint-every",
+            "3",
+            "--output-dir",
+            "run",
+        ],
+    ));
+    let resume = |extra: &[&str]| {
+        Command::from_std(train_common::train_without_profile(dir.path()))
+            .args(["--output-dir", "run", "--resume"])
+            .args(extra)
+            .timeout(Duration::from_secs(300))
+            .output()
+            .unwrap()
+    };
+    // Another rank would change what the stored adapters mean: refused.
+    let out = resume(&["--lora-rank", "8"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lora_rank: 4 -> 8") && err.contains("keeps the settings"),
+        "{err}"
+    );
+    // More steps are allowed and said; everything else comes from the
+    // checkpoint (TINY's sequence length and rank, a checkpoint every 3
+    // steps), not from the defaults.
+    let err = ok(resume(&["--max-steps", "12"]));
+    assert!(err.contains("resume: max_steps: 6 -> 12"), "{err}");
+    let run = dir.path().join("run");
+    let cks: Vec<u64> = checkpoint::list(&run.join("checkpoints"))
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(cks, [6, 9, 12]);
+    let ck = checkpoint::load(&checkpoint::checkpoint_path(&run.join("checkpoints"), 12)).unwrap();
+    let s = &ck.state.spec.settings;
+    assert_eq!((s.seq_len, s.lora_rank, s.max_steps), (32, 4, 12));
+}

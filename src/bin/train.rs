@@ -21,7 +21,7 @@ use qlora_scale::saved_profile::default_profile_path;
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
-use qlora_scale::train::settings::Settings;
+use qlora_scale::train::settings::{Settings, ValueSource};
 use qlora_scale::train::spec::{RunPlan, Weights, World, plan};
 use qlora_scale::train::trainer::{
     Observer, Start, StepLog, TracingObserver, TrainError, request_stop, train,
@@ -370,7 +370,15 @@ impl Run<'_> {
     /// How this run treats its output directory.
     fn start_mode(&self) -> Start {
         if self.cli.resume {
-            Start::Resume
+            let given = self
+                .plan
+                .provenance
+                .value_sources
+                .iter()
+                .filter(|(_, s)| **s == ValueSource::CliOrConfig)
+                .map(|(k, _)| *k)
+                .collect();
+            Start::Resume { given }
         } else if self.cli.overwrite {
             Start::Overwrite
         } else {

@@ -119,7 +119,7 @@ macro_rules! settings {
         );
     };
 
-    (@trained ($s:ident $fb:ident $src:ident) [$($f:tt)*] [$($st:tt)*] [$($n:tt)*]) => {
+    (@trained ($s:ident $fb:ident $src:ident) [$($f:tt)*] [$($st:tt)*] [$($n:ident,)*]) => {
         /// The resolved values of the settings that shape training: part of
         /// the run's spec (flattened into it, so each is a top-level key of
         /// `--dry-run --json` and of a checkpoint's spec).
@@ -134,7 +134,38 @@ macro_rules! settings {
             pub fn resolve($s: &Settings, $fb: &Fallback) -> (TrainSettings, ValueSources) {
                 let mut $src = ValueSources::new();
                 $($st)*
-                (TrainSettings { $($n)* }, $src)
+                (TrainSettings { $($n,)* }, $src)
+            }
+
+            /// The settings a resumed run trains with: the checkpoint's
+            /// (`stored`), except those in `given` (set on the command line
+            /// or in `--config`), which may differ from the stored value
+            /// only when [`CHANGEABLE_ON_RESUME`] lists them. Returns the
+            /// settings and each change as `name: stored -> given`, or the
+            /// setting that may not change.
+            pub fn on_resume(
+                &self,
+                stored: &TrainSettings,
+                given: &[&'static str],
+            ) -> Result<(TrainSettings, Vec<String>), ResumeConflict> {
+                let mut out = stored.clone();
+                let mut changes = Vec::new();
+                $(
+                    let name = stringify!($n);
+                    if given.contains(&name) && self.$n != stored.$n {
+                        let change = format!(
+                            "{name}: {} -> {}",
+                            serde_json::to_string(&stored.$n).unwrap_or_default(),
+                            serde_json::to_string(&self.$n).unwrap_or_default()
+                        );
+                        if !CHANGEABLE_ON_RESUME.contains(&name) {
+                            return Err(ResumeConflict { change });
+                        }
+                        out.$n = self.$n.clone();
+                        changes.push(change);
+                    }
+                )*
+                Ok((out, changes))
             }
         }
     };
@@ -268,6 +299,32 @@ settings! {
     #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
           conflicts_with_all = ["generation", "chip", "memory"])]
     cpu_memory: u32 => launch,
+}
+
+/// The settings a resumed run may change from its checkpoint's: how long it
+/// runs and how often it evaluates and saves, and how the global batch is
+/// split (the trainer checks that the global batch stays the same when the
+/// number of ranks changes). Any other difference would change what the
+/// checkpoint's adapters and optimizer moments mean.
+pub const CHANGEABLE_ON_RESUME: [&str; 7] = [
+    "max_steps",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "collective_timeout",
+    "batch_size",
+    "grad_accum_steps",
+];
+
+/// A setting given on resume that may not differ from the checkpoint's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{change}: a resumed run keeps the settings it was started with (it may change only {}); start a new run with --overwrite or another --output-dir to change it",
+    CHANGEABLE_ON_RESUME.join(", ")
+)]
+pub struct ResumeConflict {
+    /// `name: stored -> given`.
+    pub change: String,
 }
 
 /// Errors of reading a `--config` file.

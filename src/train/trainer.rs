@@ -294,6 +294,17 @@ impl<'c> Trainer<'c> {
     pub fn resume(&mut self, obs: &mut dyn Observer) -> Result<u64, TrainError> {
         let dir = self.checkpoint_dir();
         let (path, ck) = sync::checkpoint_to_resume(self.collective, &dir, obs)?;
+        self.resume_from(&path, ck, obs)
+    }
+
+    /// [`Trainer::resume`] from the checkpoint `ck` read from `path`.
+    pub fn resume_from(
+        &mut self,
+        path: &Path,
+        ck: checkpoint::Checkpoint,
+        obs: &mut dyn Observer,
+    ) -> Result<u64, TrainError> {
+        let path = path.to_path_buf();
         let (theirs, mine) = (&ck.state.spec, &self.spec);
         if theirs.model != mine.model || theirs.settings.lora_rank != mine.settings.lora_rank {
             return Err(TrainError::Resume(format!(
@@ -719,12 +730,18 @@ fn report_bad_lines(data: &TrainData, lead: bool, obs: &mut dyn Observer) {
 }
 
 /// How a run treats its output directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Start {
     /// A new run: the directory must be absent or empty.
     Fresh,
-    /// Continue from the newest good checkpoint there (`--resume`).
-    Resume,
+    /// Continue from the newest good checkpoint there (`--resume`), with
+    /// the settings stored in it except those `given` again (on the command
+    /// line or in `--config`), which may change only as
+    /// [`super::settings::TrainSettings::on_resume`] allows.
+    Resume {
+        /// The settings the user gave for this run.
+        given: Vec<&'static str>,
+    },
     /// A new run replacing the one there (`--overwrite`): its checkpoints,
     /// metrics, plot and adapter are deleted first; other files are left.
     Overwrite,
@@ -743,9 +760,9 @@ const RUN_FILES: [&str; 5] = [
 /// refuses a directory with anything in it (so an earlier run's metrics,
 /// adapter and checkpoints are never mixed with a new one's); an overwrite
 /// deletes the earlier run's files.
-fn prepare_output(out: &Path, start: Start) -> Result<(), TrainError> {
+fn prepare_output(out: &Path, start: &Start) -> Result<(), TrainError> {
     match start {
-        Start::Resume => Ok(()),
+        Start::Resume { .. } => Ok(()),
         Start::Fresh => {
             let Ok(entries) = std::fs::read_dir(out) else {
                 return Ok(());
@@ -792,11 +809,24 @@ pub fn train(
     collective: &dyn Collective,
 ) -> Result<RunSummary, TrainError> {
     if collective.rank() == 0 {
-        prepare_output(out, start)?;
+        prepare_output(out, &start)?;
     }
-    let mut trainer = Trainer::new(spec, out, collective, obs)?;
-    if start == Start::Resume {
-        trainer.resume(obs)?;
+    let Start::Resume { given } = &start else {
+        return Trainer::new(spec, out, collective, obs)?.run(obs);
+    };
+    let (path, ck) = sync::checkpoint_to_resume(collective, &out.join("checkpoints"), obs)?;
+    let (settings, changes) = spec
+        .settings
+        .on_resume(&ck.state.spec.settings, given)
+        .map_err(|e| TrainError::Resume(format!("{}: {e}", path.display())))?;
+    for c in &changes {
+        obs.note(&format!("resume: {c} (given for this run)"));
     }
+    let spec = RunSpec {
+        settings,
+        ..spec.clone()
+    };
+    let mut trainer = Trainer::new(&spec, out, collective, obs)?;
+    trainer.resume_from(&path, ck, obs)?;
     trainer.run(obs)
 }
