@@ -388,6 +388,13 @@ impl Run<'_> {
 
     /// Trains, with the progress display on rank 0.
     fn start(&self, coll: &dyn Collective) -> anyhow::Result<()> {
+        // Only a training run stops gracefully; a dry run or a merge ends
+        // on the first signal as usual.
+        if let Err(e) = ctrlc::set_handler(on_signal) {
+            tracing::warn!(
+                "cannot handle SIGINT/SIGTERM ({e}): a stop loses the progress since the last checkpoint"
+            );
+        }
         let (spec, out) = (&self.plan.spec, &self.plan.output_dir);
         let context = || format!("training into {}", out.display());
         if !self.world.is_lead() {
@@ -481,11 +488,6 @@ fn main() -> ExitCode {
         // Colour only on a terminal: logs piped to a file stay plain text.
         .with_ansi(io::stderr().is_terminal())
         .init();
-    if let Err(e) = ctrlc::set_handler(on_signal) {
-        tracing::warn!(
-            "cannot handle SIGINT/SIGTERM ({e}): a stop will lose the current run's progress since its last checkpoint"
-        );
-    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
