@@ -327,6 +327,17 @@ fn exported_adapter_reloads_to_the_same_logits_and_merges() {
         .unwrap();
     ok(out);
     let merged_dir = dir.path().join("merged");
+    // No null key: transformers refuses `attention_bias: null` and the like.
+    let merged_config: Value =
+        serde_json::from_slice(&std::fs::read(merged_dir.join("config.json")).unwrap()).unwrap();
+    assert!(
+        merged_config
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| !v.is_null()),
+        "{merged_config}"
+    );
     let llama = qlora_scale::qlora::read_config(&merged_dir).unwrap();
     let w = qlora_scale::qlora::SafetensorsDir::open(&merged_dir, &Device::Cpu).unwrap();
     let opts = qlora_scale::qlora::ModelOptions {
@@ -394,6 +405,31 @@ fn local_model_dir_trains_and_bad_dirs_are_named() {
         serde_json::from_slice(&std::fs::read(dir.path().join("r/adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["base_model_name_or_path"], ms);
+
+    // The merged model carries the tokenizer and trains as a model of its own.
+    let out = Command::from_std(train_common::train_in(dir.path()))
+        .args(["merge", "--run-dir", "r", "--out", "merged"])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap();
+    ok(out);
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        assert!(dir.path().join("merged").join(f).is_file(), "{f}");
+    }
+    let merged = dir.path().join("merged");
+    ok(train(
+        dir.path(),
+        &[
+            "--model",
+            merged.to_str().unwrap(),
+            "--data-dir",
+            d,
+            "--max-steps",
+            "1",
+            "--output-dir",
+            "r-merged",
+        ],
+    ));
 
     std::fs::remove_file(m.join("tokenizer.json")).unwrap();
     let out = run("r2");

@@ -36,7 +36,7 @@ use super::recompute::CheckpointOp;
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct RopeScaling {
     /// `rope_type` (newer configs).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_type: Option<String>,
     /// `type` (older configs).
     #[serde(default, rename = "type")]
@@ -45,13 +45,13 @@ pub struct RopeScaling {
     #[serde(default = "one")]
     pub factor: f64,
     /// Llama 3: `low_freq_factor`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_freq_factor: Option<f64>,
     /// Llama 3: `high_freq_factor`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_freq_factor: Option<f64>,
     /// Llama 3: `original_max_position_embeddings`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
 }
 
@@ -80,7 +80,7 @@ pub struct LlamaConfig {
     /// Query heads.
     pub num_attention_heads: usize,
     /// Key/value heads (GQA); defaults to the query heads.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -91,19 +91,19 @@ pub struct LlamaConfig {
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
     /// RoPE scaling.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
     /// Whether `lm_head` shares the embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Head width; defaults to `hidden_size / num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// Biases on q/k/v (Qwen2 has them; defaults to true for `qwen2`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_bias: Option<bool>,
     /// `model_type` (`llama`, `mistral`, `qwen2`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
     /// Longest context.
     #[serde(default = "default_max_pos")]

@@ -298,14 +298,30 @@ pub fn merge(spec: &RunSpec, adapter_dir: &Path, out: &Path) -> Result<(), Model
         source: e.into(),
     })?;
     if spec.weights == Weights::LocalDir {
-        for f in ["tokenizer.json", "tokenizer_config.json"] {
+        // What a loader of the merged model needs beside the weights: the
+        // tokenizer (all the files it may come as) and generation defaults.
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "generation_config.json",
+        ] {
             let src = Path::new(&spec.model).join(f);
-            if let Ok(b) = std::fs::read(&src) {
-                write_atomic(&out.join(f), &b).map_err(|e| ModelError::Write {
-                    path: out.join(f),
-                    source: e.into(),
-                })?;
-            }
+            let bytes = match crate::safe_io::read_small(&src) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => {
+                    return Err(ModelError::Read {
+                        path: src,
+                        source: e.into(),
+                    });
+                }
+            };
+            write_atomic(&out.join(f), &bytes).map_err(|e| ModelError::Write {
+                path: out.join(f),
+                source: e.into(),
+            })?;
         }
     }
     Ok(())
