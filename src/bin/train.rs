@@ -72,6 +72,9 @@ impl Observer for Progress {
         );
         match &self.bar {
             Some(bar) => {
+                // The run's own step count: a resumed run keeps its
+                // checkpoint's, which the command line may not have said.
+                bar.set_length(max_steps);
                 bar.set_position(log.step);
                 bar.set_message(msg);
             }
