@@ -20,7 +20,7 @@ mod gguf;
 mod safetensors;
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -35,10 +35,6 @@ pub use safetensors::{
 };
 
 use crate::detect::{ModelSize, SizeSource, detect_model_size};
-
-/// JSON files (`config.json`, safetensors indexes) larger than this are
-/// refused: real ones are kilobytes (indexes of the largest models a few MB).
-pub const MAX_JSON_LEN: u64 = 64 << 20;
 
 /// Two counts disagree when they differ by more than this fraction of the
 /// chosen count (`tables/detect.toml`, `[files]`).
@@ -61,14 +57,10 @@ pub enum FilesError {
         /// The failure.
         source: io::Error,
     },
-    /// A JSON file is larger than [`MAX_JSON_LEN`].
-    #[error("{}: {len} bytes is too large for a model's JSON file (limit {MAX_JSON_LEN})", path.display())]
-    JsonTooLarge {
-        /// The file.
-        path: PathBuf,
-        /// Its length.
-        len: u64,
-    },
+    /// A JSON file is not a regular file, or is larger than the small-file
+    /// cap (`max_small_file_bytes` in `tables/defaults.toml`).
+    #[error(transparent)]
+    Read(#[from] crate::safe_io::ReadError),
     /// A JSON file does not parse.
     #[error("{}: not valid JSON", path.display())]
     Json {
@@ -145,19 +137,10 @@ fn open(path: &Path) -> Result<(File, u64), FilesError> {
     Ok((file, len))
 }
 
-/// Reads and parses a JSON file of at most [`MAX_JSON_LEN`] bytes.
+/// Reads and parses a small JSON file with the one bounded reader
+/// ([`crate::safe_io::read_small`]): a regular file under the small-file cap.
 fn read_json(path: &Path) -> Result<Value, FilesError> {
-    let (file, len) = open(path)?;
-    if len > MAX_JSON_LEN {
-        return Err(FilesError::JsonTooLarge {
-            path: path.to_owned(),
-            len,
-        });
-    }
-    let mut text = Vec::with_capacity(len as usize);
-    file.take(MAX_JSON_LEN + 1)
-        .read_to_end(&mut text)
-        .map_err(io_error(path))?;
+    let text = crate::safe_io::read_small(path)?;
     serde_json::from_slice(&text).map_err(|source| FilesError::Json {
         path: path.to_owned(),
         source,
