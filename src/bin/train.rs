@@ -441,11 +441,15 @@ impl Run<'_> {
 }
 
 fn merge(m: &args::MergeArgs) -> anyhow::Result<()> {
-    let ck = qlora_scale::train::checkpoint::list(&m.run_dir.join("checkpoints"));
+    let ck = qlora_scale::train::checkpoint::list(
+        &m.run_dir.join(qlora_scale::train::trainer::CHECKPOINT_DIR),
+    );
     let (_, path) = ck.last().with_context(|| {
         format!(
             "no checkpoint in {}",
-            m.run_dir.join("checkpoints").display()
+            m.run_dir
+                .join(qlora_scale::train::trainer::CHECKPOINT_DIR)
+                .display()
         )
     })?;
     let state = qlora_scale::train::checkpoint::load(path)?.state;

@@ -17,6 +17,11 @@ use crate::qlora::{
 use crate::safe_io::write_atomic;
 use crate::tables::embedded;
 
+/// The adapter's weights in a run's output directory (PEFT's name).
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The adapter's configuration in a run's output directory (PEFT's name).
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
 /// What `base_model_name_or_path` says for the embedded model.
 pub const EMBEDDED_BASE_NAME: &str = "qlora-scale/embedded";
 
@@ -188,7 +193,7 @@ pub fn base_name(spec: &RunSpec) -> String {
 /// Writes `adapter_model.safetensors` (PEFT key names) and
 /// `adapter_config.json` to `dir`, atomically.
 pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<(), ModelError> {
-    let st = dir.join("adapter_model.safetensors");
+    let st = dir.join(ADAPTER_WEIGHTS);
     let vars = model.trainable_vars();
     let tensors: Vec<(String, Tensor)> = vars
         .iter()
@@ -221,7 +226,7 @@ pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<
         "fan_in_fan_out": false,
         "inference_mode": true,
     });
-    let path = dir.join("adapter_config.json");
+    let path = dir.join(ADAPTER_CONFIG);
     let mut text = serde_json::to_vec_pretty(&config).map_err(|e| ModelError::Write {
         path: path.clone(),
         source: e.into(),
@@ -236,7 +241,7 @@ pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<
 /// Loads `dir/adapter_model.safetensors` into `model`'s adapters. Every
 /// adapter of the model must be in the file with its shape.
 pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
-    let path = dir.join("adapter_model.safetensors");
+    let path = dir.join(ADAPTER_WEIGHTS);
     let bytes = std::fs::read(&path).map_err(|e| ModelError::Read {
         path: path.clone(),
         source: e.into(),

@@ -275,11 +275,11 @@ impl<'c> Trainer<'c> {
     }
 
     fn checkpoint_dir(&self) -> PathBuf {
-        self.out.join("checkpoints")
+        self.out.join(CHECKPOINT_DIR)
     }
 
     fn metrics_path(&self) -> PathBuf {
-        self.out.join("metrics.jsonl")
+        self.out.join(METRICS_FILE)
     }
 
     /// The steps taken so far.
@@ -685,7 +685,7 @@ impl<'c> Trainer<'c> {
             .iter()
             .filter_map(|l| Some((l.step, l.val_loss?)))
             .collect();
-        let path = self.out.join("loss.svg");
+        let path = self.out.join(PLOT_FILE);
         write_atomic(&path, loss_svg(&train, &valid).as_bytes()).map_err(write_err(&path))
     }
 }
@@ -747,13 +747,20 @@ pub enum Start {
     Overwrite,
 }
 
+/// A run's checkpoints folder, in its output directory.
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+/// A run's metrics, one `StepLog` a line.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// A run's loss plot.
+pub const PLOT_FILE: &str = "loss.svg";
+
 /// The files and folders a run writes in its output directory.
 const RUN_FILES: [&str; 5] = [
-    "checkpoints",
-    "metrics.jsonl",
-    "loss.svg",
-    "adapter_model.safetensors",
-    "adapter_config.json",
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    PLOT_FILE,
+    model::ADAPTER_WEIGHTS,
+    model::ADAPTER_CONFIG,
 ];
 
 /// Rank 0's check of the output directory before a run: a fresh run
@@ -814,7 +821,7 @@ pub fn train(
     let Start::Resume { given } = &start else {
         return Trainer::new(spec, out, collective, obs)?.run(obs);
     };
-    let (path, ck) = sync::checkpoint_to_resume(collective, &out.join("checkpoints"), obs)?;
+    let (path, ck) = sync::checkpoint_to_resume(collective, &out.join(CHECKPOINT_DIR), obs)?;
     let (settings, changes) = spec
         .settings
         .on_resume(&ck.state.spec.settings, given)
