@@ -533,6 +533,13 @@ pub static SETTINGS: &[Setting] = &[
         "Bytes one rendering of a chat template may write.",
     ),
     int(
+        "trainer",
+        "chat_template_max_memory_bytes",
+        1 << 20,
+        1 << 40,
+        "Bytes of memory one rendering of a chat template may hold.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

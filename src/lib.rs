@@ -19,6 +19,7 @@
 //! assert_eq!((scaled.batch_size, scaled.lora_rank, scaled.lora_num_layers), (8, 32, 8));
 //! ```
 
+pub mod alloc_guard;
 mod derive;
 pub mod detect;
 pub mod files;

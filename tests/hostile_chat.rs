@@ -1,6 +1,6 @@
 //! `train` on a model whose `tokenizer_config.json` carries a hostile
 //! `chat_template`: one that loops without end and one that prints without
-//! end. Each run ends within seconds with exit status 1 (never a panic's
+//! end, and ones that build ever larger strings without printing them. Each run ends within seconds with exit status 1 (never a panic's
 //! 101 or a signal), its message names `tokenizer_config.json` and the limit
 //! it hit, and the printing one stays within bounded memory. A long normal
 //! conversation is split into segments in linear time.
@@ -140,6 +140,37 @@ fn a_template_that_prints_without_end_hits_the_output_limit_in_bounded_memory() 
          {% for m in messages %}{{ m.content }}{% endfor %}",
     );
     refused(&end, "trainer.chat_template_max_bytes");
+    assert!(
+        end.peak_kb < PEAK_LIMIT_KB,
+        "peak resident memory {} KiB",
+        end.peak_kb
+    );
+}
+
+#[test]
+fn a_template_that_doubles_a_string_it_never_prints_stops_at_the_memory_limit() {
+    // One instruction per doubling: far within the fuel limit, and never
+    // written, so the output limit does not see it either. Forty doublings
+    // would be a terabyte.
+    let end = run(
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}\
+         {% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    refused(&end, "trainer.chat_template_max_memory_bytes");
+    assert!(
+        end.peak_kb < PEAK_LIMIT_KB,
+        "peak resident memory {} KiB",
+        end.peak_kb
+    );
+}
+
+#[test]
+fn a_template_that_squares_a_string_with_replace_stops_at_the_memory_limit() {
+    let end = run(
+        "{% set ns = namespace(s='aaaaaaaa') %}{% for i in range(5) %}{% set ns.s = ns.s | replace('a', ns.s) %}{% endfor %}\
+         {% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    refused(&end, "trainer.chat_template_max_memory_bytes");
     assert!(
         end.peak_kb < PEAK_LIMIT_KB,
         "peak resident memory {} KiB",

@@ -28,6 +28,11 @@ use qlora_scale::train::trainer::{
 };
 
 use args::{Cli, Command};
+
+/// Counts the memory a chat template's rendering holds, so a hostile
+/// template ends the run with a message instead of exhausting memory.
+#[global_allocator]
+static ALLOC: qlora_scale::alloc_guard::GuardedAlloc = qlora_scale::alloc_guard::GuardedAlloc;
 use qlora_scale::report::error_message;
 
 /// Progress bar on a terminal, `tracing` lines otherwise.

@@ -26,7 +26,10 @@ use minijinja::value::{Enumerator, Object, Value};
 use minijinja::{Environment, ErrorKind, context};
 
 use super::data::Message;
-use crate::tables::trainer::{CHAT_TEMPLATE_FUEL, CHAT_TEMPLATE_MAX_BYTES};
+use crate::alloc_guard;
+use crate::tables::trainer::{
+    CHAT_TEMPLATE_FUEL, CHAT_TEMPLATE_MAX_BYTES, CHAT_TEMPLATE_MAX_MEMORY_BYTES,
+};
 
 const NAME: &str = "chat_template";
 
@@ -40,6 +43,9 @@ pub struct ChatTemplate {
     bos: Option<String>,
     eos: Option<String>,
     origin: Option<PathBuf>,
+    /// What the `train` binary prints when a rendering passes
+    /// `trainer.chat_template_max_memory_bytes` ([`crate::alloc_guard`]).
+    memory_message: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -124,9 +130,12 @@ impl ChatTemplate {
     /// rendering may run `trainer.chat_template_fuel` instructions and write
     /// `trainer.chat_template_max_bytes` bytes (`tables/defaults.toml`).
     /// MiniJinja itself refuses a string repetition (`'a' * n`) longer than
-    /// 100 MB. Not bounded: values a template builds without printing them,
-    /// such as a string concatenated with itself (`s ~ s`) again and again,
-    /// which costs one instruction per doubling.
+    /// 100 MB. Values a template builds without printing them, such as a
+    /// string concatenated with itself (`s ~ s`) again and again, which costs
+    /// one instruction per doubling, are bounded by
+    /// `trainer.chat_template_max_memory_bytes` where [`crate::alloc_guard`]
+    /// is the global allocator (the `train` binary): past it the process
+    /// ends with a message naming the template's file.
     pub fn new(source: &str, bos: Option<String>, eos: Option<String>) -> Result<Self, String> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -144,12 +153,14 @@ impl ChatTemplate {
             env,
             bos,
             eos,
+            memory_message: memory_message(Path::new("chat template")),
             origin: None,
         })
     }
 
     /// The same template, read from `path` (`tokenizer_config.json`).
     pub fn with_origin(mut self, path: PathBuf) -> Self {
+        self.memory_message = memory_message(&path);
         self.origin = Some(path);
         self
     }
@@ -185,8 +196,13 @@ impl ChatTemplate {
             bos_token => self.bos.as_deref().unwrap_or(""),
             eos_token => self.eos.as_deref().unwrap_or(""),
         };
-        let used = match t.render_captured_to(ctx, &mut w) {
-            Ok(captured) => captured.state().fuel_levels().map_or(0, |(used, _)| used),
+        let rendered =
+            alloc_guard::limit(CHAT_TEMPLATE_MAX_MEMORY_BYTES, &self.memory_message, || {
+                t.render_captured_to(ctx, &mut w)
+                    .map(|c| c.state().fuel_levels().map_or(0, |(used, _)| used))
+            });
+        let used = match rendered {
+            Ok(used) => used,
             Err(_) if w.over => {
                 return Err(format!(
                     "rendering a conversation wrote more than the output limit of {CHAT_TEMPLATE_MAX_BYTES} bytes (trainer.chat_template_max_bytes)"
@@ -363,6 +379,15 @@ fn messages_values(messages: &[Message]) -> Vec<Value> {
         .iter()
         .map(|m| context! { role => m.role.as_str(), content => m.content.as_str() })
         .collect()
+}
+
+/// The line the `train` binary prints when a rendering of the template
+/// from `path` holds more memory than it may.
+fn memory_message(path: &Path) -> String {
+    format!(
+        "error: {}: chat_template: rendering a conversation held more than the memory limit of {CHAT_TEMPLATE_MAX_MEMORY_BYTES} bytes (trainer.chat_template_max_memory_bytes)",
+        path.display()
+    )
 }
 
 fn out_of_fuel() -> String {

@@ -1,0 +1,117 @@
+//! A memory budget for work whose size a stranger controls: a program given
+//! by a downloaded file (a model's Jinja chat template) can build values
+//! that nothing else bounds, such as a string concatenated with itself again
+//! and again, which doubles per instruction and passes any instruction
+//! budget long before memory runs out.
+//!
+//! [`GuardedAlloc`] is a global allocator over the system one that counts,
+//! per thread, the bytes a [`limit`] scope holds beyond what it started
+//! with. Past the scope's budget it writes the scope's message to standard
+//! error and ends the process with exit status 1: an allocator cannot fail
+//! an allocation without aborting (a signal), and cannot unwind, so a clean
+//! exit with a message naming the culprit is the one clean way out. The
+//! `train` binary installs it; it does nothing in a program that does not
+//! (`limit` then only runs its closure).
+//!
+//! Outside a scope the cost is one thread-local read per allocation.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+/// The system allocator, counting the bytes of [`limit`] scopes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GuardedAlloc;
+
+/// The open scope of this thread.
+#[derive(Clone, Copy)]
+struct Scope {
+    /// Bytes allocated minus bytes freed since the scope opened.
+    held: isize,
+    budget: isize,
+    /// The message written when the budget is passed; it lives in
+    /// [`limit`]'s caller for the whole scope.
+    message: *const u8,
+    message_len: usize,
+}
+
+thread_local! {
+    static SCOPE: Cell<Option<Scope>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `budget` bytes of memory for this thread beyond what it
+/// already holds, when [`GuardedAlloc`] is the global allocator. Past the
+/// budget the process writes `message` (one line, newline added) to
+/// standard error and exits with status 1. Scopes do not nest: an inner one
+/// replaces the outer one until it ends.
+pub fn limit<T>(budget: u64, message: &str, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Scope>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = SCOPE.try_with(|s| s.set(self.0));
+        }
+    }
+    let scope = Scope {
+        held: 0,
+        budget: isize::try_from(budget).unwrap_or(isize::MAX),
+        message: message.as_ptr(),
+        message_len: message.len(),
+    };
+    let _restore = Restore(SCOPE.with(|s| s.replace(Some(scope))));
+    f()
+}
+
+/// Counts `delta` bytes against this thread's scope, if one is open.
+fn charge(delta: isize) {
+    let _ = SCOPE.try_with(|cell| {
+        let Some(mut scope) = cell.get() else {
+            return;
+        };
+        scope.held = scope.held.saturating_add(delta);
+        if delta > 0 && scope.held > scope.budget {
+            // Neither call allocates: this runs inside the allocator.
+            // SAFETY: `message` points to `message_len` bytes of a `&str`
+            // that outlives the scope (`limit` borrows it for the scope's
+            // whole life, and the scope is closed when `limit` returns).
+            unsafe {
+                libc::write(2, scope.message.cast(), scope.message_len);
+                libc::write(2, b"\n".as_ptr().cast(), 1);
+                libc::_exit(1);
+            }
+        }
+        cell.set(Some(scope));
+    });
+}
+
+fn size(n: usize) -> isize {
+    isize::try_from(n).unwrap_or(isize::MAX)
+}
+
+// SAFETY: every call is passed on unchanged to `System`, which upholds the
+// contract; the counting around it neither allocates nor unwinds.
+unsafe impl GlobalAlloc for GuardedAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        charge(size(layout.size()));
+        // SAFETY: the caller's guarantees on `layout` are passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        charge(size(layout.size()));
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with `layout` (every allocation
+        // here goes to `System`).
+        unsafe { System.dealloc(ptr, layout) };
+        charge(-size(layout.size()));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        charge(size(new_size) - size(layout.size()));
+        // SAFETY: as for `dealloc`, and the caller's guarantees on
+        // `new_size` are passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
