@@ -122,7 +122,24 @@ fn config_values_no_model_can_be_built_with_are_named() {
     let m = model_dir(dir.path());
     let good: Value =
         serde_json::from_slice(&std::fs::read(m.join("config.json")).unwrap()).unwrap();
-    let cases: [(&str, Value, &str); 7] = [
+    let cases: [(&str, Value, &str); 12] = [
+        (
+            "model_type",
+            json!("gpt_neox"),
+            "which train does not build",
+        ),
+        ("hidden_act", json!("gelu"), "only silu is built"),
+        ("mlp_bias", json!(true), "MLP biases are not built"),
+        (
+            "layer_types",
+            json!(["full_attention"]),
+            "has 1 entries for 2 layers",
+        ),
+        (
+            "rope_parameters",
+            json!({"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}),
+            "yarn",
+        ),
         ("num_key_value_heads", json!(0), "must be at least 1"),
         (
             "num_key_value_heads",

@@ -175,3 +175,36 @@ fn bad_files_give_errors_naming_file_or_tensor() {
     let err = read_config(dir.path()).unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
 }
+
+/// transformers 5 writes `rope_parameters` in place of `rope_theta` and
+/// `rope_scaling`: both spellings of a Llama 3 RoPE give the same frequencies.
+#[test]
+fn rope_parameters_read_like_rope_theta_and_rope_scaling() {
+    let base = serde_json::json!({
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 128, "model_type": "llama"
+    });
+    let scaling = serde_json::json!({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+    });
+    let read = |extra: serde_json::Value| {
+        let mut cfg = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        read_config(dir.path()).unwrap()
+    };
+    let old = read(serde_json::json!({"rope_theta": 500000.0, "rope_scaling": scaling}));
+    let mut params = scaling.clone();
+    params["rope_theta"] = serde_json::json!(500000.0);
+    let new = read(serde_json::json!({ "rope_parameters": params }));
+    assert_eq!(new.rope_theta, 500000.0);
+    assert_eq!(new.rope_scaling_kind(), Some("llama3"));
+    assert_eq!(new.rope_inv_freq().unwrap(), old.rope_inv_freq().unwrap());
+    let plain =
+        read(serde_json::json!({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}));
+    assert_eq!((plain.rope_theta, plain.rope_scaling), (1e6, None));
+}

@@ -108,6 +108,27 @@ pub struct LlamaConfig {
     /// Longest context.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// `rope_parameters` (transformers 5): the RoPE base and scaling in one
+    /// map, read into `rope_theta` and `rope_scaling` by
+    /// [`read_config`](super::read_config) and written back as read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Keys a query attends to, itself included, in sliding-window layers
+    /// (Mistral; Qwen2 with `use_sliding_window`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: whether `sliding_window` is used at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Per layer, `full_attention` or `sliding_attention` (transformers 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// The MLP's activation; only `silu` is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// Biases on the MLP's projections; not built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
 }
 
 impl LlamaConfig {
@@ -130,6 +151,27 @@ impl LlamaConfig {
             attention_bias: None,
             model_type: Some("llama".into()),
             max_position_embeddings: 2048,
+            rope_parameters: None,
+            sliding_window: None,
+            use_sliding_window: None,
+            layer_types: None,
+            hidden_act: None,
+            mlp_bias: None,
+        }
+    }
+
+    /// The sliding window of block `layer`, `None` for full attention:
+    /// `layer_types` when given, else every block for a `sliding_window`
+    /// (Qwen2 only with `use_sliding_window`).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        let window = self.sliding_window?;
+        match &self.layer_types {
+            Some(types) => (types.get(layer).map(String::as_str) == Some("sliding_attention"))
+                .then_some(window),
+            None if self.model_type.as_deref() == Some("qwen2") => {
+                (self.use_sliding_window == Some(true)).then_some(window)
+            }
+            None => Some(window),
         }
     }
 
@@ -219,18 +261,25 @@ impl LlamaConfig {
             .collect()
     }
 
+    /// The kind of `rope_scaling` (`rope_type`, else `type`), when there
+    /// is one.
+    pub fn rope_scaling_kind(&self) -> Option<&str> {
+        let s = self.rope_scaling.as_ref()?;
+        Some(
+            s.rope_type
+                .as_deref()
+                .or(s.kind.as_deref())
+                .unwrap_or("default"),
+        )
+    }
+
     /// RoPE inverse frequencies, with `rope_scaling` applied.
     pub fn rope_inv_freq(&self) -> Result<Vec<f64>, LoadError> {
         let d = self.head_width();
         let mut inv: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
             .collect();
-        if let Some(s) = &self.rope_scaling {
-            let kind = s
-                .rope_type
-                .as_deref()
-                .or(s.kind.as_deref())
-                .unwrap_or("default");
+        if let (Some(s), Some(kind)) = (&self.rope_scaling, self.rope_scaling_kind()) {
             match kind {
                 "default" => {}
                 "linear" => inv.iter_mut().for_each(|f| *f /= s.factor),
@@ -343,6 +392,8 @@ pub(crate) struct BlockCtx {
     pub sin: Tensor,
     /// Additive mask `(b, 1, t, t)`.
     pub mask: Tensor,
+    /// The same for sliding-window blocks, when the model has any.
+    pub window_mask: Option<Tensor>,
     /// `(p, seed)` of the LoRA dropout, in training.
     pub dropout: Option<(f32, u64)>,
 }
@@ -359,6 +410,8 @@ pub struct Block {
     kv_heads: usize,
     head_dim: usize,
     eps: f64,
+    /// Attends through [`BlockCtx::window_mask`] (a sliding-window block).
+    sliding: bool,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -440,7 +493,11 @@ impl Block {
         let v = repeat_kv(v, rep)?;
         let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)?
             * (1.0 / (self.head_dim as f64).sqrt()))?;
-        let att = candle_nn::ops::softmax(&att.broadcast_add(&ctx.mask)?, D::Minus1)?;
+        let mask = match (&ctx.window_mask, self.sliding) {
+            (Some(w), true) => w,
+            _ => &ctx.mask,
+        };
+        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
         let o = att.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
             b,
             t,
@@ -570,6 +627,7 @@ impl LlamaModel {
                 kv_heads: config.kv_heads(),
                 head_dim: config.head_width(),
                 eps: config.rms_norm_eps,
+                sliding: config.layer_window(l).is_some(),
             }));
         }
         Ok(Self {
@@ -709,13 +767,23 @@ impl LlamaModel {
         ))
     }
 
+    /// The sliding window of the model's sliding-window blocks, when it has
+    /// any and the window is shorter than `t` tokens (else it changes nothing).
+    fn sliding_window(&self, t: usize) -> Option<usize> {
+        let w = self.config.sliding_window?;
+        let any = self.blocks.iter().any(|b| b.sliding);
+        (any && w < t).then_some(w)
+    }
+
     /// Additive causal + padding mask `(b, 1, t, t)` from an optional
-    /// `(b, t)` attention mask (1 = token, 0 = padding).
+    /// `(b, t)` attention mask (1 = token, 0 = padding); with a `window`, a
+    /// query sees only the `window` latest keys, itself included.
     fn additive_mask(
         &self,
         b: usize,
         t: usize,
         attention_mask: Option<&Tensor>,
+        window: Option<usize>,
     ) -> candle_core::Result<Tensor> {
         let pad: Vec<Vec<f32>> = match attention_mask {
             Some(m) => m.to_dtype(DType::F32)?.to_vec2()?,
@@ -731,7 +799,8 @@ impl LlamaModel {
         for row in &pad {
             for i in 0..t {
                 for (j, &keep) in row.iter().enumerate() {
-                    m.push(if j <= i && keep > 0.5 { 0.0 } else { neg });
+                    let seen = j <= i && window.is_none_or(|w| i - j < w);
+                    m.push(if seen && keep > 0.5 { 0.0 } else { neg });
                 }
             }
         }
@@ -760,7 +829,11 @@ impl LlamaModel {
         let ctx = BlockCtx {
             cos,
             sin,
-            mask: self.additive_mask(b, t, attention_mask)?,
+            mask: self.additive_mask(b, t, attention_mask, None)?,
+            window_mask: match self.sliding_window(t) {
+                Some(w) => Some(self.additive_mask(b, t, attention_mask, Some(w))?),
+                None => None,
+            },
             dropout: dropout_seed.map(|s| (self.options.lora.dropout, s)),
         };
         for block in &self.blocks {

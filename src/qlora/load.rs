@@ -18,7 +18,7 @@ use safetensors::SafeTensors;
 use safetensors::tensor::{Metadata, TensorView};
 
 use super::frozen::FrozenError;
-use super::llama::LlamaConfig;
+use super::llama::{LlamaConfig, RopeScaling};
 
 /// Errors loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -422,12 +422,128 @@ impl WeightSource for SafetensorsDir {
 pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
     let path = dir.join("config.json");
     let text = crate::safe_io::read_small(&path)?;
-    let config = serde_json::from_slice(&text).map_err(|source| LoadError::Json {
+    let mut config = serde_json::from_slice(&text).map_err(|source| LoadError::Json {
         path: path.clone(),
         source,
     })?;
+    // What is not built is named before anything else is read into it.
+    check_architecture(&config, &path)?;
+    apply_rope_parameters(&mut config, &path)?;
     validate_config(&config, &path)?;
     Ok(config)
+}
+
+/// The `model_type`s whose folders `train` builds.
+pub const MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+/// transformers 5 writes the RoPE base and scaling as one `rope_parameters`
+/// map (`rope_theta`, `rope_type` and the scaling's factors) in place of
+/// `rope_theta` and `rope_scaling`; when present it is what counts.
+fn apply_rope_parameters(c: &mut LlamaConfig, path: &Path) -> Result<(), LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Flat {
+        rope_theta: Option<f64>,
+        #[serde(flatten)]
+        scaling: RopeScaling,
+    }
+    let Some(value) = &c.rope_parameters else {
+        return Ok(());
+    };
+    let bad = |problem: String| LoadError::BadConfig {
+        path: path.to_path_buf(),
+        key: "rope_parameters",
+        problem,
+    };
+    let per_layer_type = value
+        .as_object()
+        .is_some_and(|m| m.values().any(serde_json::Value::is_object));
+    if per_layer_type {
+        return Err(bad(
+            "holds one RoPE per layer type (Gemma 3), which is not supported".into(),
+        ));
+    }
+    let flat: Flat = serde_json::from_value(value.clone()).map_err(|e| bad(format!("{e}")))?;
+    if let Some(theta) = flat.rope_theta {
+        c.rope_theta = theta;
+    }
+    let kind = flat
+        .scaling
+        .rope_type
+        .as_deref()
+        .or(flat.scaling.kind.as_deref());
+    c.rope_scaling = match kind {
+        None | Some("default") => None,
+        Some(_) => Some(flat.scaling),
+    };
+    Ok(())
+}
+
+/// The choices of `c` this model does not build, refused by key: another
+/// `model_type`, another activation, MLP biases, unknown layer types.
+fn check_architecture(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
+    let bad = |key: &'static str, problem: String| LoadError::BadConfig {
+        path: path.to_path_buf(),
+        key,
+        problem,
+    };
+    if let Some(t) = c.model_type.as_deref()
+        && !MODEL_TYPES.contains(&t)
+    {
+        return Err(bad(
+            "model_type",
+            format!(
+                "is \"{t}\", which train does not build (it builds {})",
+                MODEL_TYPES.join(", ")
+            ),
+        ));
+    }
+    if let Some(act) = c.hidden_act.as_deref()
+        && act != "silu"
+    {
+        return Err(bad(
+            "hidden_act",
+            format!("is \"{act}\": only silu is built"),
+        ));
+    }
+    if c.mlp_bias == Some(true) {
+        return Err(bad("mlp_bias", "is true: MLP biases are not built".into()));
+    }
+    if c.sliding_window == Some(0) {
+        return Err(bad("sliding_window", "is 0: must be at least 1".into()));
+    }
+    if let Some(types) = &c.layer_types {
+        if types.len() != c.num_hidden_layers {
+            return Err(bad(
+                "layer_types",
+                format!(
+                    "has {} entries for {} layers (num_hidden_layers)",
+                    types.len(),
+                    c.num_hidden_layers
+                ),
+            ));
+        }
+        if let Some(t) = types
+            .iter()
+            .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+        {
+            return Err(bad(
+                "layer_types",
+                format!("holds \"{t}\": only full_attention and sliding_attention are built"),
+            ));
+        }
+        if c.sliding_window.is_none() && types.iter().any(|t| t == "sliding_attention") {
+            return Err(bad(
+                "layer_types",
+                "has sliding_attention layers but no sliding_window is given".into(),
+            ));
+        }
+    } else if c.model_type.as_deref() == Some("qwen2") && c.use_sliding_window == Some(true) {
+        return Err(bad(
+            "use_sliding_window",
+            "is true without layer_types (which layers slide): not supported".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that a model can be built from `c` (read from `path`, which
@@ -488,6 +604,20 @@ pub fn validate_config(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
         return Err(bad(
             "rope_theta",
             format!("is {}: must be positive", c.rope_theta),
+        ));
+    }
+    check_architecture(c, path)?;
+    if let Some(kind) = c.rope_scaling_kind()
+        && !matches!(kind, "default" | "linear" | "llama3")
+    {
+        let key = if c.rope_parameters.is_some() {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
+        return Err(bad(
+            key,
+            format!("asks for RoPE scaling \"{kind}\": only default, linear and llama3 are built"),
         ));
     }
     parameter_count(c).map_err(|key| {

@@ -134,14 +134,6 @@ pub fn build_with(
                 }
                 None => read_config(dir)?,
             };
-            if let Some(t) = c.model_type.as_deref()
-                && !matches!(t, "llama" | "mistral" | "qwen2")
-            {
-                return Err(ModelError::Inconsistent {
-                    path: dir.join("config.json"),
-                    message: format!("model_type \"{t}\" is not supported (llama, mistral, qwen2)"),
-                });
-            }
             let w = SafetensorsDir::open(dir, &dev)?;
             if c.num_hidden_layers > w.block_count() {
                 return Err(LoadError::BadConfig {
