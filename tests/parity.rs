@@ -26,6 +26,9 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The fixtures of architectures `train` builds.
+const BUILT: [&str; 5] = ["llama", "llama_tied", "mistral", "qwen2", "qwen3"];
+
 /// transformers' inputs and outputs for one fixture.
 struct Reference {
     ids: Tensor,
@@ -157,7 +160,7 @@ fn parity_llama() {
 
 #[test]
 fn parity_nf4_gradients_equal_dense_for_every_built_architecture() {
-    for name in ["llama", "llama_tied", "mistral", "qwen2"] {
+    for name in BUILT {
         assert_nf4_gradients_match_dense(name);
     }
 }
@@ -177,12 +180,16 @@ fn parity_qwen2() {
     assert_parity("qwen2");
 }
 
+#[test]
+fn parity_qwen3_with_per_head_query_and_key_norms() {
+    assert_parity("qwen3");
+}
+
 /// Fixtures of architectures `train` cannot build yet are refused by name
 /// before any weight is read.
 #[test]
 fn parity_fixtures_of_unbuilt_architectures_are_refused_by_model_type() {
     for (name, model_type) in [
-        ("qwen3", "qwen3"),
         ("gemma2", "gemma2"),
         ("gemma3", "gemma3_text"),
         ("phi3", "phi3"),
@@ -199,7 +206,7 @@ fn parity_fixtures_of_unbuilt_architectures_are_refused_by_model_type() {
 /// and writes its adapter.
 #[test]
 fn parity_fixtures_train_three_steps_end_to_end() {
-    for name in ["llama", "llama_tied", "mistral", "qwen2"] {
+    for name in BUILT {
         let dir = tempfile::tempdir().unwrap();
         let out = train_common::train_without_profile(dir.path())
             .arg("--model")

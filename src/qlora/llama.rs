@@ -168,7 +168,7 @@ impl LlamaConfig {
         match &self.layer_types {
             Some(types) => (types.get(layer).map(String::as_str) == Some("sliding_attention"))
                 .then_some(window),
-            None if self.model_type.as_deref() == Some("qwen2") => {
+            None if matches!(self.model_type.as_deref(), Some("qwen2" | "qwen3")) => {
                 (self.use_sliding_window == Some(true)).then_some(window)
             }
             None => Some(window),
@@ -190,6 +190,12 @@ impl LlamaConfig {
     pub fn has_qkv_bias(&self) -> bool {
         self.attention_bias
             .unwrap_or_else(|| self.model_type.as_deref() == Some("qwen2"))
+    }
+
+    /// Whether each head's queries and keys go through an RMSNorm of the
+    /// head width before RoPE (Qwen3's `q_norm` and `k_norm`).
+    pub fn has_qk_norm(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen3")
     }
 
     /// `(out, in)` of a block's linear layer.
@@ -231,6 +237,11 @@ impl LlamaConfig {
                 format!("{p}.post_attention_layernorm.weight"),
                 vec![self.hidden_size],
             ));
+            if self.has_qk_norm() {
+                for n in QK_NORMS {
+                    v.push((format!("{p}.{n}.weight"), vec![self.head_width()]));
+                }
+            }
             for t in LoraTarget::ALL {
                 let (o, i) = self.linear_dims(t);
                 v.push((format!("{p}.{}.weight", t.block_path()), vec![o, i]));
@@ -398,6 +409,9 @@ pub(crate) struct BlockCtx {
     pub dropout: Option<(f32, u64)>,
 }
 
+/// Qwen3's per-head norms of queries and keys, under `self_attn`.
+const QK_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -412,6 +426,8 @@ pub struct Block {
     eps: f64,
     /// Attends through [`BlockCtx::window_mask`] (a sliding-window block).
     sliding: bool,
+    /// Qwen3: RMSNorm weights `(head_dim)` of queries and keys per head.
+    qk_norm: Option<[Tensor; 2]>,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -485,8 +501,13 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = candle_nn::rotary_emb::rope_slow(&heads(q, self.heads)?, &ctx.cos, &ctx.sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&heads(k, self.kv_heads)?, &ctx.cos, &ctx.sin)?;
+        let (mut q, mut k) = (heads(q, self.heads)?, heads(k, self.kv_heads)?);
+        if let Some([qn, kn]) = &self.qk_norm {
+            q = rms_norm(&q, qn, self.eps)?;
+            k = rms_norm(&k, kn, self.eps)?;
+        }
+        let q = candle_nn::rotary_emb::rope_slow(&q, &ctx.cos, &ctx.sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&k, &ctx.cos, &ctx.sin)?;
         let v = heads(v, self.kv_heads)?;
         let rep = self.heads / self.kv_heads;
         let k = repeat_kv(k.contiguous()?, rep)?;
@@ -628,6 +649,14 @@ impl LlamaModel {
                 head_dim: config.head_width(),
                 eps: config.rms_norm_eps,
                 sliding: config.layer_window(l).is_some(),
+                qk_norm: if config.has_qk_norm() {
+                    let norm = |n: &str| -> Result<Tensor, LoadError> {
+                        Ok(get(&format!("{p}.{n}.weight"))?.to_dtype(dt)?)
+                    };
+                    Some([norm(QK_NORMS[0])?, norm(QK_NORMS[1])?])
+                } else {
+                    None
+                },
             }));
         }
         Ok(Self {
@@ -715,6 +744,11 @@ impl LlamaModel {
             let p = format!("model.layers.{}", b.index);
             out.insert(format!("{p}.input_layernorm.weight"), f32(&b.ln1)?);
             out.insert(format!("{p}.post_attention_layernorm.weight"), f32(&b.ln2)?);
+            if let Some(norms) = &b.qk_norm {
+                for (n, w) in QK_NORMS.iter().zip(norms) {
+                    out.insert(format!("{p}.{n}.weight"), f32(w)?);
+                }
+            }
             for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
                 out.insert(
                     format!("{p}.{}.weight", t.block_path()),

@@ -434,7 +434,7 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
 }
 
 /// The `model_type`s whose folders `train` builds.
-pub const MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub const MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 /// transformers 5 writes the RoPE base and scaling as one `rope_parameters`
 /// map (`rope_theta`, `rope_type` and the scaling's factors) in place of
@@ -537,7 +537,9 @@ fn check_architecture(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
                 "has sliding_attention layers but no sliding_window is given".into(),
             ));
         }
-    } else if c.model_type.as_deref() == Some("qwen2") && c.use_sliding_window == Some(true) {
+    } else if matches!(c.model_type.as_deref(), Some("qwen2" | "qwen3"))
+        && c.use_sliding_window == Some(true)
+    {
         return Err(bad(
             "use_sliding_window",
             "is true without layer_types (which layers slide): not supported".into(),
