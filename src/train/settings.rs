@@ -17,6 +17,10 @@
 //! - `default(embedded, trainer)`: a constant of `tables/defaults.toml`, the
 //!   first for the embedded model, the second for a model from files.
 //! - `derived(expr)`: computed from settings resolved before it.
+//!
+//! Optional attributes of an entry: `#[json = "name"]` renames its key in the
+//! spec's JSON; `#[resume = changeable]` lets a `--resume` change it from the
+//! checkpoint's value ([`CHANGEABLE_ON_RESUME`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,9 +65,20 @@ macro_rules! settings {
             $(#[doc = $doc:literal])*
             #[arg($($clap:tt)*)]
             $(#[json = $json:literal])?
+            $(#[resume = $resume:ident])?
             $name:ident : $ty:ty => $rule:ident $(($($args:tt)*))?
         ),* $(,)?
     ) => {
+        /// The settings a resumed run may change from its checkpoint's (the
+        /// entries marked `#[resume = changeable]`): how long it runs, how
+        /// often it evaluates and saves, and how the global batch is split
+        /// (the trainer checks that the global batch stays the same when the
+        /// number of ranks changes). Any other difference would change what
+        /// the checkpoint's adapters and optimizer moments mean.
+        pub const CHANGEABLE_ON_RESUME: &[&str] = &[
+            $( $( settings!(@resume $name $resume), )? )*
+        ];
+
         /// Values given by the user on the command line or in a `--config`
         /// file; `None`: not given. The doc line of each field is its
         /// `--help` text.
@@ -170,6 +185,10 @@ macro_rules! settings {
         }
     };
 
+    (@resume $name:ident changeable) => {
+        stringify!($name)
+    };
+
     (@fallback ($s:ident $fb:ident $src:ident) $name:ident profile($f:expr)) => {{
         $src.insert(
             stringify!($name),
@@ -202,9 +221,11 @@ settings! {
     output_dir: PathBuf => launch,
     /// Optimizer steps
     #[arg(long, value_name = "N")]
+    #[resume = changeable]
     max_steps: u64 => default(embedded::MAX_STEPS, trainer::MAX_STEPS),
     /// Examples per micro-batch [default: the profile's]
     #[arg(long, value_name = "N")]
+    #[resume = changeable]
     batch_size: u32 => profile(|p: &Profile| p.batch_size),
     /// Peak learning rate (warmup, then cosine decay)
     #[arg(long, value_name = "X")]
@@ -236,6 +257,7 @@ settings! {
     no_grad_checkpoint: bool => launch,
     /// Micro-batches per optimizer step
     #[arg(long, value_name = "N")]
+    #[resume = changeable]
     grad_accum_steps: u64 => default(trainer::GRAD_ACCUM_STEPS, trainer::GRAD_ACCUM_STEPS),
     /// Longest sequence in tokens (longer records are truncated)
     #[arg(long, value_name = "N")]
@@ -245,12 +267,15 @@ settings! {
     warmup_steps: u64 => default(embedded::WARMUP_STEPS, trainer::WARMUP_STEPS),
     /// Validation loss every N steps
     #[arg(long, value_name = "N")]
+    #[resume = changeable]
     eval_every: u64 => default(embedded::EVAL_EVERY, trainer::EVAL_EVERY),
     /// A checkpoint every N steps
     #[arg(long, value_name = "N")]
+    #[resume = changeable]
     checkpoint_every: u64 => default(embedded::CHECKPOINT_EVERY, trainer::CHECKPOINT_EVERY),
     /// Checkpoints kept
     #[arg(long, value_name = "N")]
+    #[resume = changeable]
     keep_checkpoints: u64 => default(trainer::KEEP_CHECKPOINTS, trainer::KEEP_CHECKPOINTS),
     /// Global gradient-norm clip
     #[arg(long, value_name = "X")]
@@ -265,6 +290,7 @@ settings! {
     /// call before it decides another rank died or hangs
     #[arg(long, value_name = "SECS")]
     #[json = "collective_timeout_s"]
+    #[resume = changeable]
     collective_timeout: u64 => default(trainer::COLLECTIVE_TIMEOUT_S, trainer::COLLECTIVE_TIMEOUT_S),
     /// Memory the run may use, GiB [default: the hardware profile's training
     /// budget, else this machine's memory times the [cpu] budget fraction]
@@ -300,21 +326,6 @@ settings! {
           conflicts_with_all = ["generation", "chip", "memory"])]
     cpu_memory: u32 => launch,
 }
-
-/// The settings a resumed run may change from its checkpoint's: how long it
-/// runs and how often it evaluates and saves, and how the global batch is
-/// split (the trainer checks that the global batch stays the same when the
-/// number of ranks changes). Any other difference would change what the
-/// checkpoint's adapters and optimizer moments mean.
-pub const CHANGEABLE_ON_RESUME: [&str; 7] = [
-    "max_steps",
-    "eval_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "collective_timeout",
-    "batch_size",
-    "grad_accum_steps",
-];
 
 /// A setting given on resume that may not differ from the checkpoint's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
