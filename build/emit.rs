@@ -154,6 +154,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
     items.extend(size_items(t));
     items.push(detect_items(t, override_splits));
     items.extend(known_model_items(t));
+    items.push(known_architectures(t));
     items.extend(apple_items(t));
     items.push(memory_row_items(t));
     items.extend(model_items(t));
@@ -322,6 +323,46 @@ fn detect_items(t: &Tables, override_splits: &[dfa::OverrideSplit]) -> TokenStre
         pub const CACHE_PREFIX: &str = #cache_prefix;
         /// In a cache component the name follows the last one.
         pub const CACHE_SEPARATOR: &str = #cache_separator;
+    }
+}
+
+/// `KNOWN_ARCHITECTURES` and `SHAPE_SUFFIXES` (`tables/known_models.toml`,
+/// `[[architecture]]` and `[shape_match]`).
+fn known_architectures(t: &Tables) -> TokenStream {
+    let n = Literal::usize_unsuffixed(t.known_shapes.len());
+    let rows = t.known_shapes.iter().map(|a| {
+        let (id, names) = (a.id.as_str(), a.names.iter().map(String::as_str));
+        let (layers, hidden, inter) = (
+            u64_lit(a.layers),
+            u64_lit(a.hidden),
+            u64_lit(a.intermediate),
+        );
+        let (heads, kv, head_dim) = (u64_lit(a.heads), u64_lit(a.kv_heads), u64_lit(a.head_dim));
+        let (vocab, tied, bias) = (u64_lit(a.vocab), a.tied, a.qkv_bias);
+        quote! {
+            KnownArchitecture {
+                id: #id,
+                names: &[ #( #names ),* ],
+                layers: #layers,
+                hidden: #hidden,
+                intermediate: #inter,
+                heads: #heads,
+                kv_heads: #kv,
+                head_dim: #head_dim,
+                vocab: #vocab,
+                tied: #tied,
+                qkv_bias: #bias,
+            }
+        }
+    });
+    let n_suffixes = Literal::usize_unsuffixed(t.shape_suffixes.len());
+    let suffixes = t.shape_suffixes.iter().map(String::as_str);
+    quote! {
+        /// Published architectures of known models, in table order.
+        pub const KNOWN_ARCHITECTURES: [KnownArchitecture; #n] = [ #( #rows ),* ];
+        /// Words a name may carry after a known architecture's name and still
+        /// match it (`-Instruct`, `-bnb-4bit`).
+        pub const SHAPE_SUFFIXES: [&str; #n_suffixes] = [ #( #suffixes ),* ];
     }
 }
 

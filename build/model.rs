@@ -115,6 +115,34 @@ pub struct PathRules {
 pub struct KnownFile {
     pub model: Vec<S<KnownModel>>,
     pub family: Vec<S<Family>>,
+    pub shape_match: S<ShapeMatch>,
+    pub architecture: Vec<S<KnownArchitecture>>,
+}
+
+/// `[shape_match]`: the words a name may carry after a known
+/// architecture's name and still match it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeMatch {
+    pub suffixes: Vec<S<String>>,
+}
+
+/// One `[[architecture]]`: a published architecture and the names it
+/// answers to.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownArchitecture {
+    pub id: S<String>,
+    pub names: Vec<S<String>>,
+    pub layers: S<i64>,
+    pub hidden: S<i64>,
+    pub intermediate: S<i64>,
+    pub heads: S<i64>,
+    pub kv_heads: S<i64>,
+    pub head_dim: Option<S<i64>>,
+    pub vocab: S<i64>,
+    pub tied: S<bool>,
+    pub qkv_bias: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]

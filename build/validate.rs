@@ -206,6 +206,27 @@ pub struct Tables {
     pub profile_keys: Vec<ProfileKey>,
     /// `memory.toml`'s `[[reference_shape]]`s, in table order.
     pub reference_shapes: Vec<RefShape>,
+    /// `known_models.toml`'s `[[architecture]]`s, in table order.
+    pub known_shapes: Vec<KnownShape>,
+    /// `known_models.toml`'s `[shape_match] suffixes`.
+    pub shape_suffixes: Vec<String>,
+}
+
+/// A validated `[[architecture]]` of `known_models.toml`.
+#[derive(Clone, Debug)]
+pub struct KnownShape {
+    pub id: String,
+    pub names: Vec<String>,
+    pub layers: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    /// Written, or hidden / heads.
+    pub head_dim: u64,
+    pub vocab: u64,
+    pub tied: bool,
+    pub qkv_bias: bool,
 }
 
 /// A validated `[[reference_shape]]`.
@@ -293,6 +314,8 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         settings,
         profile_keys,
         reference_shapes,
+        known_shapes: known.shapes,
+        shape_suffixes: known.shape_suffixes,
     })
 }
 

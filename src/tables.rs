@@ -189,6 +189,35 @@ pub struct KnownModel {
     pub warning: Option<&'static str>,
 }
 
+/// A published architecture of a model known by name
+/// (`tables/known_models.toml`, `[[architecture]]`): what the memory model
+/// sizes a model by when only its name is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownArchitecture {
+    /// The repository whose `config.json` gives the numbers.
+    pub id: &'static str,
+    /// The names it answers to, lower case (`qwen2.5-14b`).
+    pub names: &'static [&'static str],
+    /// Decoder blocks.
+    pub layers: u64,
+    /// Width.
+    pub hidden: u64,
+    /// SwiGLU width.
+    pub intermediate: u64,
+    /// Query heads.
+    pub heads: u64,
+    /// Key/value heads.
+    pub kv_heads: u64,
+    /// Width of one head.
+    pub head_dim: u64,
+    /// Vocabulary.
+    pub vocab: u64,
+    /// `lm_head` shares the embedding matrix.
+    pub tied: bool,
+    /// Biases on q, k and v.
+    pub qkv_bias: bool,
+}
+
 /// A published architecture the memory model sizes unknown models by
 /// (`tables/memory.toml`, `[[reference_shape]]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

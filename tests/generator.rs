@@ -593,3 +593,67 @@ fn size_patterns_must_fit_the_detectors_table() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn known_architecture_errors_all_reported_at_once() {
+    let errs = errors(&[
+        (
+            "known_models.toml",
+            "names = [\"qwen2.5-72b\"]",
+            "names = [\"qwen2.5-32b\"]",
+        ),
+        (
+            "known_models.toml",
+            "heads = 15\nkv_heads = 5",
+            "heads = 14\nkv_heads = 5",
+        ),
+        ("known_models.toml", "vocab = 100352", "vocab = 0"),
+        (
+            "known_models.toml",
+            "id = \"google/gemma-2-27b\"",
+            "id = \"google/gemma-2-9b\"",
+        ),
+        (
+            "known_models.toml",
+            "\"instruct\", \"it\",",
+            "\"instruct\", \"-it\",",
+        ),
+    ]);
+    let first_32b = line_of("known_models.toml", "names = [\"qwen2.5-32b\"]");
+    let dup_32b = line_of("known_models.toml", "names = [\"qwen2.5-72b\"]");
+    let smol = line_of("known_models.toml", "names = [\"smollm2-360m\"]");
+    let phi4 = line_of("known_models.toml", "vocab = 100352");
+    let gemma9 = line_of("known_models.toml", "id = \"google/gemma-2-9b\"");
+    let gemma27 = line_of("known_models.toml", "id = \"google/gemma-2-27b\"");
+    let suffixes = line_of(
+        "known_models.toml",
+        "    \"instruct\", \"it\", \"chat\", \"base\", \"pt\", \"hf\",",
+    );
+    assert_eq!(
+        errs,
+        [
+            format!(
+                "tables/known_models.toml:{suffixes}:17: suffix \"-it\" must be one word of lower-case ASCII letters, digits and '.'"
+            ),
+            format!(
+                "tables/known_models.toml:{dup_32b}:10: duplicate architecture name \"qwen2.5-32b\" (first at {first_32b}:10)"
+            ),
+            format!(
+                "tables/known_models.toml:{gemma27}:6: duplicate architecture id \"google/gemma-2-9b\" (first at {gemma9}:6)"
+            ),
+            format!("tables/known_models.toml:{phi4}:9: vocab is 0, must be in 1..=16777216"),
+            format!(
+                "tables/known_models.toml:{}:9: heads 14 does not divide hidden 960: write head_dim",
+                smol + 4
+            ),
+            format!(
+                "tables/known_models.toml:{}:12: kv_heads 5 does not divide heads 14",
+                smol + 5
+            ),
+        ]
+    );
+    // Every field but head_dim and qkv_bias must be written.
+    let e = errors(&[("known_models.toml", "intermediate = 3072\n", "")]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("missing field `intermediate`"), "{e:?}");
+}
