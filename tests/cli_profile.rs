@@ -229,16 +229,76 @@ fn detect_model_unknown_prints_a_dash() {
 }
 
 #[test]
+fn detect_model_on_a_missing_path_is_an_error_naming_it() {
+    let sb = Sandbox::new();
+    let missing = sb.dir.path().join("no-such-model");
+    let missing = missing.to_str().unwrap();
+    // The other names still print; the command fails.
+    let out = sb.run(&["detect-model", "Qwen/Qwen2.5-0.5B", missing, "./gone-7b"]);
+    let err = fails(&out);
+    assert_eq!(stdout(&out), "Qwen/Qwen2.5-0.5B\tsmall\t0.5\n");
+    assert!(
+        err.contains(&format!("error: {missing}: no such file or directory\n")),
+        "{err}"
+    );
+    // Looks like a path: not sized from its name, though it writes 7B.
+    assert!(
+        err.contains("error: ./gone-7b: no such file or directory\n"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with("error: 2 of 3 names could not be sized (see above)\n"),
+        "{err}"
+    );
+    // From stdin, the same.
+    let out = sb.run_stdin(&["detect-model", "--json"], format!("{missing}\n"));
+    assert!(fails(&out).contains("no such file or directory"));
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn detect_model_on_a_folder_without_a_size_is_an_error_naming_it() {
+    let sb = Sandbox::new();
+    let empty = sb.dir.path().join("empty-model");
+    std::fs::create_dir(&empty).unwrap();
+    let empty = empty.to_str().unwrap();
+    let err = fails(&sb.run(&["detect-model", empty]));
+    assert!(
+        err.starts_with(&format!(
+            "error: {empty}: no readable model file gives a size"
+        )),
+        "{err}"
+    );
+    // An unreadable config.json is named as the cause.
+    let broken = sb.dir.path().join("broken-model");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{ not json").unwrap();
+    let err = fails(&sb.run(&["detect-model", broken.to_str().unwrap()]));
+    assert!(err.contains("no readable model file gives a size"), "{err}");
+    assert!(err.contains("config.json"), "{err}");
+    // A folder whose name writes a size keeps the name's, with a warning.
+    let named = sb.dir.path().join("Qwen2.5-7B");
+    std::fs::create_dir(&named).unwrap();
+    let out = sb.run(&["detect-model", named.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).ends_with("Qwen2.5-7B\tsmall\t7\n"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn detect_model_reads_stdin_skipping_empty_lines() {
     let sb = Sandbox::new();
     let out = ok(&sb.run_stdin(
         &["detect-model"],
-        "meta-llama/Llama-2-13b-chat-hf\r\n\n   \n./models/mistral-7b\norg/model-51b",
+        "meta-llama/Llama-2-13b-chat-hf\r\n\n   \nmodels/mistral-7b\norg/model-51b",
     ));
     assert_eq!(
         out,
         "meta-llama/Llama-2-13b-chat-hf\tmedium\t13\n\
-         ./models/mistral-7b\tsmall\t7\n\
+         models/mistral-7b\tsmall\t7\n\
          org/model-51b\txlarge\t51\n"
     );
 }
@@ -305,13 +365,14 @@ fn detect_model_survives_invalid_utf8_arguments() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
     let sb = Sandbox::new();
+    // Not there and not path-like (`./`, `/`, `~`): sized from the name.
     let out = sb
         .bare()
         .arg("detect-model")
-        .arg(OsStr::from_bytes(b"/models/\x80llama-70b"))
+        .arg(OsStr::from_bytes(b"models/\x80llama-70b"))
         .output()
         .unwrap();
-    assert_eq!(ok(&out), "/models/\u{fffd}llama-70b\txlarge\t70\n");
+    assert_eq!(ok(&out), "models/\u{fffd}llama-70b\txlarge\t70\n");
 }
 
 #[test]

@@ -48,7 +48,12 @@ pub enum Command {
         "\n",
         "Prints one line per name: NAME<TAB>CATEGORY<TAB>PARAMS_B, where PARAMS_B is the\n",
         "parameter count in billions (7, 0.5, 0.135), or - when unknown. Without NAME\n",
-        "arguments, names are read from stdin, one per line (empty lines are skipped).",
+        "arguments, names are read from stdin, one per line (empty lines are skipped).\n",
+        "\n",
+        "A name that exists on disk, or looks like a path (./, /, ~), is a local model:\n",
+        "sized from its files (config.json, safetensors, GGUF), else from its name. One\n",
+        "that is not there, or where neither gives a size, is an error naming the path;\n",
+        "the other names still print, and the exit status is 1.",
     ))]
     DetectModel(DetectModelArgs),
 
