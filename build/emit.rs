@@ -157,7 +157,7 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
     items.push(known_architectures(t));
     items.extend(apple_items(t));
     items.push(memory_row_items(t));
-    items.extend(model_items(t));
+    items.push(train_default_items(t));
     // Trainer and embedded-model defaults.
     items.push(settings(t));
     // Profile keys.
@@ -524,77 +524,16 @@ fn memory_row_items(t: &Tables) -> TokenStream {
     }
 }
 
-/// The recommender's models (`tables/models.toml`) and `[train]` defaults
-/// (`tables/defaults.toml`).
-fn model_items(t: &Tables) -> Vec<TokenStream> {
-    let mut items = Vec::new();
-    let tight = u32_lit(t.tight_below_gb);
-    let comfortable = u32_lit(t.comfortable_below_gb);
-    let advice = t.tight_advice.as_str();
-    let models = t.models.iter().map(|m| {
-        let (key, id, params) = (m.key.as_str(), m.id.as_str(), m.params.as_str());
-        let (inf, tr) = (u32_lit(m.inference_gb), u32_lit(m.training_gb));
-        let tier = ident(&camel(&t.tiers[m.tier]));
-        let rec = m.recommended;
-        let warning = match &m.warning {
-            Some(w) => quote!(Some(#w)),
-            None => quote!(None),
-        };
-        quote! {
-            KnownModel {
-                key: #key,
-                id: #id,
-                inference_gb: #inf,
-                training_gb: #tr,
-                params: #params,
-                tier: Tier::#tier,
-                recommended: #rec,
-                warning: #warning,
-            }
-        }
-    });
-    let n_models = Literal::usize_unsuffixed(t.models.len());
-    let key_entries: Vec<(String, String)> = t
-        .models
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.key.clone(), i.to_string()))
-        .collect();
-    let id_entries: Vec<(String, String)> = t
-        .models
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.id.clone(), i.to_string()))
-        .collect();
-    items.push(phf_map(
-        "MODEL_BY_KEY",
-        quote!(usize),
-        "Index into [`KNOWN_MODELS`] by key, ASCII case-insensitive.",
-        &key_entries,
-    ));
-    items.push(phf_map(
-        "MODEL_BY_ID",
-        quote!(usize),
-        "Index into [`KNOWN_MODELS`] by Hugging Face id, ASCII case-insensitive.",
-        &id_entries,
-    ));
+/// `[train]` defaults (`tables/defaults.toml`).
+fn train_default_items(t: &Tables) -> TokenStream {
     let default_model = t.default_model.as_str();
     let alpha = f64_lit(t.lora_alpha_per_rank);
-    items.push(quote! {
-        /// Headroom (GB) below which a fitting model is a tight fit.
-        pub const TIGHT_BELOW_GB: u32 = #tight;
-        /// Headroom (GB) below which a fitting model is a comfortable fit.
-        pub const COMFORTABLE_BELOW_GB: u32 = #comfortable;
-        /// Advice shown for a tight fit.
-        pub const TIGHT_ADVICE: &str = #advice;
-        /// Models known to the recommender, in table order.
-        pub const KNOWN_MODELS: [KnownModel; #n_models] = [ #( #models ),* ];
+    quote! {
         /// The model trained when none is given.
         pub const DEFAULT_MODEL: &str = #default_model;
         /// LoRA alpha defaults to this many times the rank.
         pub const LORA_ALPHA_PER_RANK: f64 = #alpha;
-    });
-    items
+    }
 }
 
 /// `pub mod trainer { pub const LEARNING_RATE: f64 = ...; }` and

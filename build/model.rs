@@ -11,11 +11,10 @@ use super::diag::{Diagnostic, Source};
 type S<T> = Spanned<T>;
 
 /// The table files, in the order they are read and hashed.
-pub const FILES: [&str; 8] = [
+pub const FILES: [&str; 7] = [
     "size.toml",
     "detect.toml",
     "hardware.toml",
-    "models.toml",
     "defaults.toml",
     "known_models.toml",
     "profile.toml",
@@ -24,11 +23,10 @@ pub const FILES: [&str; 8] = [
 pub const SIZE: usize = 0;
 pub const DETECT: usize = 1;
 pub const HARDWARE: usize = 2;
-pub const MODELS: usize = 3;
-pub const DEFAULTS: usize = 4;
-pub const KNOWN: usize = 5;
-pub const PROFILE: usize = 6;
-pub const MEMORY: usize = 7;
+pub const DEFAULTS: usize = 3;
+pub const KNOWN: usize = 4;
+pub const PROFILE: usize = 5;
+pub const MEMORY: usize = 6;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,34 +254,6 @@ pub struct RawProfile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelsFile {
-    pub fit: S<Fit>,
-    pub model: Vec<S<Model>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fit {
-    pub tight_below_gb: S<i64>,
-    pub comfortable_below_gb: S<i64>,
-    pub tight_advice: S<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Model {
-    pub key: S<String>,
-    pub id: S<String>,
-    pub inference_gb: S<i64>,
-    pub training_gb: S<i64>,
-    pub params: S<String>,
-    pub tier: S<String>,
-    pub recommended: S<bool>,
-    pub warning: Option<S<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DefaultsFile {
     pub train: S<TrainDefaults>,
     /// `[trainer]`: name -> number, checked against `validate::SETTINGS`.
@@ -349,7 +319,6 @@ pub struct Loaded {
     pub size: SizeFile,
     pub detect: DetectFile,
     pub hardware: HardwareFile,
-    pub models: ModelsFile,
     pub defaults: DefaultsFile,
     pub known: KnownFile,
     pub profile: ProfileFile,
@@ -402,19 +371,15 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     let size = parse::<SizeFile>(&sources[SIZE], &mut errors);
     let detect = parse::<DetectFile>(&sources[DETECT], &mut errors);
     let hardware = parse::<HardwareFile>(&sources[HARDWARE], &mut errors);
-    let models = parse::<ModelsFile>(&sources[MODELS], &mut errors);
     let defaults = parse::<DefaultsFile>(&sources[DEFAULTS], &mut errors);
     let known = parse::<KnownFile>(&sources[KNOWN], &mut errors);
     let profile = parse::<ProfileFile>(&sources[PROFILE], &mut errors);
     let memory = parse::<MemoryFile>(&sources[MEMORY], &mut errors);
-    match (
-        size, detect, hardware, models, defaults, known, profile, memory,
-    ) {
+    match (size, detect, hardware, defaults, known, profile, memory) {
         (
             Some(size),
             Some(detect),
             Some(hardware),
-            Some(models),
             Some(defaults),
             Some(known),
             Some(profile),
@@ -424,7 +389,6 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
             size,
             detect,
             hardware,
-            models,
             defaults,
             known,
             profile,

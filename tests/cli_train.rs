@@ -472,7 +472,7 @@ mod resolution {
         );
         // A name the table does not know keeps the estimate from its size,
         // and the estimate differs.
-        let e = name_only_memory(&sb, "someone/Qwen2.5-14B-abliterated");
+        let e = name_only_memory(&sb, "someone/Qwen2.5-14B-my-finetune");
         assert_eq!(e["architecture_source"], "estimated_from_name", "{e}");
         assert_eq!(e["architecture_id"], Value::Null);
         assert_ne!(e["architecture"]["layers"], 48);

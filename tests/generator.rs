@@ -225,12 +225,12 @@ fn unknown_key_is_reported_with_position() {
 #[test]
 fn toml_duplicate_key() {
     let e = errors(&[(
-        "models.toml",
-        "training_gb = 12\n",
-        "training_gb = 12\ntraining_gb = 13\n",
+        "defaults.toml",
+        "lora_alpha_per_rank = 2.0\n",
+        "lora_alpha_per_rank = 2.0\nlora_alpha_per_rank = 3.0\n",
     )]);
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(e[0].starts_with("tables/models.toml:"), "{e:?}");
+    assert!(e[0].starts_with("tables/defaults.toml:"), "{e:?}");
     assert!(e[0].contains("duplicate key"), "{e:?}");
 }
 
@@ -363,17 +363,17 @@ fn a_gpu_or_cpu_section_needs_rows() {
 fn errors_from_several_files_at_once() {
     let e = errors(&[
         ("size.toml", "[scaling]", "[scaling"),
-        ("models.toml", "[fit]", "[fit"),
+        ("defaults.toml", "[train]", "[train"),
     ]);
     assert_eq!(e.len(), 2, "{e:?}");
     assert!(e[0].starts_with("tables/size.toml:"), "{e:?}");
-    assert!(e[1].starts_with("tables/models.toml:"), "{e:?}");
+    assert!(e[1].starts_with("tables/defaults.toml:"), "{e:?}");
 }
 
 #[test]
 fn missing_file() {
     let dir = broken(&[]);
-    std::fs::remove_file(dir.path().join("models.toml")).unwrap();
+    std::fs::remove_file(dir.path().join("defaults.toml")).unwrap();
     let e: Vec<String> = generate(dir.path(), Endian::Little)
         .err()
         .unwrap()
@@ -382,7 +382,7 @@ fn missing_file() {
         .collect();
     assert_eq!(e.len(), 1);
     assert!(
-        e[0].starts_with("tables/models.toml: cannot read: "),
+        e[0].starts_with("tables/defaults.toml: cannot read: "),
         "{e:?}"
     );
 }

@@ -88,7 +88,7 @@ mod tests {
         assert_eq!(id("Qwen/Qwen2.5-3B"), Some("Qwen/Qwen2.5-3B"));
         assert_eq!(id("Qwen/Qwen2.5-32B"), Some("Qwen/Qwen2.5-32B"));
         assert_eq!(id("Qwen/Qwen2.5-Coder-7B"), None);
-        assert_eq!(id("Qwen2.5-14B-abliterated"), None);
+        assert_eq!(id("Qwen2.5-14B-my-finetune"), None);
         assert_eq!(id("xqwen2.5-14b"), None);
         assert_eq!(id("Qwen2.5-14B--Instruct"), None);
         assert_eq!(id(""), None);

@@ -85,11 +85,16 @@ pub enum Command {
     ))]
     Setup(SetupArgs),
 
-    /// Which known models fit in a machine's memory, and how comfortably
+    /// Which models of the known model table fit in a machine's memory
     #[command(long_about = concat!(
-        "Which known models fit in a machine's memory, and how comfortably.\n",
+        "Which models of the known model table fit in a machine's memory.\n",
         "\n",
-        "The memory is --memory, else the saved profile's, else the detected hardware's.",
+        "The memory is --memory, else the saved profile's, else the detected hardware's.\n",
+        "Each model of tables/known_models.toml ([[architecture]]) is sized by its\n",
+        "published architecture and judged by the memory model with the machine's\n",
+        "profile scaled for it: FITS, TIGHT (only at micro-batch 1 with checkpointing)\n",
+        "or DOES_NOT_FIT, with the estimated peak. Models that fit come first, largest\n",
+        "first; models that do not fit last, nearest to fitting first.",
     ))]
     Recommend(RecommendArgs),
 
@@ -191,11 +196,6 @@ pub struct RecommendArgs {
     /// Unified memory in GB [default: the saved profile's, else detected]
     #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
     pub memory: Option<u32>,
-
-    /// Judge by the original project's fixed training figures
-    /// (tables/models.toml) instead of the memory model's estimate
-    #[arg(long)]
-    pub table_figures: bool,
 
     /// Print JSON instead of a table
     #[arg(long)]
