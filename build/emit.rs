@@ -154,9 +154,10 @@ pub fn emit(t: &Tables, override_splits: &[dfa::OverrideSplit], sources: &[Sourc
     items.extend(size_items(t));
     items.push(detect_items(t, override_splits));
     items.extend(known_model_items(t));
+    items.push(known_architectures(t));
     items.extend(apple_items(t));
     items.push(memory_row_items(t));
-    items.extend(model_items(t));
+    items.push(train_default_items(t));
     // Trainer and embedded-model defaults.
     items.push(settings(t));
     // Profile keys.
@@ -325,6 +326,46 @@ fn detect_items(t: &Tables, override_splits: &[dfa::OverrideSplit]) -> TokenStre
     }
 }
 
+/// `KNOWN_ARCHITECTURES` and `SHAPE_SUFFIXES` (`tables/known_models.toml`,
+/// `[[architecture]]` and `[shape_match]`).
+fn known_architectures(t: &Tables) -> TokenStream {
+    let n = Literal::usize_unsuffixed(t.known_shapes.len());
+    let rows = t.known_shapes.iter().map(|a| {
+        let (id, names) = (a.id.as_str(), a.names.iter().map(String::as_str));
+        let (layers, hidden, inter) = (
+            u64_lit(a.layers),
+            u64_lit(a.hidden),
+            u64_lit(a.intermediate),
+        );
+        let (heads, kv, head_dim) = (u64_lit(a.heads), u64_lit(a.kv_heads), u64_lit(a.head_dim));
+        let (vocab, tied, bias) = (u64_lit(a.vocab), a.tied, a.qkv_bias);
+        quote! {
+            KnownArchitecture {
+                id: #id,
+                names: &[ #( #names ),* ],
+                layers: #layers,
+                hidden: #hidden,
+                intermediate: #inter,
+                heads: #heads,
+                kv_heads: #kv,
+                head_dim: #head_dim,
+                vocab: #vocab,
+                tied: #tied,
+                qkv_bias: #bias,
+            }
+        }
+    });
+    let n_suffixes = Literal::usize_unsuffixed(t.shape_suffixes.len());
+    let suffixes = t.shape_suffixes.iter().map(String::as_str);
+    quote! {
+        /// Published architectures of known models, in table order.
+        pub const KNOWN_ARCHITECTURES: [KnownArchitecture; #n] = [ #( #rows ),* ];
+        /// Words a name may carry after a known architecture's name and still
+        /// match it (`-Instruct`, `-bnb-4bit`).
+        pub const SHAPE_SUFFIXES: [&str; #n_suffixes] = [ #( #suffixes ),* ];
+    }
+}
+
 /// Models known by exact name (`tables/known_models.toml`) and the two DFAs.
 fn known_model_items(t: &Tables) -> Vec<TokenStream> {
     let mut items = Vec::new();
@@ -483,77 +524,16 @@ fn memory_row_items(t: &Tables) -> TokenStream {
     }
 }
 
-/// The recommender's models (`tables/models.toml`) and `[train]` defaults
-/// (`tables/defaults.toml`).
-fn model_items(t: &Tables) -> Vec<TokenStream> {
-    let mut items = Vec::new();
-    let tight = u32_lit(t.tight_below_gb);
-    let comfortable = u32_lit(t.comfortable_below_gb);
-    let advice = t.tight_advice.as_str();
-    let models = t.models.iter().map(|m| {
-        let (key, id, params) = (m.key.as_str(), m.id.as_str(), m.params.as_str());
-        let (inf, tr) = (u32_lit(m.inference_gb), u32_lit(m.training_gb));
-        let tier = ident(&camel(&t.tiers[m.tier]));
-        let rec = m.recommended;
-        let warning = match &m.warning {
-            Some(w) => quote!(Some(#w)),
-            None => quote!(None),
-        };
-        quote! {
-            KnownModel {
-                key: #key,
-                id: #id,
-                inference_gb: #inf,
-                training_gb: #tr,
-                params: #params,
-                tier: Tier::#tier,
-                recommended: #rec,
-                warning: #warning,
-            }
-        }
-    });
-    let n_models = Literal::usize_unsuffixed(t.models.len());
-    let key_entries: Vec<(String, String)> = t
-        .models
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.key.clone(), i.to_string()))
-        .collect();
-    let id_entries: Vec<(String, String)> = t
-        .models
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.id.clone(), i.to_string()))
-        .collect();
-    items.push(phf_map(
-        "MODEL_BY_KEY",
-        quote!(usize),
-        "Index into [`KNOWN_MODELS`] by key, ASCII case-insensitive.",
-        &key_entries,
-    ));
-    items.push(phf_map(
-        "MODEL_BY_ID",
-        quote!(usize),
-        "Index into [`KNOWN_MODELS`] by Hugging Face id, ASCII case-insensitive.",
-        &id_entries,
-    ));
+/// `[train]` defaults (`tables/defaults.toml`).
+fn train_default_items(t: &Tables) -> TokenStream {
     let default_model = t.default_model.as_str();
     let alpha = f64_lit(t.lora_alpha_per_rank);
-    items.push(quote! {
-        /// Headroom (GB) below which a fitting model is a tight fit.
-        pub const TIGHT_BELOW_GB: u32 = #tight;
-        /// Headroom (GB) below which a fitting model is a comfortable fit.
-        pub const COMFORTABLE_BELOW_GB: u32 = #comfortable;
-        /// Advice shown for a tight fit.
-        pub const TIGHT_ADVICE: &str = #advice;
-        /// Models known to the recommender, in table order.
-        pub const KNOWN_MODELS: [KnownModel; #n_models] = [ #( #models ),* ];
+    quote! {
         /// The model trained when none is given.
         pub const DEFAULT_MODEL: &str = #default_model;
         /// LoRA alpha defaults to this many times the rank.
         pub const LORA_ALPHA_PER_RANK: f64 = #alpha;
-    });
-    items
+    }
 }
 
 /// `pub mod trainer { pub const LEARNING_RATE: f64 = ...; }` and

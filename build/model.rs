@@ -11,11 +11,10 @@ use super::diag::{Diagnostic, Source};
 type S<T> = Spanned<T>;
 
 /// The table files, in the order they are read and hashed.
-pub const FILES: [&str; 8] = [
+pub const FILES: [&str; 7] = [
     "size.toml",
     "detect.toml",
     "hardware.toml",
-    "models.toml",
     "defaults.toml",
     "known_models.toml",
     "profile.toml",
@@ -24,11 +23,10 @@ pub const FILES: [&str; 8] = [
 pub const SIZE: usize = 0;
 pub const DETECT: usize = 1;
 pub const HARDWARE: usize = 2;
-pub const MODELS: usize = 3;
-pub const DEFAULTS: usize = 4;
-pub const KNOWN: usize = 5;
-pub const PROFILE: usize = 6;
-pub const MEMORY: usize = 7;
+pub const DEFAULTS: usize = 3;
+pub const KNOWN: usize = 4;
+pub const PROFILE: usize = 5;
+pub const MEMORY: usize = 6;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +113,34 @@ pub struct PathRules {
 pub struct KnownFile {
     pub model: Vec<S<KnownModel>>,
     pub family: Vec<S<Family>>,
+    pub shape_match: S<ShapeMatch>,
+    pub architecture: Vec<S<KnownArchitecture>>,
+}
+
+/// `[shape_match]`: the words a name may carry after a known
+/// architecture's name and still match it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeMatch {
+    pub suffixes: Vec<S<String>>,
+}
+
+/// One `[[architecture]]`: a published architecture and the names it
+/// answers to.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownArchitecture {
+    pub id: S<String>,
+    pub names: Vec<S<String>>,
+    pub layers: S<i64>,
+    pub hidden: S<i64>,
+    pub intermediate: S<i64>,
+    pub heads: S<i64>,
+    pub kv_heads: S<i64>,
+    pub head_dim: Option<S<i64>>,
+    pub vocab: S<i64>,
+    pub tied: S<bool>,
+    pub qkv_bias: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -228,34 +254,6 @@ pub struct RawProfile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelsFile {
-    pub fit: S<Fit>,
-    pub model: Vec<S<Model>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fit {
-    pub tight_below_gb: S<i64>,
-    pub comfortable_below_gb: S<i64>,
-    pub tight_advice: S<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Model {
-    pub key: S<String>,
-    pub id: S<String>,
-    pub inference_gb: S<i64>,
-    pub training_gb: S<i64>,
-    pub params: S<String>,
-    pub tier: S<String>,
-    pub recommended: S<bool>,
-    pub warning: Option<S<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DefaultsFile {
     pub train: S<TrainDefaults>,
     /// `[trainer]`: name -> number, checked against `validate::SETTINGS`.
@@ -321,7 +319,6 @@ pub struct Loaded {
     pub size: SizeFile,
     pub detect: DetectFile,
     pub hardware: HardwareFile,
-    pub models: ModelsFile,
     pub defaults: DefaultsFile,
     pub known: KnownFile,
     pub profile: ProfileFile,
@@ -374,19 +371,15 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     let size = parse::<SizeFile>(&sources[SIZE], &mut errors);
     let detect = parse::<DetectFile>(&sources[DETECT], &mut errors);
     let hardware = parse::<HardwareFile>(&sources[HARDWARE], &mut errors);
-    let models = parse::<ModelsFile>(&sources[MODELS], &mut errors);
     let defaults = parse::<DefaultsFile>(&sources[DEFAULTS], &mut errors);
     let known = parse::<KnownFile>(&sources[KNOWN], &mut errors);
     let profile = parse::<ProfileFile>(&sources[PROFILE], &mut errors);
     let memory = parse::<MemoryFile>(&sources[MEMORY], &mut errors);
-    match (
-        size, detect, hardware, models, defaults, known, profile, memory,
-    ) {
+    match (size, detect, hardware, defaults, known, profile, memory) {
         (
             Some(size),
             Some(detect),
             Some(hardware),
-            Some(models),
             Some(defaults),
             Some(known),
             Some(profile),
@@ -396,7 +389,6 @@ pub fn load(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
             size,
             detect,
             hardware,
-            models,
             defaults,
             known,
             profile,

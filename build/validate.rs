@@ -11,7 +11,6 @@ mod detect;
 mod hardware;
 mod known_models;
 mod memory;
-mod models;
 mod profile;
 mod size;
 
@@ -105,18 +104,6 @@ pub struct Generation {
     pub gpu_cores: Vec<u32>,
 }
 
-pub struct Model {
-    pub key: String,
-    pub id: String,
-    pub inference_gb: u32,
-    pub training_gb: u32,
-    pub params: String,
-    pub tier: usize,
-    pub recommended: bool,
-    pub warning: Option<String>,
-}
-
-/// The type of value a profile key holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind {
     /// A non-negative integer.
@@ -194,10 +181,6 @@ pub struct Tables {
     pub cpu_rows: Vec<MemoryRow>,
     /// `[[cpu.simd]]`, in table order.
     pub simd: Vec<SimdFeature>,
-    pub tight_below_gb: u32,
-    pub comfortable_below_gb: u32,
-    pub tight_advice: String,
-    pub models: Vec<Model>,
     pub default_model: String,
     pub lora_alpha_per_rank: f64,
     /// `[trainer]` and `[embedded]` values, in [`SETTINGS`] order.
@@ -206,6 +189,27 @@ pub struct Tables {
     pub profile_keys: Vec<ProfileKey>,
     /// `memory.toml`'s `[[reference_shape]]`s, in table order.
     pub reference_shapes: Vec<RefShape>,
+    /// `known_models.toml`'s `[[architecture]]`s, in table order.
+    pub known_shapes: Vec<KnownShape>,
+    /// `known_models.toml`'s `[shape_match] suffixes`.
+    pub shape_suffixes: Vec<String>,
+}
+
+/// A validated `[[architecture]]` of `known_models.toml`.
+#[derive(Clone, Debug)]
+pub struct KnownShape {
+    pub id: String,
+    pub names: Vec<String>,
+    pub layers: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    /// Written, or hidden / heads.
+    pub head_dim: u64,
+    pub vocab: u64,
+    pub tied: bool,
+    pub qkv_bias: bool,
 }
 
 /// A validated `[[reference_shape]]`.
@@ -227,7 +231,7 @@ const BILLION: u64 = 1_000_000_000;
 ///
 /// The files are checked in this order, and so are their problems reported.
 pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
-    use model::{DEFAULTS, DETECT, HARDWARE, KNOWN, MEMORY, MODELS, PROFILE, SIZE};
+    use model::{DEFAULTS, DETECT, HARDWARE, KNOWN, MEMORY, PROFILE, SIZE};
     let mut c = Checker::new(&t.sources);
     let size = size::check(&mut c.file(SIZE), &t.size);
     let detect = detect::check(&mut c.file(DETECT), &t.detect);
@@ -238,7 +242,6 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         &size.tiers,
         &size.limits,
     );
-    let models = models::check(&mut c.file(MODELS), &t.models, &size.tiers);
     let train = defaults::train(&mut c.file(DEFAULTS), &t.defaults);
     // The settings in [`SETTINGS`] order, then the embedded model's shape
     // they describe.
@@ -284,15 +287,13 @@ pub fn validate(t: &Loaded) -> Result<Tables, Vec<Diagnostic>> {
         cpu_budget_fraction: hardware.cpu_budget_fraction,
         cpu_rows: hardware.cpu_rows,
         simd: hardware.simd,
-        tight_below_gb: models.tight_below_gb,
-        comfortable_below_gb: models.comfortable_below_gb,
-        tight_advice: models.tight_advice,
-        models: models.models,
         default_model: train.default_model,
         lora_alpha_per_rank: train.lora_alpha_per_rank,
         settings,
         profile_keys,
         reference_shapes,
+        known_shapes: known.shapes,
+        shape_suffixes: known.shape_suffixes,
     })
 }
 

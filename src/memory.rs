@@ -32,8 +32,11 @@
 //! assert!(e.peak > e.weights);
 //! ```
 
+mod known;
+
 use serde::Serialize;
 
+pub use self::known::known_architecture;
 use crate::qlora::LlamaConfig;
 use crate::qlora::nf4::nf4_storage_bytes;
 use crate::tables::memory as table;
@@ -101,6 +104,21 @@ impl Architecture {
         let want = params.saturating_sub(fixed);
         a.layers = ((want as f64 / per_block as f64).round() as u64).max(1);
         a
+    }
+
+    /// The architecture of a row of `tables/known_models.toml`.
+    pub fn from_known(k: &crate::tables::KnownArchitecture) -> Self {
+        Self {
+            layers: k.layers,
+            hidden: k.hidden,
+            intermediate: k.intermediate,
+            heads: k.heads,
+            kv_heads: k.kv_heads,
+            head_dim: k.head_dim,
+            vocab: k.vocab,
+            tied: k.tied,
+            qkv_bias: k.qkv_bias,
+        }
     }
 
     fn reference(s: &crate::tables::ReferenceShape) -> Self {

@@ -168,25 +168,33 @@ pub struct SimdFeature {
     pub flags: &'static [&'static str],
 }
 
-/// A model the recommender knows.
+/// A published architecture of a model known by name
+/// (`tables/known_models.toml`, `[[architecture]]`): what the memory model
+/// sizes a model by when only its name is given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KnownModel {
-    /// Short name (`hermes-7b`).
-    pub key: &'static str,
-    /// Hugging Face id.
+pub struct KnownArchitecture {
+    /// The repository whose `config.json` gives the numbers.
     pub id: &'static str,
-    /// Memory needed for inference, GB.
-    pub inference_gb: u32,
-    /// Memory needed for QLoRA training, GB.
-    pub training_gb: u32,
-    /// Parameter label shown to users (`7B`, `671B MoE`).
-    pub params: &'static str,
-    /// Model tier.
-    pub tier: Tier,
-    /// Recommended when it fits.
-    pub recommended: bool,
-    /// Shown beside the model.
-    pub warning: Option<&'static str>,
+    /// The names it answers to, lower case (`qwen2.5-14b`).
+    pub names: &'static [&'static str],
+    /// Decoder blocks.
+    pub layers: u64,
+    /// Width.
+    pub hidden: u64,
+    /// SwiGLU width.
+    pub intermediate: u64,
+    /// Query heads.
+    pub heads: u64,
+    /// Key/value heads.
+    pub kv_heads: u64,
+    /// Width of one head.
+    pub head_dim: u64,
+    /// Vocabulary.
+    pub vocab: u64,
+    /// `lm_head` shares the embedding matrix.
+    pub tied: bool,
+    /// Biases on q, k and v.
+    pub qkv_bias: bool,
 }
 
 /// A published architecture the memory model sizes unknown models by
@@ -435,4 +443,3 @@ const _: () = assert!(GPU_BUDGET_FRACTION > 0.0 && GPU_BUDGET_FRACTION <= 1.0);
 const _: () = assert!(CPU_BUDGET_FRACTION > 0.0 && CPU_BUDGET_FRACTION <= 1.0);
 const _: () = assert!(BATCH_SIZE_CAP > 0 && DEFAULT_BATCH_SIZE > 0);
 const _: () = assert!(BUDGET_FRACTION > 0.0 && BUDGET_FRACTION <= 1.0);
-const _: () = assert!(TIGHT_BELOW_GB <= COMFORTABLE_BELOW_GB);

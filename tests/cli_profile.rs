@@ -229,16 +229,76 @@ fn detect_model_unknown_prints_a_dash() {
 }
 
 #[test]
+fn detect_model_on_a_missing_path_is_an_error_naming_it() {
+    let sb = Sandbox::new();
+    let missing = sb.dir.path().join("no-such-model");
+    let missing = missing.to_str().unwrap();
+    // The other names still print; the command fails.
+    let out = sb.run(&["detect-model", "Qwen/Qwen2.5-0.5B", missing, "./gone-7b"]);
+    let err = fails(&out);
+    assert_eq!(stdout(&out), "Qwen/Qwen2.5-0.5B\tsmall\t0.5\n");
+    assert!(
+        err.contains(&format!("error: {missing}: no such file or directory\n")),
+        "{err}"
+    );
+    // Looks like a path: not sized from its name, though it writes 7B.
+    assert!(
+        err.contains("error: ./gone-7b: no such file or directory\n"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with("error: 2 of 3 names could not be sized (see above)\n"),
+        "{err}"
+    );
+    // From stdin, the same.
+    let out = sb.run_stdin(&["detect-model", "--json"], format!("{missing}\n"));
+    assert!(fails(&out).contains("no such file or directory"));
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn detect_model_on_a_folder_without_a_size_is_an_error_naming_it() {
+    let sb = Sandbox::new();
+    let empty = sb.dir.path().join("empty-model");
+    std::fs::create_dir(&empty).unwrap();
+    let empty = empty.to_str().unwrap();
+    let err = fails(&sb.run(&["detect-model", empty]));
+    assert!(
+        err.starts_with(&format!(
+            "error: {empty}: no readable model file gives a size"
+        )),
+        "{err}"
+    );
+    // An unreadable config.json is named as the cause.
+    let broken = sb.dir.path().join("broken-model");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{ not json").unwrap();
+    let err = fails(&sb.run(&["detect-model", broken.to_str().unwrap()]));
+    assert!(err.contains("no readable model file gives a size"), "{err}");
+    assert!(err.contains("config.json"), "{err}");
+    // A folder whose name writes a size keeps the name's, with a warning.
+    let named = sb.dir.path().join("Qwen2.5-7B");
+    std::fs::create_dir(&named).unwrap();
+    let out = sb.run(&["detect-model", named.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).ends_with("Qwen2.5-7B\tsmall\t7\n"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn detect_model_reads_stdin_skipping_empty_lines() {
     let sb = Sandbox::new();
     let out = ok(&sb.run_stdin(
         &["detect-model"],
-        "meta-llama/Llama-2-13b-chat-hf\r\n\n   \n./models/mistral-7b\norg/model-51b",
+        "meta-llama/Llama-2-13b-chat-hf\r\n\n   \nmodels/mistral-7b\norg/model-51b",
     ));
     assert_eq!(
         out,
         "meta-llama/Llama-2-13b-chat-hf\tmedium\t13\n\
-         ./models/mistral-7b\tsmall\t7\n\
+         models/mistral-7b\tsmall\t7\n\
          org/model-51b\txlarge\t51\n"
     );
 }
@@ -305,13 +365,14 @@ fn detect_model_survives_invalid_utf8_arguments() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
     let sb = Sandbox::new();
+    // Not there and not path-like (`./`, `/`, `~`): sized from the name.
     let out = sb
         .bare()
         .arg("detect-model")
-        .arg(OsStr::from_bytes(b"/models/\x80llama-70b"))
+        .arg(OsStr::from_bytes(b"models/\x80llama-70b"))
         .output()
         .unwrap();
-    assert_eq!(ok(&out), "/models/\u{fffd}llama-70b\txlarge\t70\n");
+    assert_eq!(ok(&out), "models/\u{fffd}llama-70b\txlarge\t70\n");
 }
 
 #[test]
@@ -1010,117 +1071,132 @@ fn recommendations(sb: &Sandbox, memory: &str) -> Value {
     json(&sb.run(&["recommend", "--memory", memory, "--json"]))
 }
 
-fn status_of<'a>(v: &'a Value, key: &str) -> &'a str {
+fn model<'a>(v: &'a Value, id: &str) -> &'a Value {
     v["models"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["key"] == key)
-        .unwrap_or_else(|| panic!("{key} listed"))["status"]
-        .as_str()
-        .unwrap()
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("{id} listed"))
+}
+
+const STATUS_ORDER: [&str; 3] = ["FITS", "TIGHT", "DOES_NOT_FIT"];
+
+/// Fits, then tight fits, then misfits; the largest model first where it
+/// fits, the smallest peak first where it does not.
+#[track_caller]
+fn assert_sorted(v: &Value) {
+    let models = v["models"].as_array().unwrap();
+    let rank = |m: &Value| STATUS_ORDER.iter().position(|s| m["status"] == *s).unwrap();
+    for w in models.windows(2) {
+        let (a, b) = (rank(&w[0]), rank(&w[1]));
+        let f = |m: &Value, k: &str| m[k].as_f64().unwrap();
+        assert!(
+            a < b
+                || (a == b && a < 2 && f(&w[0], "params_b") >= f(&w[1], "params_b"))
+                || (a == b
+                    && a == 2
+                    && f(&w[0], "estimated_peak_gb") <= f(&w[1], "estimated_peak_gb")),
+            "{} before {}",
+            w[0],
+            w[1]
+        );
+    }
 }
 
 #[test]
-fn recommend_16_gb_fits_hermes_7b_not_hermes_70b() {
+fn recommend_judges_the_known_model_table_by_the_memory_model() {
     let sb = Sandbox::new();
     let v = recommendations(&sb, "16");
     assert_eq!(v["memory_gb"], 16);
     assert_eq!(v["memory_source"], "flag");
     assert_eq!(v["training_budget_gb"], 12);
-    assert_eq!(v["judged_by"], "memory_model");
-    assert_ne!(status_of(&v, "hermes-7b"), "DOES_NOT_FIT");
-    assert_eq!(status_of(&v, "hermes-70b"), "DOES_NOT_FIT");
-    let first = &v["models"][0];
-    assert_eq!(first["key"], "hermes-7b");
-    assert_eq!(first["recommended"], true);
-    // The memory model's estimate, not the table's 12 GB: a 7B model in NF4
-    // with the default settings needs well under the table's figure.
-    let est = first["estimated_training_gb"].as_f64().unwrap();
-    assert!(est > 3.5 && est < 12.0, "{first}");
-    assert_eq!(first["headroom_gb"], (12.0 - est).floor() as i64);
-    let big = v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["key"] == "hermes-70b")
-        .unwrap();
-    let need = big["estimated_training_gb"].as_f64().unwrap();
-    assert!(need > 35.0, "{big}");
-    assert_eq!(
-        big["advice"],
-        format!("needs {need:.1} GB, you have 12 GB budget")
-    );
-    assert_eq!(big["recommended"], false);
+    assert_eq!(v["usable_gb"], 10.2);
+    // Every model of the table, neutrally: no opinions, no keys or warnings.
+    let models = v["models"].as_array().unwrap();
+    assert_eq!(models.len(), qlora_scale::tables::KNOWN_ARCHITECTURES.len());
+    for m in models {
+        for gone in ["warning", "recommended", "key", "tier"] {
+            assert!(m.get(gone).is_none(), "{m}");
+        }
+        let peak = m["estimated_peak_gb"].as_f64().unwrap();
+        assert_eq!(m["status"] == "FITS", peak <= 10.2, "{m}");
+    }
+    assert_sorted(&v);
+    // A 7B model fits 16 GB in NF4, a 70B does not; the peak is the memory
+    // model's (the original table said 12 GB for a 7B).
+    let small = model(&v, "Qwen/Qwen2.5-7B");
+    assert_eq!(small["status"], "FITS", "{small}");
+    let peak = small["estimated_peak_gb"].as_f64().unwrap();
+    assert!(peak > 3.5 && peak < 10.2, "{small}");
+    assert_eq!(small["advice"], Value::Null);
+    let big = model(&v, "meta-llama/Llama-3.3-70B-Instruct");
+    assert_eq!(big["status"], "DOES_NOT_FIT", "{big}");
+    assert_eq!(big["params_b"], 70.55);
+    assert!(big["advice"].as_str().unwrap().starts_with("needs about "));
 
     let table = ok(&sb.run(&["recommend", "--memory", "16"]));
     assert!(
-        table.starts_with("Memory: 16 GB (from --memory); training budget: 12 GB\n"),
+        table.starts_with(
+            "Memory: 16 GB (from --memory); training budget: 12 GB; a run's estimate may take 85% of it, 10.2 GB\n"
+        ),
         "{table}"
     );
-    let hermes = table.lines().find(|l| l.contains(" hermes-7b ")).unwrap();
-    assert!(hermes.starts_with("* hermes-7b"), "{hermes}");
-    assert!(hermes.contains(&format!("{est:.1} GB")), "{hermes}");
-    assert!(
-        table.contains("    warning: Chinese model - corpus-level censorship\n"),
-        "{table}"
-    );
-    assert!(
-        table.contains("TRAINING: the trainer's peak by the memory model"),
-        "{table}"
-    );
-    let big = table.lines().find(|l| l.contains(" hermes-70b ")).unwrap();
-    assert!(big.contains("DOES_NOT_FIT"), "{big}");
-}
-
-#[test]
-fn recommend_with_table_figures_follows_the_original_rule() {
-    let sb = Sandbox::new();
-    let v = json(&sb.run(&["recommend", "--memory", "16", "--json", "--table-figures"]));
-    assert_eq!(v["judged_by"], "table_figures");
-    assert_eq!(status_of(&v, "hermes-7b"), "TIGHT_FIT");
-    assert_eq!(status_of(&v, "hermes-70b"), "DOES_NOT_FIT");
-    let first = &v["models"][0];
-    assert_eq!(first["key"], "hermes-7b");
-    assert_eq!(first["headroom_gb"], 0);
-    assert_eq!(first["estimated_training_gb"], Value::Null);
-    assert_eq!(
-        first["advice"],
-        "reduce batch size to 1, enable grad checkpoint"
-    );
-    let big = v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["key"] == "hermes-70b")
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("Qwen/Qwen2.5-7B "))
         .unwrap();
-    assert_eq!(big["advice"], "needs 65 GB, you have 12 GB budget");
-    let v = json(&sb.run(&["recommend", "--memory", "96", "--json", "--table-figures"]));
-    assert_eq!(status_of(&v, "hermes-70b"), "COMFORTABLE");
+    assert!(row.contains(&format!("{peak:.1} GB  FITS")), "{row}");
+    assert!(row.contains("7.6B"), "{row}");
+    for opinion in ["abliterated", "Chinese", "censorship", "warning"] {
+        assert!(!table.contains(opinion), "{table}");
+    }
+    assert!(
+        table.contains("PEAK: the trainer's peak by the memory model"),
+        "{table}"
+    );
 }
 
 #[test]
-fn recommend_96_gb_fits_hermes_70b() {
+fn recommend_more_memory_fits_more_and_a_larger_profile_can_be_tight() {
     let sb = Sandbox::new();
     let v = recommendations(&sb, "96");
     assert_eq!(v["training_budget_gb"], 76);
-    assert_ne!(status_of(&v, "hermes-70b"), "DOES_NOT_FIT");
-    assert_eq!(status_of(&v, "r1-1776"), "DOES_NOT_FIT");
-}
-
-#[test]
-fn recommend_192_gb_fits_every_model_under_100_gb() {
-    let sb = Sandbox::new();
-    let v = recommendations(&sb, "192");
-    let models = v["models"].as_array().unwrap();
-    assert_eq!(models.len(), 9);
-    for m in models {
-        let fits = m["status"] != "DOES_NOT_FIT";
-        assert_eq!(fits, m["training_gb"].as_u64().unwrap() < 100, "{m}");
+    assert_eq!(
+        model(&v, "meta-llama/Llama-3.3-70B-Instruct")["status"],
+        "FITS"
+    );
+    assert_sorted(&v);
+    let all = recommendations(&sb, "192");
+    assert!(
+        all["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["status"] == "FITS")
+    );
+    // The largest model first.
+    assert_eq!(all["models"][0]["id"], "Qwen/Qwen2.5-72B");
+    // An M2 Ultra's saved profile trains with larger batches: a model that
+    // fits only at micro-batch 1 with checkpointing is TIGHT, and its
+    // settings say so.
+    setup_with_flags(&sb, "m2", "ultra", "64");
+    let v = json(&sb.run(&["recommend", "--json"]));
+    assert_sorted(&v);
+    let tight: Vec<&Value> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["status"] == "TIGHT")
+        .collect();
+    assert!(!tight.is_empty(), "{v}");
+    for m in tight {
+        assert_eq!(
+            (&m["batch_size"], &m["grad_checkpoint"]),
+            (&Value::from(1), &Value::from(true))
+        );
+        assert_eq!(m["advice"], "train with --batch-size 1 --grad-checkpoint");
     }
-    // Recommended fits first, larger headroom first; misfits last.
-    assert_eq!(models[0]["key"], "hermes-7b");
-    assert_eq!(models[8]["key"], "r1-1776");
 }
 
 #[test]
@@ -1133,7 +1209,7 @@ fn recommend_uses_the_saved_profiles_memory() {
     let table = ok(&sb.run(&["recommend"]));
     assert!(
         table.starts_with(&format!(
-            "Memory: 96 GB (from the saved profile {}); training budget: 76 GB\n",
+            "Memory: 96 GB (from the saved profile {}); training budget: 76 GB; ",
             sb.profile().display()
         )),
         "{table}"

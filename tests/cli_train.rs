@@ -430,6 +430,55 @@ mod resolution {
         assert_eq!(v["model_size"]["category"], "small");
     }
 
+    /// `--dry-run --json`'s memory object for a model given by name only.
+    fn name_only_memory(sb: &Sandbox, model: &str) -> Value {
+        let v = sb.dry(&[&["--model", model][..], &HW].concat());
+        assert_eq!(v["weights"], "name_only", "{v}");
+        v["memory"].clone()
+    }
+
+    #[test]
+    fn a_name_only_model_is_sized_by_the_known_model_table() {
+        let sb = Sandbox::new();
+        let m = name_only_memory(&sb, "Qwen/Qwen2.5-14B-Instruct");
+        assert_eq!(m["architecture_source"], "known_model_table", "{m}");
+        assert_eq!(m["architecture_id"], "Qwen/Qwen2.5-14B");
+        let a = &m["architecture"];
+        assert_eq!(a["layers"], 48, "{a}");
+        assert_eq!(a["kv_heads"], 8, "{a}");
+        assert_eq!(a["vocab"], 152064, "{a}");
+        assert_eq!(a["qkv_bias"], true, "{a}");
+        // Other rows, under org prefixes and suffixes.
+        let a = &name_only_memory(&sb, "google/gemma-2-9b-it")["architecture"];
+        assert_eq!(
+            (&a["layers"], &a["head_dim"], &a["vocab"], &a["tied"]),
+            (
+                &Value::from(42),
+                &Value::from(256),
+                &Value::from(256000),
+                &Value::from(true)
+            )
+        );
+        let a =
+            &name_only_memory(&sb, "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")["architecture"];
+        assert_eq!(
+            (&a["layers"], &a["kv_heads"], &a["vocab"]),
+            (&Value::from(32), &Value::from(8), &Value::from(128256))
+        );
+        let a = &name_only_memory(&sb, "HuggingFaceTB/SmolLM2-135M-Instruct")["architecture"];
+        assert_eq!(
+            (&a["layers"], &a["heads"], &a["kv_heads"]),
+            (&Value::from(30), &Value::from(9), &Value::from(3))
+        );
+        // A name the table does not know keeps the estimate from its size,
+        // and the estimate differs.
+        let e = name_only_memory(&sb, "someone/Qwen2.5-14B-my-finetune");
+        assert_eq!(e["architecture_source"], "estimated_from_name", "{e}");
+        assert_eq!(e["architecture_id"], Value::Null);
+        assert_ne!(e["architecture"]["layers"], 48);
+        assert_ne!(e["estimate_mib"]["peak"], m["estimate_mib"]["peak"]);
+    }
+
     #[test]
     fn config_file_between_cli_and_profile() {
         let sb = Sandbox::new();

@@ -225,12 +225,12 @@ fn unknown_key_is_reported_with_position() {
 #[test]
 fn toml_duplicate_key() {
     let e = errors(&[(
-        "models.toml",
-        "training_gb = 12\n",
-        "training_gb = 12\ntraining_gb = 13\n",
+        "defaults.toml",
+        "lora_alpha_per_rank = 2.0\n",
+        "lora_alpha_per_rank = 2.0\nlora_alpha_per_rank = 3.0\n",
     )]);
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(e[0].starts_with("tables/models.toml:"), "{e:?}");
+    assert!(e[0].starts_with("tables/defaults.toml:"), "{e:?}");
     assert!(e[0].contains("duplicate key"), "{e:?}");
 }
 
@@ -363,17 +363,17 @@ fn a_gpu_or_cpu_section_needs_rows() {
 fn errors_from_several_files_at_once() {
     let e = errors(&[
         ("size.toml", "[scaling]", "[scaling"),
-        ("models.toml", "[fit]", "[fit"),
+        ("defaults.toml", "[train]", "[train"),
     ]);
     assert_eq!(e.len(), 2, "{e:?}");
     assert!(e[0].starts_with("tables/size.toml:"), "{e:?}");
-    assert!(e[1].starts_with("tables/models.toml:"), "{e:?}");
+    assert!(e[1].starts_with("tables/defaults.toml:"), "{e:?}");
 }
 
 #[test]
 fn missing_file() {
     let dir = broken(&[]);
-    std::fs::remove_file(dir.path().join("models.toml")).unwrap();
+    std::fs::remove_file(dir.path().join("defaults.toml")).unwrap();
     let e: Vec<String> = generate(dir.path(), Endian::Little)
         .err()
         .unwrap()
@@ -382,7 +382,7 @@ fn missing_file() {
         .collect();
     assert_eq!(e.len(), 1);
     assert!(
-        e[0].starts_with("tables/models.toml: cannot read: "),
+        e[0].starts_with("tables/defaults.toml: cannot read: "),
         "{e:?}"
     );
 }
@@ -592,4 +592,68 @@ fn size_patterns_must_fit_the_detectors_table() {
             && errors[0].contains("at most 256 states"),
         "{errors:?}"
     );
+}
+
+#[test]
+fn known_architecture_errors_all_reported_at_once() {
+    let errs = errors(&[
+        (
+            "known_models.toml",
+            "names = [\"qwen2.5-72b\"]",
+            "names = [\"qwen2.5-32b\"]",
+        ),
+        (
+            "known_models.toml",
+            "heads = 15\nkv_heads = 5",
+            "heads = 14\nkv_heads = 5",
+        ),
+        ("known_models.toml", "vocab = 100352", "vocab = 0"),
+        (
+            "known_models.toml",
+            "id = \"google/gemma-2-27b\"",
+            "id = \"google/gemma-2-9b\"",
+        ),
+        (
+            "known_models.toml",
+            "\"instruct\", \"it\",",
+            "\"instruct\", \"-it\",",
+        ),
+    ]);
+    let first_32b = line_of("known_models.toml", "names = [\"qwen2.5-32b\"]");
+    let dup_32b = line_of("known_models.toml", "names = [\"qwen2.5-72b\"]");
+    let smol = line_of("known_models.toml", "names = [\"smollm2-360m\"]");
+    let phi4 = line_of("known_models.toml", "vocab = 100352");
+    let gemma9 = line_of("known_models.toml", "id = \"google/gemma-2-9b\"");
+    let gemma27 = line_of("known_models.toml", "id = \"google/gemma-2-27b\"");
+    let suffixes = line_of(
+        "known_models.toml",
+        "    \"instruct\", \"it\", \"chat\", \"base\", \"pt\", \"hf\",",
+    );
+    assert_eq!(
+        errs,
+        [
+            format!(
+                "tables/known_models.toml:{suffixes}:17: suffix \"-it\" must be one word of lower-case ASCII letters, digits and '.'"
+            ),
+            format!(
+                "tables/known_models.toml:{dup_32b}:10: duplicate architecture name \"qwen2.5-32b\" (first at {first_32b}:10)"
+            ),
+            format!(
+                "tables/known_models.toml:{gemma27}:6: duplicate architecture id \"google/gemma-2-9b\" (first at {gemma9}:6)"
+            ),
+            format!("tables/known_models.toml:{phi4}:9: vocab is 0, must be in 1..=16777216"),
+            format!(
+                "tables/known_models.toml:{}:9: heads 14 does not divide hidden 960: write head_dim",
+                smol + 4
+            ),
+            format!(
+                "tables/known_models.toml:{}:12: kv_heads 5 does not divide heads 14",
+                smol + 5
+            ),
+        ]
+    );
+    // Every field but head_dim and qkv_bias must be written.
+    let e = errors(&[("known_models.toml", "intermediate = 3072\n", "")]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("missing field `intermediate`"), "{e:?}");
 }

@@ -3,6 +3,7 @@
 use qlora_scale::hardware::{base_profile, parse_sysctl, training_budget_gb};
 use qlora_scale::recommend::{FitStatus, recommend};
 use qlora_scale::saved_profile::{StoreError, load_profile, save_profile};
+use qlora_scale::tables::{FALLBACK_PROFILE, KNOWN_ARCHITECTURES};
 use qlora_scale::tables::{GPU_CORES, MEMORY_OPTIONS_GB};
 use qlora_scale::{ChipVariant, Generation, Tier, optimized_profile};
 
@@ -172,69 +173,71 @@ fn sysctl_parsing() {
 }
 
 #[test]
-fn recommendations_16gb() {
-    let list = recommend(16);
-    let find = |k: &str| list.iter().find(|r| r.model.key == k).unwrap();
-    assert!(find("hermes-7b").status.fits());
-    assert_eq!(find("hermes-7b").headroom_gb, 0);
-    assert_eq!(find("hermes-7b").status, FitStatus::TightFit);
-    assert_eq!(find("hermes-70b").status, FitStatus::DoesNotFit);
-    assert_eq!(
-        find("hermes-70b").advice().unwrap(),
-        "needs 65 GB, you have 12 GB budget"
-    );
-    assert_eq!(
-        find("hermes-7b").advice().unwrap(),
-        "reduce batch size to 1, enable grad checkpoint"
-    );
-    assert_eq!(list[0].model.key, "hermes-7b");
-    assert!(list[0].recommended);
-}
-
-#[test]
-fn recommendations_96gb() {
-    let list = recommend(96);
-    let h70 = list.iter().find(|r| r.model.key == "hermes-70b").unwrap();
-    assert!(h70.status.fits());
-    assert_eq!(h70.headroom_gb, 76 - 65);
-    assert_eq!(h70.status, FitStatus::Comfortable);
-    let h7 = list.iter().find(|r| r.model.key == "hermes-7b").unwrap();
-    assert_eq!(h7.status, FitStatus::Optimal);
-}
-
-#[test]
-fn recommendations_192gb_and_order() {
-    let list = recommend(192);
-    for r in &list {
-        if r.model.training_gb < 100 {
-            assert!(r.status.fits(), "{} should fit", r.model.key);
-        }
-    }
-    // Recommended fits, then other fits, then misfits; headroom descending.
-    let group = |r: &qlora_scale::recommend::Recommendation| match (r.recommended, r.status.fits())
-    {
-        (true, _) => 0,
-        (false, true) => 1,
-        (false, false) => 2,
-    };
-    for w in list.windows(2) {
-        let (a, b) = (group(&w[0]), group(&w[1]));
-        assert!(a < b || (a == b && w[0].headroom_gb >= w[1].headroom_gb));
-    }
-    assert_eq!(list.last().unwrap().model.key, "r1-1776");
-    assert_eq!(list[0].model.key, "hermes-7b");
-    let distill = list
-        .iter()
-        .find(|r| r.model.key == "r1-distill-14b")
-        .unwrap();
+fn recommendations_come_from_the_known_model_table() {
+    let list = recommend(12, FALLBACK_PROFILE);
+    assert_eq!(list.len(), KNOWN_ARCHITECTURES.len());
+    let find = |id: &str| list.iter().find(|r| r.model.id == id).unwrap();
+    let small = find("Qwen/Qwen2.5-0.5B");
+    assert_eq!(small.status, FitStatus::Fits);
+    assert_eq!(small.advice(), None);
+    let big = find("meta-llama/Llama-3.1-70B");
+    assert_eq!(big.status, FitStatus::DoesNotFit);
+    assert!(big.estimated_peak_gb > big.limit_gb);
+    // The verdict is the memory model's, at the share of the budget `train`
+    // allows.
     assert!(
-        !distill.recommended,
-        "not recommended by the table even though it fits"
+        (small.limit_gb - 12.0 * 0.85).abs() < 0.06,
+        "{}",
+        small.limit_gb
     );
+    assert!(small.estimated_peak_gb <= small.limit_gb);
+    // Fits first, largest first; misfits last, nearest first.
+    for w in list.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        assert!(
+            a.status < b.status
+                || (a.status == b.status && a.status.fits() && a.params >= b.params)
+                || (a.status == b.status
+                    && !a.status.fits()
+                    && a.estimated_peak_gb <= b.estimated_peak_gb),
+            "{} before {}",
+            a.model.id,
+            b.model.id
+        );
+    }
+}
+
+#[test]
+fn a_tight_fit_only_fits_at_micro_batch_one_with_checkpointing() {
+    // A profile that trains with micro-batch 8 and no checkpointing.
+    let roomy = qlora_scale::Profile {
+        batch_size: 8,
+        grad_checkpoint: false,
+        ..FALLBACK_PROFILE
+    };
+    let budgets = 1..200;
+    let tight = budgets
+        .clone()
+        .flat_map(|gb| recommend(gb, roomy))
+        .find(|r| r.status == FitStatus::Tight)
+        .expect("some budget makes some model a tight fit");
+    assert_eq!((tight.run.batch, tight.run.grad_checkpoint), (1, true));
+    assert!(tight.estimated_peak_gb <= tight.limit_gb);
     assert_eq!(
-        distill.model.warning,
-        Some("Chinese model - corpus-level censorship")
+        tight.advice().as_deref(),
+        Some("train with --batch-size 1 --grad-checkpoint")
     );
+    // More memory never makes a model fit worse.
+    let id = tight.model.id;
+    let mut last = FitStatus::DoesNotFit;
+    for gb in budgets {
+        let r = recommend(gb, roomy)
+            .into_iter()
+            .find(|r| r.model.id == id)
+            .unwrap();
+        assert!(r.status <= last, "{id} at {gb} GB");
+        last = r.status;
+    }
 }
 
 #[test]

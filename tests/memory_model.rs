@@ -14,10 +14,13 @@ use std::time::Duration;
 
 use assert_cmd::Command;
 use candle_core::Device;
+use qlora_scale::detect_model_size;
 use qlora_scale::memory::{
     Architecture, FitChange, FitConfig, Measurement, RunShape, estimate, features, fit,
+    known_architecture,
 };
 use qlora_scale::qlora::{FrozenStorage, LlamaConfig, LlamaModel, ModelOptions, RandomWeights};
+use qlora_scale::tables::KNOWN_ARCHITECTURES;
 use qlora_scale::train::model::embedded_config;
 use serde_json::Value;
 
@@ -306,4 +309,26 @@ fn an_auto_fitted_run_stays_within_its_budget() {
         peak * MIB <= budget_gib * GIB,
         "peak {peak:.0} MiB over the {budget_gib} GiB budget"
     );
+}
+
+/// Every row of the known model table adds up to the size its repository's
+/// name says (a written size or a known family, to 15%), and is found by
+/// that name: a mistyped width or block count shows here.
+#[test]
+fn every_known_architecture_adds_up_to_its_models_size() {
+    assert!(KNOWN_ARCHITECTURES.len() >= 40);
+    for k in &KNOWN_ARCHITECTURES {
+        let counted = Architecture::from_known(k).params() as f64;
+        let named = detect_model_size(k.id).params as f64;
+        assert!(named > 0.0, "{}: the name gives no size", k.id);
+        let off = counted / named - 1.0;
+        assert!(
+            off.abs() < 0.15,
+            "{}: the shape has {:.3}B parameters, the name says {:.3}B",
+            k.id,
+            counted / 1e9,
+            named / 1e9
+        );
+        assert_eq!(known_architecture(k.id).map(|a| a.id), Some(k.id));
+    }
 }

@@ -340,6 +340,19 @@ impl Run<'_> {
     /// against it and the budget.
     fn check_memory(&self, m: &MemoryReport) -> anyhow::Result<()> {
         let e = &m.estimate_mib;
+        let a = &m.architecture;
+        tracing::info!(
+            "memory: sized as {} layers, hidden {}, {} heads ({} KV), vocabulary {} ({}{})",
+            a.layers,
+            a.hidden,
+            a.heads,
+            a.kv_heads,
+            a.vocab,
+            m.architecture_source.describe(),
+            m.architecture_id
+                .map(|id| format!(": {id}"))
+                .unwrap_or_default()
+        );
         tracing::info!(
             "memory: estimated peak {:.0} MiB (weights {:.0}, adapters {:.0}, activations {:.0}, logits {:.0}){}",
             e.peak,

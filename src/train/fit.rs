@@ -10,6 +10,7 @@ use super::spec::{HardwareSummary, RunSpec, Weights};
 use crate::hardware::{DeviceKind, memory_profile};
 use crate::memory::{
     Architecture, Estimate, FitChange, FitConfig, GIB, MIB, RunShape, estimate, fit,
+    known_architecture,
 };
 use crate::tables::memory_fit::ESTIMATE_SHARE;
 
@@ -87,11 +88,14 @@ impl Budget {
 /// What the memory check found: the `memory` object of `--dry-run --json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MemoryReport {
-    /// The architecture estimated (from config.json, the embedded model, or
-    /// a reference shape scaled to the detected size).
+    /// The architecture estimated (from config.json, the embedded model, the
+    /// known model table, or a reference shape scaled to the detected size).
     pub architecture: Architecture,
-    /// `config_json`, `embedded` or `reference_shape`.
-    pub architecture_source: &'static str,
+    /// Where it came from.
+    pub architecture_source: ArchitectureSource,
+    /// For a model the known model table knows, the repository whose
+    /// config.json its numbers are from.
+    pub architecture_id: Option<&'static str>,
     /// The estimate of the run as it will train (after any auto-fit), in
     /// MiB.
     pub estimate_mib: Estimate,
@@ -149,25 +153,67 @@ pub enum FitError {
     },
 }
 
-/// The architecture the memory model estimates: the spec's, or for a model
-/// known by name the reference shape nearest its size; `None` when even the
-/// size is unknown.
-pub fn architecture(spec: &RunSpec) -> Option<(Architecture, &'static str)> {
+/// Where the architecture the memory model sized a run by came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchitectureSource {
+    /// The local model's `config.json`.
+    ConfigJson,
+    /// The built-in model.
+    Embedded,
+    /// A model given by name that `tables/known_models.toml` knows
+    /// (`[[architecture]]`).
+    KnownModelTable,
+    /// A model given by name that the table does not know: the reference
+    /// shape of `tables/memory.toml` nearest its size, scaled to it.
+    EstimatedFromName,
+}
+
+impl ArchitectureSource {
+    /// In words, for messages.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            ArchitectureSource::ConfigJson => "config.json",
+            ArchitectureSource::Embedded => "the built-in model",
+            ArchitectureSource::KnownModelTable => "known model table",
+            ArchitectureSource::EstimatedFromName => "estimated from the name",
+        }
+    }
+}
+
+/// The architecture the memory model estimates, where it came from and, for
+/// a known model, the repository the table's numbers are from: the spec's;
+/// for a model known by name, the table's shape when it knows the name, else
+/// the reference shape nearest its size; `None` when even the size is
+/// unknown.
+pub fn architecture(
+    spec: &RunSpec,
+) -> Option<(Architecture, ArchitectureSource, Option<&'static str>)> {
     if let Some(c) = &spec.architecture {
         let source = match spec.weights {
-            Weights::Embedded => "embedded",
-            _ => "config_json",
+            Weights::Embedded => ArchitectureSource::Embedded,
+            _ => ArchitectureSource::ConfigJson,
         };
-        return Some((Architecture::from_config(c), source));
+        return Some((Architecture::from_config(c), source, None));
     }
     match spec.weights {
         Weights::Embedded | Weights::LocalDir => None,
-        Weights::NameOnly => (spec.model_size.params_b > 0.0).then(|| {
-            (
-                Architecture::for_params((spec.model_size.params_b * 1e9).round() as u64),
-                "reference_shape",
-            )
-        }),
+        Weights::NameOnly => {
+            if let Some(k) = known_architecture(spec.model.as_str()) {
+                return Some((
+                    Architecture::from_known(k),
+                    ArchitectureSource::KnownModelTable,
+                    Some(k.id),
+                ));
+            }
+            (spec.model_size.params_b > 0.0).then(|| {
+                (
+                    Architecture::for_params((spec.model_size.params_b * 1e9).round() as u64),
+                    ArchitectureSource::EstimatedFromName,
+                    None,
+                )
+            })
+        }
     }
 }
 
@@ -222,7 +268,7 @@ pub fn check(
         changed: Vec::new(),
         report: None,
     };
-    let Some((arch, architecture_source)) = architecture(spec) else {
+    let Some((arch, architecture_source, architecture_id)) = architecture(spec) else {
         return Ok(out);
     };
     let current = shape(spec);
@@ -279,6 +325,7 @@ pub fn check(
     out.report = Some(MemoryReport {
         architecture: arch,
         architecture_source,
+        architecture_id,
         estimate_mib: est.in_mib(),
         budget_gib: budget.map(|b| b.bytes / GIB),
         budget_source: budget.map(|b| b.source),

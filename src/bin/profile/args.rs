@@ -48,7 +48,12 @@ pub enum Command {
         "\n",
         "Prints one line per name: NAME<TAB>CATEGORY<TAB>PARAMS_B, where PARAMS_B is the\n",
         "parameter count in billions (7, 0.5, 0.135), or - when unknown. Without NAME\n",
-        "arguments, names are read from stdin, one per line (empty lines are skipped).",
+        "arguments, names are read from stdin, one per line (empty lines are skipped).\n",
+        "\n",
+        "A name that exists on disk, or looks like a path (./, /, ~), is a local model:\n",
+        "sized from its files (config.json, safetensors, GGUF), else from its name. One\n",
+        "that is not there, or where neither gives a size, is an error naming the path;\n",
+        "the other names still print, and the exit status is 1.",
     ))]
     DetectModel(DetectModelArgs),
 
@@ -80,11 +85,16 @@ pub enum Command {
     ))]
     Setup(SetupArgs),
 
-    /// Which known models fit in a machine's memory, and how comfortably
+    /// Which models of the known model table fit in a machine's memory
     #[command(long_about = concat!(
-        "Which known models fit in a machine's memory, and how comfortably.\n",
+        "Which models of the known model table fit in a machine's memory.\n",
         "\n",
-        "The memory is --memory, else the saved profile's, else the detected hardware's.",
+        "The memory is --memory, else the saved profile's, else the detected hardware's.\n",
+        "Each model of tables/known_models.toml ([[architecture]]) is sized by its\n",
+        "published architecture and judged by the memory model with the machine's\n",
+        "profile scaled for it: FITS, TIGHT (only at micro-batch 1 with checkpointing)\n",
+        "or DOES_NOT_FIT, with the estimated peak. Models that fit come first, largest\n",
+        "first; models that do not fit last, nearest to fitting first.",
     ))]
     Recommend(RecommendArgs),
 
@@ -186,11 +196,6 @@ pub struct RecommendArgs {
     /// Unified memory in GB [default: the saved profile's, else detected]
     #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
     pub memory: Option<u32>,
-
-    /// Judge by the original project's fixed training figures
-    /// (tables/models.toml) instead of the memory model's estimate
-    #[arg(long)]
-    pub table_figures: bool,
 
     /// Print JSON instead of a table
     #[arg(long)]

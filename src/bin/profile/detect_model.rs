@@ -2,32 +2,104 @@
 
 use std::io::{self, BufRead, IsTerminal, Write};
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Context as _;
-use qlora_scale::ModelSize;
 use qlora_scale::files::detect_model_size_local;
 use qlora_scale::report::chain_message;
+use qlora_scale::train::spec::looks_like_path;
+use qlora_scale::{ModelSize, detect_model_size};
 use serde_json::json;
 
 use crate::args::DetectModelArgs;
 use crate::render::{params_b_json, params_b_text};
 
-/// Runs `detect-model`: the arguments' names, else stdin's lines.
+/// A name that is a local path but gives no size.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPathError {
+    /// The path looks like one (`./`, `/`, `~`) or was meant as one, but
+    /// nothing is there.
+    #[error("{}: no such file or directory", path.display())]
+    Missing {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// Nothing there gives a size: no readable `config.json`, safetensors or
+    /// GGUF file, and the name writes none.
+    #[error(
+        "{}: no readable model file gives a size (config.json, *.safetensors, *.gguf), and the name writes none",
+        path.display()
+    )]
+    Unsized {
+        /// The path as given.
+        path: PathBuf,
+        /// The first file that could not be read, if any.
+        #[source]
+        problem: Option<qlora_scale::files::FilesError>,
+    },
+}
+
+/// How many names could not be sized, for the exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} of {total} names could not be sized (see above)")]
+struct SomeFailed {
+    failed: usize,
+    total: usize,
+}
+
+/// Runs `detect-model`: the arguments' names, else stdin's lines. A local
+/// path that gives no size is reported on stderr and the others still
+/// print; the command then fails.
 pub fn run(args: &DetectModelArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut tally = Tally::default();
     if !args.names.is_empty() {
         for name in &args.names {
-            write_detection(out, name.as_encoded_bytes(), args.json)
-                .context("cannot write to stdout")?;
+            tally.detect(out, name.as_encoded_bytes(), args.json)?;
         }
-        return Ok(());
+    } else {
+        let stdin = io::stdin();
+        if stdin.is_terminal() {
+            let _ = writeln!(
+                io::stderr(),
+                "reading model names from stdin, one per line (end with Ctrl-D)"
+            );
+        }
+        detect_lines(&mut stdin.lock(), out, args.json, &mut tally)?;
     }
-    let stdin = io::stdin();
-    if stdin.is_terminal() {
-        let _ = writeln!(
-            io::stderr(),
-            "reading model names from stdin, one per line (end with Ctrl-D)"
-        );
+    tally.result()
+}
+
+/// Names seen and names that failed.
+#[derive(Default)]
+pub struct Tally {
+    total: usize,
+    failed: usize,
+}
+
+impl Tally {
+    /// Writes the line for `name`, or reports on stderr why it has none.
+    fn detect(&mut self, out: &mut dyn Write, name: &[u8], json: bool) -> anyhow::Result<()> {
+        self.total += 1;
+        match size_of(name) {
+            Ok(size) => write_detection(out, name, size, json).context("cannot write to stdout"),
+            Err(e) => {
+                self.failed += 1;
+                let _ = writeln!(io::stderr(), "error: {}", chain_message(&e));
+                Ok(())
+            }
+        }
     }
-    detect_lines(&mut stdin.lock(), out, args.json)
+
+    fn result(&self) -> anyhow::Result<()> {
+        if self.failed == 0 {
+            return Ok(());
+        }
+        Err(SomeFailed {
+            failed: self.failed,
+            total: self.total,
+        }
+        .into())
+    }
 }
 
 /// Detects every non-empty line of `input` (surrounding whitespace and `\r`
@@ -37,6 +109,7 @@ pub fn detect_lines(
     input: &mut dyn BufRead,
     out: &mut dyn Write,
     json: bool,
+    tally: &mut Tally,
 ) -> anyhow::Result<()> {
     let mut line = Vec::new();
     loop {
@@ -51,36 +124,52 @@ pub fn detect_lines(
         if name.is_empty() {
             continue;
         }
-        write_detection(out, name, json).context("cannot write to stdout")?;
+        tally.detect(out, name, json)?;
     }
 }
 
-/// The size of `name`: from its files when it is a local path, else from the
-/// name. A local path whose files cannot be read is reported on stderr.
-fn local_or_name(name: &[u8]) -> ModelSize {
+/// `name` as a path (on Unix any bytes; elsewhere UTF-8 only).
+fn as_path(name: &[u8]) -> Option<&Path> {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;
-        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name));
-        let (size, problems) = detect_model_size_local(path);
-        for e in problems {
-            warn_unread(&e);
-        }
-        size
+        Some(Path::new(std::ffi::OsStr::from_bytes(name)))
     }
     #[cfg(not(unix))]
     {
-        match std::str::from_utf8(name) {
-            Ok(s) => {
-                let (size, problems) = detect_model_size_local(std::path::Path::new(s));
-                for e in problems {
-                    warn_unread(&e);
-                }
-                size
-            }
-            Err(_) => qlora_scale::detect_model_size(name),
-        }
+        std::str::from_utf8(name).ok().map(Path::new)
     }
+}
+
+/// The size of `name`. A name is a local path when something is there or
+/// it looks like one (`./m`, `/m`, `~/m`, as `train --model` tells them
+/// apart); a path is sized from its files, else from its name (the files'
+/// problems reported on stderr), and is an error when neither gives a size
+/// or nothing is there. Any other name is sized from the name.
+fn size_of(name: &[u8]) -> Result<ModelSize, LocalPathError> {
+    let Some(path) = as_path(name) else {
+        return Ok(detect_model_size(name));
+    };
+    let exists = path.exists();
+    if !exists && !looks_like_path(&String::from_utf8_lossy(name)) {
+        return Ok(detect_model_size(name));
+    }
+    if !exists {
+        return Err(LocalPathError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    let (size, problems) = detect_model_size_local(path);
+    if !size.is_known() {
+        return Err(LocalPathError::Unsized {
+            path: path.to_path_buf(),
+            problem: problems.into_iter().next(),
+        });
+    }
+    for e in problems {
+        warn_unread(&e);
+    }
+    Ok(size)
 }
 
 /// Reports on stderr a local model file that gave no count: the error and
@@ -95,8 +184,12 @@ pub fn warn_unread(e: &qlora_scale::files::FilesError) {
 
 /// Writes the line for one name: `NAME<TAB>CATEGORY<TAB>PARAMS_B`, or a JSON
 /// object.
-fn write_detection(out: &mut dyn Write, name: &[u8], json: bool) -> io::Result<()> {
-    let size = local_or_name(name);
+fn write_detection(
+    out: &mut dyn Write,
+    name: &[u8],
+    size: ModelSize,
+    json: bool,
+) -> io::Result<()> {
     let shown = String::from_utf8_lossy(name);
     if json {
         let value = json!({
@@ -123,7 +216,9 @@ mod tests {
 
     fn detect(input: &[u8], json: bool) -> String {
         let mut out = Vec::new();
-        detect_lines(&mut &input[..], &mut out, json).unwrap();
+        let mut tally = Tally::default();
+        detect_lines(&mut &input[..], &mut out, json, &mut tally).unwrap();
+        tally.result().unwrap();
         String::from_utf8(out).unwrap()
     }
 

@@ -1,11 +1,13 @@
-//! `profile recommend`: which known models fit a machine's memory.
+//! `profile recommend`: which models of the known model table fit a
+//! machine's memory, by the memory model.
 
 use std::io::{self, Write};
 
 use anyhow::{Context as _, bail};
 use qlora_scale::hardware::{detect_machine, training_budget_gb};
-use qlora_scale::recommend::{Recommendation, recommend, recommend_estimated};
+use qlora_scale::recommend::{FitStatus, Recommendation, recommend};
 use qlora_scale::saved_profile::load_profile;
+use qlora_scale::tables::memory_fit::ESTIMATE_SHARE;
 use qlora_scale::tables::{FALLBACK_PROFILE, Profile};
 use serde_json::{Value, json};
 
@@ -41,24 +43,36 @@ impl MemorySource {
     }
 }
 
-/// The memory to judge and the training settings the estimates assume:
-/// `--memory` (with the default settings), else the saved profile's, else
-/// the detected hardware's. A saved profile that cannot be read is an error.
-fn memory_gb(args: &RecommendArgs, ctx: &Context) -> anyhow::Result<(u32, MemorySource, Profile)> {
+/// The memory to judge, its training budget and the training settings the
+/// estimates assume: `--memory` (the Apple Silicon budget fraction and the
+/// default settings), else the saved profile's, else the detected
+/// hardware's. A saved profile that cannot be read is an error.
+fn machine(args: &RecommendArgs, ctx: &Context) -> anyhow::Result<Machine> {
     if let Some(m) = args.memory {
-        return Ok((m, MemorySource::Flag, FALLBACK_PROFILE));
+        return Ok(Machine {
+            memory_gb: m,
+            budget_gb: training_budget_gb(m),
+            source: MemorySource::Flag,
+            profile: FALLBACK_PROFILE,
+        });
     }
     if let Some(p) = load_profile(&ctx.profile_path)? {
-        return Ok((p.memory_gb, MemorySource::SavedProfile, p.profile));
+        return Ok(Machine {
+            memory_gb: p.memory_gb,
+            budget_gb: p.training_budget_gb,
+            source: MemorySource::SavedProfile,
+            profile: p.profile,
+        });
     }
     // Apple Silicon, else the largest NVIDIA GPU, else the memory a CPU run
     // may use (the smaller of /proc/meminfo and the cgroup limit).
-    if let Some(machine) = detect_machine().profile().filter(|m| m.memory_gb() > 0) {
-        return Ok((
-            machine.memory_gb(),
-            MemorySource::Detected,
-            machine.profile(),
-        ));
+    if let Some(m) = detect_machine().profile().filter(|m| m.memory_gb() > 0) {
+        return Ok(Machine {
+            memory_gb: m.memory_gb(),
+            budget_gb: m.training_budget_gb(),
+            source: MemorySource::Detected,
+            profile: m.profile(),
+        });
     }
     bail!(
         "no memory size: pass --memory GB (no saved profile at {}, and the hardware \
@@ -67,28 +81,32 @@ fn memory_gb(args: &RecommendArgs, ctx: &Context) -> anyhow::Result<(u32, Memory
     )
 }
 
+/// The machine the models are judged for.
+struct Machine {
+    memory_gb: u32,
+    budget_gb: u32,
+    source: MemorySource,
+    profile: Profile,
+}
+
 /// Runs `recommend`.
 pub fn run(args: &RecommendArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (memory, source, profile) = memory_gb(args, ctx)?;
-    let list = if args.table_figures {
-        recommend(memory)
-    } else {
-        recommend_estimated(memory, profile)
-    };
+    let m = machine(args, ctx)?;
+    let list = recommend(m.budget_gb, m.profile);
     let written = if args.json {
         let models: Vec<Value> = list.iter().map(recommendation_json).collect();
         write_json_pretty(
             out,
             &json!({
-                "memory_gb": memory,
-                "memory_source": source.key(),
-                "training_budget_gb": training_budget_gb(memory),
-                "judged_by": if args.table_figures { "table_figures" } else { "memory_model" },
+                "memory_gb": m.memory_gb,
+                "memory_source": m.source.key(),
+                "training_budget_gb": m.budget_gb,
+                "usable_gb": list.first().map(|r| r.limit_gb),
                 "models": models,
             }),
         )
     } else {
-        write_table(out, memory, &source.describe(ctx), &list)
+        write_table(out, &m, &m.source.describe(ctx), &list)
     };
     written.context("cannot write to stdout")
 }
@@ -96,88 +114,85 @@ pub fn run(args: &RecommendArgs, ctx: &Context, out: &mut dyn Write) -> anyhow::
 /// One model's verdict as a flat JSON object.
 fn recommendation_json(r: &Recommendation) -> Value {
     json!({
-        "key": r.model.key,
         "id": r.model.id,
-        "params": r.model.params,
-        "tier": r.model.tier,
-        "inference_gb": r.model.inference_gb,
-        "training_gb": r.model.training_gb,
-        "estimated_training_gb": r.estimated_training_gb,
+        "params_b": (r.params as f64 / 1e7).round() / 100.0,
         "status": r.status,
-        "headroom_gb": r.headroom_gb,
-        "recommended": r.recommended,
+        "estimated_peak_gb": r.estimated_peak_gb,
+        "batch_size": r.run.batch,
+        "seq_len": r.run.seq_len,
+        "lora_rank": r.run.lora_rank,
+        "lora_layers": r.run.lora_layers,
+        "grad_checkpoint": r.run.grad_checkpoint,
         "advice": r.advice(),
-        "warning": r.model.warning,
     })
 }
 
-/// The table: one row per model, advice and warnings indented beneath.
+/// The width of the widest of `header` and `cells`.
+fn width<'a>(header: &str, cells: impl Iterator<Item = &'a str>) -> usize {
+    cells
+        .map(str::len)
+        .chain([header.len()])
+        .max()
+        .unwrap_or_default()
+}
+
+/// The table: one row per model, advice indented beneath.
 fn write_table(
     out: &mut dyn Write,
-    memory: u32,
+    m: &Machine,
     source: &str,
     list: &[Recommendation],
 ) -> io::Result<()> {
-    let budget = training_budget_gb(memory);
     writeln!(
         out,
-        "Memory: {memory} GB ({source}); training budget: {budget} GB"
+        "Memory: {} GB ({source}); training budget: {} GB; a run's estimate may take {:.0}% of it, {:.1} GB",
+        m.memory_gb,
+        m.budget_gb,
+        ESTIMATE_SHARE * 100.0,
+        list.first().map_or(0.0, |r| r.limit_gb)
     )?;
     writeln!(out)?;
-    let key_width = list
+    let params: Vec<String> = list
         .iter()
-        .map(|r| r.model.key.len())
-        .chain(["MODEL".len()])
-        .max()
-        .unwrap_or_default();
-    let params_width = list
-        .iter()
-        .map(|r| r.model.params.len())
-        .chain(["PARAMS".len()])
-        .max()
-        .unwrap_or_default();
-    let status_width = list
-        .iter()
-        .map(|r| r.status.name().len())
-        .chain(["STATUS".len()])
-        .max()
-        .unwrap_or_default();
+        .map(|r| format!("{:.1}B", r.params as f64 / 1e9))
+        .collect();
+    let id_w = width("MODEL", list.iter().map(|r| r.model.id));
+    let params_w = width("PARAMS", params.iter().map(String::as_str));
+    let status_w = width("STATUS", list.iter().map(|r| r.status.name()));
     writeln!(
         out,
-        "  {:<key_width$}  {:<params_width$}  {:>8}  {:>8}  {:<status_width$}  ID",
-        "MODEL", "PARAMS", "TRAINING", "HEADROOM", "STATUS"
+        "{:<id_w$}  {:>params_w$}  {:>9}  {:<status_w$}  SETTINGS",
+        "MODEL", "PARAMS", "PEAK", "STATUS"
     )?;
-    for r in list {
-        let mark = if r.recommended { '*' } else { ' ' };
+    for (r, p) in list.iter().zip(&params) {
         writeln!(
             out,
-            "{mark} {:<key_width$}  {:<params_width$}  {:>5} GB  {:>5} GB  {:<status_width$}  {}",
-            r.model.key,
-            r.model.params,
-            match r.estimated_training_gb {
-                Some(gb) => format!("{gb:.1}"),
-                None => r.model.training_gb.to_string(),
-            },
-            r.headroom_gb,
+            "{:<id_w$}  {:>params_w$}  {:>6.1} GB  {:<status_w$}  batch {}, seq {}, rank {}, {} layers{}",
+            r.model.id,
+            p,
+            r.estimated_peak_gb,
             r.status.name(),
-            r.model.id
+            r.run.batch,
+            r.run.seq_len,
+            r.run.lora_rank,
+            r.run.lora_layers,
+            if r.run.grad_checkpoint {
+                ", checkpointing"
+            } else {
+                ""
+            }
         )?;
-        if let Some(advice) = r.advice() {
-            writeln!(out, "    advice: {advice}")?;
-        }
-        if let Some(warning) = r.model.warning {
-            writeln!(out, "    warning: {warning}")?;
+        if r.status == FitStatus::Tight
+            && let Some(advice) = r.advice()
+        {
+            writeln!(out, "    {advice}")?;
         }
     }
     writeln!(out)?;
-    writeln!(out, "* recommended: fits, and recommended for fine-tuning")?;
     writeln!(
         out,
-        "TRAINING: {}",
-        if list.iter().any(|r| r.estimated_training_gb.is_some()) {
-            "the trainer's peak by the memory model (tables/memory.toml), with the profile's settings (micro-batch 1 and checkpointing for a tight fit)"
-        } else {
-            "the original project's fixed figures (tables/models.toml)"
-        }
+        "PEAK: the trainer's peak by the memory model (tables/memory.toml) for the model's \
+         published architecture (tables/known_models.toml), with the profile's settings \
+         scaled for it, or micro-batch 1 with checkpointing when those do not fit."
     )
 }
