@@ -347,6 +347,54 @@ pub(crate) struct BlockCtx {
     pub dropout: Option<(f32, u64)>,
 }
 
+/// One block's keys and values of the tokens seen so far, `(b, kv_heads,
+/// len, head_dim)`, keys after RoPE.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerCache {
+    /// Appends `k` and `v` (the new tokens') and returns all keys and values.
+    fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let kv = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.kv = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// The keys and values of every block for the tokens a sequence has seen
+/// ([`LlamaModel::forward_cached`]): a prompt is read once, then each new
+/// token costs one position instead of the whole sequence again.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `config`'s blocks.
+    pub fn new(config: &LlamaConfig) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); config.num_hidden_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -397,12 +445,16 @@ impl Block {
             .collect()
     }
 
-    /// Forward with explicit adapter tensors (as [`Self::adapter_tensors`]).
+    /// Forward with explicit adapter tensors (as [`Self::adapter_tensors`];
+    /// none: the frozen base alone). With `cache`, the block's keys and
+    /// values extend the cached ones and queries attend to both (`ctx`'s
+    /// RoPE tables and mask then start at the cache's length).
     pub(crate) fn forward_with(
         &self,
         x: &Tensor,
         params: &[Tensor],
         ctx: &BlockCtx,
+        cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let mut params = params.chunks(2);
@@ -435,6 +487,10 @@ impl Block {
         let q = candle_nn::rotary_emb::rope_slow(&heads(q, self.heads)?, &ctx.cos, &ctx.sin)?;
         let k = candle_nn::rotary_emb::rope_slow(&heads(k, self.kv_heads)?, &ctx.cos, &ctx.sin)?;
         let v = heads(v, self.kv_heads)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
         let rep = self.heads / self.kv_heads;
         let k = repeat_kv(k.contiguous()?, rep)?;
         let v = repeat_kv(v, rep)?;
@@ -690,11 +746,12 @@ impl LlamaModel {
         Ok(())
     }
 
-    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// RoPE's cos and sin `(t, head_dim / 2)` for positions `start..start + t`.
+    fn rope_tables(&self, start: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
+        for p in start..start + t {
             for f in &self.inv_freq {
                 let a = p as f64 * f;
                 cos.push(a.cos());
@@ -756,7 +813,7 @@ impl LlamaModel {
             .embed
             .rows(&ids, dt, dev)?
             .reshape((b, t, self.config.hidden_size))?;
-        let (cos, sin) = self.rope_tables(t)?;
+        let (cos, sin) = self.rope_tables(0, t)?;
         let ctx = BlockCtx {
             cos,
             sin,
@@ -767,8 +824,93 @@ impl LlamaModel {
             x = if self.options.checkpointing {
                 CheckpointOp::apply(block.clone(), ctx.clone(), &x)?
             } else {
-                block.forward_with(&x, &block.adapter_tensors(), &ctx)?
+                block.forward_with(&x, &block.adapter_tensors(), &ctx, None)?
             };
+        }
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// Logits `(b, t, vocab)` as [`Self::forward`] in evaluation, without
+    /// recording a graph (the adapters enter as detached tensors) and with
+    /// the adapters only when `adapters` (else the frozen base alone).
+    pub fn forward_no_grad(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        adapters: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids: Vec<u32> = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let (cos, sin) = self.rope_tables(0, t)?;
+        let ctx = BlockCtx {
+            cos,
+            sin,
+            mask: self.additive_mask(b, t, attention_mask)?,
+            dropout: None,
+        };
+        self.run_no_grad(&ids, (b, t), &ctx, adapters, None)
+    }
+
+    /// Logits `(1, t, vocab)` of `ids`, one sequence continuing the tokens
+    /// in `cache` (positions `cache.len()..`), which it extends: a prompt
+    /// once, then one token per call. Equal to the logits of the same
+    /// positions in [`Self::forward_no_grad`] of the whole sequence. No
+    /// graph is recorded; `adapters` as there.
+    pub fn forward_cached(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        adapters: bool,
+    ) -> candle_core::Result<Tensor> {
+        if cache.layers.len() != self.blocks.len() {
+            candle_core::bail!(
+                "KV cache of {} blocks for a model of {}",
+                cache.layers.len(),
+                self.blocks.len()
+            );
+        }
+        let (past, t) = (cache.len, ids.len());
+        let (cos, sin) = self.rope_tables(past, t)?;
+        // Query i (position past + i) sees keys 0..=past + i.
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..past + t).map(move |j| if j <= past + i { 0.0 } else { -1e9 }))
+            .collect();
+        let dev = &self.options.device;
+        let ctx = BlockCtx {
+            cos,
+            sin,
+            mask: Tensor::from_vec(mask, (1, 1, t, past + t), dev)?.to_dtype(self.options.dtype)?,
+            dropout: None,
+        };
+        let logits = self.run_no_grad(ids, (1, t), &ctx, adapters, Some(&mut cache.layers))?;
+        cache.len += t;
+        Ok(logits)
+    }
+
+    /// Embedding, blocks, norm and head of `ids` `(b, t)`, with detached
+    /// adapter tensors (none without `adapters`) and optional block caches.
+    fn run_no_grad(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        ctx: &BlockCtx,
+        adapters: bool,
+        mut caches: Option<&mut [LayerCache]>,
+    ) -> candle_core::Result<Tensor> {
+        let (dev, dt) = (&self.options.device, self.options.dtype);
+        let mut x = self
+            .embed
+            .rows(ids, dt, dev)?
+            .reshape((b, t, self.config.hidden_size))?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let params: Vec<Tensor> = if adapters {
+                block.adapter_tensors().iter().map(Tensor::detach).collect()
+            } else {
+                Vec::new()
+            };
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = block.forward_with(&x, &params, ctx, cache)?;
         }
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
         self.lm_head.forward(&x)
