@@ -4,7 +4,7 @@
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml 37214c0daf4fa1d6
+//   tables/defaults.toml 9f98a350c766489c
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1475,6 +1475,14 @@ pub mod trainer {
     pub const CHAT_TEMPLATE_FUEL: u64 = 50000000;
     ///Bytes one rendering of a chat template may write.
     pub const CHAT_TEMPLATE_MAX_BYTES: u64 = 67108864;
+    ///train generate: tokens generated at most after the prompt.
+    pub const GENERATE_MAX_NEW_TOKENS: u64 = 128;
+    ///train generate: sampling temperature; 0 is greedy.
+    pub const GENERATE_TEMPERATURE: f64 = 0.7;
+    ///train generate: nucleus sampling's probability mass.
+    pub const GENERATE_TOP_P: f64 = 0.9;
+    ///train generate: the sampler's seed.
+    pub const GENERATE_SEED: u64 = 42;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
