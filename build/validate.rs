@@ -564,6 +564,13 @@ pub static SETTINGS: &[Setting] = &[
     ),
     int(
         "trainer",
+        "kv_cache_chunk",
+        1,
+        1 << 20,
+        "train generate: positions the KV cache grows by at a time.",
+    ),
+    int(
+        "trainer",
         "eval_progress_batches",
         1,
         1 << 20,

@@ -131,3 +131,33 @@ fn the_inference_path_records_no_graph() {
     let (_, var) = &m.trainable_vars()[0];
     assert!(grads.get(var.as_tensor()).is_some());
 }
+
+#[test]
+fn the_cache_grows_past_its_first_chunk() {
+    let chunk = qlora_scale::tables::trainer::KV_CACHE_CHUNK as usize;
+    let m = model(&tiny_cfg(1));
+    let ids: Vec<u32> = (0..chunk + 20).map(|i| (i * 7 % 37) as u32).collect();
+    let prefill = chunk - 10;
+    let mut cache = KvCache::new(m.config());
+    let mut rows = vec![
+        m.forward_cached(&ids[..prefill], &mut cache, true)
+            .unwrap()
+            .i(0)
+            .unwrap(),
+    ];
+    for &id in &ids[prefill..] {
+        rows.push(
+            m.forward_cached(&[id], &mut cache, true)
+                .unwrap()
+                .i(0)
+                .unwrap(),
+        );
+    }
+    let full = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let full = m.forward_no_grad(&full, None, true).unwrap().i(0).unwrap();
+    let d = max_diff(&Tensor::cat(&rows, 0).unwrap(), &full);
+    assert!(d < 1e-4, "{d}");
+}

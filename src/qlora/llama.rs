@@ -348,21 +348,15 @@ pub(crate) struct BlockCtx {
 }
 
 /// One block's keys and values of the tokens seen so far, `(b, kv_heads,
-/// len, head_dim)`, keys after RoPE.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    kv: Option<(Tensor, Tensor)>,
-}
+/// len, head_dim)`, keys after RoPE: Candle's own cache, which writes each
+/// new position in place into storage grown a chunk at a time.
+#[derive(Debug, Clone)]
+pub struct LayerCache(candle_nn::kv_cache::KvCache);
 
 impl LayerCache {
     /// Appends `k` and `v` (the new tokens') and returns all keys and values.
     fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let kv = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        self.kv = Some(kv.clone());
-        Ok(kv)
+        self.0.append(&k.contiguous()?, &v.contiguous()?)
     }
 }
 
@@ -376,10 +370,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `config`'s blocks.
+    /// An empty cache for `config`'s blocks. Its storage grows
+    /// `trainer.kv_cache_chunk` positions at a time (`tables/defaults.toml`).
     pub fn new(config: &LlamaConfig) -> Self {
+        let chunk = crate::tables::trainer::KV_CACHE_CHUNK as usize;
         Self {
-            layers: vec![LayerCache::default(); config.num_hidden_layers],
+            layers: (0..config.num_hidden_layers)
+                .map(|_| LayerCache(candle_nn::kv_cache::KvCache::new(2, chunk)))
+                .collect(),
             len: 0,
         }
     }

@@ -4,7 +4,7 @@
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml 9f98a350c766489c
+//   tables/defaults.toml 0db385fb3296eba2
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1483,6 +1483,10 @@ pub mod trainer {
     pub const GENERATE_TOP_P: f64 = 0.9;
     ///train generate: the sampler's seed.
     pub const GENERATE_SEED: u64 = 42;
+    ///train generate: positions the KV cache grows by at a time.
+    pub const KV_CACHE_CHUNK: u64 = 256;
+    ///train eval: a progress line every this many batches.
+    pub const EVAL_PROGRESS_BATCHES: u64 = 20;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {

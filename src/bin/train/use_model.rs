@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use qlora_scale::qlora::LlamaModel;
 use qlora_scale::train::evaluate::{EvalOptions, EvalReport, evaluate};
 use qlora_scale::train::generate::{
-    GenerateOptions, Prompt, Sampler, Stop, generate, prompt_ids, read_messages,
+    GenerateError, GenerateOptions, Prompt, Sampler, Stop, generate, prompt_ids, read_messages,
 };
 use qlora_scale::train::model::{build, load_adapter, run_spec};
 use qlora_scale::train::settings::Settings;
@@ -84,10 +84,15 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let stats = generate(&m.model, &m.tok, &ids, options, &mut sampler, |text| {
+    let stats = match generate(&m.model, &m.tok, &ids, options, &mut sampler, |text| {
         out.write_all(text.as_bytes())?;
         out.flush()
-    })?;
+    }) {
+        Ok(stats) => stats,
+        // The reader is gone (`train generate ... | head`): nothing to say.
+        Err(GenerateError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     out.write_all(b"\n")
         .and_then(|()| out.flush())
         .context("cannot write to stdout")?;
