@@ -147,7 +147,12 @@ fn generation_reports_tokens_and_speed_on_stderr() {
     assert!(err.contains("tokens/s"), "{err}");
 }
 
-/// Runs `generate` with `args` and checks it fails with `code`, naming
+/// `generate --run-dir run EXTRA`.
+fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    [&["generate", "--run-dir", "run"][..], extra].concat()
+}
+
+/// Runs `train` with `args` and checks it fails with `code`, naming
 /// `needle` on stderr.
 fn refused(args: &[&str], code: i32, needle: &str) {
     let out = run(trained(), args);
@@ -166,8 +171,6 @@ fn bad_input_is_named() {
     .unwrap();
     std::fs::write(dir.join("broken.json"), r#"[{"role": "user""#).unwrap();
     std::fs::write(dir.join("empty.json"), "[]").unwrap();
-    let g = ["generate", "--run-dir", "run"];
-    let with = |extra: &[&'static str]| [&g[..], extra].concat();
     refused(&with(&["--prompt", ""]), 2, "--prompt is empty");
     refused(
         &with(&["--messages", "role.json"]),
@@ -190,8 +193,11 @@ fn bad_input_is_named() {
         "--messages missing.json: cannot read",
     );
     let long = "a".repeat(2100);
-    let long: &'static str = Box::leak(long.into_boxed_str());
-    refused(&with(&["--prompt", long]), 2, "the model's context is 2048");
+    refused(
+        &with(&["--prompt", &long]),
+        2,
+        "the model's context is 2048",
+    );
     refused(&with(&["--prompt", "x", "--top-p", "0"]), 2, "--top-p");
     refused(
         &with(&["--prompt", "x", "--temperature", "-1"]),

@@ -368,4 +368,31 @@ mod tests {
         assert_eq!(stream.step(0xE4).unwrap(), None);
         assert_eq!(stream.finish().as_deref(), Some("\u{FFFD}"));
     }
+
+    #[test]
+    fn a_tokenizer_json_stream_adds_up_to_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [
+                {"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
+                 "rstrip": false, "normalized": false, "special": true}
+            ],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "<unk>",
+                      "vocab": {"<unk>": 0, "the": 1, "</s>": 2, "river": 3, "runs": 4}}
+        });
+        std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+        let t = Tokenizer::from_dir(dir.path()).unwrap();
+        let ids = [1, 3, 4, 2, 1];
+        let mut stream = t.decode_stream();
+        let pieces: Vec<String> = ids
+            .iter()
+            .filter_map(|&id| stream.step(id).unwrap())
+            .collect();
+        assert_eq!(stream.finish(), None);
+        assert_eq!(pieces.concat(), t.decode(&ids).unwrap());
+        // The special token is left out.
+        assert_eq!(t.decode(&ids).unwrap(), "the river runs the");
+    }
 }
