@@ -347,6 +347,11 @@ pub(crate) struct BlockCtx {
     pub dropout: Option<(f32, u64)>,
 }
 
+/// The additive mask's value for a key a query may not see. Large and
+/// finite: a fully masked row (a left-padding query) stays NaN-free; the
+/// loss ignores it.
+const MASKED: f32 = -1e9;
+
 /// One block's keys and values of the tokens seen so far, `(b, kv_heads,
 /// len, head_dim)`, keys after RoPE: Candle's own cache, which writes each
 /// new position in place into storage grown a chunk at a time.
@@ -779,9 +784,7 @@ impl LlamaModel {
         if pad.len() != b || pad.iter().any(|r| r.len() != t) {
             candle_core::bail!("attention mask must have shape ({b}, {t})");
         }
-        // Large and finite: a fully masked row (a left-padding query) stays
-        // NaN-free; the loss ignores it.
-        let neg = -1e9f32;
+        let neg = MASKED;
         let mut m = Vec::with_capacity(b * t * t);
         for row in &pad {
             for i in 0..t {
@@ -872,7 +875,7 @@ impl LlamaModel {
         let (cos, sin) = self.rope_tables(past, t)?;
         // Query i (position past + i) sees keys 0..=past + i.
         let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..past + t).map(move |j| if j <= past + i { 0.0 } else { -1e9 }))
+            .flat_map(|i| (0..past + t).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
             .collect();
         let dev = &self.options.device;
         let ctx = BlockCtx {
