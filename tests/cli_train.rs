@@ -594,4 +594,17 @@ fn help_snapshot() {
         "train-help-merge.txt",
         &String::from_utf8(out.stdout).unwrap(),
     );
+    for sub in ["generate", "eval"] {
+        let out = sb
+            .bare()
+            .env("COLUMNS", "100")
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        snapshot(
+            &format!("train-help-{sub}.txt"),
+            &String::from_utf8(out.stdout).unwrap(),
+        );
+    }
 }

@@ -7,6 +7,8 @@
 
 #[path = "train/args.rs"]
 mod args;
+#[path = "train/use_model.rs"]
+mod use_model;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -193,8 +195,11 @@ fn connect(cli: &Cli, plan: &RunPlan) -> anyhow::Result<Box<dyn Collective>> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::Merge(m)) = &cli.command {
-        return merge(m);
+    match &cli.command {
+        Some(Command::Merge(m)) => return merge(m),
+        Some(Command::Generate(g)) => return use_model::run_generate(g),
+        Some(Command::Eval(e)) => return use_model::run_eval(e),
+        None => {}
     }
     let (mut plan, settings) = resolve_plan(&cli)?;
     let budget = Budget::of(
@@ -459,20 +464,9 @@ impl Run<'_> {
 }
 
 fn merge(m: &args::MergeArgs) -> anyhow::Result<()> {
-    let ck = qlora_scale::train::checkpoint::list(
-        &m.run_dir.join(qlora_scale::train::trainer::CHECKPOINT_DIR),
-    );
-    let (_, path) = ck.last().with_context(|| {
-        format!(
-            "no checkpoint in {}",
-            m.run_dir
-                .join(qlora_scale::train::trainer::CHECKPOINT_DIR)
-                .display()
-        )
-    })?;
-    let state = qlora_scale::train::checkpoint::load(path)?.state;
+    let spec = qlora_scale::train::model::run_spec(&m.run_dir)?;
     let out: PathBuf = m.out.clone().unwrap_or_else(|| m.run_dir.join("merged"));
-    qlora_scale::train::model::merge(&state.spec, &m.run_dir, &out)
+    qlora_scale::train::model::merge(&spec, &m.run_dir, &out)
         .with_context(|| format!("merging {} into {}", m.run_dir.display(), out.display()))?;
     tracing::info!("wrote {}", out.join("model.safetensors").display());
     Ok(())
@@ -487,6 +481,13 @@ fn stopped(err: &anyhow::Error) -> bool {
             Some(TrainError::Stopped { .. })
         )
     })
+}
+
+/// Whether `err` is a bad prompt or messages file given to `generate`.
+fn bad_input(err: &anyhow::Error) -> bool {
+    use qlora_scale::train::generate::{GenerateError, InputError};
+    err.chain()
+        .any(|e| e.is::<InputError>() || matches!(e.downcast_ref(), Some(GenerateError::Input(_))))
 }
 
 /// SIGINT or SIGTERM: the first stops the run after its current step, with
@@ -520,6 +521,9 @@ fn main() -> ExitCode {
             if stopped(&err) {
                 // 128 + SIGINT, as a shell reports an interrupted command.
                 ExitCode::from(130)
+            } else if bad_input(&err) {
+                // As clap reports a bad flag.
+                ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }

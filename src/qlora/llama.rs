@@ -412,6 +412,57 @@ pub(crate) struct BlockCtx {
 /// Qwen3's per-head norms of queries and keys, under `self_attn`.
 const QK_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
 
+/// The additive mask's value for a key a query may not see. Large and
+/// finite: a fully masked row (a left-padding query) stays NaN-free; the
+/// loss ignores it.
+const MASKED: f32 = -1e9;
+
+/// One block's keys and values of the tokens seen so far, `(b, kv_heads,
+/// len, head_dim)`, keys after RoPE: Candle's own cache, which writes each
+/// new position in place into storage grown a chunk at a time.
+#[derive(Debug, Clone)]
+pub struct LayerCache(candle_nn::kv_cache::KvCache);
+
+impl LayerCache {
+    /// Appends `k` and `v` (the new tokens') and returns all keys and values.
+    fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        self.0.append(&k.contiguous()?, &v.contiguous()?)
+    }
+}
+
+/// The keys and values of every block for the tokens a sequence has seen
+/// ([`LlamaModel::forward_cached`]): a prompt is read once, then each new
+/// token costs one position instead of the whole sequence again.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `config`'s blocks. Its storage grows
+    /// `trainer.kv_cache_chunk` positions at a time (`tables/defaults.toml`).
+    pub fn new(config: &LlamaConfig) -> Self {
+        let chunk = crate::tables::trainer::KV_CACHE_CHUNK as usize;
+        Self {
+            layers: (0..config.num_hidden_layers)
+                .map(|_| LayerCache(candle_nn::kv_cache::KvCache::new(2, chunk)))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -466,12 +517,16 @@ impl Block {
             .collect()
     }
 
-    /// Forward with explicit adapter tensors (as [`Self::adapter_tensors`]).
+    /// Forward with explicit adapter tensors (as [`Self::adapter_tensors`];
+    /// none: the frozen base alone). With `cache`, the block's keys and
+    /// values extend the cached ones and queries attend to both (`ctx`'s
+    /// RoPE tables and mask then start at the cache's length).
     pub(crate) fn forward_with(
         &self,
         x: &Tensor,
         params: &[Tensor],
         ctx: &BlockCtx,
+        cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let mut params = params.chunks(2);
@@ -509,6 +564,10 @@ impl Block {
         let q = candle_nn::rotary_emb::rope_slow(&q, &ctx.cos, &ctx.sin)?;
         let k = candle_nn::rotary_emb::rope_slow(&k, &ctx.cos, &ctx.sin)?;
         let v = heads(v, self.kv_heads)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
         let rep = self.heads / self.kv_heads;
         let k = repeat_kv(k.contiguous()?, rep)?;
         let v = repeat_kv(v, rep)?;
@@ -782,11 +841,12 @@ impl LlamaModel {
         Ok(())
     }
 
-    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// RoPE's cos and sin `(t, head_dim / 2)` for positions `start..start + t`.
+    fn rope_tables(&self, start: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
+        for p in start..start + t {
             for f in &self.inv_freq {
                 let a = p as f64 * f;
                 cos.push(a.cos());
@@ -809,36 +869,71 @@ impl LlamaModel {
         (any && w < t).then_some(w)
     }
 
-    /// Additive causal + padding mask `(b, 1, t, t)` from an optional
-    /// `(b, t)` attention mask (1 = token, 0 = padding); with a `window`, a
-    /// query sees only the `window` latest keys, itself included.
+    /// Additive causal + padding mask `(b, 1, t, past + t)` for `t` new
+    /// tokens after `past` cached ones, from an optional `(b, past + t)`
+    /// attention mask (1 = token, 0 = padding); with a `window`, a query sees
+    /// only the `window` latest keys, itself included.
     fn additive_mask(
         &self,
         b: usize,
-        t: usize,
+        (past, t): (usize, usize),
         attention_mask: Option<&Tensor>,
         window: Option<usize>,
     ) -> candle_core::Result<Tensor> {
+        let keys = past + t;
         let pad: Vec<Vec<f32>> = match attention_mask {
             Some(m) => m.to_dtype(DType::F32)?.to_vec2()?,
-            None => vec![vec![1.0; t]; b],
+            None => vec![vec![1.0; keys]; b],
         };
-        if pad.len() != b || pad.iter().any(|r| r.len() != t) {
-            candle_core::bail!("attention mask must have shape ({b}, {t})");
+        if pad.len() != b || pad.iter().any(|r| r.len() != keys) {
+            candle_core::bail!("attention mask must have shape ({b}, {keys})");
         }
-        // Large and finite: a fully masked row (a left-padding query) stays
-        // NaN-free; the loss ignores it.
-        let neg = -1e9f32;
-        let mut m = Vec::with_capacity(b * t * t);
+        let mut m = Vec::with_capacity(b * t * keys);
         for row in &pad {
-            for i in 0..t {
+            for i in past..keys {
                 for (j, &keep) in row.iter().enumerate() {
                     let seen = j <= i && window.is_none_or(|w| i - j < w);
-                    m.push(if seen && keep > 0.5 { 0.0 } else { neg });
+                    m.push(if seen && keep > 0.5 { 0.0 } else { MASKED });
                 }
             }
         }
-        Tensor::from_vec(m, (b, 1, t, t), &self.options.device)?.to_dtype(self.options.dtype)
+        Tensor::from_vec(m, (b, 1, t, keys), &self.options.device)?.to_dtype(self.options.dtype)
+    }
+
+    /// What every block needs for `t` new tokens after `past` cached ones:
+    /// RoPE tables from position `past`, the masks, the dropout.
+    fn block_ctx(
+        &self,
+        b: usize,
+        (past, t): (usize, usize),
+        attention_mask: Option<&Tensor>,
+        dropout: Option<(f32, u64)>,
+    ) -> candle_core::Result<BlockCtx> {
+        let (cos, sin) = self.rope_tables(past, t)?;
+        let window_mask = match self.sliding_window(past + t) {
+            Some(w) => Some(self.additive_mask(b, (past, t), attention_mask, Some(w))?),
+            None => None,
+        };
+        Ok(BlockCtx {
+            cos,
+            sin,
+            mask: self.additive_mask(b, (past, t), attention_mask, None)?,
+            window_mask,
+            dropout,
+        })
+    }
+
+    /// The embeddings `(b, t, hidden)` of `ids`.
+    fn embed_ids(&self, ids: &[u32], (b, t): (usize, usize)) -> candle_core::Result<Tensor> {
+        self.embed
+            .rows(ids, self.options.dtype, &self.options.device)?
+            .reshape((b, t, self.config.hidden_size))
+    }
+
+    /// The final norm and the head: logits of the last hidden states.
+    fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        self.lm_head.forward(&x)
     }
 
     /// Logits `(b, t, vocab)` for `input_ids` `(b, t)` (`u32`).
@@ -852,32 +947,80 @@ impl LlamaModel {
         dropout_seed: Option<u64>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let dev = &self.options.device;
-        let dt = self.options.dtype;
         let ids: Vec<u32> = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-        let mut x = self
-            .embed
-            .rows(&ids, dt, dev)?
-            .reshape((b, t, self.config.hidden_size))?;
-        let (cos, sin) = self.rope_tables(t)?;
-        let ctx = BlockCtx {
-            cos,
-            sin,
-            mask: self.additive_mask(b, t, attention_mask, None)?,
-            window_mask: match self.sliding_window(t) {
-                Some(w) => Some(self.additive_mask(b, t, attention_mask, Some(w))?),
-                None => None,
-            },
-            dropout: dropout_seed.map(|s| (self.options.lora.dropout, s)),
-        };
+        let mut x = self.embed_ids(&ids, (b, t))?;
+        let dropout = dropout_seed.map(|s| (self.options.lora.dropout, s));
+        let ctx = self.block_ctx(b, (0, t), attention_mask, dropout)?;
         for block in &self.blocks {
             x = if self.options.checkpointing {
                 CheckpointOp::apply(block.clone(), ctx.clone(), &x)?
             } else {
-                block.forward_with(&x, &block.adapter_tensors(), &ctx)?
+                block.forward_with(&x, &block.adapter_tensors(), &ctx, None)?
             };
         }
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        self.lm_head.forward(&x)
+        self.head(&x)
+    }
+
+    /// Logits `(b, t, vocab)` as [`Self::forward`] in evaluation, without
+    /// recording a graph (the adapters enter as detached tensors) and with
+    /// the adapters only when `adapters` (else the frozen base alone).
+    pub fn forward_no_grad(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        adapters: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids: Vec<u32> = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let ctx = self.block_ctx(b, (0, t), attention_mask, None)?;
+        self.run_no_grad(&ids, (b, t), &ctx, adapters, None)
+    }
+
+    /// Logits `(1, t, vocab)` of `ids`, one sequence continuing the tokens
+    /// in `cache` (positions `cache.len()..`), which it extends: a prompt
+    /// once, then one token per call. Equal to the logits of the same
+    /// positions in [`Self::forward_no_grad`] of the whole sequence. No
+    /// graph is recorded; `adapters` as there.
+    pub fn forward_cached(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        adapters: bool,
+    ) -> candle_core::Result<Tensor> {
+        if cache.layers.len() != self.blocks.len() {
+            candle_core::bail!(
+                "KV cache of {} blocks for a model of {}",
+                cache.layers.len(),
+                self.blocks.len()
+            );
+        }
+        let (past, t) = (cache.len, ids.len());
+        let ctx = self.block_ctx(1, (past, t), None, None)?;
+        let logits = self.run_no_grad(ids, (1, t), &ctx, adapters, Some(&mut cache.layers))?;
+        cache.len += t;
+        Ok(logits)
+    }
+
+    /// Embedding, blocks, norm and head of `ids` `(b, t)`, with detached
+    /// adapter tensors (none without `adapters`) and optional block caches.
+    fn run_no_grad(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        ctx: &BlockCtx,
+        adapters: bool,
+        mut caches: Option<&mut [LayerCache]>,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = self.embed_ids(ids, (b, t))?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let params: Vec<Tensor> = if adapters {
+                block.adapter_tensors().iter().map(Tensor::detach).collect()
+            } else {
+                Vec::new()
+            };
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = block.forward_with(&x, &params, ctx, cache)?;
+        }
+        self.head(&x)
     }
 }

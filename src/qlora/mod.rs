@@ -30,7 +30,7 @@ pub mod nf4;
 pub mod recompute;
 
 pub use frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
-pub use llama::{LlamaConfig, LlamaModel, ModelOptions, RandomWeights};
+pub use llama::{KvCache, LlamaConfig, LlamaModel, ModelOptions, RandomWeights};
 pub use load::{LoadError, SafetensorsDir, WeightSource, read_config};
 pub use lora::{LoraConfig, LoraTarget};
 pub use nf4::Nf4Tensor;

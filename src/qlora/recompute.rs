@@ -91,7 +91,7 @@ impl CustomOp2 for CheckpointOp {
         let x = tensor_from_cpu(s1, l1)?;
         let p = tensor_from_cpu(s2, l2)?;
         let params = unpack(&p, &self.shapes)?;
-        let y = self.block.forward_with(&x, &params, &self.ctx)?;
+        let y = self.block.forward_with(&x, &params, &self.ctx, None)?;
         let shape = y.shape().clone();
         let (ys, yl) = y.storage_and_layout();
         let out = match (&*ys, yl.contiguous_offsets()) {
@@ -114,7 +114,7 @@ impl CustomOp2 for CheckpointOp {
         let params = unpack(pv.as_tensor(), &self.shapes)?;
         let y = self
             .block
-            .forward_with(xv.as_tensor(), &params, &self.ctx)?;
+            .forward_with(xv.as_tensor(), &params, &self.ctx, None)?;
         // d(sum(y * g))/dθ = gᵀ dy/dθ: one backward of the recomputed block.
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
         let gx = grads.get(xv.as_tensor()).cloned();

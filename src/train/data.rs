@@ -258,11 +258,32 @@ fn next_line<R: BufRead>(
 /// MiB read.
 pub fn read_jsonl<R: BufRead>(
     path: &Path,
-    mut reader: R,
+    reader: R,
     tokenizer: &Tokenizer,
     seq_len: usize,
     strict: bool,
 ) -> Result<Dataset, DataError> {
+    let mut examples = Vec::new();
+    let mut out = stream_jsonl(path, reader, tokenizer, seq_len, strict, |ex| {
+        examples.push(ex);
+        Ok::<_, DataError>(true)
+    })?;
+    out.examples = examples;
+    Ok(out)
+}
+
+/// [`read_jsonl`] without holding the examples: each is handed to
+/// `on_example` as its line is read, and reading stops when it returns
+/// `false`. The returned [`Dataset`] holds no examples, only the bad lines
+/// and the count of empty records.
+pub fn stream_jsonl<R: BufRead, E: From<DataError>>(
+    path: &Path,
+    mut reader: R,
+    tokenizer: &Tokenizer,
+    seq_len: usize,
+    strict: bool,
+    mut on_example: impl FnMut(Example) -> Result<bool, E>,
+) -> Result<Dataset, E> {
     let io = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -273,6 +294,7 @@ pub fn read_jsonl<R: BufRead>(
     let mut out = Dataset::default();
     let mut buf = Vec::new();
     let mut line_no = 0usize;
+    let mut examples = 0usize;
     loop {
         let line = next_line(&mut reader, &mut buf, MAX_LINE, &mut read).map_err(io)?;
         if read >= next_progress {
@@ -280,7 +302,7 @@ pub fn read_jsonl<R: BufRead>(
                 "{}: {} MiB read, {} examples",
                 path.display(),
                 read >> 20,
-                out.examples.len()
+                examples
             );
             next_progress = (read / progress_every + 1) * progress_every;
         }
@@ -303,7 +325,7 @@ pub fn read_jsonl<R: BufRead>(
         };
         let record = match record {
             Ok(r) => r,
-            Err(b) if strict => return Err(DataError::Strict(b)),
+            Err(b) if strict => return Err(DataError::Strict(b).into()),
             Err(b) => {
                 out.bad_line_count += 1;
                 if out.bad_lines.len() < BAD_LINES_SHOWN as usize {
@@ -324,7 +346,10 @@ pub fn read_jsonl<R: BufRead>(
             out.skipped_empty += 1;
             continue;
         }
-        out.examples.push(ex);
+        examples += 1;
+        if !on_example(ex)? {
+            break;
+        }
     }
     Ok(out)
 }

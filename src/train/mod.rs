@@ -5,13 +5,17 @@
 //! the model ([`model`]), reads the data ([`data`], [`tokenizer`], [`chat`])
 //! and trains with AdamW ([`optim`]), writing checkpoints ([`checkpoint`]),
 //! metrics and the loss plot ([`plot`]). Over several processes the ranks
-//! share gradients through a [`collective`] ([`sync`]).
+//! share gradients through a [`collective`] ([`sync`]). A trained run is
+//! used by [`generate`] (text, through the KV-cached inference path) and
+//! [`evaluate`] (held-out loss of the base and of base + adapter).
 
 pub mod chat;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod evaluate;
 pub mod fit;
+pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod plot;

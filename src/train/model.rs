@@ -71,9 +71,27 @@ pub enum ModelError {
         /// Why.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A run directory without a checkpoint (which names the base).
+    #[error(
+        "no checkpoint in {}: --run-dir must be a train --output-dir that trained at least one checkpoint",
+        .0.display()
+    )]
+    NoCheckpoint(PathBuf),
+    /// The newest checkpoint cannot be read.
+    #[error(transparent)]
+    Checkpoint(#[from] super::checkpoint::CheckpointError),
     /// A Candle error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// The spec of the run in `run_dir`, from its newest checkpoint, which
+/// holds it: what `train merge`, `generate` and `eval` rebuild the base from.
+pub fn run_spec(run_dir: &Path) -> Result<RunSpec, ModelError> {
+    let dir = run_dir.join(super::trainer::CHECKPOINT_DIR);
+    let list = super::checkpoint::list(&dir);
+    let (_, path) = list.last().ok_or(ModelError::NoCheckpoint(dir.clone()))?;
+    Ok(super::checkpoint::load(path)?.state.spec)
 }
 
 /// The embedded model's config (`tables/defaults.toml`, `[embedded]`).

@@ -51,6 +51,9 @@ pub enum TokenizerError {
     /// Encoding failed.
     #[error("cannot tokenize text")]
     Encode(#[source] tokenizers::Error),
+    /// Decoding failed (an id outside the vocabulary, say).
+    #[error("cannot turn tokens into text")]
+    Decode(#[source] tokenizers::Error),
     /// The chat template does not compile.
     #[error("{path}: chat_template: {message}")]
     Template {
@@ -184,6 +187,31 @@ impl Tokenizer {
         }
     }
 
+    /// The text of `ids`, special tokens (BOS, EOS, chat markers) left
+    /// out. Byte-level: invalid UTF-8 becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        match self {
+            Tokenizer::Bytes => Ok(String::from_utf8_lossy(&byte_tokens(ids)).into_owned()),
+            Tokenizer::Hf { tokenizer, .. } => {
+                tokenizer.decode(ids, true).map_err(TokenizerError::Decode)
+            }
+        }
+    }
+
+    /// A decoder of a sequence given one token at a time: each step returns
+    /// the text that the new token completes, never half a character (a
+    /// multi-byte character split over several tokens comes out whole with
+    /// its last token). The pieces add up to [`Self::decode`] of all the
+    /// tokens.
+    pub fn decode_stream(&self) -> DecodeStream<'_> {
+        match self {
+            Tokenizer::Bytes => DecodeStream::Bytes(Vec::new()),
+            Tokenizer::Hf { tokenizer, .. } => {
+                DecodeStream::Hf(Box::new(tokenizer.decode_stream(true)))
+            }
+        }
+    }
+
     /// Beginning-of-sequence token.
     pub fn bos(&self) -> Option<u32> {
         match self {
@@ -214,5 +242,157 @@ impl Tokenizer {
             Tokenizer::Hf { chat, .. } => chat.as_deref(),
             Tokenizer::Bytes => None,
         }
+    }
+}
+
+/// The bytes of byte-level tokens; BOS, EOS and padding ids are left out.
+fn byte_tokens(ids: &[u32]) -> Vec<u8> {
+    ids.iter().filter_map(|&id| u8::try_from(id).ok()).collect()
+}
+
+/// The `tokenizers` crate's streaming decoder of a `tokenizer.json`.
+type HfDecodeStream<'a> = tokenizers::DecodeStream<
+    'a,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// Incremental decoding ([`Tokenizer::decode_stream`]).
+pub enum DecodeStream<'a> {
+    /// Byte-level: the bytes of a character not yet complete (at most 3).
+    Bytes(Vec<u8>),
+    /// A `tokenizer.json`: `tokenizers`' own stream, which re-decodes a
+    /// short window of recent tokens and returns what it adds.
+    Hf(Box<HfDecodeStream<'a>>),
+}
+
+impl std::fmt::Debug for DecodeStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeStream::Bytes(pending) => {
+                f.debug_tuple("DecodeStream::Bytes").field(pending).finish()
+            }
+            DecodeStream::Hf(_) => f.write_str("DecodeStream::Hf"),
+        }
+    }
+}
+
+impl DecodeStream<'_> {
+    /// The text `id` completes, if any.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
+        match self {
+            DecodeStream::Bytes(pending) => {
+                pending.extend(byte_tokens(&[id]));
+                Ok(take_complete_utf8(pending))
+            }
+            DecodeStream::Hf(stream) => stream.step(id).map_err(TokenizerError::Decode),
+        }
+    }
+
+    /// What is left at the end: the bytes of an unfinished character, as
+    /// U+FFFD (byte-level only; a `tokenizer.json` stream keeps nothing
+    /// back that decoding would show).
+    pub fn finish(self) -> Option<String> {
+        match self {
+            DecodeStream::Bytes(pending) if !pending.is_empty() => {
+                Some(String::from_utf8_lossy(&pending).into_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Removes and returns the text at the start of `pending` up to an
+/// unfinished character at its end (invalid bytes become U+FFFD, as
+/// [`String::from_utf8_lossy`] writes them).
+fn take_complete_utf8(pending: &mut Vec<u8>) -> Option<String> {
+    let mut out = String::new();
+    let mut rest: &[u8] = pending;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                rest = &[];
+                break;
+            }
+            Err(e) => {
+                let (valid, after) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                match e.error_len() {
+                    Some(n) => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        rest = &after[n..];
+                    }
+                    None => {
+                        rest = after;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let kept = rest.len();
+    pending.drain(..pending.len() - kept);
+    (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_stream_never_splits_a_character_and_adds_up_to_decode() {
+        let text = "a é 中 🦀 z";
+        let mut ids: Vec<u32> = text.bytes().map(u32::from).collect();
+        ids.insert(0, BYTE_BOS);
+        ids.push(BYTE_EOS);
+        // An invalid byte (a lone continuation byte) mid-stream.
+        ids.insert(3, 0x80);
+        let t = Tokenizer::Bytes;
+        let mut stream = t.decode_stream();
+        let mut pieces = Vec::new();
+        for &id in &ids {
+            if let Some(p) = stream.step(id).unwrap() {
+                pieces.push(p);
+            }
+        }
+        assert_eq!(stream.finish(), None);
+        assert_eq!(pieces.concat(), t.decode(&ids).unwrap());
+        assert!(pieces.contains(&"🦀".to_string()), "{pieces:?}");
+        assert!(pieces.concat().contains('\u{FFFD}'));
+        // A character cut off at the end comes out as U+FFFD.
+        let mut stream = t.decode_stream();
+        assert_eq!(stream.step(0xE4).unwrap(), None);
+        assert_eq!(stream.finish().as_deref(), Some("\u{FFFD}"));
+    }
+
+    #[test]
+    fn a_tokenizer_json_stream_adds_up_to_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [
+                {"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
+                 "rstrip": false, "normalized": false, "special": true}
+            ],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "<unk>",
+                      "vocab": {"<unk>": 0, "the": 1, "</s>": 2, "river": 3, "runs": 4}}
+        });
+        std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+        let t = Tokenizer::from_dir(dir.path()).unwrap();
+        let ids = [1, 3, 4, 2, 1];
+        let mut stream = t.decode_stream();
+        let pieces: Vec<String> = ids
+            .iter()
+            .filter_map(|&id| stream.step(id).unwrap())
+            .collect();
+        assert_eq!(stream.finish(), None);
+        assert_eq!(pieces.concat(), t.decode(&ids).unwrap());
+        // The special token is left out.
+        assert_eq!(t.decode(&ids).unwrap(), "the river runs the");
     }
 }

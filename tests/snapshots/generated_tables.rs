@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 5f0949db7aef79c8
+//   tables/defaults.toml d8184c747f2dbb60
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1931,6 +1931,18 @@ pub mod trainer {
     pub const CHAT_TEMPLATE_MAX_BYTES: u64 = 67108864;
     ///Bytes of memory one rendering of a chat template may hold.
     pub const CHAT_TEMPLATE_MAX_MEMORY_BYTES: u64 = 268435456;
+    ///train generate: tokens generated at most after the prompt.
+    pub const GENERATE_MAX_NEW_TOKENS: u64 = 128;
+    ///train generate: sampling temperature; 0 is greedy.
+    pub const GENERATE_TEMPERATURE: f64 = 0.7;
+    ///train generate: nucleus sampling's probability mass.
+    pub const GENERATE_TOP_P: f64 = 0.9;
+    ///train generate: the sampler's seed.
+    pub const GENERATE_SEED: u64 = 42;
+    ///train generate: positions the KV cache grows by at a time.
+    pub const KV_CACHE_CHUNK: u64 = 256;
+    ///train eval: a progress line every this many batches.
+    pub const EVAL_PROGRESS_BATCHES: u64 = 20;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use qlora_scale::saved_profile::PROFILE_PATH_ENV;
+use qlora_scale::tables::trainer;
 use qlora_scale::train::settings::Settings;
 
 /// Fine-tune a causal LM with QLoRA, sized for the machine and the model
@@ -70,6 +71,108 @@ pub struct Cli {
 pub enum Command {
     /// Merge a run's adapter into its base and write model.safetensors
     Merge(MergeArgs),
+    /// Generate text with a run's base + adapter, its base alone, or a model
+    /// directory
+    Generate(GenerateArgs),
+    /// Loss and perplexity of the base and of base + adapter on a held-out
+    /// JSONL file
+    Eval(EvalArgs),
+}
+
+/// Which model `generate` and `eval` use.
+#[derive(Debug, Args)]
+pub struct ModelSource {
+    /// The run whose base and adapter to use: a train --output-dir (its
+    /// newest checkpoint names the base) [default: runs/default]
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub run_dir: Option<PathBuf>,
+    /// A local Hugging Face model directory instead of a run (a plain or a
+    /// merged model), loaded as train --model loads it
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<String>,
+}
+
+impl ModelSource {
+    /// The run directory, when no --model is given.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs/default"))
+    }
+}
+
+/// `generate` arguments.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The model.
+    #[command(flatten)]
+    pub source: ModelSource,
+    /// With a run: its base alone, without the adapter
+    #[arg(long, conflicts_with = "model")]
+    pub base_only: bool,
+    /// The text to continue (through the model's chat template, as a user
+    /// message, when its tokenizer has one, unless --raw)
+    #[arg(long, value_name = "TEXT", required_unless_present = "messages")]
+    pub prompt: Option<String>,
+    /// A JSON file holding an array of {"role", "content"} messages (roles
+    /// system, user, assistant, tool), rendered with the model's chat
+    /// template and its generation prompt
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "raw"])]
+    pub messages: Option<PathBuf>,
+    /// Give --prompt to the model as it is, without the chat template
+    #[arg(long)]
+    pub raw: bool,
+    /// Tokens generated at most (generation also stops at EOS)
+    #[arg(long, value_name = "N", default_value_t = trainer::GENERATE_MAX_NEW_TOKENS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_new_tokens: u64,
+    /// Sampling temperature; 0 is greedy (the likeliest token every step)
+    #[arg(long, value_name = "T", default_value_t = trainer::GENERATE_TEMPERATURE,
+          value_parser = temperature, allow_negative_numbers = true)]
+    pub temperature: f64,
+    /// Nucleus sampling: draw from the likeliest tokens whose probabilities
+    /// add up to P (0 < P <= 1)
+    #[arg(long, value_name = "P", default_value_t = trainer::GENERATE_TOP_P,
+          value_parser = top_p, allow_negative_numbers = true)]
+    pub top_p: f64,
+    /// The sampler's seed: the same seed gives the same text
+    #[arg(long, value_name = "N", default_value_t = trainer::GENERATE_SEED)]
+    pub seed: u64,
+}
+
+/// `eval` arguments.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The model.
+    #[command(flatten)]
+    pub source: ModelSource,
+    /// The held-out JSONL file, in the training data's format
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Batches scored at most (the run's batch size each) [default: the
+    /// whole file]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batches: Option<u64>,
+    /// Make bad data lines fatal
+    #[arg(long)]
+    pub strict: bool,
+    /// One JSON object on one line
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn temperature(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("{s} is not a temperature (a number >= 0)")),
+    }
+}
+
+fn top_p(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("{s} is not a probability mass (0 < P <= 1)")),
+    }
 }
 
 /// `merge` arguments.
