@@ -497,10 +497,20 @@ fn split_siblings(first: &Path, splits: u64) -> Vec<PathBuf> {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn detect_model_size_from_path(path: &Path) -> Result<FileSize, FilesError> {
+    detect_model_size_from_path_with(path, None)
+}
+
+/// [`detect_model_size_from_path`], given the content of the directory's
+/// `config.json` when the caller has read it already (`train` reads it once
+/// for the architecture and the size).
+pub fn detect_model_size_from_path_with(
+    path: &Path,
+    config: Option<&Value>,
+) -> Result<FileSize, FilesError> {
     let meta = std::fs::metadata(path).map_err(io_error(path))?;
     let mut g = Gathered::default();
     if meta.is_dir() {
-        gather_dir(path, &mut g)?;
+        gather_dir(path, config, &mut g)?;
     } else {
         gather_file(path, &mut g)?;
     }
@@ -529,10 +539,10 @@ pub fn detect_model_size_local(name: &Path) -> (ModelSize, Vec<FilesError>) {
     }
 }
 
-fn read_config_into(path: &Path, g: &mut Gathered) -> Result<QuantHints, FilesError> {
-    let value = read_json(path)?;
-    let hints = QuantHints::from_config(&value);
-    let count = config_param_count(&value).map_err(|source| FilesError::Config {
+/// Counts the `config.json` at `path` whose content is `value`.
+fn config_into(path: &Path, value: &Value, g: &mut Gathered) -> Result<QuantHints, FilesError> {
+    let hints = QuantHints::from_config(value);
+    let count = config_param_count(value).map_err(|source| FilesError::Config {
         path: path.to_owned(),
         source,
     })?;
@@ -571,7 +581,7 @@ fn gather_file(path: &Path, g: &mut Gathered) -> Result<(), FilesError> {
         g.total_size_bytes = index.total_size_bytes;
         g.add_safetensors(path, count);
     } else if name.ends_with(".json") {
-        read_config_into(path, g)?;
+        config_into(path, &read_json(path)?, g)?;
     } else if name.ends_with(".safetensors") {
         let hints = sibling_hints(path, g);
         let count = count_safetensors_file(path, &hints)?;
@@ -586,7 +596,7 @@ fn gather_file(path: &Path, g: &mut Gathered) -> Result<(), FilesError> {
     Ok(())
 }
 
-fn gather_dir(dir: &Path, g: &mut Gathered) -> Result<(), FilesError> {
+fn gather_dir(dir: &Path, config: Option<&Value>, g: &mut Gathered) -> Result<(), FilesError> {
     let mut files: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
         let entry = entry.map_err(io_error(dir))?;
@@ -600,16 +610,21 @@ fn gather_dir(dir: &Path, g: &mut Gathered) -> Result<(), FilesError> {
     let lower = |p: &PathBuf| file_name(p).to_ascii_lowercase();
 
     let mut hints = QuantHints::default();
-    if let Some(config) = named("config.json") {
-        match read_config_into(&config, g) {
-            Ok(h) => hints = h,
-            Err(e) => {
-                // Bit widths still help the safetensors count.
-                if let Ok(value) = read_json(&config) {
+    if let Some(path) = named("config.json") {
+        let value = match config {
+            Some(v) => Ok(v.clone()),
+            None => read_json(&path),
+        };
+        match value {
+            Ok(value) => match config_into(&path, &value, g) {
+                Ok(h) => hints = h,
+                Err(e) => {
+                    // Bit widths still help the safetensors count.
                     hints = QuantHints::from_config(&value);
+                    g.problems.push(e);
                 }
-                g.problems.push(e);
-            }
+            },
+            Err(e) => g.problems.push(e),
         }
     }
 

@@ -420,16 +420,35 @@ impl WeightSource for SafetensorsDir {
 
 /// Reads and validates `dir/config.json` ([`validate_config`]).
 pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
+    let (path, value) = read_config_json(dir)?;
+    config_from_json(&value, &path)
+}
+
+/// `dir/config.json`, read with the bounded reader and parsed as JSON (not
+/// yet checked): one read serves both the model's architecture
+/// ([`config_from_json`]) and size detection.
+pub fn read_config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value), LoadError> {
     let path = dir.join("config.json");
     let text = crate::safe_io::read_small(&path)?;
-    let mut config = serde_json::from_slice(&text).map_err(|source| LoadError::Json {
+    let value = serde_json::from_slice(&text).map_err(|source| LoadError::Json {
         path: path.clone(),
         source,
     })?;
+    Ok((path, value))
+}
+
+/// The architecture a `config.json` (read from `path`, which errors name)
+/// describes, validated ([`validate_config`]).
+pub fn config_from_json(value: &serde_json::Value, path: &Path) -> Result<LlamaConfig, LoadError> {
+    let mut config: LlamaConfig =
+        serde_json::from_value(value.clone()).map_err(|source| LoadError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
     // What is not built is named before anything else is read into it.
-    check_architecture(&config, &path)?;
-    apply_rope_parameters(&mut config, &path)?;
-    validate_config(&config, &path)?;
+    check_architecture(&config, path)?;
+    apply_rope_parameters(&mut config, path)?;
+    validate_config(&config, path)?;
     Ok(config)
 }
 

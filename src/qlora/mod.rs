@@ -31,6 +31,8 @@ pub mod recompute;
 
 pub use frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 pub use llama::{KvCache, LlamaConfig, LlamaModel, ModelOptions, RandomWeights};
-pub use load::{LoadError, SafetensorsDir, WeightSource, read_config};
+pub use load::{
+    LoadError, SafetensorsDir, WeightSource, config_from_json, read_config, read_config_json,
+};
 pub use lora::{LoraConfig, LoraTarget};
 pub use nf4::Nf4Tensor;

@@ -29,10 +29,10 @@ use super::settings::{
     Fallback, Settings, SettingsError, TrainSettings, ValueSource, ValueSources,
 };
 use crate::detect::{ModelSize, detect_model_size};
-use crate::files::{FilesError, detect_model_size_from_path};
+use crate::files::{FilesError, detect_model_size_from_path, detect_model_size_from_path_with};
 use crate::hardware::MachineProfile;
 use crate::hardware::resolve::{DeviceOverride, HardwareOverride, HardwareSource, ResolveError};
-use crate::qlora::{LlamaConfig, LoadError, read_config};
+use crate::qlora::{LlamaConfig, LoadError, config_from_json, read_config_json};
 use crate::scale::scale_profile_for_category;
 use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, trainer};
 
@@ -327,12 +327,7 @@ pub fn plan(
     saved_path: &Path,
     detect: impl FnOnce() -> Option<MachineProfile>,
 ) -> Result<RunPlan, PlanError> {
-    let (model, weights, size) = model_and_size(settings.model.as_deref())?;
-    let architecture = match weights {
-        Weights::Embedded => Some(embedded_config()),
-        Weights::LocalDir => Some(read_config(Path::new(&model))?),
-        Weights::NameOnly => None,
-    };
+    let (model, weights, size, architecture) = model_and_size(settings.model.as_deref())?;
     let hw = crate::hardware::resolve::resolve_machine(
         &HardwareOverride {
             generation: settings.generation,
@@ -412,28 +407,44 @@ pub fn plan(
     })
 }
 
-/// The model (as given, or the default id), what trains, and its size:
-/// counted from the files of a local directory, else from the name.
-fn model_and_size(model: Option<&str>) -> Result<(String, Weights, ModelSize), PlanError> {
+/// The model (as given, or the default id), what trains, its size (counted
+/// from the files of a local directory, else from the name) and its
+/// architecture when it trains. A local directory's `config.json` is read
+/// once, for both.
+fn model_and_size(
+    model: Option<&str>,
+) -> Result<(String, Weights, ModelSize, Option<LlamaConfig>), PlanError> {
     let Some(model) = model else {
         return Ok((
             DEFAULT_MODEL.to_string(),
             Weights::Embedded,
             detect_model_size(DEFAULT_MODEL),
+            Some(embedded_config()),
         ));
     };
     let path = Path::new(model);
+    if path.is_dir() {
+        let (config_path, json) = read_config_json(path)?;
+        let architecture = config_from_json(&json, &config_path)?;
+        let found = detect_model_size_from_path_with(path, Some(&json)).map_err(|source| {
+            PlanError::ModelFiles {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        return Ok((
+            model.to_string(),
+            Weights::LocalDir,
+            found.size,
+            Some(architecture),
+        ));
+    }
     if path.exists() {
         let found = detect_model_size_from_path(path).map_err(|source| PlanError::ModelFiles {
             path: path.to_path_buf(),
             source,
         })?;
-        let weights = if path.is_dir() {
-            Weights::LocalDir
-        } else {
-            Weights::NameOnly
-        };
-        return Ok((model.to_string(), weights, found.size));
+        return Ok((model.to_string(), Weights::NameOnly, found.size, None));
     }
     if looks_like_path(model) {
         return Err(PlanError::ModelPathMissing(path.to_path_buf()));
@@ -442,6 +453,7 @@ fn model_and_size(model: Option<&str>) -> Result<(String, Weights, ModelSize), P
         model.to_string(),
         Weights::NameOnly,
         detect_model_size(model),
+        None,
     ))
 }
 
