@@ -533,6 +533,20 @@ pub static SETTINGS: &[Setting] = &[
         "Bytes one rendering of a chat template may write.",
     ),
     int(
+        "trainer",
+        "plot_ticks",
+        3,
+        20,
+        "Labelled ticks aimed for on each axis of the loss plot.",
+    ),
+    int(
+        "trainer",
+        "plot_max_points",
+        10,
+        1 << 20,
+        "Most points drawn per series of the loss plot; longer runs are thinned.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

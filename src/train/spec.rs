@@ -148,6 +148,33 @@ pub struct RunSpec {
     pub data_dir: Option<PathBuf>,
 }
 
+impl RunSpec {
+    /// What trains, in words, as the logs and the plot name it: the
+    /// built-in model by its shape (its profile is sized for the default
+    /// id, which is not what trains), a local folder, or a name known only
+    /// by its size.
+    pub fn describe_model(&self) -> String {
+        match (self.weights, &self.architecture) {
+            (Weights::Embedded, Some(a)) => format!(
+                "the built-in model ({} blocks, width {}, seeded NF4 weights)",
+                a.num_hidden_layers, a.hidden_size
+            ),
+            (Weights::Embedded, None) => "the built-in model (seeded NF4 weights)".to_string(),
+            (Weights::LocalDir, _) => format!("{} (local folder)", self.model),
+            (Weights::NameOnly, _) => format!("{} (name only: no weights to train)", self.model),
+        }
+    }
+
+    /// The blocks that get adapters: `lora_layers`, but never more than the
+    /// model has (unknown for a name-only model: then `lora_layers`).
+    pub fn lora_layers_applied(&self) -> u32 {
+        let blocks = self.architecture.as_ref().map_or(u32::MAX, |a| {
+            u32::try_from(a.num_hidden_layers).unwrap_or(u32::MAX)
+        });
+        self.settings.lora_layers.min(blocks)
+    }
+}
+
 /// The base a run's hardware profile stands on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -4,7 +4,7 @@
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml 37214c0daf4fa1d6
+//   tables/defaults.toml d1f83dc012d51b9d
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1475,6 +1475,10 @@ pub mod trainer {
     pub const CHAT_TEMPLATE_FUEL: u64 = 50000000;
     ///Bytes one rendering of a chat template may write.
     pub const CHAT_TEMPLATE_MAX_BYTES: u64 = 67108864;
+    ///Labelled ticks aimed for on each axis of the loss plot.
+    pub const PLOT_TICKS: u64 = 6;
+    ///Most points drawn per series of the loss plot; longer runs are thinned.
+    pub const PLOT_MAX_POINTS: u64 = 2000;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
