@@ -507,6 +507,77 @@ mod resolution {
     }
 }
 
+/// What `train` says about a run is what runs (#17, item 6).
+mod messages {
+    use super::*;
+
+    #[test]
+    fn the_dry_run_shows_the_data_directory_read_and_where_it_came_from() {
+        let sb = Sandbox::new();
+        let v = sb.dry(&[]);
+        assert_eq!(v["data_dir"], "data/default", "{v}");
+        assert_eq!(v["data_dir_source"], "built_in");
+        let v = sb.dry(&["--data-dir", "corpus"]);
+        assert_eq!(v["data_dir"], "corpus");
+        assert_eq!(v["data_dir_source"], "cli_or_config");
+    }
+
+    #[test]
+    fn the_dry_run_names_the_built_in_model_and_caps_its_lora_layers() {
+        let v = Sandbox::new().dry(&[]);
+        assert_eq!(v["lora_layers"], 8, "the setting, as resolved");
+        assert_eq!(
+            v["lora_layers_applied"], 4,
+            "the built-in model has 4 blocks"
+        );
+        assert_eq!(
+            v["model_description"],
+            "the built-in model (4 blocks, width 256, seeded NF4 weights)"
+        );
+    }
+
+    #[test]
+    fn a_name_only_model_is_logged_as_a_name_not_local_files() {
+        let sb = Sandbox::new();
+        let out = sb.run(&["--model", "org/Some-Model-7B", "--max-steps", "1"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains(
+                "model org/Some-Model-7B (name only: no weights to train); small 7B from its name"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains("local files"), "{err}");
+    }
+
+    #[test]
+    fn a_negative_number_names_its_flag() {
+        let sb = Sandbox::new();
+        for (flag, value) in [
+            ("--batch-size", "-1"),
+            ("--lora-rank", "-3"),
+            ("--max-steps", "-5"),
+        ] {
+            let out = sb.run(&["--dry-run", flag, value]);
+            assert!(!out.status.success(), "{flag} {value} accepted");
+            let err = stderr(&out);
+            assert!(
+                err.contains(&format!("invalid value '{value}' for '{flag} <N>'")),
+                "{flag}: {err}"
+            );
+        }
+        // A negative real reaches the check that names it too.
+        let out = sb.run(&["--dry-run", "--learning-rate", "-0.1"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("--learning-rate is -0.1: must be positive"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
 fn snapshot(name: &str, actual: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/snapshots")

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::collective::Collective;
+use super::data::DEFAULT_DATA_DIR;
 use super::model::embedded_config;
 use super::settings::{
     Fallback, Settings, SettingsError, TrainSettings, ValueSource, ValueSources,
@@ -165,6 +166,14 @@ impl RunSpec {
         }
     }
 
+    /// The data directory the run reads: `data_dir`, else the default
+    /// corpus's ([`DEFAULT_DATA_DIR`], compiled into the binary).
+    pub fn data_dir_used(&self) -> &Path {
+        self.data_dir
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_DATA_DIR))
+    }
+
     /// The blocks that get adapters: `lora_layers`, but never more than the
     /// model has (unknown for a name-only model: then `lora_layers`).
     pub fn lora_layers_applied(&self) -> u32 {
@@ -173,6 +182,17 @@ impl RunSpec {
         });
         self.settings.lora_layers.min(blocks)
     }
+}
+
+/// Where a run's data directory came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// `--data-dir` or the `--config` file's `data-dir`.
+    CliOrConfig,
+    /// Nobody gave one: the corpus shipped in `data/default`, compiled into
+    /// the binary (so it is read whatever the working directory).
+    BuiltIn,
 }
 
 /// The base a run's hardware profile stands on.
@@ -282,6 +302,8 @@ pub struct Provenance {
     pub scaled: bool,
     /// Where each setting's value came from.
     pub value_sources: ValueSources,
+    /// Where the data directory came from.
+    pub data_dir_source: DataSource,
 }
 
 fn hardware_source_key<S: Serializer>(
@@ -431,6 +453,11 @@ pub fn plan(
             scaled: scaled_profile != base,
             scaled_profile,
             value_sources,
+            data_dir_source: if settings.data_dir.is_some() {
+                DataSource::CliOrConfig
+            } else {
+                DataSource::BuiltIn
+            },
         },
         output_dir: settings
             .output_dir

@@ -159,9 +159,14 @@ pub struct RunSummary {
 pub trait Observer {
     /// After step `log.step` of `max_steps`.
     fn step(&mut self, log: &StepLog, max_steps: u64);
-    /// A message worth showing (checkpoint written, corrupt checkpoint
-    /// skipped, bad lines).
+    /// A message worth showing (checkpoint written, bad lines).
     fn note(&mut self, message: &str);
+    /// Something went wrong that the run works around (a corrupt
+    /// checkpoint skipped): logged at WARN unless an observer says
+    /// otherwise.
+    fn warn(&mut self, message: &str) {
+        tracing::warn!("{message}");
+    }
 }
 
 /// An observer that logs through `tracing` only.
