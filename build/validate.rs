@@ -546,6 +546,14 @@ pub static SETTINGS: &[Setting] = &[
         1 << 20,
         "Most points drawn per series of the loss plot; longer runs are thinned.",
     ),
+    float(
+        "trainer",
+        "saved_profile_memory_ratio",
+        1.0,
+        100.0,
+        false,
+        "A saved profile whose memory is more than this many times the detected machine's is for another machine.",
+    ),
     int(
         "embedded",
         "num_layers",

@@ -173,6 +173,75 @@ mod hardware_beyond_apple {
         assert_eq!(v["memory"]["budget_source"], "profile");
     }
 
+    /// A saved Apple Silicon profile (what `profile setup` writes) on this
+    /// Linux machine: the detected machine sizes the run, with a WARN; the
+    /// saved profile only with --use-saved-profile.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_saved_apple_profile_does_not_size_a_run_on_linux_unless_asked() {
+        let sb = Sandbox::new();
+        sb.save(&ultra_192());
+        let path = sb.profile().display().to_string();
+        let dry = |extra: &[&str]| {
+            let out = sb
+                .cmd()
+                .env_remove("QLORA_SCALE_DETECT")
+                .args(["--dry-run", "--json"])
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", stderr(&out));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            (v, stderr(&out))
+        };
+        let (v, err) = dry(&[]);
+        assert_eq!(v["profile_source"], "detected", "{v}");
+        assert_eq!(v["hardware"]["device"], "cpu");
+        let skipped = v["saved_profile_skipped"].as_str().unwrap();
+        assert!(
+            skipped.contains(&path) && skipped.contains("m2 ultra with 192 GB"),
+            "{skipped}"
+        );
+        let reason = v["profile_reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("this machine, detected: a cpu with"),
+            "{reason}"
+        );
+        assert_ne!(v["memory"]["budget_gib"], 153.0, "not the Apple budget");
+        let warn = err.lines().find(|l| l.contains("WARN")).unwrap_or_default();
+        assert!(
+            warn.contains(&path) && warn.contains("not Apple Silicon"),
+            "{err}"
+        );
+
+        let (v, err) = dry(&["--use-saved-profile"]);
+        assert_eq!(v["profile_source"], "saved", "{v}");
+        assert_eq!(v["hardware"]["device"], "apple");
+        assert_eq!(v["hardware"]["memory_gb"], 192);
+        assert_eq!(v["saved_profile_skipped"], Value::Null);
+        assert!(
+            v["profile_reason"]
+                .as_str()
+                .unwrap()
+                .contains("--use-saved-profile")
+        );
+        assert!(!err.contains("WARN"), "{err}");
+    }
+
+    #[test]
+    fn detection_off_uses_the_saved_profile_and_says_why() {
+        let sb = Sandbox::new();
+        sb.save(&ultra_192());
+        let v = sb.dry(&[]);
+        assert_eq!(v["profile_source"], "saved");
+        let reason = v["profile_reason"].as_str().unwrap();
+        assert!(
+            reason.contains(&sb.profile().display().to_string())
+                && reason.contains("no machine detected to compare it with"),
+            "{reason}"
+        );
+    }
+
     #[test]
     fn detection_off_reads_no_budget_from_the_machine() {
         // No flag, no saved profile, detection off: nothing says what the

@@ -136,6 +136,11 @@ fn resolve_plan(cli: &Cli) -> anyhow::Result<(RunPlan, Settings)> {
         None => default_profile_path().context("cannot tell where the saved profile lives")?,
     };
     let plan = plan(&settings, &profile_path, detected_machine)?;
+    if plan.provenance.saved_profile_skipped.is_some() {
+        // The reason names the detected machine, the saved profile and why
+        // it does not describe this machine.
+        tracing::warn!("sizing for {}", plan.provenance.profile_reason);
+    }
     Ok((plan, settings))
 }
 

@@ -284,6 +284,11 @@ settings! {
     /// estimate and the budget
     #[arg(long, num_args = 0, default_missing_value = "true")]
     trial_step: bool => launch,
+    /// Size the run by the saved profile even when it does not describe
+    /// this machine (another device, or far more memory than detected);
+    /// without it such a profile is skipped with a warning
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    use_saved_profile: bool => launch,
     /// Apple Silicon generation
     #[arg(long, value_name = "GEN", value_enum, ignore_case = true)]
     generation: Generation => launch,

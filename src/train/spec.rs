@@ -32,7 +32,9 @@ use super::settings::{
 use crate::detect::{ModelSize, detect_model_size};
 use crate::files::{FilesError, detect_model_size_from_path};
 use crate::hardware::MachineProfile;
-use crate::hardware::resolve::{DeviceOverride, HardwareOverride, HardwareSource, ResolveError};
+use crate::hardware::resolve::{
+    DeviceOverride, HardwareOverride, HardwareSource, ResolveError, SavedProfileUse,
+};
 use crate::qlora::{LlamaConfig, LoadError, read_config};
 use crate::scale::scale_profile_for_category;
 use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, trainer};
@@ -291,6 +293,11 @@ pub struct Provenance {
     /// defaults.
     #[serde(serialize_with = "hardware_source_key")]
     pub hardware_source: Option<HardwareSource>,
+    /// Which machine the run is sized for and why, in words.
+    pub profile_reason: String,
+    /// Why the saved profile was skipped (it does not describe the detected
+    /// machine and `--use-saved-profile` was not given), when it was.
+    pub saved_profile_skipped: Option<String>,
     /// The hardware, when resolved.
     pub hardware: Option<HardwareSummary>,
     /// The profile before scaling.
@@ -382,7 +389,12 @@ pub fn plan(
         Weights::LocalDir => Some(read_config(Path::new(&model))?),
         Weights::NameOnly => None,
     };
-    let hw = crate::hardware::resolve::resolve_machine(
+    let use_saved = if settings.use_saved_profile.unwrap_or(false) {
+        SavedProfileUse::Always
+    } else {
+        SavedProfileUse::IfItMatches
+    };
+    let resolution = crate::hardware::resolve::resolve_machine_checked(
         &HardwareOverride {
             generation: settings.generation,
             chip: settings.chip,
@@ -393,9 +405,11 @@ pub fn plan(
             cpu_memory: settings.cpu_memory,
         },
         saved_path,
+        use_saved,
         detect,
     )?;
-    let (base, scaled_profile, profile_source, hardware_source, hardware) = match hw {
+    let (base, scaled_profile, profile_source, hardware_source, hardware) = match resolution.machine
+    {
         Some((machine, source)) => {
             let profile = machine.profile();
             (
@@ -448,6 +462,8 @@ pub fn plan(
         provenance: Provenance {
             profile_source,
             hardware_source,
+            profile_reason: resolution.reason,
+            saved_profile_skipped: resolution.saved_skipped,
             hardware,
             base_profile: base,
             scaled: scaled_profile != base,

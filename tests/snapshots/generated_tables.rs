@@ -4,7 +4,7 @@
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml d1f83dc012d51b9d
+//   tables/defaults.toml 67830fc6ff42a4dd
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1479,6 +1479,8 @@ pub mod trainer {
     pub const PLOT_TICKS: u64 = 6;
     ///Most points drawn per series of the loss plot; longer runs are thinned.
     pub const PLOT_MAX_POINTS: u64 = 2000;
+    ///A saved profile whose memory is more than this many times the detected machine's is for another machine.
+    pub const SAVED_PROFILE_MEMORY_RATIO: f64 = 1.1;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
