@@ -56,6 +56,15 @@ const Y_TITLE_OFFSET: f64 = 64.0;
 const LEGEND_INSET: f64 = 12.0;
 const LEGEND_ROW: f64 = 18.0;
 const LEGEND_SAMPLE: f64 = 24.0;
+/// Room the legend leaves for its longest name, px.
+const LEGEND_TEXT_WIDTH: f64 = 72.0;
+/// Distance from the lower panel's bottom edge to the step axis title's
+/// baseline, px (under the tick labels).
+const X_TITLE_OFFSET: f64 = 38.0;
+/// How far below its anchor a text's baseline goes so that the text looks
+/// centred on it, as a share of the font size (no `dominant-baseline`:
+/// renderers differ on it).
+const BASELINE_SHIFT: f64 = 1.0 / 3.0;
 /// Radius of a validation dot, px.
 const DOT_RADIUS: f64 = 3.5;
 /// Series and frame styles.
@@ -72,6 +81,14 @@ const FONT_FAMILY: &str = "DejaVu Sans, Arial, Helvetica, sans-serif";
 /// labelled in units of a power of ten, named in the axis title.
 const SCALE_BELOW: f64 = 1e-2;
 const SCALE_ABOVE: f64 = 1e5;
+/// A range of one value is widened by this share of the value, each way.
+const SINGLE_VALUE_MARGIN: f64 = 0.1;
+/// The mantissas of tick steps.
+const NICE_STEPS: [f64; 4] = [1.0, 2.0, 5.0, 10.0];
+/// The fewest ticks an axis gets (the small learning-rate panel too).
+const MIN_TICKS: u64 = 3;
+/// Relative slack for rounding in the tick arithmetic.
+const EPSILON: f64 = 1e-9;
 
 /// `text` with the characters XML gives a meaning escaped.
 pub fn escape(text: &str) -> String {
@@ -112,14 +129,17 @@ impl Axis {
             (false, _) => (0.0, 1.0),
             (true, true) => (lo, hi),
             (true, false) if lo == 0.0 => (0.0, 1.0),
-            (true, false) => (lo - lo.abs() * 0.1, hi + hi.abs() * 0.1),
+            (true, false) => (
+                lo - lo.abs() * SINGLE_VALUE_MARGIN,
+                hi + hi.abs() * SINGLE_VALUE_MARGIN,
+            ),
         };
         let rough = (hi - lo) / target.saturating_sub(1).max(1) as f64;
         let mag = 10f64.powf(rough.log10().floor());
-        let step = [1.0, 2.0, 5.0, 10.0]
+        let step = NICE_STEPS
             .into_iter()
             .map(|m| m * mag)
-            .find(|s| *s >= rough * (1.0 - 1e-9))
+            .find(|s| *s >= rough * (1.0 - EPSILON))
             .unwrap_or(10.0 * mag);
         let (lo, hi) = ((lo / step).floor() * step, (hi / step).ceil() * step);
         let top = lo.abs().max(hi.abs());
@@ -131,8 +151,10 @@ impl Axis {
         Axis { lo, hi, step, exp }
     }
 
-    /// An integer axis (optimizer steps): ticks at whole numbers.
-    pub fn integer(lo: f64, hi: f64, target: u64) -> Axis {
+    /// The optimizer-step axis: ticks at whole numbers, starting at a tick
+    /// but ending at the last step (a long run would otherwise leave up to
+    /// a fifth of the width empty).
+    pub fn steps(lo: f64, hi: f64, target: u64) -> Axis {
         let mut axis = Axis::nice(lo, hi, target);
         if axis.step < 1.0 {
             axis = Axis {
@@ -142,12 +164,15 @@ impl Axis {
                 exp: 0,
             };
         }
+        if hi.is_finite() && hi > lo && hi > axis.lo {
+            axis.hi = hi;
+        }
         axis
     }
 
-    /// The tick values, `lo` to `hi`.
+    /// The tick values: multiples of the step from `lo` up to `hi`.
     pub fn ticks(&self) -> Vec<f64> {
-        let n = ((self.hi - self.lo) / self.step).round().max(0.0) as u64;
+        let n = ((self.hi - self.lo) / self.step + EPSILON).floor().max(0.0) as u64;
         (0..=n).map(|i| self.lo + i as f64 * self.step).collect()
     }
 
@@ -156,10 +181,10 @@ impl Axis {
     pub fn label(&self, v: f64) -> String {
         let unit = 10f64.powi(self.exp);
         let step = self.step / unit;
-        let decimals = (-step.log10() - 1e-9).ceil().max(0.0) as usize;
+        let decimals = (-step.log10() - EPSILON).ceil().max(0.0) as usize;
         let v = v / unit;
         // No "-0".
-        let v = if v.abs() < step * 1e-6 { 0.0 } else { v };
+        let v = if v.abs() < step * EPSILON { 0.0 } else { v };
         format!("{v:.decimals$}")
     }
 
@@ -232,7 +257,7 @@ impl Panel {
                 out,
                 r#"<text id="{name}-x-title" x="{:.1}" y="{:.1}" text-anchor="middle">{}{}</text>"#,
                 self.left + self.width / 2.0,
-                self.bottom() + TICK_LEN + LABEL_GAP + 2.5 * FONT_SIZE,
+                self.bottom() + X_TITLE_OFFSET,
                 escape(title),
                 self.x.unit_suffix()
             );
@@ -269,7 +294,7 @@ impl Panel {
                 out,
                 r#"<text x="{:.1}" y="{:.1}" stroke="none">{}</text>"#,
                 self.left - TICK_LEN - LABEL_GAP,
-                y + FONT_SIZE / 3.0,
+                y + FONT_SIZE * BASELINE_SHIFT,
                 self.y.label(v)
             );
         }
@@ -316,10 +341,10 @@ impl Panel {
     /// sample of its line (and dot) and its name.
     fn draw_legend(&self, out: &mut String, entries: &[(&str, &str, Option<&str>, bool)]) {
         out.push_str("<g id=\"legend\">\n");
-        let text_x = self.left + self.width - LEGEND_INSET - 6.0 * FONT_SIZE;
+        let text_x = self.left + self.width - LEGEND_INSET - LEGEND_TEXT_WIDTH;
         for (i, &(label, color, dash, dot)) in entries.iter().enumerate() {
             let y = self.top + LEGEND_INSET + LEGEND_ROW * (i as f64 + 0.5);
-            let x0 = text_x - LABEL_GAP * 2.0 - LEGEND_SAMPLE;
+            let x0 = text_x - LABEL_GAP - LEGEND_SAMPLE;
             let dash = dash
                 .map(|d| format!(r#" stroke-dasharray="{d}""#))
                 .unwrap_or_default();
@@ -338,7 +363,7 @@ impl Panel {
             let _ = writeln!(
                 out,
                 r#"<text x="{text_x:.1}" y="{:.1}">{}</text>"#,
-                y + FONT_SIZE / 3.0,
+                y + FONT_SIZE * BASELINE_SHIFT,
                 escape(label)
             );
         }
@@ -414,7 +439,7 @@ pub fn loss_svg(title: &str, logs: &[StepLog]) -> String {
     let s = Series::of(logs);
     let all = [&s.train[..], &s.valid[..], &s.lr[..]];
     let (step_lo, step_hi) = extent(all, |p| p.0);
-    let x = Axis::integer(step_lo.min(step_hi), step_hi, PLOT_TICKS);
+    let x = Axis::steps(step_lo.min(step_hi), step_hi, PLOT_TICKS);
     let (loss_lo, loss_hi) = extent([&s.train[..], &s.valid[..]], |p| p.1);
     let (lr_lo, lr_hi) = extent([&s.lr[..]], |p| p.1);
     let width = WIDTH - MARGIN_LEFT - MARGIN_RIGHT;
@@ -434,7 +459,7 @@ pub fn loss_svg(title: &str, logs: &[StepLog]) -> String {
         height: LR_PANEL_HEIGHT,
         x,
         // From 0 (warmup starts there); a small panel, so fewer ticks.
-        y: Axis::nice(lr_lo.min(0.0), lr_hi, PLOT_TICKS.div_ceil(2).max(3)),
+        y: Axis::nice(lr_lo.min(0.0), lr_hi, PLOT_TICKS.div_ceil(2).max(MIN_TICKS)),
     };
     let mut out = header(title);
     loss.draw_frame(&mut out, "loss", "loss", None);
@@ -481,7 +506,7 @@ fn header(title: &str) -> String {
         out,
         r#"<text id="title" x="{:.1}" y="{:.1}" text-anchor="middle" font-size="{TITLE_FONT_SIZE}">{}</text>"#,
         WIDTH / 2.0,
-        MARGIN_TOP / 2.0 + TITLE_FONT_SIZE / 3.0,
+        MARGIN_TOP / 2.0 + TITLE_FONT_SIZE * BASELINE_SHIFT,
         escape(title)
     );
     out
@@ -527,10 +552,11 @@ mod tests {
         let b = Axis::nice(2.87, 3.31, 6);
         let labels: Vec<String> = b.ticks().iter().map(|&v| b.label(v)).collect();
         assert_eq!(labels, ["2.8", "2.9", "3.0", "3.1", "3.2", "3.3", "3.4"]);
-        let s = Axis::integer(1.0, 16.0, 6);
-        assert_eq!((s.lo, s.hi, s.step), (0.0, 20.0, 5.0));
+        let s = Axis::steps(1.0, 16.0, 6);
+        assert_eq!((s.lo, s.hi, s.step), (0.0, 16.0, 5.0));
+        assert_eq!(s.ticks(), [0.0, 5.0, 10.0, 15.0]);
         assert_eq!(s.label(15.0), "15");
-        let one = Axis::integer(1.0, 1.0, 6);
+        let one = Axis::steps(1.0, 1.0, 6);
         assert!(one.step >= 1.0 && one.lo <= 1.0 && one.hi > 1.0, "{one:?}");
         let lr = Axis::nice(0.0, 3e-3, 3);
         assert_eq!((lr.step, lr.exp), (2e-3, -3));
