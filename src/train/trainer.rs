@@ -376,6 +376,11 @@ impl<'c> Trainer<'c> {
                 .into_iter()
                 .filter(|l| l.step <= st.step)
                 .collect();
+            // A checkpoint written before it recorded elapsed_s says 0: go on
+            // from the metrics' count instead.
+            if let Some(last) = self.history.last() {
+                self.elapsed_before = self.elapsed_before.max(last.elapsed_s);
+            }
         }
         Ok(st.step)
     }
