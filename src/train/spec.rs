@@ -34,10 +34,11 @@ use crate::files::{FilesError, detect_model_size_from_path};
 use crate::hardware::MachineProfile;
 use crate::hardware::resolve::{
     DeviceOverride, HardwareOverride, HardwareSource, ResolveError, SavedProfileUse,
+    resolve_machine_checked,
 };
 use crate::qlora::{LlamaConfig, LoadError, read_config};
 use crate::scale::scale_profile_for_category;
-use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, trainer};
+use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, SizeCategory, trainer};
 
 pub use super::settings::looks_like_path;
 
@@ -389,49 +390,10 @@ pub fn plan(
         Weights::LocalDir => Some(read_config(Path::new(&model))?),
         Weights::NameOnly => None,
     };
-    let use_saved = if settings.use_saved_profile.unwrap_or(false) {
-        SavedProfileUse::Always
-    } else {
-        SavedProfileUse::IfItMatches
-    };
-    let resolution = crate::hardware::resolve::resolve_machine_checked(
-        &HardwareOverride {
-            generation: settings.generation,
-            chip: settings.chip,
-            memory: settings.memory,
-        },
-        DeviceOverride {
-            gpu_memory: settings.gpu_memory,
-            cpu_memory: settings.cpu_memory,
-        },
-        saved_path,
-        use_saved,
-        detect,
-    )?;
-    let (base, scaled_profile, profile_source, hardware_source, hardware) = match resolution.machine
-    {
-        Some((machine, source)) => {
-            let profile = machine.profile();
-            (
-                profile,
-                scale_profile_for_category(profile, size.category),
-                ProfileSource::of(source),
-                Some(source),
-                Some(HardwareSummary::of(&machine)),
-            )
-        }
-        // Without any profile, defaults apply as they are: nothing to scale.
-        None => (
-            FALLBACK_PROFILE,
-            FALLBACK_PROFILE,
-            ProfileSource::Defaults,
-            None,
-            None,
-        ),
-    };
+    let mut provenance = hardware_provenance(settings, saved_path, detect, size.category)?;
     let fallback = Fallback {
-        profile: scaled_profile,
-        from_hardware: profile_source != ProfileSource::Defaults,
+        profile: provenance.scaled_profile,
+        from_hardware: provenance.profile_source != ProfileSource::Defaults,
         embedded: weights == Weights::Embedded,
     };
     let (resolved, value_sources) = TrainSettings::resolve(settings, &fallback);
@@ -447,7 +409,8 @@ pub fn plan(
         eval_batches: trainer::EVAL_BATCHES,
         data_dir: settings.data_dir.clone(),
     };
-    validate(&spec.settings, &value_sources, profile_source)?;
+    validate(&spec.settings, &value_sources, provenance.profile_source)?;
+    provenance.value_sources = value_sources;
     if let Some(gib) = settings.memory_budget
         && !(gib.is_finite() && gib > 0.0)
     {
@@ -459,26 +422,77 @@ pub fn plan(
     }
     Ok(RunPlan {
         spec,
-        provenance: Provenance {
-            profile_source,
-            hardware_source,
-            profile_reason: resolution.reason,
-            saved_profile_skipped: resolution.saved_skipped,
-            hardware,
-            base_profile: base,
-            scaled: scaled_profile != base,
-            scaled_profile,
-            value_sources,
-            data_dir_source: if settings.data_dir.is_some() {
-                DataSource::CliOrConfig
-            } else {
-                DataSource::BuiltIn
-            },
-        },
+        provenance,
         output_dir: settings
             .output_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_OUTPUT_DIR)),
+    })
+}
+
+/// The hardware part of a run's provenance: the profile it stands on (the
+/// flags', the saved one unless it is for another machine and
+/// `--use-saved-profile` was not given, the detected one, else the
+/// defaults), scaled for `category`, and why; `value_sources` is left empty
+/// for [`plan`] to fill.
+fn hardware_provenance(
+    settings: &Settings,
+    saved_path: &Path,
+    detect: impl FnOnce() -> Option<MachineProfile>,
+    category: SizeCategory,
+) -> Result<Provenance, PlanError> {
+    let use_saved = if settings.use_saved_profile.unwrap_or(false) {
+        SavedProfileUse::Always
+    } else {
+        SavedProfileUse::IfItMatches
+    };
+    let resolution = resolve_machine_checked(
+        &HardwareOverride {
+            generation: settings.generation,
+            chip: settings.chip,
+            memory: settings.memory,
+        },
+        DeviceOverride {
+            gpu_memory: settings.gpu_memory,
+            cpu_memory: settings.cpu_memory,
+        },
+        saved_path,
+        use_saved,
+        detect,
+    )?;
+    let (base, scaled_profile, profile_source, hardware_source, hardware) = match resolution.machine
+    {
+        Some((machine, source)) => (
+            machine.profile(),
+            scale_profile_for_category(machine.profile(), category),
+            ProfileSource::of(source),
+            Some(source),
+            Some(HardwareSummary::of(&machine)),
+        ),
+        // Without any profile, defaults apply as they are: nothing to scale.
+        None => (
+            FALLBACK_PROFILE,
+            FALLBACK_PROFILE,
+            ProfileSource::Defaults,
+            None,
+            None,
+        ),
+    };
+    Ok(Provenance {
+        profile_source,
+        hardware_source,
+        profile_reason: resolution.reason,
+        saved_profile_skipped: resolution.saved_skipped,
+        hardware,
+        base_profile: base,
+        scaled: scaled_profile != base,
+        scaled_profile,
+        value_sources: ValueSources::new(),
+        data_dir_source: if settings.data_dir.is_some() {
+            DataSource::CliOrConfig
+        } else {
+            DataSource::BuiltIn
+        },
     })
 }
 
