@@ -585,6 +585,28 @@ pub static SETTINGS: &[Setting] = &[
         "train eval: a progress line every this many batches.",
     ),
     int(
+        "trainer",
+        "plot_ticks",
+        3,
+        20,
+        "Labelled ticks aimed for on each axis of the loss plot.",
+    ),
+    int(
+        "trainer",
+        "plot_max_points",
+        10,
+        1 << 20,
+        "Most points drawn per series of the loss plot; longer runs are thinned.",
+    ),
+    float(
+        "trainer",
+        "saved_profile_memory_ratio",
+        1.0,
+        100.0,
+        false,
+        "A saved profile whose memory is more than this many times the detected machine's is for another machine.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

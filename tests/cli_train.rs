@@ -173,6 +173,75 @@ mod hardware_beyond_apple {
         assert_eq!(v["memory"]["budget_source"], "profile");
     }
 
+    /// A saved Apple Silicon profile (what `profile setup` writes) on this
+    /// Linux machine: the detected machine sizes the run, with a WARN; the
+    /// saved profile only with --use-saved-profile.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_saved_apple_profile_does_not_size_a_run_on_linux_unless_asked() {
+        let sb = Sandbox::new();
+        sb.save(&ultra_192());
+        let path = sb.profile().display().to_string();
+        let dry = |extra: &[&str]| {
+            let out = sb
+                .cmd()
+                .env_remove("QLORA_SCALE_DETECT")
+                .args(["--dry-run", "--json"])
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", stderr(&out));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            (v, stderr(&out))
+        };
+        let (v, err) = dry(&[]);
+        assert_eq!(v["profile_source"], "detected", "{v}");
+        assert_eq!(v["hardware"]["device"], "cpu");
+        let skipped = v["saved_profile_skipped"].as_str().unwrap();
+        assert!(
+            skipped.contains(&path) && skipped.contains("m2 ultra with 192 GB"),
+            "{skipped}"
+        );
+        let reason = v["profile_reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("this machine, detected: a cpu with"),
+            "{reason}"
+        );
+        assert_ne!(v["memory"]["budget_gib"], 153.0, "not the Apple budget");
+        let warn = err.lines().find(|l| l.contains("WARN")).unwrap_or_default();
+        assert!(
+            warn.contains(&path) && warn.contains("not Apple Silicon"),
+            "{err}"
+        );
+
+        let (v, err) = dry(&["--use-saved-profile"]);
+        assert_eq!(v["profile_source"], "saved", "{v}");
+        assert_eq!(v["hardware"]["device"], "apple");
+        assert_eq!(v["hardware"]["memory_gb"], 192);
+        assert_eq!(v["saved_profile_skipped"], Value::Null);
+        assert!(
+            v["profile_reason"]
+                .as_str()
+                .unwrap()
+                .contains("--use-saved-profile")
+        );
+        assert!(!err.contains("WARN"), "{err}");
+    }
+
+    #[test]
+    fn detection_off_uses_the_saved_profile_and_says_why() {
+        let sb = Sandbox::new();
+        sb.save(&ultra_192());
+        let v = sb.dry(&[]);
+        assert_eq!(v["profile_source"], "saved");
+        let reason = v["profile_reason"].as_str().unwrap();
+        assert!(
+            reason.contains(&sb.profile().display().to_string())
+                && reason.contains("no machine detected to compare it with"),
+            "{reason}"
+        );
+    }
+
     #[test]
     fn detection_off_reads_no_budget_from_the_machine() {
         // No flag, no saved profile, detection off: nothing says what the
@@ -552,6 +621,77 @@ mod resolution {
         assert!(
             err.contains(&file.display().to_string()) && err.contains("lora-rnak"),
             "{err}"
+        );
+    }
+}
+
+/// What `train` says about a run is what runs (#17, item 6).
+mod messages {
+    use super::*;
+
+    #[test]
+    fn the_dry_run_shows_the_data_directory_read_and_where_it_came_from() {
+        let sb = Sandbox::new();
+        let v = sb.dry(&[]);
+        assert_eq!(v["data_dir"], "data/default", "{v}");
+        assert_eq!(v["data_dir_source"], "built_in");
+        let v = sb.dry(&["--data-dir", "corpus"]);
+        assert_eq!(v["data_dir"], "corpus");
+        assert_eq!(v["data_dir_source"], "cli_or_config");
+    }
+
+    #[test]
+    fn the_dry_run_names_the_built_in_model_and_caps_its_lora_layers() {
+        let v = Sandbox::new().dry(&[]);
+        assert_eq!(v["lora_layers"], 8, "the setting, as resolved");
+        assert_eq!(
+            v["lora_layers_applied"], 4,
+            "the built-in model has 4 blocks"
+        );
+        assert_eq!(
+            v["model_description"],
+            "the built-in model (4 blocks, width 256, seeded NF4 weights)"
+        );
+    }
+
+    #[test]
+    fn a_name_only_model_is_logged_as_a_name_not_local_files() {
+        let sb = Sandbox::new();
+        let out = sb.run(&["--model", "org/Some-Model-7B", "--max-steps", "1"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains(
+                "model org/Some-Model-7B (name only: no weights to train); small 7B from its name"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains("local files"), "{err}");
+    }
+
+    #[test]
+    fn a_negative_number_names_its_flag() {
+        let sb = Sandbox::new();
+        for (flag, value) in [
+            ("--batch-size", "-1"),
+            ("--lora-rank", "-3"),
+            ("--max-steps", "-5"),
+        ] {
+            let out = sb.run(&["--dry-run", flag, value]);
+            assert!(!out.status.success(), "{flag} {value} accepted");
+            let err = stderr(&out);
+            assert!(
+                err.contains(&format!("invalid value '{value}' for '{flag} <N>'")),
+                "{flag}: {err}"
+            );
+        }
+        // A negative real reaches the check that names it too.
+        let out = sb.run(&["--dry-run", "--learning-rate", "-0.1"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("--learning-rate is -0.1: must be positive"),
+            "{}",
+            stderr(&out)
         );
     }
 }

@@ -62,13 +62,65 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The ids of the SVG's elements with the texts under each.
+fn svg_texts(svg: &str) -> std::collections::HashMap<String, Vec<String>> {
+    let doc = roxmltree::Document::parse(svg).expect("loss.svg is well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    doc.descendants()
+        .filter_map(|n| {
+            let texts = n
+                .descendants()
+                .filter(|t| t.has_tag_name("text"))
+                .filter_map(|t| t.text().map(str::to_string))
+                .collect();
+            Some((n.attribute("id")?.to_string(), texts))
+        })
+        .collect()
+}
+
+/// How many points the plot's training-loss line has.
+fn plotted_steps(run: &Path) -> usize {
+    let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed XML");
+    let line = doc
+        .descendants()
+        .find(|n| n.attribute("id") == Some("train-loss"))
+        .expect("a training-loss line");
+    line.attribute("points").unwrap().split_whitespace().count()
+}
+
+/// Each metrics row's wall-clock time (RFC 3339) and elapsed seconds.
+fn times(run: &Path) -> Vec<(std::time::SystemTime, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let t = v["time"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no time in {l}"));
+            assert!(t.ends_with('Z'), "UTC: {t}");
+            let t = humantime::parse_rfc3339(t).unwrap_or_else(|e| panic!("{t}: {e}"));
+            (t, v["elapsed_s"].as_f64().unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn loss_falls_and_outputs_are_written() {
     let dir = tempfile::tempdir().unwrap();
-    ok(train(
+    let err = ok(train(
         dir.path(),
         &["--max-steps", "16", "--output-dir", "run"],
     ));
+    // The log names the model that trains (not the id its profile was
+    // scaled for) and the LoRA layers it really gets: 4 blocks, 8 asked.
+    let setup = err.lines().find(|l| l.contains("profile:")).unwrap();
+    assert!(
+        setup.contains("model the built-in model (4 blocks, width 256, seeded NF4 weights); profile scaled for NousResearch/Hermes-2-Pro-Mistral-7B")
+            && setup.contains("4 LoRA layers (all the model's blocks; 8 asked)"),
+        "{setup}"
+    );
     let run = dir.path().join("run");
     let l = losses(&run);
     assert_eq!(l.len(), 16);
@@ -98,10 +150,23 @@ fn loss_falls_and_outputs_are_written() {
     let st = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
     let tensors = candle_core::safetensors::load_buffer(&st, &Device::Cpu).unwrap();
     assert!(tensors.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    let svg = svg_texts(&std::fs::read_to_string(run.join("loss.svg")).unwrap());
+    assert_eq!(svg["loss-y-title"], ["loss"]);
+    assert_eq!(svg["lr-x-title"], ["optimizer step"]);
+    assert!(svg["lr-y-title"][0].starts_with("learning rate"));
+    for axis in ["loss-x-ticks", "loss-y-ticks", "lr-x-ticks", "lr-y-ticks"] {
+        assert!(svg[axis].len() >= 3, "{axis}: {:?}", svg[axis]);
+    }
+    assert!(svg.contains_key("loss-grid") && svg.contains_key("lr-grid"));
+    for series in ["train-loss", "valid-loss", "valid-points", "learning-rate"] {
+        assert!(svg.contains_key(series), "{series} missing");
+    }
+    assert_eq!(svg["legend"], ["train", "validation"]);
+    assert_eq!(plotted_steps(&run), 16);
+    let t = times(&run);
     assert!(
-        std::fs::read_to_string(run.join("loss.svg"))
-            .unwrap()
-            .contains("<polyline")
+        t.windows(2).all(|w| w[0].1 < w[1].1 && w[0].0 <= w[1].0),
+        "{t:?}"
     );
     let cks = checkpoint::list(&run.join("checkpoints"));
     let steps: Vec<u64> = cks.iter().map(|(s, _)| *s).collect();
@@ -131,7 +196,12 @@ fn resumed_run_matches_straight_run_and_corrupt_checkpoint_is_skipped() {
         dir.path(),
         &[&common[..], &["--output-dir", "killed", "--resume"]].concat(),
     ));
-    assert!(err.contains("step-00000008.ckpt is corrupt"), "{err}");
+    // At WARN, naming the file and why.
+    assert!(
+        err.lines().any(|l| l.contains("WARN")
+            && l.contains("step-00000008.ckpt is corrupt: checksum mismatch")),
+        "{err}"
+    );
     assert!(
         err.contains("resumed from") && err.contains("step-00000004.ckpt"),
         "{err}"
@@ -168,6 +238,17 @@ fn a_run_killed_mid_training_resumes_to_the_straight_runs_losses() {
         .unwrap();
     let second = checkpoint::checkpoint_path(&killed.join("checkpoints"), 8);
     let start = std::time::Instant::now();
+    // The plot is written with each checkpoint, not only at the end.
+    while !killed.join("loss.svg").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(start.elapsed() < Duration::from_secs(240), "no plot");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let first_plot = plotted_steps(&killed);
+    assert!(
+        first_plot < 40 && first_plot.is_multiple_of(4),
+        "{first_plot}"
+    );
     while !second.exists() {
         assert!(child.try_wait().unwrap().is_none(), "the run ended early");
         assert!(start.elapsed() < Duration::from_secs(240), "no checkpoint");
@@ -184,6 +265,10 @@ fn a_run_killed_mid_training_resumes_to_the_straight_runs_losses() {
     let straight = losses(&dir.path().join("straight"));
     assert_eq!(straight.len(), 40);
     assert_eq!(losses(&killed), straight, "same losses step for step");
+    // The resumed run's plot and elapsed seconds cover the whole run.
+    assert_eq!(plotted_steps(&killed), 40);
+    let t = times(&killed);
+    assert!(t.windows(2).all(|w| w[0].1 < w[1].1), "{t:?}");
     // The adapters are the straight run's too.
     let a = std::fs::read(dir.path().join("straight/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(killed.join("adapter_model.safetensors")).unwrap();
@@ -400,7 +485,11 @@ fn local_model_dir_trains_and_bad_dirs_are_named() {
             ],
         )
     };
-    ok(run("r"));
+    let err = ok(run("r"));
+    assert!(
+        err.contains(&format!("model {ms} (local folder); ")),
+        "{err}"
+    );
     let cfg: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("r/adapter_config.json")).unwrap())
             .unwrap();

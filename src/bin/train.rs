@@ -24,7 +24,7 @@ use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
 use qlora_scale::train::settings::{Settings, ValueSource};
-use qlora_scale::train::spec::{RunPlan, Weights, World, plan};
+use qlora_scale::train::spec::{RunPlan, RunSpec, Weights, World, plan};
 use qlora_scale::train::trainer::{
     Observer, Start, StepLog, TracingObserver, TrainError, request_stop, train,
 };
@@ -95,6 +95,13 @@ impl Observer for Progress {
             None => tracing::info!("{message}"),
         }
     }
+
+    fn warn(&mut self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| tracing::warn!("{message}")),
+            None => tracing::warn!("{message}"),
+        }
+    }
 }
 
 /// Set to `off` to skip hardware detection: the run is then sized by the
@@ -136,6 +143,11 @@ fn resolve_plan(cli: &Cli) -> anyhow::Result<(RunPlan, Settings)> {
         None => default_profile_path().context("cannot tell where the saved profile lives")?,
     };
     let plan = plan(&settings, &profile_path, detected_machine)?;
+    if plan.provenance.saved_profile_skipped.is_some() {
+        // The reason names the detected machine, the saved profile and why
+        // it does not describe this machine.
+        tracing::warn!("sizing for {}", plan.provenance.profile_reason);
+    }
     Ok((plan, settings))
 }
 
@@ -171,6 +183,10 @@ impl Observer for QuietObserver {
     }
 
     fn note(&mut self, message: &str) {
+        tracing::debug!("{message}");
+    }
+
+    fn warn(&mut self, message: &str) {
         tracing::debug!("{message}");
     }
 }
@@ -276,6 +292,11 @@ struct DryRun<'a> {
     world: World,
     per_rank_batch_size: u32,
     global_batch_size: u64,
+    /// What trains, in words (the built-in model by its shape).
+    model_description: String,
+    /// `lora_layers` capped by the model's blocks: the blocks that get
+    /// adapters.
+    lora_layers_applied: u32,
     memory: Option<&'a MemoryReport>,
 }
 
@@ -289,12 +310,19 @@ impl Run<'_> {
             world: self.world,
             per_rank_batch_size: spec.settings.batch_size,
             global_batch_size: self.world.global_batch(spec),
+            model_description: spec.describe_model(),
+            lora_layers_applied: spec.lora_layers_applied(),
             memory: self.memory,
         };
+        let mut value =
+            serde_json::to_value(&view).context("cannot serialise the configuration")?;
+        // The spec keeps `data_dir: null` for the default corpus (it is what
+        // checkpoints compare); the dry run shows the directory read.
+        value["data_dir"] = serde_json::json!(spec.data_dir_used());
         let mut text = if self.cli.json {
-            serde_json::to_string(&view)
+            serde_json::to_string(&value)
         } else {
-            serde_json::to_string_pretty(&view)
+            serde_json::to_string_pretty(&value)
         }
         .context("cannot serialise the configuration")?;
         text.push('\n');
@@ -313,15 +341,9 @@ impl Run<'_> {
         let (spec, prov, world) = (&self.plan.spec, &self.plan.provenance, self.world);
         let s = &spec.settings;
         format!(
-            "profile: {}; model {} ({} {}B, {}); batch {} x {} accum{}, rank {}, alpha {}, {} LoRA layers, checkpointing {}",
+            "profile: {}; model {}; batch {} x {} accum{}, rank {}, alpha {}, {}, checkpointing {}",
             prov.profile_source.describe(),
-            spec.model,
-            spec.model_size.category,
-            spec.model_size.params_b,
-            match spec.weights {
-                Weights::Embedded => "training the embedded model",
-                _ => "local files",
-            },
+            model_line(spec),
             s.batch_size,
             s.grad_accum_steps,
             if world.size > 1 {
@@ -336,7 +358,7 @@ impl Run<'_> {
             },
             s.lora_rank,
             s.lora_alpha,
-            s.lora_layers,
+            lora_layers_line(spec),
             s.grad_checkpoint
         )
     }
@@ -460,6 +482,35 @@ impl Run<'_> {
             ),
         }
         Ok(())
+    }
+}
+
+/// The model that trains and the size its profile was scaled for: the
+/// built-in model is trained while its profile is scaled for the default
+/// model id, and both are said.
+fn model_line(spec: &RunSpec) -> String {
+    let size = &spec.model_size;
+    let sized = format!(
+        "{} {}B from its {}",
+        size.category, size.params_b, size.source
+    );
+    match spec.weights {
+        Weights::Embedded => format!(
+            "{}; profile scaled for {} ({sized})",
+            spec.describe_model(),
+            spec.model
+        ),
+        _ => format!("{}; {sized}", spec.describe_model()),
+    }
+}
+
+/// The LoRA layers the model gets: `lora_layers`, capped by its blocks.
+fn lora_layers_line(spec: &RunSpec) -> String {
+    let (asked, applied) = (spec.settings.lora_layers, spec.lora_layers_applied());
+    if applied < asked {
+        format!("{applied} LoRA layers (all the model's blocks; {asked} asked)")
+    } else {
+        format!("{applied} LoRA layers")
     }
 }
 

@@ -209,6 +209,161 @@ pub fn resolve_machine(
     Ok(Some((profile.into(), source)))
 }
 
+/// Whether a saved profile may size a run for a machine it does not
+/// describe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SavedProfileUse {
+    /// Whatever the machine (`train --use-saved-profile`, and `profile`).
+    Always,
+    /// Only when it describes the detected machine, or nothing is detected
+    /// (`train` by default): see [`saved_profile_mismatch`].
+    IfItMatches,
+}
+
+/// The machine a run is sized for, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolution {
+    /// The profile and where it came from; `None`: no base and no flags.
+    pub machine: Option<(MachineProfile, HardwareSource)>,
+    /// Why the saved profile was skipped for the detected machine, when it
+    /// was.
+    pub saved_skipped: Option<String>,
+    /// Which machine the run is sized for and why, in words.
+    pub reason: String,
+}
+
+/// Why `saved` does not describe the `detected` machine, if it does not: the
+/// detected machine is not Apple Silicon (another device and OS), or has
+/// far less memory than the profile says (more than
+/// `[trainer] saved_profile_memory_ratio` times less).
+pub fn saved_profile_mismatch(
+    saved: &HardwareProfile,
+    detected: &MachineProfile,
+) -> Option<String> {
+    let what = describe_machine(&MachineProfile::Apple(*saved));
+    match detected {
+        MachineProfile::Memory(_) => Some(format!(
+            "it is for {what}, and this machine is not Apple Silicon"
+        )),
+        MachineProfile::Apple(here) => {
+            let ratio = crate::tables::trainer::SAVED_PROFILE_MEMORY_RATIO;
+            (f64::from(saved.memory_gb) > f64::from(here.memory_gb) * ratio).then(|| {
+                format!(
+                    "it is for {what}, far more memory than this machine's {} GB",
+                    here.memory_gb
+                )
+            })
+        }
+    }
+}
+
+/// A machine in words: `Apple Silicon m2 ultra with 192 GB`, `a cpu with
+/// 23 GB (the 24 GB row)`.
+pub fn describe_machine(machine: &MachineProfile) -> String {
+    match machine {
+        MachineProfile::Apple(p) => format!(
+            "Apple Silicon {} {} with {} GB",
+            p.generation, p.variant, p.memory_gb
+        ),
+        MachineProfile::Memory(p) => format!(
+            "a {} with {} GB (the {} GB row)",
+            p.device, p.memory_gb, p.row_memory_gb
+        ),
+    }
+}
+
+/// [`resolve_machine`] for a run that must not be sized for another
+/// machine by mistake: with `use_saved` [`SavedProfileUse::IfItMatches`]
+/// and no hardware flag, a saved profile that does not describe the
+/// detected machine ([`saved_profile_mismatch`]) is skipped and the
+/// detected machine wins; the resolution says which machine and why.
+pub fn resolve_machine_checked(
+    flags: &HardwareOverride,
+    devices: DeviceOverride,
+    saved_path: &Path,
+    use_saved: SavedProfileUse,
+    detect: impl FnOnce() -> Option<MachineProfile>,
+) -> Result<Resolution, ResolveError> {
+    let by_flags = devices.gpu_memory.is_some() || devices.cpu_memory.is_some() || flags.any();
+    if use_saved == SavedProfileUse::IfItMatches
+        && !by_flags
+        && let Some(saved) = load_profile(saved_path)?
+    {
+        let path = saved_path.display();
+        let saved_machine = MachineProfile::Apple(saved);
+        let Some(here) = detect() else {
+            return Ok(Resolution {
+                reason: format!(
+                    "the saved profile {path}: {} (no machine detected to compare it with)",
+                    describe_machine(&saved_machine)
+                ),
+                machine: Some((saved_machine, HardwareSource::SavedProfile)),
+                saved_skipped: None,
+            });
+        };
+        let Some(why) = saved_profile_mismatch(&saved, &here) else {
+            return Ok(Resolution {
+                reason: format!(
+                    "the saved profile {path}: {}, which fits this machine ({})",
+                    describe_machine(&saved_machine),
+                    describe_machine(&here)
+                ),
+                machine: Some((saved_machine, HardwareSource::SavedProfile)),
+                saved_skipped: None,
+            });
+        };
+        let skipped = format!("the saved profile {path} was skipped: {why}");
+        return Ok(Resolution {
+            reason: format!(
+                "this machine, detected: {}; {skipped} (--use-saved-profile sizes for it)",
+                describe_machine(&here)
+            ),
+            machine: Some((here, HardwareSource::Detected)),
+            saved_skipped: Some(skipped),
+        });
+    }
+    let machine = resolve_machine(flags, devices, saved_path, detect)?;
+    let reason = reason_of(machine.as_ref(), saved_path, use_saved);
+    Ok(Resolution {
+        machine,
+        saved_skipped: None,
+        reason,
+    })
+}
+
+/// Why [`resolve_machine`] chose `machine`, in words.
+fn reason_of(
+    machine: Option<&(MachineProfile, HardwareSource)>,
+    saved_path: &Path,
+    use_saved: SavedProfileUse,
+) -> String {
+    let path = saved_path.display();
+    let Some((m, source)) = machine else {
+        return format!(
+            "no saved profile at {path}, no machine detected and no hardware flag: the defaults of tables/defaults.toml"
+        );
+    };
+    let what = describe_machine(m);
+    match source {
+        HardwareSource::Flags => format!("the hardware flags: {what}"),
+        HardwareSource::SavedProfile if use_saved == SavedProfileUse::Always => {
+            format!(
+                "the saved profile {path}: {what} (--use-saved-profile: whatever this machine is)"
+            )
+        }
+        HardwareSource::SavedProfile => format!("the saved profile {path}: {what}"),
+        HardwareSource::SavedProfileWithFlags => {
+            format!("the saved profile {path} with the hardware flags over it: {what}")
+        }
+        HardwareSource::Detected => {
+            format!("this machine, detected: {what} (no saved profile at {path})")
+        }
+        HardwareSource::DetectedWithFlags => {
+            format!("this machine, detected, with the hardware flags over it: {what}")
+        }
+    }
+}
+
 /// Resolves the hardware profile: all three flags build it outright (the
 /// saved profile is not read); otherwise the base is the saved profile at
 /// `saved_path`, else `detect()`'s hardware, and any flags given override
@@ -234,4 +389,75 @@ pub fn resolve_hardware(
         MachineProfile::Apple(p) => Some((p, source)),
         MachineProfile::Memory(_) => None,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hardware::{DeviceKind, memory_profile, optimized_profile};
+
+    fn apple(memory: u32) -> HardwareProfile {
+        optimized_profile(Generation::M2, ChipVariant::Ultra, memory)
+    }
+
+    #[test]
+    fn a_saved_profile_for_another_device_or_far_more_memory_does_not_match() {
+        let saved = apple(192);
+        let cpu = MachineProfile::Memory(memory_profile(DeviceKind::Cpu, 23));
+        let why = saved_profile_mismatch(&saved, &cpu).unwrap();
+        assert!(
+            why.contains("m2 ultra with 192 GB") && why.contains("not Apple Silicon"),
+            "{why}"
+        );
+        let small_mac = MachineProfile::Apple(apple(64));
+        let why = saved_profile_mismatch(&saved, &small_mac).unwrap();
+        assert!(why.contains("this machine's 64 GB"), "{why}");
+        // The same Mac, or one within the ratio, matches.
+        assert_eq!(
+            saved_profile_mismatch(&saved, &MachineProfile::Apple(apple(192))),
+            None
+        );
+        assert_eq!(
+            saved_profile_mismatch(&apple(128), &MachineProfile::Apple(apple(120))),
+            None
+        );
+    }
+
+    #[test]
+    fn the_detected_machine_wins_over_a_saved_profile_for_another_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("profile.json");
+        crate::saved_profile::save_profile(&path, &apple(192)).unwrap();
+        let cpu = || Some(MachineProfile::Memory(memory_profile(DeviceKind::Cpu, 23)));
+        let none = (HardwareOverride::default(), DeviceOverride::default());
+        let r = resolve_machine_checked(&none.0, none.1, &path, SavedProfileUse::IfItMatches, cpu)
+            .unwrap();
+        assert_eq!(
+            r.machine.as_ref().map(|m| m.1),
+            Some(HardwareSource::Detected)
+        );
+        assert!(
+            r.saved_skipped
+                .unwrap()
+                .contains(&path.display().to_string())
+        );
+        assert!(
+            r.reason
+                .starts_with("this machine, detected: a cpu with 23 GB"),
+            "{}",
+            r.reason
+        );
+        let r =
+            resolve_machine_checked(&none.0, none.1, &path, SavedProfileUse::Always, cpu).unwrap();
+        assert_eq!(r.machine.map(|m| m.1), Some(HardwareSource::SavedProfile));
+        assert_eq!(r.saved_skipped, None);
+        // Nothing detected: the saved profile is all there is.
+        let r =
+            resolve_machine_checked(&none.0, none.1, &path, SavedProfileUse::IfItMatches, || {
+                None
+            })
+            .unwrap();
+        assert_eq!(r.machine.map(|m| m.1), Some(HardwareSource::SavedProfile));
+        assert!(r.reason.contains("no machine detected"), "{}", r.reason);
+    }
 }

@@ -78,6 +78,10 @@ pub struct CheckpointState {
     /// The ranks that wrote it (a resume with another number of ranks must
     /// keep the global batch).
     pub world_size: usize,
+    /// Seconds the run had been going when the checkpoint was written
+    /// (0 in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub elapsed_s: f64,
 }
 
 /// A loaded checkpoint.

@@ -54,6 +54,9 @@ use crate::tables::trainer::{
     BAD_LINES_SHOWN, LOAD_PROGRESS_MIB, MAX_LINE_BYTES, TOKENIZE_PREFIX_BYTES_PER_TOKEN,
 };
 
+/// Where the default corpus lives in the repository; a run without
+/// `--data-dir` reads the copy compiled into the binary, under these names.
+pub const DEFAULT_DATA_DIR: &str = "data/default";
 /// The default corpus's training split (`data/default/train.jsonl`), built
 /// into the binary and used without `--data-dir`.
 pub const DEFAULT_TRAIN_JSONL: &[u8] = include_bytes!("../../data/default/train.jsonl");
@@ -519,10 +522,8 @@ impl TrainData {
                 (train_path, TrainData { train, valid })
             }
             None => {
-                let (train_path, valid_path) = (
-                    PathBuf::from("data/default/train.jsonl"),
-                    PathBuf::from("data/default/valid.jsonl"),
-                );
+                let dir = Path::new(DEFAULT_DATA_DIR);
+                let (train_path, valid_path) = (dir.join("train.jsonl"), dir.join("valid.jsonl"));
                 let train = parse_jsonl(&train_path, DEFAULT_TRAIN_JSONL, tok, seq_len, strict)?;
                 let valid = parse_jsonl(&valid_path, DEFAULT_VALID_JSONL, tok, seq_len, strict)?;
                 (

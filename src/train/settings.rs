@@ -206,6 +206,10 @@ macro_rules! settings {
     }};
 }
 
+// Every number takes `allow_negative_numbers`: without it clap reads
+// `--batch-size -1` as a flag named `-1` and its error names neither the
+// flag nor the value; with it the value reaches the flag's parser, whose
+// error names both.
 settings! {
     /// Model: a local Hugging Face directory (config.json, *.safetensors,
     /// tokenizer.json), or a name/id used for sizing only [default: the
@@ -220,30 +224,30 @@ settings! {
     #[arg(long, value_name = "DIR")]
     output_dir: PathBuf => launch,
     /// Optimizer steps
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
     max_steps: u64 => default(embedded::MAX_STEPS, trainer::MAX_STEPS),
     /// Examples per micro-batch [default: the profile's]
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
     batch_size: u32 => profile(|p: &Profile| p.batch_size),
     /// Peak learning rate (warmup, then cosine decay)
-    #[arg(long, value_name = "X")]
+    #[arg(long, allow_negative_numbers = true, value_name = "X")]
     learning_rate: f64 => default(embedded::LEARNING_RATE, trainer::LEARNING_RATE),
     /// The run's one seed (shuffling, adapter init, dropout)
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     seed: u64 => default(trainer::SEED, trainer::SEED),
     /// LoRA rank [default: the profile's]
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     lora_rank: u32 => profile(|p: &Profile| p.lora_rank),
     /// LoRA alpha [default: 2 x rank]
-    #[arg(long, value_name = "X")]
+    #[arg(long, allow_negative_numbers = true, value_name = "X")]
     lora_alpha: f64 => derived(f64::from(lora_rank) * LORA_ALPHA_PER_RANK),
     /// Blocks, counted from the last, with adapters [default: the profile's]
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     lora_layers: u32 => profile(|p: &Profile| p.lora_num_layers),
     /// Dropout on the LoRA path in training
-    #[arg(long, value_name = "X")]
+    #[arg(long, allow_negative_numbers = true, value_name = "X")]
     lora_dropout: f64 => default(trainer::LORA_DROPOUT, trainer::LORA_DROPOUT),
     /// Linear layers of each adapted block that get adapters, comma-separated:
     /// q, k, v, o, gate, up, down [default: all]
@@ -256,45 +260,45 @@ settings! {
     #[arg(long, num_args = 0, default_missing_value = "true", overrides_with = "grad_checkpoint")]
     no_grad_checkpoint: bool => launch,
     /// Micro-batches per optimizer step
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
     grad_accum_steps: u64 => default(trainer::GRAD_ACCUM_STEPS, trainer::GRAD_ACCUM_STEPS),
     /// Longest sequence in tokens (longer records are truncated)
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     seq_len: u64 => default(embedded::SEQ_LEN, trainer::SEQ_LEN),
     /// Warmup steps
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     warmup_steps: u64 => default(embedded::WARMUP_STEPS, trainer::WARMUP_STEPS),
     /// Validation loss every N steps
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
     eval_every: u64 => default(embedded::EVAL_EVERY, trainer::EVAL_EVERY),
     /// A checkpoint every N steps
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
     checkpoint_every: u64 => default(embedded::CHECKPOINT_EVERY, trainer::CHECKPOINT_EVERY),
     /// Checkpoints kept
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
     keep_checkpoints: u64 => default(trainer::KEEP_CHECKPOINTS, trainer::KEEP_CHECKPOINTS),
     /// Global gradient-norm clip
-    #[arg(long, value_name = "X")]
+    #[arg(long, allow_negative_numbers = true, value_name = "X")]
     grad_clip: f64 => default(trainer::GRAD_CLIP, trainer::GRAD_CLIP),
     /// AdamW weight decay
-    #[arg(long, value_name = "X")]
+    #[arg(long, allow_negative_numbers = true, value_name = "X")]
     weight_decay: f64 => default(trainer::WEIGHT_DECAY, trainer::WEIGHT_DECAY),
     /// Make bad data lines fatal (otherwise skipped and counted)
     #[arg(long, num_args = 0, default_missing_value = "true")]
     strict: bool => default(false, false),
     /// Several processes (mpirun): seconds a rank waits in one collective
     /// call before it decides another rank died or hangs
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS")]
     #[json = "collective_timeout_s"]
     #[resume = changeable]
     collective_timeout: u64 => default(trainer::COLLECTIVE_TIMEOUT_S, trainer::COLLECTIVE_TIMEOUT_S),
     /// Memory the run may use, GiB [default: the hardware profile's training
     /// budget, else this machine's memory times the [cpu] budget fraction]
-    #[arg(long, value_name = "GIB", value_parser = positive_gib)]
+    #[arg(long, allow_negative_numbers = true, value_name = "GIB", value_parser = positive_gib)]
     memory_budget: f64 => launch,
     /// When the memory model says the run will not fit its budget, train the
     /// nearest configuration that does (smaller micro-batch with more
@@ -306,6 +310,11 @@ settings! {
     /// estimate and the budget
     #[arg(long, num_args = 0, default_missing_value = "true")]
     trial_step: bool => launch,
+    /// Size the run by the saved profile even when it does not describe
+    /// this machine (another device, or far more memory than detected);
+    /// without it such a profile is skipped with a warning
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    use_saved_profile: bool => launch,
     /// Apple Silicon generation
     #[arg(long, value_name = "GEN", value_enum, ignore_case = true)]
     generation: Generation => launch,
@@ -313,16 +322,16 @@ settings! {
     #[arg(long, value_name = "VARIANT", value_enum, ignore_case = true)]
     chip: ChipVariant => launch,
     /// Unified memory in GB
-    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, allow_negative_numbers = true, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..))]
     memory: u32 => launch,
     /// Size the run for an NVIDIA GPU with this much memory, GB (the [gpu]
     /// rows of tables/hardware.toml)
-    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
+    #[arg(long, allow_negative_numbers = true, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
           conflicts_with_all = ["generation", "chip", "memory", "cpu_memory"])]
     gpu_memory: u32 => launch,
     /// Size the run for a CPU that may use this much memory, GB (the [cpu]
     /// rows)
-    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
+    #[arg(long, allow_negative_numbers = true, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
           conflicts_with_all = ["generation", "chip", "memory"])]
     cpu_memory: u32 => launch,
 }

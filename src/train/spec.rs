@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::collective::Collective;
+use super::data::DEFAULT_DATA_DIR;
 use super::model::embedded_config;
 use super::settings::{
     Fallback, Settings, SettingsError, TrainSettings, ValueSource, ValueSources,
@@ -31,10 +32,13 @@ use super::settings::{
 use crate::detect::{ModelSize, detect_model_size};
 use crate::files::{FilesError, detect_model_size_from_path, detect_model_size_from_path_with};
 use crate::hardware::MachineProfile;
-use crate::hardware::resolve::{DeviceOverride, HardwareOverride, HardwareSource, ResolveError};
+use crate::hardware::resolve::{
+    DeviceOverride, HardwareOverride, HardwareSource, ResolveError, SavedProfileUse,
+    resolve_machine_checked,
+};
 use crate::qlora::{LlamaConfig, LoadError, config_from_json, read_config_json};
 use crate::scale::scale_profile_for_category;
-use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, trainer};
+use crate::tables::{DEFAULT_MODEL, FALLBACK_PROFILE, Profile, SizeCategory, trainer};
 
 pub use super::settings::looks_like_path;
 
@@ -148,6 +152,52 @@ pub struct RunSpec {
     pub data_dir: Option<PathBuf>,
 }
 
+impl RunSpec {
+    /// What trains, in words, as the logs and the plot name it: the
+    /// built-in model by its shape (its profile is sized for the default
+    /// id, which is not what trains), a local folder, or a name known only
+    /// by its size.
+    pub fn describe_model(&self) -> String {
+        match (self.weights, &self.architecture) {
+            (Weights::Embedded, Some(a)) => format!(
+                "the built-in model ({} blocks, width {}, seeded NF4 weights)",
+                a.num_hidden_layers, a.hidden_size
+            ),
+            (Weights::Embedded, None) => "the built-in model (seeded NF4 weights)".to_string(),
+            (Weights::LocalDir, _) => format!("{} (local folder)", self.model),
+            (Weights::NameOnly, _) => format!("{} (name only: no weights to train)", self.model),
+        }
+    }
+
+    /// The data directory the run reads: `data_dir`, else the default
+    /// corpus's ([`DEFAULT_DATA_DIR`], compiled into the binary).
+    pub fn data_dir_used(&self) -> &Path {
+        self.data_dir
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_DATA_DIR))
+    }
+
+    /// The blocks that get adapters: `lora_layers`, but never more than the
+    /// model has (unknown for a name-only model: then `lora_layers`).
+    pub fn lora_layers_applied(&self) -> u32 {
+        let blocks = self.architecture.as_ref().map_or(u32::MAX, |a| {
+            u32::try_from(a.num_hidden_layers).unwrap_or(u32::MAX)
+        });
+        self.settings.lora_layers.min(blocks)
+    }
+}
+
+/// Where a run's data directory came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// `--data-dir` or the `--config` file's `data-dir`.
+    CliOrConfig,
+    /// Nobody gave one: the corpus shipped in `data/default`, compiled into
+    /// the binary (so it is read whatever the working directory).
+    BuiltIn,
+}
+
 /// The base a run's hardware profile stands on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -244,6 +294,11 @@ pub struct Provenance {
     /// defaults.
     #[serde(serialize_with = "hardware_source_key")]
     pub hardware_source: Option<HardwareSource>,
+    /// Which machine the run is sized for and why, in words.
+    pub profile_reason: String,
+    /// Why the saved profile was skipped (it does not describe the detected
+    /// machine and `--use-saved-profile` was not given), when it was.
+    pub saved_profile_skipped: Option<String>,
     /// The hardware, when resolved.
     pub hardware: Option<HardwareSummary>,
     /// The profile before scaling.
@@ -255,6 +310,8 @@ pub struct Provenance {
     pub scaled: bool,
     /// Where each setting's value came from.
     pub value_sources: ValueSources,
+    /// Where the data directory came from.
+    pub data_dir_source: DataSource,
 }
 
 fn hardware_source_key<S: Serializer>(
@@ -328,42 +385,10 @@ pub fn plan(
     detect: impl FnOnce() -> Option<MachineProfile>,
 ) -> Result<RunPlan, PlanError> {
     let (model, weights, size, architecture) = model_and_size(settings.model.as_deref())?;
-    let hw = crate::hardware::resolve::resolve_machine(
-        &HardwareOverride {
-            generation: settings.generation,
-            chip: settings.chip,
-            memory: settings.memory,
-        },
-        DeviceOverride {
-            gpu_memory: settings.gpu_memory,
-            cpu_memory: settings.cpu_memory,
-        },
-        saved_path,
-        detect,
-    )?;
-    let (base, scaled_profile, profile_source, hardware_source, hardware) = match hw {
-        Some((machine, source)) => {
-            let profile = machine.profile();
-            (
-                profile,
-                scale_profile_for_category(profile, size.category),
-                ProfileSource::of(source),
-                Some(source),
-                Some(HardwareSummary::of(&machine)),
-            )
-        }
-        // Without any profile, defaults apply as they are: nothing to scale.
-        None => (
-            FALLBACK_PROFILE,
-            FALLBACK_PROFILE,
-            ProfileSource::Defaults,
-            None,
-            None,
-        ),
-    };
+    let mut provenance = hardware_provenance(settings, saved_path, detect, size.category)?;
     let fallback = Fallback {
-        profile: scaled_profile,
-        from_hardware: profile_source != ProfileSource::Defaults,
+        profile: provenance.scaled_profile,
+        from_hardware: provenance.profile_source != ProfileSource::Defaults,
         embedded: weights == Weights::Embedded,
     };
     let (resolved, value_sources) = TrainSettings::resolve(settings, &fallback);
@@ -379,7 +404,8 @@ pub fn plan(
         eval_batches: trainer::EVAL_BATCHES,
         data_dir: settings.data_dir.clone(),
     };
-    validate(&spec.settings, &value_sources, profile_source)?;
+    validate(&spec.settings, &value_sources, provenance.profile_source)?;
+    provenance.value_sources = value_sources;
     if let Some(gib) = settings.memory_budget
         && !(gib.is_finite() && gib > 0.0)
     {
@@ -391,19 +417,77 @@ pub fn plan(
     }
     Ok(RunPlan {
         spec,
-        provenance: Provenance {
-            profile_source,
-            hardware_source,
-            hardware,
-            base_profile: base,
-            scaled: scaled_profile != base,
-            scaled_profile,
-            value_sources,
-        },
+        provenance,
         output_dir: settings
             .output_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_OUTPUT_DIR)),
+    })
+}
+
+/// The hardware part of a run's provenance: the profile it stands on (the
+/// flags', the saved one unless it is for another machine and
+/// `--use-saved-profile` was not given, the detected one, else the
+/// defaults), scaled for `category`, and why; `value_sources` is left empty
+/// for [`plan`] to fill.
+fn hardware_provenance(
+    settings: &Settings,
+    saved_path: &Path,
+    detect: impl FnOnce() -> Option<MachineProfile>,
+    category: SizeCategory,
+) -> Result<Provenance, PlanError> {
+    let use_saved = if settings.use_saved_profile.unwrap_or(false) {
+        SavedProfileUse::Always
+    } else {
+        SavedProfileUse::IfItMatches
+    };
+    let resolution = resolve_machine_checked(
+        &HardwareOverride {
+            generation: settings.generation,
+            chip: settings.chip,
+            memory: settings.memory,
+        },
+        DeviceOverride {
+            gpu_memory: settings.gpu_memory,
+            cpu_memory: settings.cpu_memory,
+        },
+        saved_path,
+        use_saved,
+        detect,
+    )?;
+    let (base, scaled_profile, profile_source, hardware_source, hardware) = match resolution.machine
+    {
+        Some((machine, source)) => (
+            machine.profile(),
+            scale_profile_for_category(machine.profile(), category),
+            ProfileSource::of(source),
+            Some(source),
+            Some(HardwareSummary::of(&machine)),
+        ),
+        // Without any profile, defaults apply as they are: nothing to scale.
+        None => (
+            FALLBACK_PROFILE,
+            FALLBACK_PROFILE,
+            ProfileSource::Defaults,
+            None,
+            None,
+        ),
+    };
+    Ok(Provenance {
+        profile_source,
+        hardware_source,
+        profile_reason: resolution.reason,
+        saved_profile_skipped: resolution.saved_skipped,
+        hardware,
+        base_profile: base,
+        scaled: scaled_profile != base,
+        scaled_profile,
+        value_sources: ValueSources::new(),
+        data_dir_source: if settings.data_dir.is_some() {
+            DataSource::CliOrConfig
+        } else {
+            DataSource::BuiltIn
+        },
     })
 }
 

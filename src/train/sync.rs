@@ -71,7 +71,7 @@ fn newest_good_checkpoint(
             .and_then(|bytes| checkpoint::parse(&path, &bytes).map(|ck| (bytes, ck)))
         {
             Ok((bytes, ck)) => return Some((path, bytes, ck)),
-            Err(e) => obs.note(&format!(
+            Err(e) => obs.warn(&format!(
                 "{}; trying the previous checkpoint",
                 crate::report::chain_message(&e)
             )),

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -127,6 +127,16 @@ pub struct StepLog {
     /// Validation loss, when evaluated at this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Wall-clock time at the end of the step, RFC 3339 UTC with
+    /// milliseconds (`2026-12-06T09:30:00.123Z`); absent in rows written
+    /// before timestamps were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// Seconds the run had been going at the end of the step, counted from
+    /// its first start and continued across resumes (the time between a
+    /// stop and its resume is not counted).
+    #[serde(default)]
+    pub elapsed_s: f64,
 }
 
 /// What a run did.
@@ -149,9 +159,14 @@ pub struct RunSummary {
 pub trait Observer {
     /// After step `log.step` of `max_steps`.
     fn step(&mut self, log: &StepLog, max_steps: u64);
-    /// A message worth showing (checkpoint written, corrupt checkpoint
-    /// skipped, bad lines).
+    /// A message worth showing (checkpoint written, bad lines).
     fn note(&mut self, message: &str);
+    /// Something went wrong that the run works around (a corrupt
+    /// checkpoint skipped): logged at WARN unless an observer says
+    /// otherwise.
+    fn warn(&mut self, message: &str) {
+        tracing::warn!("{message}");
+    }
 }
 
 /// An observer that logs through `tracing` only.
@@ -224,6 +239,10 @@ pub struct Trainer<'c> {
     history: Vec<StepLog>,
     /// Some rank was asked to stop: every rank stops after this step.
     stopping: bool,
+    /// When this process's part of the run started, and the seconds the
+    /// run had already been going then (a resumed run: its checkpoint's).
+    started: Instant,
+    elapsed_before: f64,
 }
 
 impl<'c> Trainer<'c> {
@@ -271,6 +290,8 @@ impl<'c> Trainer<'c> {
             tokens_seen: 0,
             history: Vec::new(),
             stopping: false,
+            started: Instant::now(),
+            elapsed_before: 0.0,
         })
     }
 
@@ -337,6 +358,7 @@ impl<'c> Trainer<'c> {
         let st = &ck.state;
         self.step = st.step;
         self.tokens_seen = st.tokens_seen;
+        self.elapsed_before = st.elapsed_s;
         self.cursor = Cursor::new(
             self.data.train.examples.len(),
             self.spec.settings.seed,
@@ -354,6 +376,11 @@ impl<'c> Trainer<'c> {
                 .into_iter()
                 .filter(|l| l.step <= st.step)
                 .collect();
+            // A checkpoint written before it recorded elapsed_s says 0: go on
+            // from the metrics' count instead.
+            if let Some(last) = self.history.last() {
+                self.elapsed_before = self.elapsed_before.max(last.elapsed_s);
+            }
         }
         Ok(st.step)
     }
@@ -455,7 +482,14 @@ impl<'c> Trainer<'c> {
             peak_rss_mib: peak_rss_mib(),
             allreduce_ms,
             val_loss,
+            time: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+            elapsed_s: self.elapsed_s(),
         })
+    }
+
+    /// Seconds the run has been going, its resumed part included.
+    fn elapsed_s(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
     }
 
     /// This rank's sums over the step's micro-batches: the gradients of its
@@ -589,6 +623,7 @@ impl<'c> Trainer<'c> {
             tokens_seen: self.tokens_seen,
             spec: self.spec.clone(),
             world_size: self.world.size,
+            elapsed_s: self.elapsed_s(),
         };
         let adapters: Vec<(String, Tensor)> = self
             .optimizer
@@ -627,6 +662,9 @@ impl<'c> Trainer<'c> {
             if (due || self.step == max_steps || self.stopping)
                 && let Some(path) = self.save()?
             {
+                // The plot follows every checkpoint, so a long run's
+                // progress can be watched (and a killed run keeps one).
+                self.write_plot()?;
                 obs.note(&format!(
                     "step {}: checkpoint {}",
                     self.step,
@@ -677,16 +715,12 @@ impl<'c> Trainer<'c> {
         Ok(Some(file))
     }
 
-    /// Writes `loss.svg` from the steps logged.
+    /// Writes `loss.svg` (atomically) from the steps logged so far: the
+    /// rows of `metrics.jsonl`, a resumed run's earlier ones included.
     fn write_plot(&self) -> Result<(), TrainError> {
-        let train: Vec<(u64, f64)> = self.history.iter().map(|l| (l.step, l.loss)).collect();
-        let valid: Vec<(u64, f64)> = self
-            .history
-            .iter()
-            .filter_map(|l| Some((l.step, l.val_loss?)))
-            .collect();
+        let title = format!("{}: loss by optimizer step", self.spec.describe_model());
         let path = self.out.join(PLOT_FILE);
-        write_atomic(&path, loss_svg(&train, &valid).as_bytes()).map_err(write_err(&path))
+        write_atomic(&path, loss_svg(&title, &self.history).as_bytes()).map_err(write_err(&path))
     }
 }
 
