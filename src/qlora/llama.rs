@@ -276,6 +276,18 @@ impl RandomWeights {
         }
     }
 
+    /// Every tensor name, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.shapes.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The shape of tensor `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.shapes.get(name).map(Vec::as_slice)
+    }
+
     fn generate(&self, shape: &[usize], name: &str) -> candle_core::Result<Tensor> {
         use rand::Rng;
         // FNV-1a of the name: each tensor has its own stream.
@@ -639,35 +651,58 @@ impl LlamaModel {
     /// merged adapter is included in its base). Building a model with
     /// [`FrozenStorage::F32`] from these reproduces this model's forward.
     pub fn dequantized_weights(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        self.config
+            .tensor_shapes()
+            .into_iter()
+            .map(|(name, _)| Ok((name.clone(), self.frozen_tensor(&name, false)?)))
+            .collect()
+    }
+
+    /// One frozen tensor (HF name, as in [`LlamaConfig::tensor_shapes`])
+    /// as dense `f32`, with its adapter merged in when it has one: `W + s ·
+    /// B A` over the stored (for NF4, dequantized) `W`. Only this tensor is
+    /// made dense, so a merge can write a model tensor by tensor.
+    pub fn merged_tensor(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.frozen_tensor(name, true)
+    }
+
+    /// [`Self::merged_tensor`]; without `with_adapter`, the stored weight
+    /// alone (which holds the adapter after [`Self::merge_adapters`]).
+    fn frozen_tensor(&self, name: &str, with_adapter: bool) -> candle_core::Result<Tensor> {
         let dev = &self.options.device;
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let mut out = HashMap::new();
-        out.insert(
-            "model.embed_tokens.weight".to_string(),
-            self.embed.dequantize(DType::F32, dev)?,
-        );
-        if !self.config.tie_word_embeddings {
-            out.insert(
-                "lm_head.weight".into(),
-                self.lm_head.weight().dequantize(DType::F32, dev)?,
-            );
+        match name {
+            "model.embed_tokens.weight" => return self.embed.dequantize(DType::F32, dev),
+            "lm_head.weight" if !self.config.tie_word_embeddings => {
+                return self.lm_head.weight().dequantize(DType::F32, dev);
+            }
+            "model.norm.weight" => return f32(&self.norm),
+            _ => {}
         }
-        out.insert("model.norm.weight".into(), f32(&self.norm)?);
-        for b in &self.blocks {
-            let p = format!("model.layers.{}", b.index);
-            out.insert(format!("{p}.input_layernorm.weight"), f32(&b.ln1)?);
-            out.insert(format!("{p}.post_attention_layernorm.weight"), f32(&b.ln2)?);
-            for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
-                out.insert(
-                    format!("{p}.{}.weight", t.block_path()),
-                    l.base().weight().dequantize(DType::F32, dev)?,
-                );
-                if let Some(bias) = l.bias() {
-                    out.insert(format!("{p}.{}.bias", t.block_path()), f32(bias)?);
-                }
+        let block = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, rest)| Some((self.blocks.get(l.parse::<usize>().ok()?)?, rest)));
+        let Some((b, rest)) = block else {
+            candle_core::bail!("the model has no frozen tensor {name}");
+        };
+        match rest {
+            "input_layernorm.weight" => return f32(&b.ln1),
+            "post_attention_layernorm.weight" => return f32(&b.ln2),
+            _ => {}
+        }
+        for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
+            let Some(tail) = rest.strip_prefix(t.block_path()) else {
+                continue;
+            };
+            match (tail, l.bias()) {
+                (".weight", _) if with_adapter => return l.merged_weight(),
+                (".weight", _) => return l.base().weight().dequantize(DType::F32, dev),
+                (".bias", Some(bias)) => return f32(bias),
+                _ => {}
             }
         }
-        Ok(out)
+        candle_core::bail!("the model has no frozen tensor {name}")
     }
 
     /// Merges every adapter into a dequantized `f32` base (inference).

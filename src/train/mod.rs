@@ -4,7 +4,8 @@
 //! memory budget before anything is loaded; a [`trainer::Trainer`] builds
 //! the model ([`model`]), reads the data ([`data`], [`tokenizer`], [`chat`])
 //! and trains with AdamW ([`optim`]), writing checkpoints ([`checkpoint`]),
-//! metrics and the loss plot ([`plot`]). Over several processes the ranks
+//! metrics and the loss plot ([`plot`]); [`merge`] merges a run's adapter
+//! into its base. Over several processes the ranks
 //! share gradients through a [`collective`] ([`sync`]).
 
 pub mod chat;
@@ -12,6 +13,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod fit;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod plot;
