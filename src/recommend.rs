@@ -154,6 +154,7 @@ pub fn estimated_training_gb(model: &KnownModel, profile: Profile, tight: bool) 
         lora_rank: u64::from(p.lora_rank),
         lora_layers: u64::from(p.lora_num_layers),
         grad_checkpoint: tight || p.grad_checkpoint,
+        quantize_embeddings: crate::tables::trainer::QUANTIZE_EMBEDDINGS,
     };
     Some(estimate(&Architecture::for_params(size.params), &run).peak / GB)
 }

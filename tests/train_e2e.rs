@@ -402,6 +402,27 @@ fn config_resolution_in_process_matches_defaults() {
 }
 
 #[test]
+fn a_stored_spec_without_quantize_embeddings_means_nf4_embeddings() {
+    // Checkpoints written before the setting existed trained with NF4
+    // embeddings: resuming or merging them must build that model again.
+    let run = plan(
+        &Settings::default(),
+        Path::new("/nonexistent/p.json"),
+        || None,
+    )
+    .unwrap();
+    assert!(!run.spec.settings.quantize_embeddings, "16-bit by default");
+    let mut stored = serde_json::to_value(&run.spec).unwrap();
+    assert_eq!(stored["quantize_embeddings"], false);
+    stored
+        .as_object_mut()
+        .unwrap()
+        .remove("quantize_embeddings");
+    let old: qlora_scale::train::spec::RunSpec = serde_json::from_value(stored).unwrap();
+    assert!(old.settings.quantize_embeddings);
+}
+
+#[test]
 fn local_model_dir_trains_and_bad_dirs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("tiny-llama");

@@ -309,6 +309,10 @@ impl RandomWeights {
 }
 
 impl WeightSource for RandomWeights {
+    fn stored_dtype(&self, _name: &str) -> Result<DType, LoadError> {
+        Ok(DType::F32)
+    }
+
     fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
         match self.shapes.get(name) {
             Some(shape) => Ok(self.generate(shape, name)?),
@@ -333,10 +337,15 @@ pub struct ModelOptions {
     pub device: Device,
     /// Gradient checkpointing per block.
     pub checkpointing: bool,
+    /// Store the embedding and the output head in `storage` too when it is
+    /// a quantized one. Off (QLoRA's way, as bitsandbytes does it), they
+    /// stay 16-bit: `f16` for a base stored as `f16`, else `bf16`.
+    pub quantize_embeddings: bool,
 }
 
 impl Default for ModelOptions {
-    /// NF4 frozen weights, [`LoraConfig::default`], `f32`, CPU, no checkpointing.
+    /// NF4 frozen weights with 16-bit embedding and head,
+    /// [`LoraConfig::default`], `f32`, CPU, no checkpointing.
     fn default() -> Self {
         Self {
             storage: FrozenStorage::Nf4,
@@ -344,6 +353,24 @@ impl Default for ModelOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             checkpointing: false,
+            quantize_embeddings: false,
+        }
+    }
+}
+
+impl ModelOptions {
+    /// The storage of the embedding and the output head, for a base whose
+    /// embedding is stored as `stored`.
+    pub fn embedding_storage(&self, stored: DType) -> FrozenStorage {
+        match self.storage {
+            // Dense storages: as the linears.
+            FrozenStorage::F32 | FrozenStorage::PlainF32Matmul => self.storage,
+            FrozenStorage::Bf16 | FrozenStorage::F16 => self.storage,
+            // Candle's QMatMul would drop the head's input gradient.
+            FrozenStorage::CandleQMatMulNoGrad if self.quantize_embeddings => FrozenStorage::F32,
+            q if self.quantize_embeddings => q,
+            _ if stored == DType::F16 => FrozenStorage::F16,
+            _ => FrozenStorage::Bf16,
         }
     }
 }
@@ -487,13 +514,6 @@ impl std::fmt::Debug for LlamaModel {
     }
 }
 
-fn head_storage(s: FrozenStorage) -> FrozenStorage {
-    match s {
-        FrozenStorage::CandleQMatMulNoGrad => FrozenStorage::F32,
-        other => other,
-    }
-}
-
 impl LlamaModel {
     /// Builds the model from `config` and a weights source (in-memory map or
     /// a local HF directory), quantizing each frozen weight as it is read.
@@ -531,7 +551,7 @@ impl LlamaModel {
                 source,
             })
         };
-        let hs = head_storage(options.storage);
+        let hs = options.embedding_storage(weights.stored_dtype("model.embed_tokens.weight")?);
         let embed = Arc::new(frozen("model.embed_tokens.weight", hs)?);
         let lm_head = if config.tie_word_embeddings {
             FrozenLinear::from_weight(embed.clone(), hs)

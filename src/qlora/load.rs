@@ -137,6 +137,12 @@ pub enum LoadError {
 pub trait WeightSource {
     /// The tensor `name`, in its stored dtype.
     fn tensor(&self, name: &str) -> Result<Tensor, LoadError>;
+
+    /// The stored dtype of tensor `name` (by default by reading it; sources
+    /// that know it without reading say so).
+    fn stored_dtype(&self, name: &str) -> Result<candle_core::DType, LoadError> {
+        Ok(self.tensor(name)?.dtype())
+    }
 }
 
 impl WeightSource for HashMap<String, Tensor> {
@@ -434,6 +440,16 @@ fn bad_tensor(
 }
 
 impl WeightSource for SafetensorsDir {
+    fn stored_dtype(&self, name: &str) -> Result<candle_core::DType, LoadError> {
+        match self.tensor_info(name) {
+            Some((d, _)) => Ok(candle_core::DType::try_from(d)?),
+            None => Err(LoadError::MissingTensor {
+                name: name.to_string(),
+                source_name: self.dir.display().to_string(),
+            }),
+        }
+    }
+
     fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
         self.with_bytes(name, |info, bytes, shard| {
             let bad = |source| bad_tensor(shard, name, source);

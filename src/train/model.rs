@@ -163,6 +163,13 @@ impl WeightSource for BaseWeights {
             BaseWeights::Files(w) => w.tensor(name),
         }
     }
+
+    fn stored_dtype(&self, name: &str) -> Result<DType, LoadError> {
+        match self {
+            BaseWeights::Random(w) => w.stored_dtype(name),
+            BaseWeights::Files(w) => w.stored_dtype(name),
+        }
+    }
 }
 
 /// The architecture of `spec` (validated) and its base weights, opened
@@ -221,6 +228,7 @@ fn options(spec: &RunSpec, c: &LlamaConfig, storage: FrozenStorage) -> ModelOpti
         dtype: DType::F32,
         device: Device::Cpu,
         checkpointing: spec.settings.grad_checkpoint,
+        quantize_embeddings: spec.settings.quantize_embeddings,
     }
 }
 

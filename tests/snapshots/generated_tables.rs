@@ -4,7 +4,7 @@
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
 //   tables/models.toml 417669fa56741018
-//   tables/defaults.toml 37214c0daf4fa1d6
+//   tables/defaults.toml 841417c52d134e71
 //   tables/known_models.toml 33f516f8c836da21
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1449,6 +1449,8 @@ pub mod trainer {
     pub const LORA_DROPOUT: f64 = 0.05;
     ///The run's one seed.
     pub const SEED: u64 = 42;
+    ///Store the embedding and the output head as NF4 too (QLoRA keeps them 16-bit).
+    pub const QUANTIZE_EMBEDDINGS: bool = false;
     ///Longest training sequence, tokens.
     pub const SEQ_LEN: u64 = 256;
     ///Validation loss every this many optimizer steps.
