@@ -578,6 +578,10 @@ fn settings(t: &Tables) -> TokenStream {
                         let v = u64_lit(*x as u64);
                         quote! { #[doc = #d] pub const #name: u64 = #v; }
                     }
+                    SettingKind::Flag => {
+                        let v = *x != 0.0;
+                        quote! { #[doc = #d] pub const #name: bool = #v; }
+                    }
                 }
             });
         let extra = if module == "memory" {

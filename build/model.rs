@@ -256,10 +256,38 @@ pub struct RawProfile {
 #[serde(deny_unknown_fields)]
 pub struct DefaultsFile {
     pub train: S<TrainDefaults>,
-    /// `[trainer]`: name -> number, checked against `validate::SETTINGS`.
-    pub trainer: S<BTreeMap<String, S<f64>>>,
-    /// `[embedded]`: name -> number, checked against `validate::SETTINGS`.
-    pub embedded: S<BTreeMap<String, S<f64>>>,
+    /// `[trainer]`: name -> number or flag, checked against
+    /// `validate::SETTINGS`.
+    pub trainer: S<BTreeMap<String, S<SettingValue>>>,
+    /// `[embedded]`: name -> number or flag, checked against
+    /// `validate::SETTINGS`.
+    pub embedded: S<BTreeMap<String, S<SettingValue>>>,
+}
+
+/// A value of a settings table: a number or a flag (`validate::SETTINGS`
+/// says which each key must be).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SettingValue {
+    /// `true` or `false`.
+    Flag(bool),
+    /// A number (integers read as numbers too).
+    Number(f64),
+}
+
+impl From<f64> for SettingValue {
+    fn from(x: f64) -> Self {
+        SettingValue::Number(x)
+    }
+}
+
+impl std::fmt::Display for SettingValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SettingValue::Flag(b) => write!(f, "{b}"),
+            SettingValue::Number(x) => write!(f, "{x}"),
+        }
+    }
 }
 
 #[derive(Deserialize)]

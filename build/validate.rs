@@ -20,7 +20,7 @@ use std::ops::Range;
 use toml::Spanned;
 
 use super::diag::Diagnostic;
-use super::model::{self, Loaded};
+use super::model::{self, Loaded, SettingValue};
 use checker::{Checker, FileChecker};
 
 /// What a detection pattern marks.
@@ -304,6 +304,8 @@ pub enum SettingKind {
     Float { lo: f64, hi: f64, open_low: bool },
     /// An integer in `lo..=hi`.
     Int { lo: u64, hi: u64 },
+    /// `true` or `false` (carried as 1 or 0 beside the numbers).
+    Flag,
 }
 
 /// One value of `defaults.toml`'s `[trainer]` or `[embedded]` tables: the
@@ -332,6 +334,15 @@ const fn float(
         section,
         name,
         kind: SettingKind::Float { lo, hi, open_low },
+        doc,
+    }
+}
+
+const fn flag(section: &'static str, name: &'static str, doc: &'static str) -> Setting {
+    Setting {
+        section,
+        name,
+        kind: SettingKind::Flag,
         doc,
     }
 }
@@ -442,6 +453,11 @@ pub static SETTINGS: &[Setting] = &[
         "Dropout on the LoRA path's input, in training.",
     ),
     int("trainer", "seed", 0, u32::MAX as u64, "The run's one seed."),
+    flag(
+        "trainer",
+        "quantize_embeddings",
+        "Store the embedding and the output head as NF4 too (QLoRA keeps them 16-bit).",
+    ),
     int(
         "trainer",
         "seq_len",
@@ -829,10 +845,10 @@ pub static SETTINGS: &[Setting] = &[
 /// One `[SECTION]` of [`SETTINGS`], in the file `f` views: no key unknown,
 /// every key present, each in its range (integers whole). The values are
 /// appended to `out` in [`SETTINGS`] order.
-fn check_settings(
+fn check_settings<V: Copy + Into<SettingValue>>(
     f: &mut FileChecker,
     section: &str,
-    table: &Spanned<BTreeMap<String, Spanned<f64>>>,
+    table: &Spanned<BTreeMap<String, Spanned<V>>>,
     out: &mut Vec<(&'static Setting, f64)>,
 ) {
     for (key, v) in table.get_ref() {
@@ -859,12 +875,17 @@ fn check_settings(
             f.err(table.span(), format!("[{section}] lacks \"{}\"", s.name));
             continue;
         };
-        let x = *v.get_ref();
-        let ok = match s.kind {
-            SettingKind::Float { lo, hi, open_low } => {
-                x.is_finite() && x <= hi && if open_low { x > lo } else { x >= lo }
+        let value: SettingValue = (*v.get_ref()).into();
+        let (ok, x) = match (s.kind, value) {
+            (SettingKind::Float { lo, hi, open_low }, SettingValue::Number(x)) => (
+                x.is_finite() && x <= hi && if open_low { x > lo } else { x >= lo },
+                x,
+            ),
+            (SettingKind::Int { lo, hi }, SettingValue::Number(x)) => {
+                (x.fract() == 0.0 && x >= lo as f64 && x <= hi as f64, x)
             }
-            SettingKind::Int { lo, hi } => x.fract() == 0.0 && x >= lo as f64 && x <= hi as f64,
+            (SettingKind::Flag, SettingValue::Flag(b)) => (true, f64::from(u8::from(b))),
+            _ => (false, 0.0),
         };
         if !ok {
             let range = match s.kind {
@@ -879,8 +900,9 @@ fn check_settings(
                     open_low: false,
                 } => format!("a number in [{lo}, {hi}]"),
                 SettingKind::Int { lo, hi } => format!("an integer in {lo}..={hi}"),
+                SettingKind::Flag => "true or false".to_string(),
             };
-            f.err(v.span(), format!("{} is {x}, must be {range}", s.name));
+            f.err(v.span(), format!("{} is {value}, must be {range}", s.name));
         }
         out.push((s, x));
     }

@@ -103,6 +103,7 @@ row = {
   "tie_word_embeddings": "$tie" == "true",
   "batch_size": $batch, "seq_len": $seq, "lora_rank": $rank,
   "lora_layers": $ll, "grad_checkpoint": "$ck" == "ckpt",
+  "quantize_embeddings": False,
   "measured_load_mib": sorted([$loads_csv])[1],
   "measured_peaks_mib": [round(k / 1024, 1) for k in [$peaks_csv]],
   "measured_peak_mib": round(sorted([$peaks_csv])[1] / 1024, 1),

@@ -25,10 +25,11 @@
 //! ```
 //! use qlora_scale::memory::{Architecture, RunShape, estimate};
 //! let arch = Architecture::for_params(7_000_000_000);
-//! let run = RunShape { batch: 1, seq_len: 512, lora_rank: 16, lora_layers: 16, grad_checkpoint: true };
+//! let run = RunShape { batch: 1, seq_len: 512, lora_rank: 16, lora_layers: 16, grad_checkpoint: true, quantize_embeddings: false };
 //! let e = estimate(&arch, &run);
-//! // NF4 weights of a 7B model are about 3.6 GiB; the peak adds the rest.
-//! assert!(e.weights > 3.3e9 && e.weights < 4.3e9);
+//! // NF4 linears of a 7B model and its bf16 embedding and head are about
+//! // 3.8 GiB; the peak adds the rest.
+//! assert!(e.weights > 3.5e9 && e.weights < 4.5e9);
 //! assert!(e.peak > e.weights);
 //! ```
 
@@ -178,14 +179,16 @@ pub struct RunShape {
     pub lora_layers: u64,
     /// Recompute activations in backward.
     pub grad_checkpoint: bool,
+    /// The embedding and the head stored as NF4 (else 16-bit).
+    pub quantize_embeddings: bool,
 }
 
 /// The byte counts the coefficients multiply: what the architecture and the
 /// run fix, before any calibration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Features {
-    /// Frozen weights as the trainer stores them (NF4 linears and
-    /// embeddings, `f32` norms and biases), exact.
+    /// Frozen weights as the trainer stores them (NF4 linears, 16-bit or
+    /// NF4 embedding and head, `f32` norms and biases), exact.
     pub frozen: f64,
     /// One `f32` copy of the trainable adapter parameters.
     pub adapters: f64,
@@ -238,7 +241,11 @@ pub fn features(arch: &Architecture, run: &RunShape) -> Features {
         } else {
             0
         };
-    let embed = nf4_bytes(v * h);
+    let embed = if run.quantize_embeddings {
+        nf4_bytes(v * h)
+    } else {
+        v * h * 2
+    };
     let frozen = embed + if arch.tied { 0 } else { embed } + h * 4 + arch.layers * block_frozen;
     let adapter_params: u64 = if run.lora_rank == 0 {
         0
@@ -478,6 +485,11 @@ pub struct Measurement {
     pub lora_layers: u64,
     /// Checkpointing.
     pub grad_checkpoint: bool,
+    /// The embedding and the head stored as NF4: so they were in every run
+    /// recorded before 16-bit ones became the default, hence `true` when the
+    /// line does not say.
+    #[serde(default = "recorded_with_nf4_embeddings")]
+    pub quantize_embeddings: bool,
     /// Peak RSS when the model was ready (the median of the runs), MiB.
     pub measured_load_mib: f64,
     /// Peak RSS of each of the runs, MiB.
@@ -485,6 +497,10 @@ pub struct Measurement {
     pub measured_peaks_mib: Vec<f64>,
     /// Peak RSS of the whole run (the median of the runs), MiB.
     pub measured_peak_mib: f64,
+}
+
+fn recorded_with_nf4_embeddings() -> bool {
+    true
 }
 
 impl Measurement {
@@ -511,6 +527,7 @@ impl Measurement {
             lora_rank: self.lora_rank,
             lora_layers: self.lora_layers,
             grad_checkpoint: self.grad_checkpoint,
+            quantize_embeddings: self.quantize_embeddings,
         }
     }
 
@@ -615,7 +632,7 @@ fn largest(candidates: &[u64], ok: impl Fn(u64) -> bool) -> Option<u64> {
 /// ```
 /// use qlora_scale::memory::{Architecture, FitConfig, RunShape, estimate, fit};
 /// let arch = Architecture::for_params(1_100_000_000);
-/// let run = RunShape { batch: 8, seq_len: 1024, lora_rank: 16, lora_layers: 16, grad_checkpoint: false };
+/// let run = RunShape { batch: 8, seq_len: 1024, lora_rank: 16, lora_layers: 16, grad_checkpoint: false, quantize_embeddings: false };
 /// let cfg = FitConfig { run, grad_accum: 1 };
 /// let limit = 0.5 * estimate(&arch, &run).peak;
 /// let f = fit(&arch, &cfg, limit).unwrap();
@@ -649,6 +666,7 @@ pub fn fit(arch: &Architecture, cfg: &FitConfig, limit: f64) -> Option<Fitted> {
         seq_len: v[2],
         grad_checkpoint: v[3] == 1,
         lora_rank: orig.run.lora_rank,
+        quantize_embeddings: orig.run.quantize_embeddings,
     };
     let fits = |v: [u64; 4]| estimate(arch, &shape(v)).peak <= limit;
     let mut v = knobs.map(|k| *k.last().unwrap_or(&1));

@@ -98,6 +98,7 @@ fn run_shape(arch: &Architecture, profile: Profile, tight: bool) -> RunShape {
         lora_rank: u64::from(p.lora_rank),
         lora_layers: u64::from(p.lora_num_layers),
         grad_checkpoint: tight || p.grad_checkpoint,
+        quantize_embeddings: crate::tables::trainer::QUANTIZE_EMBEDDINGS,
     }
 }
 

@@ -35,6 +35,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Moves `staged`, a file written in full beside `path`, into place: flushed
+/// to disk, readable by all (0644, as a newly created file usually is;
+/// writers that stage through a private temporary file leave 0600), then
+/// renamed over `path`. For files too large to hold in memory for
+/// [`write_atomic`]; a crash leaves the old `path` or the new one.
+pub fn commit_staged(staged: &Path, path: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::open(staged)?;
+    file.sync_all()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    drop(file);
+    std::fs::rename(staged, path)?;
+    if let Some(d) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 /// Errors of reading a small file with [`read_small`].
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

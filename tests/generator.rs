@@ -657,3 +657,34 @@ fn known_architecture_errors_all_reported_at_once() {
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].contains("missing field `intermediate`"), "{e:?}");
 }
+
+#[test]
+fn a_flag_of_the_trainer_table_takes_only_true_or_false() {
+    // `quantize_embeddings` is a flag: a number there, or a number's key
+    // given a flag, is named with its place and what it must be.
+    let line = |key: &str| {
+        let text = std::fs::read_to_string(tables_dir().join("defaults.toml")).unwrap();
+        1 + text.lines().position(|l| l.starts_with(key)).unwrap()
+    };
+    let errors = errors(&[
+        (
+            "defaults.toml",
+            "quantize_embeddings = false",
+            "quantize_embeddings = 1",
+        ),
+        ("defaults.toml", "\nseed = 42", "\nseed = true"),
+    ]);
+    assert_eq!(
+        errors,
+        [
+            format!(
+                "tables/defaults.toml:{}:8: seed is true, must be an integer in 0..=4294967295",
+                line("seed = ")
+            ),
+            format!(
+                "tables/defaults.toml:{}:23: quantize_embeddings is 1, must be true or false",
+                line("quantize_embeddings = ")
+            ),
+        ]
+    );
+}

@@ -75,7 +75,7 @@ fn every_measured_configuration_is_predicted_within_15_percent() {
     eprintln!("worst: {}", worst.1);
 }
 
-fn frozen_bytes(c: &LlamaConfig) -> usize {
+fn frozen_bytes(c: &LlamaConfig, quantize_embeddings: bool) -> usize {
     let opts = ModelOptions {
         storage: FrozenStorage::Nf4,
         lora: qlora_scale::qlora::LoraConfig {
@@ -85,6 +85,7 @@ fn frozen_bytes(c: &LlamaConfig) -> usize {
         dtype: candle_core::DType::F32,
         device: Device::Cpu,
         checkpointing: false,
+        quantize_embeddings,
     };
     let w = RandomWeights::new(c, 1, &Device::Cpu);
     let model = LlamaModel::new(c, &w, &opts).unwrap();
@@ -106,7 +107,10 @@ fn frozen_weights_are_counted_exactly() {
     let mut qwen = LlamaConfig::tiny(2, 128, 320, 500);
     qwen.model_type = Some("qwen2".into());
     qwen.tie_word_embeddings = true;
-    for c in [embedded_config(), odd, qwen] {
+    for (c, quantize_embeddings) in [embedded_config(), odd, qwen]
+        .into_iter()
+        .flat_map(|c| [(c.clone(), false), (c, true)])
+    {
         let arch = Architecture::from_config(&c);
         let run = RunShape {
             batch: 1,
@@ -114,11 +118,12 @@ fn frozen_weights_are_counted_exactly() {
             lora_rank: 4,
             lora_layers: 1,
             grad_checkpoint: true,
+            quantize_embeddings,
         };
         assert_eq!(
             features(&arch, &run).frozen as usize,
-            frozen_bytes(&c),
-            "{c:?}"
+            frozen_bytes(&c, quantize_embeddings),
+            "{c:?}, quantize_embeddings {quantize_embeddings}"
         );
         assert_eq!(
             arch.params() as usize,
@@ -156,7 +161,58 @@ fn shape(batch: u64, seq: u64, layers: u64, ckpt: bool) -> RunShape {
         lora_rank: 16,
         lora_layers: layers,
         grad_checkpoint: ckpt,
+        quantize_embeddings: false,
     }
+}
+
+/// The bytes 16-bit embeddings cost over NF4 ones: 2 bytes a value against
+/// NF4's, for the embedding and, untied, the head.
+fn sixteen_bit_extra(vocab: u64, hidden: u64, tied: bool) -> f64 {
+    let n = vocab * hidden;
+    let extra = 2 * n - qlora_scale::qlora::nf4::nf4_storage_bytes(n as usize) as u64;
+    (extra * if tied { 1 } else { 2 }) as f64
+}
+
+#[test]
+fn sixteen_bit_embeddings_cost_their_bytes_over_nf4() {
+    let mut tied = LlamaConfig::tiny(2, 128, 320, 500);
+    tied.tie_word_embeddings = true;
+    for arch in [
+        Architecture::for_params(7_000_000_000),
+        Architecture::from_config(&embedded_config()),
+        Architecture::from_config(&tied),
+    ] {
+        let mut run = shape(1, 512, 8, true);
+        let sixteen = estimate(&arch, &run);
+        run.quantize_embeddings = true;
+        let nf4 = estimate(&arch, &run);
+        let want = sixteen_bit_extra(arch.vocab, arch.hidden, arch.tied);
+        assert_eq!(sixteen.weights - nf4.weights, want, "{arch:?}");
+        assert_eq!(sixteen.peak - nf4.peak, want, "{arch:?}");
+    }
+}
+
+#[test]
+fn the_dry_run_shows_quantize_embeddings_and_its_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let dry = |extra: &[&str]| -> Value {
+        let out = train(dir.path(), &[&["--dry-run", "--json"], extra].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (sixteen, nf4) = (dry(&[]), dry(&["--quantize-embeddings"]));
+    assert_eq!(sixteen["quantize_embeddings"], false);
+    assert_eq!(sixteen["value_sources"]["quantize_embeddings"], "default");
+    assert_eq!(nf4["quantize_embeddings"], true);
+    let weights = |v: &Value| v["memory"]["estimate_mib"]["weights"].as_f64().unwrap();
+    let c = embedded_config();
+    let want = sixteen_bit_extra(c.vocab_size as u64, c.hidden_size as u64, false) / MIB;
+    let got = weights(&sixteen) - weights(&nf4);
+    assert!((got - want).abs() <= 0.1, "{got} MiB, want {want} MiB");
 }
 
 #[test]

@@ -8,7 +8,13 @@ use qlora_common::*;
 use qlora_scale::qlora::FrozenStorage;
 
 fn nf4_matches_dense(layers: usize, storage: FrozenStorage) {
-    let cfg = tiny_cfg(layers);
+    quantized_matches_dense(&tiny_cfg(layers), storage);
+}
+
+/// The LoRA gradients of a model over `storage` equal those of the dense
+/// `f32` model over the same (dequantized) weights.
+fn quantized_matches_dense(cfg: &qlora_scale::qlora::LlamaConfig, storage: FrozenStorage) {
+    let (cfg, layers) = (cfg.clone(), cfg.num_hidden_layers);
     let w = cfg
         .random_weights(5, DType::F32, &candle_core::Device::Cpu)
         .unwrap();
@@ -38,6 +44,21 @@ fn nf4_gradients_equal_dense_f32_two_blocks() {
 #[test]
 fn nf4_gradients_equal_dense_f32_four_blocks() {
     nf4_matches_dense(4, FrozenStorage::Nf4);
+}
+
+#[test]
+fn tied_sixteen_bit_head_gradients_equal_dense_f32() {
+    // The default keeps the tied embedding and head 16-bit: the head's
+    // frozen op passes the input gradient through the bf16 weight and keeps
+    // no gradient of its own (only adapters are trainable).
+    let mut cfg = tiny_cfg(2);
+    cfg.tie_word_embeddings = true;
+    quantized_matches_dense(&cfg, FrozenStorage::Nf4);
+    let w = cfg
+        .random_weights(5, DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let m = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, false, lora(0.0));
+    assert!(m.trainable_vars().iter().all(|(n, _)| n.contains("lora_")));
 }
 
 #[test]

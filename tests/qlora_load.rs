@@ -126,6 +126,51 @@ fn bf16_checkpoint_with_llama3_rope_scaling_loads() {
     assert!(inv[3] < base[3]);
 }
 
+fn embedding_and_head(m: &LlamaModel) -> (Vec<f32>, Vec<f32>) {
+    let w = m.dequantized_weights().unwrap();
+    let v = |n: &str| w[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (v("model.embed_tokens.weight"), v("lm_head.weight"))
+}
+
+#[test]
+fn embedding_and_head_stay_16_bit_unless_quantize_embeddings() {
+    let cfg = tiny_cfg(1); // untied: an embedding and a head
+    let as_f32 = |w: &HashMap<String, Tensor>, n: &str| {
+        let t = w[n].to_dtype(DType::F32).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let nf4 = |w: &HashMap<String, Tensor>, n: &str| {
+        let v = as_f32(w, n);
+        qlora_scale::qlora::Nf4Tensor::quantize(&v, w[n].dims(), false)
+            .unwrap()
+            .dequantize()
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        let w = cfg.random_weights(3, dtype, &Device::Cpu).unwrap();
+        let (embed, head) = ("model.embed_tokens.weight", "lm_head.weight");
+        // By default: the base's 16-bit values exactly.
+        let sixteen = LlamaModel::new(&cfg, &w, &options(FrozenStorage::Nf4)).unwrap();
+        assert_eq!(
+            embedding_and_head(&sixteen),
+            (as_f32(&w, embed), as_f32(&w, head)),
+            "{dtype:?}"
+        );
+        // With the setting: NF4, like the linears.
+        let opts = ModelOptions {
+            quantize_embeddings: true,
+            ..options(FrozenStorage::Nf4)
+        };
+        let quantized = LlamaModel::new(&cfg, &w, &opts).unwrap();
+        let (e, h) = embedding_and_head(&quantized);
+        assert_eq!((&e, &h), (&nf4(&w, embed), &nf4(&w, head)), "{dtype:?}");
+        assert_ne!(e, as_f32(&w, embed));
+        // Two bytes a value against NF4's, for each of the two.
+        let n = cfg.vocab_size * cfg.hidden_size;
+        let extra = 2 * (2 * n - qlora_scale::qlora::nf4::nf4_storage_bytes(n));
+        assert_eq!(sixteen.frozen_bytes() - quantized.frozen_bytes(), extra);
+    }
+}
+
 #[test]
 fn pickled_weights_are_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -404,9 +404,11 @@ fn exported_adapter_reloads_to_the_same_logits_and_merges() {
         "the adapter changes the output"
     );
 
-    // `train merge`, then the merged dense model without adapters.
+    // `train merge --into-quantized` (the NF4 base the adapter was trained
+    // against), then the merged dense model without adapters.
     let out = Command::from_std(train_common::train_in(dir.path()))
         .args(["merge", "--run-dir", "run", "--out", "merged"])
+        .arg("--into-quantized")
         .timeout(Duration::from_secs(120))
         .output()
         .unwrap();
@@ -441,6 +443,34 @@ fn exported_adapter_reloads_to_the_same_logits_and_merges() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(max < 1e-3, "merged logits differ by {max}");
+
+    // By default the embedded model's original base is its seeded f32
+    // weights before quantization: an untouched tensor comes out as they are.
+    ok(Command::from_std(train_common::train_in(dir.path()))
+        .args(["merge", "--run-dir", "run", "--out", "original"])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap());
+    let original =
+        candle_core::safetensors::load(dir.path().join("original/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let arch = cfg.architecture.clone().unwrap();
+    let seeded = qlora_scale::qlora::RandomWeights::new(
+        &arch,
+        qlora_scale::tables::embedded::WEIGHT_SEED,
+        &Device::Cpu,
+    );
+    use qlora_scale::qlora::WeightSource as _;
+    let name = "model.embed_tokens.weight";
+    let want: Vec<f32> = seeded
+        .tensor(name)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let got: Vec<f32> = original[name].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got, want, "{name}: the seeded f32 weights");
 }
 
 #[test]
@@ -454,6 +484,27 @@ fn config_resolution_in_process_matches_defaults() {
     let s = &run.spec.settings;
     assert_eq!(s.max_steps, qlora_scale::tables::embedded::MAX_STEPS);
     assert_eq!(s.seq_len, qlora_scale::tables::embedded::SEQ_LEN);
+}
+
+#[test]
+fn a_stored_spec_without_quantize_embeddings_means_nf4_embeddings() {
+    // Checkpoints written before the setting existed trained with NF4
+    // embeddings: resuming or merging them must build that model again.
+    let run = plan(
+        &Settings::default(),
+        Path::new("/nonexistent/p.json"),
+        || None,
+    )
+    .unwrap();
+    assert!(!run.spec.settings.quantize_embeddings, "16-bit by default");
+    let mut stored = serde_json::to_value(&run.spec).unwrap();
+    assert_eq!(stored["quantize_embeddings"], false);
+    stored
+        .as_object_mut()
+        .unwrap()
+        .remove("quantize_embeddings");
+    let old: qlora_scale::train::spec::RunSpec = serde_json::from_value(stored).unwrap();
+    assert!(old.settings.quantize_embeddings);
 }
 
 #[test]

@@ -64,6 +64,9 @@ impl Workload {
             dtype: DType::F32,
             device: dev.clone(),
             checkpointing,
+            // The storage comparison of BENCHMARKS.md: every frozen matrix,
+            // embedding and head included, in `storage`.
+            quantize_embeddings: true,
         };
         let model =
             LlamaModel::new(&cfg, &RandomWeights::new(&cfg, 1, &dev), &opts).expect("model");

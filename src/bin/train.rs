@@ -23,6 +23,7 @@ use qlora_scale::saved_profile::default_profile_path;
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::collective::{self, Collective};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
+use qlora_scale::train::merge::{self as merging, MergeBase, MergeOptions, MergeProgress};
 use qlora_scale::train::settings::{Settings, ValueSource};
 use qlora_scale::train::spec::{RunPlan, RunSpec, Weights, World, plan};
 use qlora_scale::train::trainer::{
@@ -517,9 +518,52 @@ fn lora_layers_line(spec: &RunSpec) -> String {
 fn merge(m: &args::MergeArgs) -> anyhow::Result<()> {
     let spec = qlora_scale::train::model::run_spec(&m.run_dir)?;
     let out: PathBuf = m.out.clone().unwrap_or_else(|| m.run_dir.join("merged"));
-    qlora_scale::train::model::merge(&spec, &m.run_dir, &out)
+    let options = MergeOptions {
+        base: if m.into_quantized {
+            MergeBase::Quantized
+        } else {
+            MergeBase::Original
+        },
+        dtype: m.dtype,
+    };
+    let bar = io::stderr().is_terminal().then(|| {
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("merging {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    });
+    let mut last_tenth = 0;
+    let mut progress = |p: MergeProgress<'_>| match &bar {
+        Some(bar) => {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+            bar.set_message(p.name.to_string());
+        }
+        None => {
+            // A line per tenth of the tensors (and the last) off a terminal.
+            let tenth = p.done * 10 / p.total.max(1);
+            if tenth > last_tenth || p.done == p.total {
+                last_tenth = tenth;
+                tracing::info!("merging: {}/{} tensors ({})", p.done, p.total, p.name);
+            }
+        }
+    };
+    let summary = merging::merge(&spec, &m.run_dir, &out, options, &mut progress)
         .with_context(|| format!("merging {} into {}", m.run_dir.display(), out.display()))?;
-    tracing::info!("wrote {}", out.join("model.safetensors").display());
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    tracing::info!(
+        "wrote {}: {} tensors ({} with the adapter merged into the {} base), {}",
+        summary.weights.display(),
+        summary.tensors,
+        summary.merged,
+        match options.base {
+            MergeBase::Original => "original",
+            MergeBase::Quantized => "NF4-dequantized",
+        },
+        summary.torch_dtype
+    );
     Ok(())
 }
 

@@ -36,8 +36,10 @@ use super::nf4::{Nf4Error, Nf4Tensor};
 pub enum FrozenStorage {
     /// `f32`, through the custom op (no weight gradient).
     F32,
-    /// `bf16`, dequantized to the compute dtype per call.
+    /// `bf16`, widened to `f32` a chunk at a time by the kernels.
     Bf16,
+    /// `f16`, like [`FrozenStorage::Bf16`] (for a base stored as `f16`).
+    F16,
     /// NF4 with `f32` block scales (4.5 bits per weight).
     Nf4,
     /// NF4 with double-quantized scales (about 4.13 bits per weight).
@@ -62,6 +64,7 @@ impl FrozenStorage {
         match self {
             FrozenStorage::F32 => "f32",
             FrozenStorage::Bf16 => "bf16",
+            FrozenStorage::F16 => "f16",
             FrozenStorage::Nf4 => "nf4",
             FrozenStorage::Nf4DoubleQuant => "nf4-dq",
             FrozenStorage::Q4K => "q4k",
@@ -101,8 +104,8 @@ pub enum FrozenError {
 pub enum FrozenWeight {
     /// Dense `f32` (or the dtype it was given in, when that is `f64`).
     Dense(Tensor),
-    /// Dense `bf16`.
-    Bf16(Tensor),
+    /// Dense 16-bit (`bf16` or `f16`).
+    Half(Tensor),
     /// NF4 codes and scales.
     Nf4(Nf4Tensor),
     /// A candle GGML quantized tensor and its matmul.
@@ -139,7 +142,10 @@ impl FrozenWeight {
                 FrozenWeight::Dense(w.to_dtype(dt)?.contiguous()?.detach())
             }
             FrozenStorage::Bf16 => {
-                FrozenWeight::Bf16(w.to_dtype(DType::BF16)?.contiguous()?.detach())
+                FrozenWeight::Half(w.to_dtype(DType::BF16)?.contiguous()?.detach())
+            }
+            FrozenStorage::F16 => {
+                FrozenWeight::Half(w.to_dtype(DType::F16)?.contiguous()?.detach())
             }
             FrozenStorage::Nf4 | FrozenStorage::Nf4DoubleQuant => {
                 let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -156,7 +162,7 @@ impl FrozenWeight {
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
         let d: &[usize] = match self {
-            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => t.dims(),
+            FrozenWeight::Dense(t) | FrozenWeight::Half(t) => t.dims(),
             FrozenWeight::Nf4(q) => q.shape(),
             FrozenWeight::Ggml(q, _) => q.shape().dims(),
         };
@@ -166,7 +172,7 @@ impl FrozenWeight {
     /// Bytes of storage of the weight.
     pub fn size_bytes(&self) -> usize {
         match self {
-            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => {
+            FrozenWeight::Dense(t) | FrozenWeight::Half(t) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
             FrozenWeight::Nf4(q) => q.size_bytes(),
@@ -178,22 +184,23 @@ impl FrozenWeight {
     /// temporary, for the backward pass, merging and checks.
     pub fn dequantize(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let t = match self {
-            FrozenWeight::Dense(t) | FrozenWeight::Bf16(t) => t.clone(),
+            FrozenWeight::Dense(t) | FrozenWeight::Half(t) => t.clone(),
             FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu)?,
             FrozenWeight::Ggml(q, _) => q.dequantize(&Device::Cpu)?,
         };
         t.to_dtype(dtype)?.to_device(device)
     }
 
-    /// Whether [`kernel`] multiplies by this weight in `f32` (dense `f32`
-    /// on the CPU, or NF4 with whole blocks per row); other weights take
-    /// the dequantize-then-matmul path.
+    /// Whether [`kernel`] multiplies by this weight in `f32` (dense `f32`,
+    /// `bf16` or `f16` on the CPU, or NF4 with whole blocks per row); other
+    /// weights take the dequantize-then-matmul path.
     pub fn kernel_ready(&self) -> bool {
         let (n, k) = self.dims();
         match self {
             FrozenWeight::Dense(t) => t.dtype() == DType::F32 && t.device().is_cpu(),
+            FrozenWeight::Half(t) => t.device().is_cpu(),
             FrozenWeight::Nf4(q) => kernel::WeightRef::Nf4(q).supported(n, k),
-            FrozenWeight::Bf16(_) | FrozenWeight::Ggml(..) => false,
+            FrozenWeight::Ggml(..) => false,
         }
     }
 
@@ -202,13 +209,21 @@ impl FrozenWeight {
     fn with_kernel_ref<R>(&self, f: impl FnOnce(kernel::WeightRef) -> R) -> candle_core::Result<R> {
         match self {
             FrozenWeight::Nf4(q) => Ok(f(kernel::WeightRef::Nf4(q))),
-            FrozenWeight::Dense(t) => {
+            FrozenWeight::Dense(t) | FrozenWeight::Half(t) => {
                 let (storage, layout) = t.storage_and_layout();
                 match (&*storage, layout.contiguous_offsets()) {
                     (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
                         Ok(f(kernel::WeightRef::Dense(&v[a..b])))
                     }
-                    _ => candle_core::bail!("frozen matmul: dense weight is not contiguous f32"),
+                    (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+                        Ok(f(kernel::WeightRef::Bf16(&v[a..b])))
+                    }
+                    (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
+                        Ok(f(kernel::WeightRef::F16(&v[a..b])))
+                    }
+                    _ => candle_core::bail!(
+                        "frozen matmul: dense weight is not contiguous f32, bf16 or f16"
+                    ),
                 }
             }
             _ => candle_core::bail!("frozen matmul: no kernel for this weight"),
@@ -229,7 +244,12 @@ impl FrozenWeight {
                 }
                 Tensor::from_vec(out, (ids.len(), cols), device)?.to_dtype(dtype)
             }
-            _ => {
+            FrozenWeight::Dense(t) | FrozenWeight::Half(t) => {
+                // The rows first, then the dtype: never a full copy.
+                let idx = Tensor::from_slice(ids, ids.len(), t.device())?;
+                t.index_select(&idx, 0)?.to_dtype(dtype)?.to_device(device)
+            }
+            FrozenWeight::Ggml(..) => {
                 let idx = Tensor::from_slice(ids, ids.len(), device)?;
                 self.dequantize(dtype, device)?.index_select(&idx, 0)
             }

@@ -39,6 +39,10 @@ pub enum WeightRef<'a> {
     /// chunk. Needs `k` to be a multiple of [`NF4_BLOCK`], so that every
     /// row starts a block.
     Nf4(&'a Nf4Tensor),
+    /// Dense `bf16` (a 16-bit embedding or head), widened chunk by chunk.
+    Bf16(&'a [half::bf16]),
+    /// Dense `f16`, widened chunk by chunk.
+    F16(&'a [half::f16]),
 }
 
 impl WeightRef<'_> {
@@ -46,7 +50,28 @@ impl WeightRef<'_> {
     pub fn supported(&self, n: usize, k: usize) -> bool {
         match self {
             WeightRef::Dense(w) => w.len() == n * k,
+            WeightRef::Bf16(w) => w.len() == n * k,
+            WeightRef::F16(w) => w.len() == n * k,
             WeightRef::Nf4(q) => q.shape() == [n, k] && k.is_multiple_of(NF4_BLOCK),
+        }
+    }
+
+    /// Writes the weight's values `offset..offset + dst.len()` (row-major)
+    /// into `dst` as `f32`. For NF4, `offset` and the length are whole
+    /// blocks (the kernels only ask for whole rows or block-aligned parts).
+    fn widen_into(&self, offset: usize, dst: &mut [f32]) {
+        let end = offset + dst.len();
+        match self {
+            WeightRef::Dense(w) => dst.copy_from_slice(&w[offset..end]),
+            WeightRef::Bf16(w) => dst
+                .iter_mut()
+                .zip(&w[offset..end])
+                .for_each(|(d, s)| *d = s.to_f32()),
+            WeightRef::F16(w) => dst
+                .iter_mut()
+                .zip(&w[offset..end])
+                .for_each(|(d, s)| *d = s.to_f32()),
+            WeightRef::Nf4(q) => q.dequantize_blocks_into(offset / NF4_BLOCK, dst),
         }
     }
 }
@@ -237,13 +262,13 @@ pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
                 let d = View::row_major(cols.start, m, cols.len(), n);
                 sgemm(dst, d, false, x, x_view, wd, r);
             }
-            WeightRef::Nf4(q) => {
+            _ => {
                 let rows = chunk_rows(k);
                 with_scratch(rows * k, |buf| {
                     for start in cols.clone().step_by(rows) {
                         let end = (start + rows).min(cols.end);
                         let chunk = &mut buf[..(end - start) * k];
-                        q.dequantize_blocks_into(start * k / NF4_BLOCK, chunk);
+                        w.widen_into(start * k, chunk);
                         let r = View::transposed(0, k, end - start);
                         let d = View::row_major(start, m, end - start, n);
                         sgemm(dst, d, false, x, x_view, chunk, r);
@@ -272,20 +297,18 @@ pub fn matmul_w(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
                 let d = View::row_major(cols.start, m, cols.len(), k);
                 sgemm(dst, d, false, dy, l, wd, r);
             }
-            WeightRef::Nf4(q) => {
+            _ => {
                 let width = cols.len();
                 let rows = chunk_rows(width);
-                let (first_block, blocks) = (cols.start / NF4_BLOCK, width / NF4_BLOCK);
-                let row_blocks = k / NF4_BLOCK;
                 with_scratch(rows * width, |buf| {
                     for start in (0..n).step_by(rows) {
                         let end = (start + rows).min(n);
                         let chunk = &mut buf[..(end - start) * width];
-                        // W[start..end, cols], one row segment at a time.
+                        // W[start..end, cols], one row segment at a time
+                        // (for NF4, whole blocks: `cols` is block-aligned
+                        // and `k` a multiple of the block).
                         for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
-                            let b = (start + i) * row_blocks + first_block;
-                            debug_assert_eq!(row.len(), blocks * NF4_BLOCK);
-                            q.dequantize_blocks_into(b, row);
+                            w.widen_into((start + i) * k + cols.start, row);
                         }
                         let l = View::row_major(start, m, end - start, n);
                         let r = View::row_major(0, end - start, width, width);
@@ -340,6 +363,10 @@ mod tests {
         (y, dx)
     }
 
+    fn widen<T: Copy + Into<f32>>(w: &[T]) -> Vec<f32> {
+        w.iter().map(|&v| v.into()).collect()
+    }
+
     fn close(got: &[f32], want: &[f64]) {
         assert_eq!(got.len(), want.len());
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -351,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn dense_and_nf4_match_the_reference_on_odd_shapes() {
+    fn dense_16_bit_and_nf4_match_the_reference_on_odd_shapes() {
         // n not a multiple of the thread split's alignment, several NF4
         // chunks (k = 128 gives chunks of 1024 rows), m = 1 and m > 1.
         for &(m, n, k) in &[(1, 5, 64), (3, 1031, 128), (7, 33, 192), (2, 2100, 64)] {
@@ -360,6 +387,14 @@ mod tests {
             let (y, dx) = reference(&x, &dy, m, &w, n, k);
             close(&matmul_wt(&x, m, WeightRef::Dense(&w), n, k), &y);
             close(&matmul_w(&dy, m, WeightRef::Dense(&w), n, k), &dx);
+            let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let (yb, dxb) = reference(&x, &dy, m, &widen(&w16), n, k);
+            close(&matmul_wt(&x, m, WeightRef::Bf16(&w16), n, k), &yb);
+            close(&matmul_w(&dy, m, WeightRef::Bf16(&w16), n, k), &dxb);
+            let (yh, dxh) = reference(&x, &dy, m, &widen(&wh), n, k);
+            close(&matmul_wt(&x, m, WeightRef::F16(&wh), n, k), &yh);
+            close(&matmul_w(&dy, m, WeightRef::F16(&wh), n, k), &dxh);
             for dq in [false, true] {
                 let q = Nf4Tensor::quantize(&w, &[n, k], dq).expect("quantize");
                 let (yq, dxq) = reference(&x, &dy, m, &q.dequantize(), n, k);

@@ -336,6 +336,18 @@ impl RandomWeights {
         }
     }
 
+    /// Every tensor name, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.shapes.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The shape of tensor `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.shapes.get(name).map(Vec::as_slice)
+    }
+
     fn generate(&self, shape: &[usize], name: &str) -> candle_core::Result<Tensor> {
         use rand::Rng;
         // FNV-1a of the name: each tensor has its own stream.
@@ -357,6 +369,10 @@ impl RandomWeights {
 }
 
 impl WeightSource for RandomWeights {
+    fn stored_dtype(&self, _name: &str) -> Result<DType, LoadError> {
+        Ok(DType::F32)
+    }
+
     fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
         match self.shapes.get(name) {
             Some(shape) => Ok(self.generate(shape, name)?),
@@ -381,10 +397,15 @@ pub struct ModelOptions {
     pub device: Device,
     /// Gradient checkpointing per block.
     pub checkpointing: bool,
+    /// Store the embedding and the output head in `storage` too when it is
+    /// a quantized one. Off (QLoRA's way, as bitsandbytes does it), they
+    /// stay 16-bit: `f16` for a base stored as `f16`, else `bf16`.
+    pub quantize_embeddings: bool,
 }
 
 impl Default for ModelOptions {
-    /// NF4 frozen weights, [`LoraConfig::default`], `f32`, CPU, no checkpointing.
+    /// NF4 frozen weights with 16-bit embedding and head,
+    /// [`LoraConfig::default`], `f32`, CPU, no checkpointing.
     fn default() -> Self {
         Self {
             storage: FrozenStorage::Nf4,
@@ -392,6 +413,24 @@ impl Default for ModelOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             checkpointing: false,
+            quantize_embeddings: false,
+        }
+    }
+}
+
+impl ModelOptions {
+    /// The storage of the embedding and the output head, for a base whose
+    /// embedding is stored as `stored`.
+    pub fn embedding_storage(&self, stored: DType) -> FrozenStorage {
+        match self.storage {
+            // Dense storages: as the linears.
+            FrozenStorage::F32 | FrozenStorage::PlainF32Matmul => self.storage,
+            FrozenStorage::Bf16 | FrozenStorage::F16 => self.storage,
+            // Candle's QMatMul would drop the head's input gradient.
+            FrozenStorage::CandleQMatMulNoGrad if self.quantize_embeddings => FrozenStorage::F32,
+            q if self.quantize_embeddings => q,
+            _ if stored == DType::F16 => FrozenStorage::F16,
+            _ => FrozenStorage::Bf16,
         }
     }
 }
@@ -612,13 +651,6 @@ impl std::fmt::Debug for LlamaModel {
     }
 }
 
-fn head_storage(s: FrozenStorage) -> FrozenStorage {
-    match s {
-        FrozenStorage::CandleQMatMulNoGrad => FrozenStorage::F32,
-        other => other,
-    }
-}
-
 impl LlamaModel {
     /// Builds the model from `config` and a weights source (in-memory map or
     /// a local HF directory), quantizing each frozen weight as it is read.
@@ -656,7 +688,7 @@ impl LlamaModel {
                 source,
             })
         };
-        let hs = head_storage(options.storage);
+        let hs = options.embedding_storage(weights.stored_dtype("model.embed_tokens.weight")?);
         let embed = Arc::new(frozen("model.embed_tokens.weight", hs)?);
         let lm_head = if config.tie_word_embeddings {
             FrozenLinear::from_weight(embed.clone(), hs)
@@ -785,40 +817,63 @@ impl LlamaModel {
     /// merged adapter is included in its base). Building a model with
     /// [`FrozenStorage::F32`] from these reproduces this model's forward.
     pub fn dequantized_weights(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        self.config
+            .tensor_shapes()
+            .into_iter()
+            .map(|(name, _)| Ok((name.clone(), self.frozen_tensor(&name, false)?)))
+            .collect()
+    }
+
+    /// One frozen tensor (HF name, as in [`LlamaConfig::tensor_shapes`])
+    /// as dense `f32`, with its adapter merged in when it has one: `W + s ·
+    /// B A` over the stored (for NF4, dequantized) `W`. Only this tensor is
+    /// made dense, so a merge can write a model tensor by tensor.
+    pub fn merged_tensor(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.frozen_tensor(name, true)
+    }
+
+    /// [`Self::merged_tensor`]; without `with_adapter`, the stored weight
+    /// alone (which holds the adapter after [`Self::merge_adapters`]).
+    fn frozen_tensor(&self, name: &str, with_adapter: bool) -> candle_core::Result<Tensor> {
         let dev = &self.options.device;
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let mut out = HashMap::new();
-        out.insert(
-            "model.embed_tokens.weight".to_string(),
-            self.embed.dequantize(DType::F32, dev)?,
-        );
-        if !self.config.tie_word_embeddings {
-            out.insert(
-                "lm_head.weight".into(),
-                self.lm_head.weight().dequantize(DType::F32, dev)?,
-            );
-        }
-        out.insert("model.norm.weight".into(), f32(&self.norm)?);
-        for b in &self.blocks {
-            let p = format!("model.layers.{}", b.index);
-            out.insert(format!("{p}.input_layernorm.weight"), f32(&b.ln1)?);
-            out.insert(format!("{p}.post_attention_layernorm.weight"), f32(&b.ln2)?);
-            if let Some(norms) = &b.qk_norm {
-                for (n, w) in QK_NORMS.iter().zip(norms) {
-                    out.insert(format!("{p}.{n}.weight"), f32(w)?);
-                }
+        match name {
+            "model.embed_tokens.weight" => return self.embed.dequantize(DType::F32, dev),
+            "lm_head.weight" if !self.config.tie_word_embeddings => {
+                return self.lm_head.weight().dequantize(DType::F32, dev);
             }
-            for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
-                out.insert(
-                    format!("{p}.{}.weight", t.block_path()),
-                    l.base().weight().dequantize(DType::F32, dev)?,
-                );
-                if let Some(bias) = l.bias() {
-                    out.insert(format!("{p}.{}.bias", t.block_path()), f32(bias)?);
-                }
+            "model.norm.weight" => return f32(&self.norm),
+            _ => {}
+        }
+        let block = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, rest)| Some((self.blocks.get(l.parse::<usize>().ok()?)?, rest)));
+        let Some((b, rest)) = block else {
+            candle_core::bail!("the model has no frozen tensor {name}");
+        };
+        match rest {
+            "input_layernorm.weight" => return f32(&b.ln1),
+            "post_attention_layernorm.weight" => return f32(&b.ln2),
+            _ => {}
+        }
+        if let Some(norms) = &b.qk_norm
+            && let Some(i) = QK_NORMS.iter().position(|n| rest == format!("{n}.weight"))
+        {
+            return f32(&norms[i]);
+        }
+        for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
+            let Some(tail) = rest.strip_prefix(t.block_path()) else {
+                continue;
+            };
+            match (tail, l.bias()) {
+                (".weight", _) if with_adapter => return l.merged_weight(),
+                (".weight", _) => return l.base().weight().dequantize(DType::F32, dev),
+                (".bias", Some(bias)) => return f32(bias),
+                _ => {}
             }
         }
-        Ok(out)
+        candle_core::bail!("the model has no frozen tensor {name}")
     }
 
     /// Merges every adapter into a dequantized `f32` base (inference).

@@ -137,6 +137,12 @@ pub enum LoadError {
 pub trait WeightSource {
     /// The tensor `name`, in its stored dtype.
     fn tensor(&self, name: &str) -> Result<Tensor, LoadError>;
+
+    /// The stored dtype of tensor `name` (by default by reading it; sources
+    /// that know it without reading say so).
+    fn stored_dtype(&self, name: &str) -> Result<candle_core::DType, LoadError> {
+        Ok(self.tensor(name)?.dtype())
+    }
 }
 
 impl WeightSource for HashMap<String, Tensor> {
@@ -356,8 +362,35 @@ impl SafetensorsDir {
     }
 }
 
-impl WeightSource for SafetensorsDir {
-    fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
+impl SafetensorsDir {
+    /// Every tensor name of the files, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.routing.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The stored dtype and shape of tensor `name`, from its header.
+    pub fn tensor_info(&self, name: &str) -> Option<(safetensors::Dtype, Vec<usize>)> {
+        let shard = &self.shards[*self.routing.get(name)?];
+        let info = shard.metadata.info(name)?;
+        Some((info.dtype, info.shape.clone()))
+    }
+
+    /// The stored bytes of tensor `name`, copied out (any dtype): what a
+    /// copy that must stay bit for bit the same takes.
+    pub fn raw_bytes(&self, name: &str) -> Result<Vec<u8>, LoadError> {
+        self.with_bytes(name, |_, bytes, _| Ok(bytes.to_vec()))
+    }
+
+    /// Runs `f` on tensor `name`'s header entry and mapped bytes, then
+    /// hands the mapped pages back, so the file never becomes resident as
+    /// a whole.
+    fn with_bytes<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&safetensors::tensor::TensorInfo, &[u8], &Shard) -> Result<R, LoadError>,
+    ) -> Result<R, LoadError> {
         let shard = self
             .routing
             .get(name)
@@ -366,46 +399,22 @@ impl WeightSource for SafetensorsDir {
                 name: name.to_string(),
                 source_name: self.dir.display().to_string(),
             })?;
-        let bad = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::BadTensor {
-            path: shard.path.clone(),
-            name: name.to_string(),
-            source,
-        };
         let info = shard
             .metadata
             .info(name)
-            .ok_or_else(|| bad("not in the header".into()))?;
-        // Weights are float: an integer tensor (an I64 buffer, a packed
-        // quantized weight) converted to float would load as garbage.
-        if !matches!(
-            info.dtype,
-            safetensors::Dtype::F16
-                | safetensors::Dtype::BF16
-                | safetensors::Dtype::F32
-                | safetensors::Dtype::F64
-        ) {
-            return Err(bad(format!(
-                "dtype {:?} is not a float type (F16, BF16, F32 or F64): refused as a weight",
-                info.dtype
-            )
-            .into()));
-        }
+            .ok_or_else(|| bad_tensor(shard, name, "not in the header".into()))?;
         let (start, end) = info.data_offsets;
         let (start, end) = (shard.data_start + start, shard.data_start + end);
         let bytes = shard
             .mmap
             .get(start..end)
-            .ok_or_else(|| bad("data lies outside the file".into()))?;
-        let view =
-            TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(|e| bad(e.into()))?;
-        let tensor = view.load(&self.device).map_err(|e| bad(e.into()))?;
-        drop(view);
-        // The tensor owns a copy now: hand the mapped pages back, so the
-        // file never becomes resident as a whole.
+            .ok_or_else(|| bad_tensor(shard, name, "data lies outside the file".into()))?;
+        let out = f(info, bytes, shard);
+        // The caller owns a copy now: hand the mapped pages back.
         // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only
         // drops clean page-cache pages; a later read faults them back in from
         // the file with the same contents. No reference into the range is
-        // alive (`view` borrowed it and is gone).
+        // alive (`bytes` was only lent to `f`, which has returned).
         #[cfg(unix)]
         unsafe {
             let _ = shard.mmap.unchecked_advise_range(
@@ -414,7 +423,55 @@ impl WeightSource for SafetensorsDir {
                 end - start,
             );
         }
-        Ok(tensor)
+        out
+    }
+}
+
+fn bad_tensor(
+    shard: &Shard,
+    name: &str,
+    source: Box<dyn std::error::Error + Send + Sync>,
+) -> LoadError {
+    LoadError::BadTensor {
+        path: shard.path.clone(),
+        name: name.to_string(),
+        source,
+    }
+}
+
+impl WeightSource for SafetensorsDir {
+    fn stored_dtype(&self, name: &str) -> Result<candle_core::DType, LoadError> {
+        match self.tensor_info(name) {
+            Some((d, _)) => Ok(candle_core::DType::try_from(d)?),
+            None => Err(LoadError::MissingTensor {
+                name: name.to_string(),
+                source_name: self.dir.display().to_string(),
+            }),
+        }
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
+        self.with_bytes(name, |info, bytes, shard| {
+            let bad = |source| bad_tensor(shard, name, source);
+            // Weights are float: an integer tensor (an I64 buffer, a packed
+            // quantized weight) converted to float would load as garbage.
+            if !matches!(
+                info.dtype,
+                safetensors::Dtype::F16
+                    | safetensors::Dtype::BF16
+                    | safetensors::Dtype::F32
+                    | safetensors::Dtype::F64
+            ) {
+                return Err(bad(format!(
+                    "dtype {:?} is not a float type (F16, BF16, F32 or F64): refused as a weight",
+                    info.dtype
+                )
+                .into()));
+            }
+            let view = TensorView::new(info.dtype, info.shape.clone(), bytes)
+                .map_err(|e| bad(e.into()))?;
+            view.load(&self.device).map_err(|e| bad(e.into()))
+        })
     }
 }
 

@@ -226,6 +226,7 @@ fn shape(spec: &RunSpec) -> FitConfig {
             lora_rank: u64::from(s.lora_rank),
             lora_layers: u64::from(s.lora_layers),
             grad_checkpoint: s.grad_checkpoint,
+            quantize_embeddings: s.quantize_embeddings,
         },
         grad_accum: s.grad_accum_steps,
     }

@@ -7,7 +7,8 @@
 //! metrics and the loss plot ([`plot`]). Over several processes the ranks
 //! share gradients through a [`collective`] ([`sync`]). A trained run is
 //! used by [`generate`] (text, through the KV-cached inference path) and
-//! [`evaluate`] (held-out loss of the base and of base + adapter).
+//! [`evaluate`] (held-out loss of the base and of base + adapter), and
+//! [`merge`] merges its adapter into its base.
 
 pub mod chat;
 pub mod checkpoint;
@@ -16,6 +17,7 @@ pub mod data;
 pub mod evaluate;
 pub mod fit;
 pub mod generate;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -1,6 +1,8 @@
 //! Building the model a run trains: the embedded one or a local Hugging Face
-//! directory; exporting, reloading and merging its adapter.
+//! directory; exporting and reloading its adapter (merging it is
+//! [`super::merge`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -12,7 +14,7 @@ use crate::qlora::load::validate_config;
 use crate::qlora::lora::LoraConfig;
 use crate::qlora::{
     FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, RandomWeights, SafetensorsDir,
-    read_config,
+    WeightSource, read_config,
 };
 use crate::safe_io::write_atomic;
 use crate::tables::embedded;
@@ -80,6 +82,14 @@ pub enum ModelError {
     /// The newest checkpoint cannot be read.
     #[error(transparent)]
     Checkpoint(#[from] super::checkpoint::CheckpointError),
+    /// One tensor of a merge could not be made.
+    #[error("merging tensor {name}")]
+    MergeTensor {
+        /// The tensor.
+        name: String,
+        /// Why.
+        source: Box<ModelError>,
+    },
     /// A Candle error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -131,14 +141,65 @@ pub fn build_with(
     spec: &RunSpec,
     storage: FrozenStorage,
 ) -> Result<(LlamaModel, Tokenizer), ModelError> {
+    let (c, base) = open_base(spec)?;
+    let tok = match &base {
+        BaseWeights::Random(_) => Tokenizer::Bytes,
+        BaseWeights::Files(w) => {
+            let tok = Tokenizer::from_dir(w.dir())?;
+            if tok.vocab_size() > c.vocab_size {
+                return Err(ModelError::Inconsistent {
+                    path: w.dir().join("tokenizer.json"),
+                    message: format!(
+                        "{} tokens, but config.json's vocab_size is {}",
+                        tok.vocab_size(),
+                        c.vocab_size
+                    ),
+                });
+            }
+            tok
+        }
+    };
+    let opts = options(spec, &c, storage);
+    Ok((LlamaModel::new(&c, &base, &opts)?, tok))
+}
+
+/// The base weights a run trains on, as stored, before any quantization:
+/// the embedded model's seeded `f32` weights, or a local directory's
+/// safetensors.
+#[derive(Debug)]
+pub enum BaseWeights {
+    /// The embedded model's seeded weights (`f32`).
+    Random(RandomWeights),
+    /// A local Hugging Face directory's safetensors.
+    Files(SafetensorsDir),
+}
+
+impl WeightSource for BaseWeights {
+    fn tensor(&self, name: &str) -> Result<Tensor, LoadError> {
+        match self {
+            BaseWeights::Random(w) => w.tensor(name),
+            BaseWeights::Files(w) => w.tensor(name),
+        }
+    }
+
+    fn stored_dtype(&self, name: &str) -> Result<DType, LoadError> {
+        match self {
+            BaseWeights::Random(w) => w.stored_dtype(name),
+            BaseWeights::Files(w) => w.stored_dtype(name),
+        }
+    }
+}
+
+/// The architecture of `spec` (validated) and its base weights, opened
+/// (a local directory's files are mapped, not read).
+pub fn open_base(spec: &RunSpec) -> Result<(LlamaConfig, BaseWeights), ModelError> {
     let dev = Device::Cpu;
     match spec.weights {
         Weights::Embedded => {
             let c = spec.architecture.clone().unwrap_or_else(embedded_config);
             validate_config(&c, Path::new("the embedded model's config"))?;
-            let opts = options(spec, &c, storage);
             let w = RandomWeights::new(&c, embedded::WEIGHT_SEED, &dev);
-            Ok((LlamaModel::new(&c, &w, &opts)?, Tokenizer::Bytes))
+            Ok((c, BaseWeights::Random(w)))
         }
         Weights::NameOnly => Err(ModelError::NotLocal(spec.model.clone())),
         Weights::LocalDir => {
@@ -165,19 +226,7 @@ pub fn build_with(
                 }
                 .into());
             }
-            let tok = Tokenizer::from_dir(dir)?;
-            if tok.vocab_size() > c.vocab_size {
-                return Err(ModelError::Inconsistent {
-                    path: dir.join("tokenizer.json"),
-                    message: format!(
-                        "{} tokens, but config.json's vocab_size is {}",
-                        tok.vocab_size(),
-                        c.vocab_size
-                    ),
-                });
-            }
-            let opts = options(spec, &c, storage);
-            Ok((LlamaModel::new(&c, &w, &opts)?, tok))
+            Ok((c, BaseWeights::Files(w)))
         }
     }
 }
@@ -189,6 +238,7 @@ fn options(spec: &RunSpec, c: &LlamaConfig, storage: FrozenStorage) -> ModelOpti
         dtype: DType::F32,
         device: Device::Cpu,
         checkpointing: spec.settings.grad_checkpoint,
+        quantize_embeddings: spec.settings.quantize_embeddings,
     }
 }
 
@@ -248,9 +298,9 @@ pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<
     })
 }
 
-/// Loads `dir/adapter_model.safetensors` into `model`'s adapters. Every
-/// adapter of the model must be in the file with its shape.
-pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
+/// Reads `dir/adapter_model.safetensors`: the adapter's tensors under
+/// PEFT's names, and the file's path.
+pub fn read_adapter(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf), ModelError> {
     let path = dir.join(ADAPTER_WEIGHTS);
     let bytes = std::fs::read(&path).map_err(|e| ModelError::Read {
         path: path.clone(),
@@ -262,6 +312,13 @@ pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
             source: e.into(),
         }
     })?;
+    Ok((tensors, path))
+}
+
+/// Loads `dir/adapter_model.safetensors` into `model`'s adapters. Every
+/// adapter of the model must be in the file with its shape.
+pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
+    let (tensors, path) = read_adapter(dir)?;
     for (name, var) in model.trainable_vars() {
         let t = tensors.get(&name).ok_or_else(|| ModelError::Adapter {
             path: path.clone(),
@@ -278,66 +335,6 @@ pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
             });
         }
         var.set(&t.to_dtype(var.dtype())?)?;
-    }
-    Ok(())
-}
-
-/// Merges the adapter in `adapter_dir` into the base of `spec` and writes
-/// `model.safetensors` (dense f32, HF names) and `config.json` to `out`.
-/// The base is dequantized from NF4, as it was trained.
-pub fn merge(spec: &RunSpec, adapter_dir: &Path, out: &Path) -> Result<(), ModelError> {
-    let (mut model, _) = build(spec)?;
-    load_adapter(&model, adapter_dir)?;
-    model.merge_adapters()?;
-    let weights = model.dequantized_weights()?;
-    let mut names: Vec<&String> = weights.keys().collect();
-    names.sort();
-    let path = out.join("model.safetensors");
-    let bytes = safetensors::serialize(names.iter().map(|n| (n.as_str(), &weights[*n])), None)
-        .map_err(|e| ModelError::Write {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-    write_atomic(&path, &bytes).map_err(|e| ModelError::Write {
-        path: path.clone(),
-        source: e.into(),
-    })?;
-    let cpath = out.join("config.json");
-    let mut text = serde_json::to_vec_pretty(model.config()).map_err(|e| ModelError::Write {
-        path: cpath.clone(),
-        source: e.into(),
-    })?;
-    text.push(b'\n');
-    write_atomic(&cpath, &text).map_err(|e| ModelError::Write {
-        path: cpath,
-        source: e.into(),
-    })?;
-    if spec.weights == Weights::LocalDir {
-        // What a loader of the merged model needs beside the weights: the
-        // tokenizer (all the files it may come as) and generation defaults.
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "tokenizer.model",
-            "generation_config.json",
-        ] {
-            let src = Path::new(&spec.model).join(f);
-            let bytes = match crate::safe_io::read_small(&src) {
-                Ok(b) => b,
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => {
-                    return Err(ModelError::Read {
-                        path: src,
-                        source: e.into(),
-                    });
-                }
-            };
-            write_atomic(&out.join(f), &bytes).map_err(|e| ModelError::Write {
-                path: out.join(f),
-                source: e.into(),
-            })?;
-        }
     }
     Ok(())
 }

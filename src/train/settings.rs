@@ -18,9 +18,11 @@
 //!   first for the embedded model, the second for a model from files.
 //! - `derived(expr)`: computed from settings resolved before it.
 //!
-//! Optional attributes of an entry: `#[json = "name"]` renames its key in the
-//! spec's JSON; `#[resume = changeable]` lets a `--resume` change it from the
-//! checkpoint's value ([`CHANGEABLE_ON_RESUME`]).
+//! Optional attributes of an entry: `#[json = "name"]` renames a trained
+//! setting in the spec's JSON; `#[absent = "function"]` gives the value a
+//! stored spec (a checkpoint's) that lacks the setting stands for: what runs
+//! did before it existed; `#[resume = changeable]` lets a `--resume` change
+//! it from the checkpoint's value ([`CHANGEABLE_ON_RESUME`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,7 @@ macro_rules! settings {
             $(#[doc = $doc:literal])*
             #[arg($($clap:tt)*)]
             $(#[json = $json:literal])?
+            $(#[absent = $absent:literal])?
             $(#[resume = $resume:ident])?
             $name:ident : $ty:ty => $rule:ident $(($($args:tt)*))?
         ),* $(,)?
@@ -102,24 +105,24 @@ macro_rules! settings {
         }
 
         settings!(@trained (s fb src) [] [] []
-            $( [$(#[doc = $doc])*] [$($json)?] $name : $ty => $rule $(($($args)*))? ; )*
+            $( [$(#[doc = $doc])*] [$($json)?] [$($absent)?] $name : $ty => $rule $(($($args)*))? ; )*
         );
     };
 
     // A launch setting: not part of the spec.
     (@trained ($s:ident $fb:ident $src:ident) [$($f:tt)*] [$($st:tt)*] [$($n:tt)*]
-        [$($doc:tt)*] [$($json:literal)?] $name:ident : $ty:ty => launch ; $($rest:tt)*
+        [$($doc:tt)*] [$($json:literal)?] [$($absent:literal)?] $name:ident : $ty:ty => launch ; $($rest:tt)*
     ) => {
         settings!(@trained ($s $fb $src) [$($f)*] [$($st)*] [$($n)*] $($rest)*);
     };
 
     // A setting that trains: a field, and a statement resolving it.
     (@trained ($s:ident $fb:ident $src:ident) [$($f:tt)*] [$($st:tt)*] [$($n:tt)*]
-        [$($doc:tt)*] [$($json:literal)?] $name:ident : $ty:ty => $rule:ident $(($($args:tt)*))? ;
+        [$($doc:tt)*] [$($json:literal)?] [$($absent:literal)?] $name:ident : $ty:ty => $rule:ident $(($($args:tt)*))? ;
         $($rest:tt)*
     ) => {
         settings!(@trained ($s $fb $src)
-            [$($f)* $($doc)* $(#[serde(rename = $json)])? pub $name: $ty,]
+            [$($f)* $($doc)* $(#[serde(rename = $json)])? $(#[serde(default = $absent)])? pub $name: $ty,]
             [$($st)*
                 let $name: $ty = match $s.$name.clone() {
                     Some(v) => {
@@ -259,6 +262,11 @@ settings! {
     /// Keep activations (faster, more memory)
     #[arg(long, num_args = 0, default_missing_value = "true", overrides_with = "grad_checkpoint")]
     no_grad_checkpoint: bool => launch,
+    /// Store the embedding and the output head as NF4 too (less memory, more
+    /// rounding); by default they stay 16-bit, as in QLoRA
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    #[absent = "nf4_before_the_setting"]
+    quantize_embeddings: bool => default(trainer::QUANTIZE_EMBEDDINGS, trainer::QUANTIZE_EMBEDDINGS),
     /// Micro-batches per optimizer step
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
@@ -334,6 +342,12 @@ settings! {
     #[arg(long, allow_negative_numbers = true, value_name = "GB", value_parser = clap::value_parser!(u32).range(1..),
           conflicts_with_all = ["generation", "chip", "memory"])]
     cpu_memory: u32 => launch,
+}
+
+/// `quantize_embeddings` of a spec stored before the setting existed (a
+/// checkpoint's): runs then stored the embedding and head as NF4.
+fn nf4_before_the_setting() -> bool {
+    true
 }
 
 /// A setting given on resume that may not differ from the checkpoint's.

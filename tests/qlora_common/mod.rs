@@ -26,9 +26,20 @@ pub fn prequantized(
 ) -> HashMap<String, Tensor> {
     let dev = Device::Cpu;
     let mut w = cfg.random_weights(seed, DType::F32, &dev).unwrap();
-    for t in w.values_mut() {
+    // The embedding and the head as the model stores them (16-bit by
+    // default), the linears in `storage`.
+    let opts = ModelOptions {
+        storage,
+        ..ModelOptions::default()
+    };
+    for (name, t) in w.iter_mut() {
         if t.rank() == 2 {
-            let q = FrozenWeight::new(t, storage).unwrap();
+            let s = if name.contains("embed_tokens") || name.starts_with("lm_head") {
+                opts.embedding_storage(DType::F32)
+            } else {
+                storage
+            };
+            let q = FrozenWeight::new(t, s).unwrap();
             *t = q.dequantize(DType::F32, &dev).unwrap();
         }
     }
@@ -62,6 +73,7 @@ pub fn build(
         dtype,
         device: Device::Cpu,
         checkpointing,
+        ..ModelOptions::default()
     };
     let model = LlamaModel::new(cfg, weights, &opts).unwrap();
     for (i, (name, var)) in model.trainable_vars().into_iter().enumerate() {

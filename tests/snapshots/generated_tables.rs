@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 5ba52081435e0257
+//   tables/defaults.toml 6ea45f4f53fdcd12
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1903,6 +1903,8 @@ pub mod trainer {
     pub const LORA_DROPOUT: f64 = 0.05;
     ///The run's one seed.
     pub const SEED: u64 = 42;
+    ///Store the embedding and the output head as NF4 too (QLoRA keeps them 16-bit).
+    pub const QUANTIZE_EMBEDDINGS: bool = false;
     ///Longest training sequence, tokens.
     pub const SEQ_LEN: u64 = 256;
     ///Validation loss every this many optimizer steps.

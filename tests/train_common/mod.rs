@@ -39,11 +39,17 @@ pub fn train_without_profile(dir: &Path) -> Command {
 /// A tiny local Hugging Face directory: config.json, model.safetensors and
 /// a word-level tokenizer.json.
 pub fn write_local_model(dir: &Path) {
+    write_local_model_as(dir, candle_core::DType::F32);
+}
+
+/// [`write_local_model`] with its weights stored as `dtype` (published
+/// checkpoints are mostly bf16).
+pub fn write_local_model_as(dir: &Path, dtype: candle_core::DType) {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = qlora_scale::qlora::LlamaConfig::tiny(2, 64, 128, 64);
     std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
     let w = cfg
-        .random_weights(3, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .random_weights(3, dtype, &candle_core::Device::Cpu)
         .unwrap();
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     let words = [

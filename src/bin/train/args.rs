@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use qlora_scale::saved_profile::PROFILE_PATH_ENV;
 use qlora_scale::tables::trainer;
+use qlora_scale::train::merge::MergeDtype;
 use qlora_scale::train::settings::Settings;
 
 /// Fine-tune a causal LM with QLoRA, sized for the machine and the model
@@ -184,6 +185,13 @@ pub struct MergeArgs {
     /// Where the merged model goes [default: RUN_DIR/merged]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Merge into the NF4-dequantized base the adapter was trained against,
+    /// not into the original base weights
+    #[arg(long)]
+    pub into_quantized: bool,
+    /// Dtype of the merged weights: bf16, f16 or f32 [default: the base's]
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<MergeDtype>,
 }
 
 impl Cli {
