@@ -802,3 +802,78 @@ fn resume_keeps_the_runs_settings_and_refuses_a_different_rank() {
     let s = &ck.state.spec.settings;
     assert_eq!((s.seq_len, s.lora_rank, s.max_steps), (32, 4, 12));
 }
+
+/// Each row's step, loss and learning rate, as written.
+fn loss_and_lr(run: &Path) -> Vec<(u64, String, String)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let step = v["step"].as_u64().unwrap();
+            (step, v["loss"].to_string(), v["lr"].to_string())
+        })
+        .collect()
+}
+
+/// A run of a local model on its own data, stopped by SIGINT, continues
+/// with `train --resume --output-dir DIR` and nothing else: the model, the
+/// data and every setting come from its checkpoint, and its losses and
+/// learning rates are those of the same run never stopped.
+#[cfg(unix)]
+#[test]
+fn resume_alone_continues_a_local_models_run_as_if_never_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    train_common::write_local_model(&model);
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"text\": \"the river runs past mill {i} and the road\"}}\n"))
+        .collect();
+    std::fs::write(data.join("train.jsonl"), lines).unwrap();
+    let start_run = |out: &str| {
+        let mut cmd = train_common::train_without_profile(dir.path());
+        cmd.arg("--model").arg(&model).arg("--data-dir").arg(&data);
+        cmd.args(["--max-steps", "60", "--checkpoint-every", "1000"]);
+        cmd.args([
+            "--warmup-steps",
+            "5",
+            "--learning-rate",
+            "0.01",
+            "--seq-len",
+            "32",
+        ]);
+        cmd.args(["--output-dir", out]);
+        cmd
+    };
+    let straight = start_run("straight").output().unwrap();
+    assert!(straight.status.success());
+    // The same run, stopped after a few steps by SIGINT.
+    let run = dir.path().join("run");
+    let mut child = start_run("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(start.elapsed() < Duration::from_secs(120), "no steps");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let stopped = loss_and_lr(&run).last().unwrap().0;
+    assert!(stopped < 60, "stopped at {stopped}");
+    // Resumed with nothing but the directory.
+    let out = Command::from_std(train_common::train_without_profile(dir.path()))
+        .args(["--resume", "--output-dir", "run"])
+        .timeout(Duration::from_secs(300))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("(step {stopped})")), "{err}");
+    assert_eq!(loss_and_lr(&run), loss_and_lr(&dir.path().join("straight")));
+}

@@ -135,10 +135,13 @@ fn detected_machine() -> Option<MachineProfile> {
 /// resolved against the saved or detected profile.
 fn resolve_plan(cli: &Cli) -> anyhow::Result<(RunPlan, Settings)> {
     let given = cli.given();
-    let settings = match &cli.config {
+    let mut settings = match &cli.config {
         Some(path) => given.or(&Settings::from_file(path)?),
         None => given,
     };
+    if cli.resume {
+        resume_launch_settings(&mut settings);
+    }
     let profile_path = match &cli.profile_path {
         Some(p) => p.clone(),
         None => default_profile_path().context("cannot tell where the saved profile lives")?,
@@ -150,6 +153,26 @@ fn resolve_plan(cli: &Cli) -> anyhow::Result<(RunPlan, Settings)> {
         tracing::warn!("sizing for {}", plan.provenance.profile_reason);
     }
     Ok((plan, settings))
+}
+
+/// `--resume` alone continues the run in the output directory: the model
+/// (a local folder) and the data directory it trained on come from its
+/// newest checkpoint unless given. A directory without a checkpoint is left
+/// for the trainer to refuse with its own message.
+fn resume_launch_settings(settings: &mut Settings) {
+    let out = settings
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(qlora_scale::train::spec::DEFAULT_OUTPUT_DIR));
+    let Ok(stored) = qlora_scale::train::model::run_spec(&out) else {
+        return;
+    };
+    if settings.model.is_none() && stored.weights == Weights::LocalDir {
+        settings.model = Some(stored.model);
+    }
+    if settings.data_dir.is_none() {
+        settings.data_dir = stored.data_dir;
+    }
 }
 
 /// A one-step run of `plan` into a temporary directory: the peak memory it

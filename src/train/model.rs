@@ -100,8 +100,21 @@ pub enum ModelError {
 pub fn run_spec(run_dir: &Path) -> Result<RunSpec, ModelError> {
     let dir = run_dir.join(super::trainer::CHECKPOINT_DIR);
     let list = super::checkpoint::list(&dir);
-    let (_, path) = list.last().ok_or(ModelError::NoCheckpoint(dir.clone()))?;
-    Ok(super::checkpoint::load(path)?.state.spec)
+    let mut newest_error = None;
+    // The newest checkpoint that loads: a corrupt newest one (a crash while
+    // it was written) does not hide the run.
+    for (_, path) in list.iter().rev() {
+        match super::checkpoint::load(path) {
+            Ok(ck) => return Ok(ck.state.spec),
+            Err(e) => {
+                newest_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(match newest_error {
+        Some(e) => e.into(),
+        None => ModelError::NoCheckpoint(dir),
+    })
 }
 
 /// The embedded model's config (`tables/defaults.toml`, `[embedded]`).
