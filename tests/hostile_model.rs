@@ -209,6 +209,13 @@ fn special_files_are_refused_by_name_without_hanging() {
     let t = Instant::now();
     let out = run(dir.path(), &m, false);
     refused(&out, t, &["tokenizer_config.json", "a directory"]);
+    // A regular file whose read fails (the sessions run as root, so a
+    // permission bit cannot make one; /proc/self/mem at offset 0 gives EIO).
+    std::fs::remove_dir(&tc).unwrap();
+    std::os::unix::fs::symlink("/proc/self/mem", &tc).unwrap();
+    let t = Instant::now();
+    let out = run(dir.path(), &m, false);
+    refused(&out, t, &["tokenizer_config.json", "cannot read"]);
     // A --config file that is a FIFO, and a saved profile that is /dev/zero.
     let cfg = dir.path().join("run.toml");
     fifo(&cfg);
