@@ -343,15 +343,17 @@ fn known_architectures(t: &Tables) -> TokenStream {
             KnownArchitecture {
                 id: #id,
                 names: &[ #( #names ),* ],
-                layers: #layers,
-                hidden: #hidden,
-                intermediate: #inter,
-                heads: #heads,
-                kv_heads: #kv,
-                head_dim: #head_dim,
-                vocab: #vocab,
-                tied: #tied,
-                qkv_bias: #bias,
+                shape: crate::memory::Architecture {
+                    layers: #layers,
+                    hidden: #hidden,
+                    intermediate: #inter,
+                    heads: #heads,
+                    kv_heads: #kv,
+                    head_dim: #head_dim,
+                    vocab: #vocab,
+                    tied: #tied,
+                    qkv_bias: #bias,
+                },
             }
         }
     });

@@ -109,17 +109,7 @@ impl Architecture {
 
     /// The architecture of a row of `tables/known_models.toml`.
     pub fn from_known(k: &crate::tables::KnownArchitecture) -> Self {
-        Self {
-            layers: k.layers,
-            hidden: k.hidden,
-            intermediate: k.intermediate,
-            heads: k.heads,
-            kv_heads: k.kv_heads,
-            head_dim: k.head_dim,
-            vocab: k.vocab,
-            tied: k.tied,
-            qkv_bias: k.qkv_bias,
-        }
+        k.shape
     }
 
     fn reference(s: &crate::tables::ReferenceShape) -> Self {

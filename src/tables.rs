@@ -177,24 +177,8 @@ pub struct KnownArchitecture {
     pub id: &'static str,
     /// The names it answers to, lower case (`qwen2.5-14b`).
     pub names: &'static [&'static str],
-    /// Decoder blocks.
-    pub layers: u64,
-    /// Width.
-    pub hidden: u64,
-    /// SwiGLU width.
-    pub intermediate: u64,
-    /// Query heads.
-    pub heads: u64,
-    /// Key/value heads.
-    pub kv_heads: u64,
-    /// Width of one head.
-    pub head_dim: u64,
-    /// Vocabulary.
-    pub vocab: u64,
-    /// `lm_head` shares the embedding matrix.
-    pub tied: bool,
-    /// Biases on q, k and v.
-    pub qkv_bias: bool,
+    /// Its shape, as the memory model sizes it.
+    pub shape: crate::memory::Architecture,
 }
 
 /// A published architecture the memory model sizes unknown models by

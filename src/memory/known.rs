@@ -46,7 +46,7 @@ fn matches(segment: &[u8], key: &[u8]) -> bool {
 /// ```
 /// use qlora_scale::memory::known_architecture;
 /// let a = known_architecture("unsloth/Qwen2.5-14B-Instruct-bnb-4bit").unwrap();
-/// assert_eq!((a.layers, a.kv_heads, a.vocab), (48, 8, 152064));
+/// assert_eq!((a.shape.layers, a.shape.kv_heads, a.shape.vocab), (48, 8, 152064));
 /// assert_eq!(known_architecture("meta-llama/Meta-Llama-3.1-8B-Instruct").unwrap().id,
 ///            "meta-llama/Llama-3.1-8B");
 /// // Phi-4-mini is another model than Phi-4: no suffix word "mini".

@@ -434,12 +434,7 @@ where
     if let (Record::Messages { messages }, Some(chat)) = (record, tok.chat_template()) {
         let segments = chat
             .segments(messages)
-            .map_err(|message| TokenizerError::Render {
-                path: chat
-                    .origin()
-                    .map_or_else(|| "chat template".into(), Path::to_path_buf),
-                message,
-            })?;
+            .map_err(|message| TokenizerError::render(chat, message))?;
         // The template writes BOS itself when it wants one.
         let writes_bos = chat.bos_text().is_some_and(|b| {
             !b.is_empty() && segments.first().is_some_and(|(s, _)| s.starts_with(b))

@@ -160,12 +160,7 @@ pub fn prompt_ids(tok: &Tokenizer, prompt: &Prompt) -> Result<Vec<u32>, Generate
     };
     let text = chat
         .render(&messages, true)
-        .map_err(|message| TokenizerError::Render {
-            path: chat
-                .origin()
-                .map_or_else(|| "chat template".into(), Path::to_path_buf),
-            message,
-        })?;
+        .map_err(|message| TokenizerError::render(chat, message))?;
     let writes_bos = chat
         .bos_text()
         .is_some_and(|b| !b.is_empty() && text.starts_with(b));

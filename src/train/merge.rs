@@ -580,17 +580,8 @@ fn write_config(
     out: &Path,
     torch_dtype: &str,
 ) -> Result<(), ModelError> {
-    let path = out.join("config.json");
     let v = merged_config(spec, config, torch_dtype)?;
-    let mut text = serde_json::to_vec_pretty(&v).map_err(|e| ModelError::Write {
-        path: path.clone(),
-        source: e.into(),
-    })?;
-    text.push(b'\n');
-    write_atomic(&path, &text).map_err(|e| ModelError::Write {
-        path,
-        source: e.into(),
-    })
+    super::model::write_json(&out.join("config.json"), &v)
 }
 
 /// Copies the [`COPIED_FILES`] that `base` has into `out`, each read with

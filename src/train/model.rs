@@ -299,16 +299,18 @@ pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<
         "fan_in_fan_out": false,
         "inference_mode": true,
     });
-    let path = dir.join(ADAPTER_CONFIG);
-    let mut text = serde_json::to_vec_pretty(&config).map_err(|e| ModelError::Write {
-        path: path.clone(),
-        source: e.into(),
-    })?;
+    write_json(&dir.join(ADAPTER_CONFIG), &config)
+}
+
+/// Writes `value` as pretty JSON with a final newline to `path`, atomically.
+pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), ModelError> {
+    let write_error = |e: Box<dyn std::error::Error + Send + Sync>| ModelError::Write {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| write_error(e.into()))?;
     text.push(b'\n');
-    write_atomic(&path, &text).map_err(|e| ModelError::Write {
-        path,
-        source: e.into(),
-    })
+    write_atomic(path, &text).map_err(|e| write_error(e.into()))
 }
 
 /// Reads `dir/adapter_model.safetensors`: the adapter's tensors under

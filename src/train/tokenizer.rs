@@ -72,6 +72,19 @@ pub enum TokenizerError {
     },
 }
 
+impl TokenizerError {
+    /// `chat`'s failure on a conversation, named by the file the template
+    /// came from.
+    pub(crate) fn render(chat: &super::chat::ChatTemplate, message: String) -> Self {
+        TokenizerError::Render {
+            path: chat
+                .origin()
+                .map_or_else(|| "chat template".into(), Path::to_path_buf),
+            message,
+        }
+    }
+}
+
 /// A tokenizer.
 #[derive(Clone)]
 pub enum Tokenizer {
