@@ -64,9 +64,45 @@ fn bf16_and_plain_matmul_gradients_equal_dense_f32() {
 
 #[test]
 fn gradients_match_central_finite_differences_in_f64() {
-    let cfg = tiny_cfg(2);
-    let w = prequantized(&cfg, 9, FrozenStorage::Nf4);
-    let model = build(&cfg, &w, FrozenStorage::Nf4, DType::F64, false, lora(0.0));
+    finite_differences(&tiny_cfg(2));
+}
+
+/// A tiny Gemma 2: soft caps small enough to bend the scores and logits,
+/// a window shorter than the batch's rows on the first block.
+fn tiny_gemma2() -> qlora_scale::qlora::LlamaConfig {
+    let mut cfg = tiny_cfg(2);
+    cfg.model_type = Some("gemma2".into());
+    cfg.query_pre_attn_scalar = Some(6.0);
+    cfg.attn_logit_softcapping = Some(Some(0.5));
+    cfg.final_logit_softcapping = Some(Some(2.0));
+    cfg.sliding_window = Some(3);
+    cfg.layer_types = Some(vec!["sliding_attention".into(), "full_attention".into()]);
+    cfg
+}
+
+#[test]
+fn gemma2_gradients_match_central_finite_differences_in_f64() {
+    finite_differences(&tiny_gemma2());
+}
+
+#[test]
+fn gemma2_nf4_and_checkpointed_gradients_equal_dense() {
+    let cfg = tiny_gemma2();
+    let w = prequantized(&cfg, 4, FrozenStorage::Nf4);
+    let q = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, false, lora(0.2));
+    let c = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, true, lora(0.2));
+    let d = build(&cfg, &w, FrozenStorage::F32, DType::F32, false, lora(0.2));
+    let gq = lora_grads(&q, Some(3));
+    assert_eq!(gq.len(), 28);
+    compare(&gq, &lora_grads(&d, Some(3)), 1e-5).unwrap();
+    compare(&gq, &lora_grads(&c, Some(3)), 1e-6).unwrap();
+}
+
+/// The first and last element of every `A` and `B` of `cfg`'s two blocks:
+/// the analytic gradient equals a central finite difference (f64).
+fn finite_differences(cfg: &qlora_scale::qlora::LlamaConfig) {
+    let w = prequantized(cfg, 9, FrozenStorage::Nf4);
+    let model = build(cfg, &w, FrozenStorage::Nf4, DType::F64, false, lora(0.0));
     let grads = lora_grads(&model, None);
     let vars = model.trainable_vars();
     let eps = 1e-6;

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use qlora_common::*;
 use qlora_scale::qlora::{
-    FrozenStorage, LlamaModel, LoadError, ModelOptions, SafetensorsDir, read_config,
+    FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, SafetensorsDir, read_config,
 };
 
 fn write_checkpoint(
@@ -207,4 +207,63 @@ fn rope_parameters_read_like_rope_theta_and_rope_scaling() {
     let plain =
         read(serde_json::json!({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}));
     assert_eq!((plain.rope_theta, plain.rope_scaling), (1e6, None));
+}
+
+/// The Gemma 2 parity fixture's `config.json` with `edit` applied, read as
+/// `train` reads it.
+fn read_gemma(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<LlamaConfig, String> {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    read_config(dir.path()).map_err(|e| e.to_string())
+}
+
+/// Gemma 2: a config without `layer_types` alternates sliding and full
+/// attention as transformers does; a missing soft cap is named rather than
+/// guessed, a `null` one is off; another activation is refused.
+#[test]
+fn gemma2_configs_are_read_as_transformers_reads_them() {
+    let c = read_gemma("gemma2", |c| {
+        c.as_object_mut().unwrap().remove("layer_types");
+        c["num_hidden_layers"] = serde_json::json!(3);
+    })
+    .unwrap();
+    let windows: Vec<_> = (0..3).map(|l| c.layer_window(l)).collect();
+    assert_eq!(windows, [Some(6), None, Some(6)]);
+    let c = read_gemma("gemma2", |c| {
+        c["final_logit_softcapping"] = serde_json::Value::Null
+    })
+    .unwrap();
+    assert_eq!(c.final_logit_softcapping, Some(None));
+    assert_eq!(c.attn_logit_softcapping, Some(Some(50.0)));
+    for key in [
+        "attn_logit_softcapping",
+        "query_pre_attn_scalar",
+        "hidden_activation",
+    ] {
+        let err = read_gemma("gemma2", |c| {
+            c.as_object_mut().unwrap().remove(key);
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("config.json") && err.contains(key) && err.contains("absent"),
+            "{err}"
+        );
+    }
+    let err = read_gemma("gemma2", |c| {
+        c["hidden_activation"] = serde_json::json!("gelu")
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("hidden_activation") && err.contains("gelu_pytorch_tanh"),
+        "{err}"
+    );
 }

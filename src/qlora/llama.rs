@@ -55,6 +55,16 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<usize>,
 }
 
+impl RopeScaling {
+    /// The kind: `rope_type`, else `type`, else `default`.
+    pub fn kind(&self) -> &str {
+        self.rope_type
+            .as_deref()
+            .or(self.kind.as_deref())
+            .unwrap_or("default")
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -129,6 +139,85 @@ pub struct LlamaConfig {
     /// Biases on the MLP's projections; not built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_bias: Option<bool>,
+    /// Gemma: the MLP's activation (Gemma reads this key, not `hidden_act`);
+    /// only `gelu_pytorch_tanh` is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scores are scaled by `query_pre_attn_scalar^-0.5`
+    /// instead of `head_dim^-0.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma: attention scores become `tanh(x / c) * c` before the mask.
+    /// Outer `None`: the key is absent; `Some(None)`: it is `null` (off).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub attn_logit_softcapping: Option<Option<f64>>,
+    /// Gemma: logits become `tanh(x / c) * c`; absent and `null` as above.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub final_logit_softcapping: Option<Option<f64>>,
+    /// Gemma 3 (configs before `rope_parameters`): the RoPE base of the
+    /// sliding-window layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3 (configs without `layer_types`): every `n`-th layer is full
+    /// attention, the others slide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma: attention without the causal mask; not built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+/// One RoPE of `rope_parameters` (the whole map, or one layer type's
+/// entry): its base when given, its scaling unless `default`.
+pub(crate) fn rope_entry(
+    v: &serde_json::Value,
+) -> Result<(Option<f64>, Option<RopeScaling>), serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Flat {
+        rope_theta: Option<f64>,
+        #[serde(flatten)]
+        scaling: RopeScaling,
+    }
+    let flat: Flat = serde_json::from_value(v.clone())?;
+    let scaling = (flat.scaling.kind() != "default").then_some(flat.scaling);
+    Ok((flat.rope_theta, scaling))
+}
+
+/// Deserializes a key that may be `null` into `Some(None)`, so that with
+/// `#[serde(default)]` an absent key (`None`) differs from a `null` one.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
+}
+
+/// The norms of a Llama block, in [`Block`] order: before attention,
+/// before the MLP.
+const LLAMA_NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+
+/// The norms of a Gemma block, in [`Block`] order: before attention, before
+/// the MLP, after attention, after the MLP (Gemma's
+/// `post_attention_layernorm` follows attention, unlike Llama's).
+const GEMMA_NORMS: [&str; 4] = [
+    "input_layernorm",
+    "pre_feedforward_layernorm",
+    "post_attention_layernorm",
+    "post_feedforward_layernorm",
+];
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (Llama, Mistral, Qwen, Phi-3).
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`, Gemma).
+    GeluTanh,
 }
 
 impl LlamaConfig {
@@ -157,7 +246,53 @@ impl LlamaConfig {
             layer_types: None,
             hidden_act: None,
             mlp_bias: None,
+            hidden_activation: None,
+            query_pre_attn_scalar: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_local_base_freq: None,
+            sliding_window_pattern: None,
+            use_bidirectional_attention: None,
         }
+    }
+
+    /// Whether this is a Gemma (`gemma2`, `gemma3_text`): scaled embeddings,
+    /// `(1 + w)` norms, four norms per block, GELU.
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.model_type.as_deref(), Some("gemma2" | "gemma3_text"))
+    }
+
+    /// The norm weights of a block under their HF names, in [`Block`]
+    /// order.
+    pub fn block_norm_names(&self) -> &'static [&'static str] {
+        if self.is_gemma() {
+            &GEMMA_NORMS
+        } else {
+            &LLAMA_NORMS
+        }
+    }
+
+    /// The MLP's activation.
+    pub fn activation(&self) -> Activation {
+        if self.is_gemma() {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        }
+    }
+
+    /// The factor of attention scores: `query_pre_attn_scalar^-0.5` when
+    /// given (Gemma), else `head_dim^-0.5`.
+    pub fn attention_scale(&self) -> f64 {
+        let d = self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_width() as f64);
+        1.0 / d.sqrt()
+    }
+
+    /// The factor of the embeddings: `sqrt(hidden_size)` for Gemma.
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.is_gemma().then(|| (self.hidden_size as f64).sqrt())
     }
 
     /// The sliding window of block `layer`, `None` for full attention:
@@ -195,7 +330,7 @@ impl LlamaConfig {
     /// Whether each head's queries and keys go through an RMSNorm of the
     /// head width before RoPE (Qwen3's `q_norm` and `k_norm`).
     pub fn has_qk_norm(&self) -> bool {
-        self.model_type.as_deref() == Some("qwen3")
+        matches!(self.model_type.as_deref(), Some("qwen3" | "gemma3_text"))
     }
 
     /// `(out, in)` of a block's linear layer.
@@ -229,14 +364,9 @@ impl LlamaConfig {
         }
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            v.push((
-                format!("{p}.input_layernorm.weight"),
-                vec![self.hidden_size],
-            ));
-            v.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![self.hidden_size],
-            ));
+            for n in self.block_norm_names() {
+                v.push((format!("{p}.{n}.weight"), vec![self.hidden_size]));
+            }
             if self.has_qk_norm() {
                 for n in QK_NORMS {
                     v.push((format!("{p}.{n}.weight"), vec![self.head_width()]));
@@ -275,45 +405,75 @@ impl LlamaConfig {
     /// The kind of `rope_scaling` (`rope_type`, else `type`), when there
     /// is one.
     pub fn rope_scaling_kind(&self) -> Option<&str> {
-        let s = self.rope_scaling.as_ref()?;
-        Some(
-            s.rope_type
-                .as_deref()
-                .or(s.kind.as_deref())
-                .unwrap_or("default"),
-        )
+        self.rope_scaling.as_ref().map(RopeScaling::kind)
     }
 
     /// RoPE inverse frequencies, with `rope_scaling` applied.
     pub fn rope_inv_freq(&self) -> Result<Vec<f64>, LoadError> {
-        let d = self.head_width();
-        let mut inv: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
-            .collect();
-        if let (Some(s), Some(kind)) = (&self.rope_scaling, self.rope_scaling_kind()) {
-            match kind {
-                "default" => {}
-                "linear" => inv.iter_mut().for_each(|f| *f /= s.factor),
-                "llama3" => {
-                    let low = s.low_freq_factor.unwrap_or(1.0);
-                    let high = s.high_freq_factor.unwrap_or(4.0);
-                    let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
-                    let (low_wl, high_wl) = (old / low, old / high);
-                    for f in inv.iter_mut() {
-                        let wl = 2.0 * std::f64::consts::PI / *f;
-                        if wl > low_wl {
-                            *f /= s.factor;
-                        } else if wl >= high_wl {
-                            let smooth = (old / wl - low) / (high - low);
-                            *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
-                        }
+        inv_freq(
+            self.head_width(),
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+        )
+    }
+
+    /// The RoPE base and scaling of the sliding-window layers when they have
+    /// their own (`gemma3_text`): `rope_parameters`' `sliding_attention`
+    /// entry, else `rope_local_base_freq` (older configs). Derived from the
+    /// config as read, so that it is saved and compared with it.
+    pub fn sliding_rope(&self) -> Option<(f64, Option<RopeScaling>)> {
+        if self.model_type.as_deref() != Some("gemma3_text") {
+            return None;
+        }
+        let entry = self.rope_parameters.as_ref()?.get("sliding_attention");
+        match entry {
+            Some(v) => match rope_entry(v).ok()? {
+                (Some(theta), scaling) => Some((theta, scaling)),
+                (None, _) => None,
+            },
+            None => self.rope_local_base_freq.map(|theta| (theta, None)),
+        }
+    }
+
+    /// RoPE inverse frequencies of the sliding-window layers when they have
+    /// their own RoPE (Gemma 3).
+    pub fn sliding_rope_inv_freq(&self) -> Result<Option<Vec<f64>>, LoadError> {
+        self.sliding_rope()
+            .as_ref()
+            .map(|(theta, s)| inv_freq(self.head_width(), *theta, s.as_ref()))
+            .transpose()
+    }
+}
+
+/// RoPE inverse frequencies of a head width `d`, base `theta`, with
+/// `scaling` applied.
+fn inv_freq(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Result<Vec<f64>, LoadError> {
+    let mut inv: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+        .collect();
+    if let Some(s) = scaling {
+        match s.kind() {
+            "default" => {}
+            "linear" => inv.iter_mut().for_each(|f| *f /= s.factor),
+            "llama3" => {
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let (low_wl, high_wl) = (old / low, old / high);
+                for f in inv.iter_mut() {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl > low_wl {
+                        *f /= s.factor;
+                    } else if wl >= high_wl {
+                        let smooth = (old / wl - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
                     }
                 }
-                other => return Err(LoadError::UnsupportedRopeScaling(other.to_string())),
             }
+            other => return Err(LoadError::UnsupportedRopeScaling(other.to_string())),
         }
-        Ok(inv)
     }
+    Ok(inv)
 }
 
 /// A [`WeightSource`] that generates seeded random weights on demand, one
@@ -405,11 +565,14 @@ pub(crate) struct BlockCtx {
     pub mask: Tensor,
     /// The same for sliding-window blocks, when the model has any.
     pub window_mask: Option<Tensor>,
+    /// RoPE's `(cos, sin)` of sliding-window blocks when they have their own
+    /// (Gemma 3).
+    pub sliding_rope: Option<(Tensor, Tensor)>,
     /// `(p, seed)` of the LoRA dropout, in training.
     pub dropout: Option<(f32, u64)>,
 }
 
-/// Qwen3's per-head norms of queries and keys, under `self_attn`.
+/// The per-head norms of queries and keys (Qwen3, Gemma 3), under `self_attn`.
 const QK_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
 
 /// The additive mask's value for a key a query may not see. Large and
@@ -463,12 +626,44 @@ impl KvCache {
     }
 }
 
+/// An RMSNorm weight as stored, and the factor it applies: the weight
+/// itself, or `1 + w` for Gemma (whose checkpoints store `w` near 0).
+#[derive(Debug, Clone)]
+struct Norm {
+    stored: Tensor,
+    factor: Tensor,
+}
+
+impl Norm {
+    fn new(stored: Tensor, plus_one: bool) -> candle_core::Result<Self> {
+        let factor = if plus_one {
+            (&stored + 1.0)?
+        } else {
+            stored.clone()
+        };
+        Ok(Self { stored, factor })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+        rms_norm(x, &self.factor, eps)
+    }
+}
+
+/// `tanh(x / cap) * cap` (Gemma's soft-capping), or `x` without a cap.
+fn soft_cap(x: Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x),
+    }
+}
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
     index: usize,
-    ln1: Tensor,
-    ln2: Tensor,
+    /// In [`LlamaConfig::block_norm_names`] order: before attention, before
+    /// the MLP, then (Gemma) after attention and after the MLP.
+    norms: Vec<Norm>,
     /// In [`LoraTarget::ALL`] order.
     linears: Vec<LoraLinear>,
     heads: usize,
@@ -477,8 +672,14 @@ pub struct Block {
     eps: f64,
     /// Attends through [`BlockCtx::window_mask`] (a sliding-window block).
     sliding: bool,
-    /// Qwen3: RMSNorm weights `(head_dim)` of queries and keys per head.
-    qk_norm: Option<[Tensor; 2]>,
+    /// Qwen3, Gemma 3: RMSNorm weights `(head_dim)` of queries and keys
+    /// per head.
+    qk_norm: Option<[Norm; 2]>,
+    act: Activation,
+    /// Factor of the attention scores.
+    scale: f64,
+    /// Gemma 2: soft cap of the attention scores.
+    softcap: Option<f64>,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -547,7 +748,7 @@ impl Block {
             };
             l.forward_with(h, ab, mask.as_ref())
         };
-        let h = rms_norm(x, &self.ln1, self.eps)?;
+        let h = self.norms[0].forward(x, self.eps)?;
         let q = lin(0, &h)?;
         let k = lin(1, &h)?;
         let v = lin(2, &h)?;
@@ -558,11 +759,15 @@ impl Block {
         };
         let (mut q, mut k) = (heads(q, self.heads)?, heads(k, self.kv_heads)?);
         if let Some([qn, kn]) = &self.qk_norm {
-            q = rms_norm(&q, qn, self.eps)?;
-            k = rms_norm(&k, kn, self.eps)?;
+            q = qn.forward(&q, self.eps)?;
+            k = kn.forward(&k, self.eps)?;
         }
-        let q = candle_nn::rotary_emb::rope_slow(&q, &ctx.cos, &ctx.sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &ctx.cos, &ctx.sin)?;
+        let (cos, sin) = match (&ctx.sliding_rope, self.sliding) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&ctx.cos, &ctx.sin),
+        };
+        let q = candle_nn::rotary_emb::rope_slow(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&k, cos, sin)?;
         let v = heads(v, self.kv_heads)?;
         let (k, v) = match cache {
             Some(c) => c.append(k, v)?,
@@ -571,8 +776,8 @@ impl Block {
         let rep = self.heads / self.kv_heads;
         let k = repeat_kv(k.contiguous()?, rep)?;
         let v = repeat_kv(v, rep)?;
-        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)?
-            * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+        let att = soft_cap(att, self.softcap)?;
         let mask = match (&ctx.window_mask, self.sliding) {
             (Some(w), true) => w,
             _ => &ctx.mask,
@@ -583,10 +788,23 @@ impl Block {
             t,
             self.heads * self.head_dim,
         ))?;
-        let x = (x + lin(3, &o)?)?;
-        let h = rms_norm(&x, &self.ln2, self.eps)?;
-        let g = (lin(4, &h)?.silu()? * lin(5, &h)?)?;
-        x + lin(6, &g)?
+        let x = (x + self.post_norm(0, lin(3, &o)?)?)?;
+        let h = self.norms[1].forward(&x, self.eps)?;
+        let gate = match self.act {
+            Activation::Silu => lin(4, &h)?.silu()?,
+            Activation::GeluTanh => lin(4, &h)?.gelu()?,
+        };
+        let g = (gate * lin(5, &h)?)?;
+        x + self.post_norm(1, lin(6, &g)?)?
+    }
+
+    /// `y` through the block's `i`-th norm after a sublayer (Gemma's
+    /// post-attention and post-MLP norms), or `y` when it has none.
+    fn post_norm(&self, i: usize, y: Tensor) -> candle_core::Result<Tensor> {
+        match self.norms.get(2 + i) {
+            Some(n) => n.forward(&y, self.eps),
+            None => Ok(y),
+        }
     }
 }
 
@@ -596,10 +814,12 @@ pub struct LlamaModel {
     options: ModelOptions,
     embed: Arc<FrozenWeight>,
     blocks: Vec<Arc<Block>>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: FrozenLinear,
     varmap: VarMap,
     inv_freq: Vec<f64>,
+    /// RoPE of the sliding-window blocks when they have their own (Gemma 3).
+    sliding_inv_freq: Option<Vec<f64>>,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -663,7 +883,11 @@ impl LlamaModel {
         } else {
             FrozenLinear::from_weight(Arc::new(frozen("lm_head.weight", hs)?), hs)
         };
-        let norm = get("model.norm.weight")?.to_dtype(dt)?;
+        let plus_one = config.is_gemma();
+        let norm_of = |name: &str| -> Result<Norm, LoadError> {
+            Ok(Norm::new(get(name)?.to_dtype(dt)?, plus_one)?)
+        };
+        let norm = norm_of("model.norm.weight")?;
         let lora = &options.lora;
         let mut rng = StdRng::seed_from_u64(lora.seed);
         let varmap = VarMap::new();
@@ -700,8 +924,11 @@ impl LlamaModel {
             }
             blocks.push(Arc::new(Block {
                 index: l,
-                ln1: get(&format!("{p}.input_layernorm.weight"))?.to_dtype(dt)?,
-                ln2: get(&format!("{p}.post_attention_layernorm.weight"))?.to_dtype(dt)?,
+                norms: config
+                    .block_norm_names()
+                    .iter()
+                    .map(|n| norm_of(&format!("{p}.{n}.weight")))
+                    .collect::<Result<_, _>>()?,
                 linears,
                 heads: config.num_attention_heads,
                 kv_heads: config.kv_heads(),
@@ -709,13 +936,14 @@ impl LlamaModel {
                 eps: config.rms_norm_eps,
                 sliding: config.layer_window(l).is_some(),
                 qk_norm: if config.has_qk_norm() {
-                    let norm = |n: &str| -> Result<Tensor, LoadError> {
-                        Ok(get(&format!("{p}.{n}.weight"))?.to_dtype(dt)?)
-                    };
+                    let norm = |n: &str| norm_of(&format!("{p}.{n}.weight"));
                     Some([norm(QK_NORMS[0])?, norm(QK_NORMS[1])?])
                 } else {
                     None
                 },
+                act: config.activation(),
+                scale: config.attention_scale(),
+                softcap: config.attn_logit_softcapping.flatten(),
             }));
         }
         Ok(Self {
@@ -727,6 +955,7 @@ impl LlamaModel {
             lm_head,
             varmap,
             inv_freq: config.rope_inv_freq()?,
+            sliding_inv_freq: config.sliding_rope_inv_freq()?,
         })
     }
 
@@ -798,14 +1027,16 @@ impl LlamaModel {
                 self.lm_head.weight().dequantize(DType::F32, dev)?,
             );
         }
-        out.insert("model.norm.weight".into(), f32(&self.norm)?);
+        // Norms as stored (Gemma's `w`, not `1 + w`).
+        out.insert("model.norm.weight".into(), f32(&self.norm.stored)?);
         for b in &self.blocks {
             let p = format!("model.layers.{}", b.index);
-            out.insert(format!("{p}.input_layernorm.weight"), f32(&b.ln1)?);
-            out.insert(format!("{p}.post_attention_layernorm.weight"), f32(&b.ln2)?);
+            for (n, w) in self.config.block_norm_names().iter().zip(&b.norms) {
+                out.insert(format!("{p}.{n}.weight"), f32(&w.stored)?);
+            }
             if let Some(norms) = &b.qk_norm {
                 for (n, w) in QK_NORMS.iter().zip(norms) {
-                    out.insert(format!("{p}.{n}.weight"), f32(w)?);
+                    out.insert(format!("{p}.{n}.weight"), f32(&w.stored)?);
                 }
             }
             for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
@@ -841,13 +1072,19 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// RoPE's cos and sin `(t, head_dim / 2)` for positions `start..start + t`.
-    fn rope_tables(&self, start: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    /// RoPE's cos and sin `(t, head_dim / 2)` of inverse frequencies
+    /// `inv_freq` for positions `start..start + t`.
+    fn rope_tables(
+        &self,
+        inv_freq: &[f64],
+        start: usize,
+        t: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for p in start..start + t {
-            for f in &self.inv_freq {
+            for f in inv_freq {
                 let a = p as f64 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -909,7 +1146,11 @@ impl LlamaModel {
         attention_mask: Option<&Tensor>,
         dropout: Option<(f32, u64)>,
     ) -> candle_core::Result<BlockCtx> {
-        let (cos, sin) = self.rope_tables(past, t)?;
+        let (cos, sin) = self.rope_tables(&self.inv_freq, past, t)?;
+        let sliding_rope = match &self.sliding_inv_freq {
+            Some(inv) => Some(self.rope_tables(inv, past, t)?),
+            None => None,
+        };
         let window_mask = match self.sliding_window(past + t) {
             Some(w) => Some(self.additive_mask(b, (past, t), attention_mask, Some(w))?),
             None => None,
@@ -919,21 +1160,32 @@ impl LlamaModel {
             sin,
             mask: self.additive_mask(b, (past, t), attention_mask, None)?,
             window_mask,
+            sliding_rope,
             dropout,
         })
     }
 
     /// The embeddings `(b, t, hidden)` of `ids`.
+    /// Gemma scales them by `sqrt(hidden_size)`.
     fn embed_ids(&self, ids: &[u32], (b, t): (usize, usize)) -> candle_core::Result<Tensor> {
-        self.embed
+        let x = self
+            .embed
             .rows(ids, self.options.dtype, &self.options.device)?
-            .reshape((b, t, self.config.hidden_size))
+            .reshape((b, t, self.config.hidden_size))?;
+        match self.config.embed_scale() {
+            Some(s) => x * s,
+            None => Ok(x),
+        }
     }
 
-    /// The final norm and the head: logits of the last hidden states.
+    /// The final norm and the head: logits of the last hidden states
+    /// (soft-capped for Gemma 2).
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
-        self.lm_head.forward(&x)
+        let x = self.norm.forward(x, self.config.rms_norm_eps)?;
+        soft_cap(
+            self.lm_head.forward(&x)?,
+            self.config.final_logit_softcapping.flatten(),
+        )
     }
 
     /// Logits `(b, t, vocab)` for `input_ids` `(b, t)` (`u32`).
