@@ -85,6 +85,26 @@ fn gemma2_gradients_match_central_finite_differences_in_f64() {
     finite_differences(&tiny_gemma2());
 }
 
+/// A tiny Gemma 3: query and key norms, a RoPE base per layer type.
+fn tiny_gemma3() -> qlora_scale::qlora::LlamaConfig {
+    let mut cfg = tiny_gemma2();
+    cfg.model_type = Some("gemma3_text".into());
+    (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) = (None, None);
+    cfg.rope_parameters = Some(serde_json::json!({
+        "full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+        "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+    }));
+    cfg.rope_theta = 1e6;
+    cfg
+}
+
+#[test]
+fn gemma3_gradients_match_central_finite_differences_in_f64() {
+    let cfg = tiny_gemma3();
+    assert!(cfg.has_qk_norm() && cfg.sliding_rope().is_some());
+    finite_differences(&cfg);
+}
+
 #[test]
 fn gemma2_nf4_and_checkpointed_gradients_equal_dense() {
     let cfg = tiny_gemma2();

@@ -121,6 +121,18 @@ fn cached_logits_equal_the_full_forward_for_gemma2() {
 }
 
 #[test]
+fn cached_logits_equal_the_full_forward_for_gemma3() {
+    // Query and key norms; the sliding block's RoPE is not the full one's.
+    let cfg = fixture_config("gemma3");
+    let (local, global) = (
+        cfg.sliding_rope_inv_freq().unwrap().unwrap(),
+        cfg.rope_inv_freq().unwrap(),
+    );
+    assert_ne!(local, global);
+    check(&cfg);
+}
+
+#[test]
 fn cached_logits_equal_the_full_forward_with_biases_and_rope_scaling() {
     let mut cfg = tiny_cfg(1);
     cfg.num_key_value_heads = Some(1);

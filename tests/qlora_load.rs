@@ -209,7 +209,7 @@ fn rope_parameters_read_like_rope_theta_and_rope_scaling() {
     assert_eq!((plain.rope_theta, plain.rope_scaling), (1e6, None));
 }
 
-/// The Gemma 2 parity fixture's `config.json` with `edit` applied, read as
+/// The `config.json` of the parity fixture `name` with `edit` applied, read as
 /// `train` reads it.
 fn read_gemma(
     name: &str,
@@ -264,6 +264,50 @@ fn gemma2_configs_are_read_as_transformers_reads_them() {
     .unwrap_err();
     assert!(
         err.contains("hidden_activation") && err.contains("gelu_pytorch_tanh"),
+        "{err}"
+    );
+}
+
+/// Gemma 3: the flat RoPE keys of configs before transformers 5
+/// (`rope_theta`, `rope_local_base_freq`) and `sliding_window_pattern` give
+/// what `rope_parameters` per layer type and `layer_types` give; a missing
+/// entry or base is named.
+#[test]
+fn gemma3_configs_old_and_new_give_the_same_model() {
+    let new = read_gemma("gemma3", |_| {}).unwrap();
+    let old = read_gemma("gemma3", |c| {
+        let m = c.as_object_mut().unwrap();
+        m.remove("rope_parameters");
+        m.remove("layer_types");
+        m.insert("rope_theta".into(), serde_json::json!(1e6));
+        m.insert("rope_local_base_freq".into(), serde_json::json!(1e4));
+        m.insert("sliding_window_pattern".into(), serde_json::json!(2));
+    })
+    .unwrap();
+    assert_eq!(old.layer_types, new.layer_types);
+    assert_eq!(old.rope_inv_freq().unwrap(), new.rope_inv_freq().unwrap());
+    let local = new.sliding_rope_inv_freq().unwrap().unwrap();
+    assert_eq!(old.sliding_rope_inv_freq().unwrap().unwrap(), local);
+    assert_ne!(local, new.rope_inv_freq().unwrap());
+    let err = read_gemma("gemma3", |c| {
+        c["rope_parameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sliding_attention");
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("rope_parameters") && err.contains("sliding_attention"),
+        "{err}"
+    );
+    let err = read_gemma("gemma3", |c| {
+        let m = c.as_object_mut().unwrap();
+        m.remove("rope_parameters");
+        m.insert("rope_theta".into(), serde_json::json!(1e6));
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("rope_local_base_freq") && err.contains("absent"),
         "{err}"
     );
 }

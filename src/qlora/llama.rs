@@ -425,7 +425,10 @@ impl LlamaConfig {
         if self.model_type.as_deref() != Some("gemma3_text") {
             return None;
         }
-        let entry = self.rope_parameters.as_ref()?.get("sliding_attention");
+        let entry = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("sliding_attention"));
         match entry {
             Some(v) => match rope_entry(v).ok()? {
                 (Some(theta), scaling) => Some((theta, scaling)),

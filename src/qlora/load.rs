@@ -439,7 +439,14 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
 }
 
 /// The `model_type`s whose folders `train` builds.
-pub const MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gemma2"];
+pub const MODEL_TYPES: [&str; 6] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+];
 
 /// Gemma's keys whose transformers defaults this crate does not assume: a
 /// config must give them (the released ones all do). `gemma2` also needs
