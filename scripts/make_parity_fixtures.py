@@ -97,6 +97,16 @@ def configs():
             t.Gemma3ForCausalLM,
         ),
         ("phi3", t.Phi3Config(**COMMON, tie_word_embeddings=False), t.Phi3ForCausalLM),
+        (
+            "phi3_partial",
+            t.Phi3Config(
+                **COMMON,
+                tie_word_embeddings=False,
+                partial_rotary_factor=0.5,
+                sliding_window=WINDOW,
+            ),
+            t.Phi3ForCausalLM,
+        ),
     ]
 
 

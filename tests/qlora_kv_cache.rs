@@ -133,6 +133,18 @@ fn cached_logits_equal_the_full_forward_for_gemma3() {
 }
 
 #[test]
+fn cached_logits_equal_the_full_forward_for_phi3() {
+    let cfg = fixture_config("phi3");
+    assert_eq!(cfg.projections().len(), 4);
+    check(&cfg);
+    // RoPE on half of each head (4 of 8), the rest unrotated.
+    let mut cfg = cfg;
+    cfg.partial_rotary_factor = Some(0.5);
+    assert_eq!(cfg.rotary_dim(), 4);
+    check(&cfg);
+}
+
+#[test]
 fn cached_logits_equal_the_full_forward_with_biases_and_rope_scaling() {
     let mut cfg = tiny_cfg(1);
     cfg.num_key_value_heads = Some(1);

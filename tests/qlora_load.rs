@@ -211,7 +211,7 @@ fn rope_parameters_read_like_rope_theta_and_rope_scaling() {
 
 /// The `config.json` of the parity fixture `name` with `edit` applied, read as
 /// `train` reads it.
-fn read_gemma(
+fn read_fixture(
     name: &str,
     edit: impl FnOnce(&mut serde_json::Value),
 ) -> Result<LlamaConfig, String> {
@@ -231,14 +231,14 @@ fn read_gemma(
 /// guessed, a `null` one is off; another activation is refused.
 #[test]
 fn gemma2_configs_are_read_as_transformers_reads_them() {
-    let c = read_gemma("gemma2", |c| {
+    let c = read_fixture("gemma2", |c| {
         c.as_object_mut().unwrap().remove("layer_types");
         c["num_hidden_layers"] = serde_json::json!(3);
     })
     .unwrap();
     let windows: Vec<_> = (0..3).map(|l| c.layer_window(l)).collect();
     assert_eq!(windows, [Some(6), None, Some(6)]);
-    let c = read_gemma("gemma2", |c| {
+    let c = read_fixture("gemma2", |c| {
         c["final_logit_softcapping"] = serde_json::Value::Null
     })
     .unwrap();
@@ -249,7 +249,7 @@ fn gemma2_configs_are_read_as_transformers_reads_them() {
         "query_pre_attn_scalar",
         "hidden_activation",
     ] {
-        let err = read_gemma("gemma2", |c| {
+        let err = read_fixture("gemma2", |c| {
             c.as_object_mut().unwrap().remove(key);
         })
         .unwrap_err();
@@ -258,7 +258,7 @@ fn gemma2_configs_are_read_as_transformers_reads_them() {
             "{err}"
         );
     }
-    let err = read_gemma("gemma2", |c| {
+    let err = read_fixture("gemma2", |c| {
         c["hidden_activation"] = serde_json::json!("gelu")
     })
     .unwrap_err();
@@ -274,8 +274,8 @@ fn gemma2_configs_are_read_as_transformers_reads_them() {
 /// entry or base is named.
 #[test]
 fn gemma3_configs_old_and_new_give_the_same_model() {
-    let new = read_gemma("gemma3", |_| {}).unwrap();
-    let old = read_gemma("gemma3", |c| {
+    let new = read_fixture("gemma3", |_| {}).unwrap();
+    let old = read_fixture("gemma3", |c| {
         let m = c.as_object_mut().unwrap();
         m.remove("rope_parameters");
         m.remove("layer_types");
@@ -289,7 +289,7 @@ fn gemma3_configs_old_and_new_give_the_same_model() {
     let local = new.sliding_rope_inv_freq().unwrap().unwrap();
     assert_eq!(old.sliding_rope_inv_freq().unwrap().unwrap(), local);
     assert_ne!(local, new.rope_inv_freq().unwrap());
-    let err = read_gemma("gemma3", |c| {
+    let err = read_fixture("gemma3", |c| {
         c["rope_parameters"]
             .as_object_mut()
             .unwrap()
@@ -300,7 +300,7 @@ fn gemma3_configs_old_and_new_give_the_same_model() {
         err.contains("rope_parameters") && err.contains("sliding_attention"),
         "{err}"
     );
-    let err = read_gemma("gemma3", |c| {
+    let err = read_fixture("gemma3", |c| {
         let m = c.as_object_mut().unwrap();
         m.remove("rope_parameters");
         m.insert("rope_theta".into(), serde_json::json!(1e6));
@@ -308,6 +308,35 @@ fn gemma3_configs_old_and_new_give_the_same_model() {
     .unwrap_err();
     assert!(
         err.contains("rope_local_base_freq") && err.contains("absent"),
+        "{err}"
+    );
+}
+
+/// Phi-3: `partial_rotary_factor` is read from `rope_parameters`; LongRoPE
+/// (the 128k models) and a factor that leaves no even rotary width are
+/// refused by name.
+#[test]
+fn phi3_rope_parameters_are_read_or_refused_by_name() {
+    let c = read_fixture("phi3_partial", |_| {}).unwrap();
+    assert_eq!((c.partial_rotary_factor, c.rotary_dim()), (Some(0.5), 4));
+    assert_eq!(c.rope_inv_freq().unwrap().len(), 2);
+    let err = read_fixture("phi3", |c| {
+        c["rope_parameters"] = serde_json::json!({
+            "rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.0], "long_factor": [2.0, 2.0]
+        });
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("rope_parameters") && err.contains("longrope"),
+        "{err}"
+    );
+    let err = read_fixture("phi3", |c| {
+        c["rope_parameters"]["partial_rotary_factor"] = serde_json::json!(0.1);
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("partial_rotary_factor") && err.contains("0.1"),
         "{err}"
     );
 }

@@ -29,7 +29,10 @@ use serde::Deserialize;
 
 use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 use super::load::{LoadError, WeightSource};
-use super::lora::{LoraAdapter, LoraConfig, LoraLinear, LoraTarget, dropout_mask, peft_key};
+use super::lora::{
+    FUSED_PROJECTIONS, LoraAdapter, LoraConfig, LoraLinear, LoraTarget, Projection,
+    SEPARATE_PROJECTIONS, dropout_mask, peft_key,
+};
 use super::recompute::CheckpointOp;
 
 /// `rope_scaling` of an HF `config.json`.
@@ -170,6 +173,11 @@ pub struct LlamaConfig {
     /// attention, the others slide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window_pattern: Option<usize>,
+    /// The share of each head's width that RoPE rotates (Phi-3; transformers
+    /// 5 writes it inside `rope_parameters`, where
+    /// [`read_config`](super::read_config) reads it from); 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     /// Gemma: attention without the causal mask; not built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bidirectional_attention: Option<bool>,
@@ -253,6 +261,7 @@ impl LlamaConfig {
             rope_local_base_freq: None,
             sliding_window_pattern: None,
             use_bidirectional_attention: None,
+            partial_rotary_factor: None,
         }
     }
 
@@ -333,6 +342,40 @@ impl LlamaConfig {
         matches!(self.model_type.as_deref(), Some("qwen3" | "gemma3_text"))
     }
 
+    /// The linear layers of a block as the checkpoint stores them: fused
+    /// q/k/v and gate/up for `phi3`, else one per target.
+    pub fn projections(&self) -> &'static [Projection] {
+        if self.model_type.as_deref() == Some("phi3") {
+            &FUSED_PROJECTIONS
+        } else {
+            &SEPARATE_PROJECTIONS
+        }
+    }
+
+    /// `(out, in)` of a projection: its targets' outputs added up.
+    pub fn projection_dims(&self, p: &Projection) -> (usize, usize) {
+        let out = p.targets.iter().map(|&t| self.linear_dims(t).0).sum();
+        (out, self.linear_dims(p.targets[0]).1)
+    }
+
+    /// Whether `p` carries a bias: q/k/v (or fused qkv) with q/k/v biases.
+    fn has_bias(&self, p: &Projection) -> bool {
+        self.has_qkv_bias()
+            && p.targets
+                .iter()
+                .all(|t| matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V))
+    }
+
+    /// The width RoPE rotates in each head: `head_dim` times
+    /// `partial_rotary_factor`, rounded down as transformers does.
+    pub fn rotary_dim(&self) -> usize {
+        let d = self.head_width();
+        match self.partial_rotary_factor {
+            Some(f) => (d as f64 * f) as usize,
+            None => d,
+        }
+    }
+
     /// `(out, in)` of a block's linear layer.
     pub fn linear_dims(&self, t: LoraTarget) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
@@ -372,12 +415,11 @@ impl LlamaConfig {
                     v.push((format!("{p}.{n}.weight"), vec![self.head_width()]));
                 }
             }
-            for t in LoraTarget::ALL {
-                let (o, i) = self.linear_dims(t);
-                v.push((format!("{p}.{}.weight", t.block_path()), vec![o, i]));
-                if self.has_qkv_bias() && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
-                {
-                    v.push((format!("{p}.{}.bias", t.block_path()), vec![o]));
+            for proj in self.projections() {
+                let (o, i) = self.projection_dims(proj);
+                v.push((format!("{p}.{}.weight", proj.path), vec![o, i]));
+                if self.has_bias(proj) {
+                    v.push((format!("{p}.{}.bias", proj.path), vec![o]));
                 }
             }
         }
@@ -411,7 +453,7 @@ impl LlamaConfig {
     /// RoPE inverse frequencies, with `rope_scaling` applied.
     pub fn rope_inv_freq(&self) -> Result<Vec<f64>, LoadError> {
         inv_freq(
-            self.head_width(),
+            self.rotary_dim(),
             self.rope_theta,
             self.rope_scaling.as_ref(),
         )
@@ -443,7 +485,7 @@ impl LlamaConfig {
     pub fn sliding_rope_inv_freq(&self) -> Result<Option<Vec<f64>>, LoadError> {
         self.sliding_rope()
             .as_ref()
-            .map(|(theta, s)| inv_freq(self.head_width(), *theta, s.as_ref()))
+            .map(|(theta, s)| inv_freq(self.rotary_dim(), *theta, s.as_ref()))
             .transpose()
     }
 }
@@ -667,8 +709,11 @@ pub struct Block {
     /// In [`LlamaConfig::block_norm_names`] order: before attention, before
     /// the MLP, then (Gemma) after attention and after the MLP.
     norms: Vec<Norm>,
-    /// In [`LoraTarget::ALL`] order.
+    /// In [`LlamaConfig::projections`] order.
     linears: Vec<LoraLinear>,
+    /// Phi-3: `linears` are `qkv_proj`, `o_proj`, `gate_up_proj`,
+    /// `down_proj` ([`FUSED_PROJECTIONS`]).
+    fused: bool,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -690,6 +735,18 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
+/// RoPE on the first `2 * cos.dim(1)` features of each head of `x` `(b, h,
+/// t, d)`; the rest pass unrotated (Phi-3's `partial_rotary_factor`).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (d, rot) = (x.dim(D::Minus1)?, 2 * cos.dim(1)?);
+    if rot == d {
+        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
+    }
+    let turned =
+        candle_nn::rotary_emb::rope_slow(&x.narrow(D::Minus1, 0, rot)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[turned, x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
+}
+
 fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
     if n == 1 {
         return Ok(x);
@@ -707,7 +764,7 @@ impl Block {
         self.index
     }
 
-    /// The block's linear layers in [`LoraTarget::ALL`] order.
+    /// The block's linear layers in [`LlamaConfig::projections`] order.
     pub fn linears(&self) -> &[LoraLinear] {
         &self.linears
     }
@@ -752,9 +809,17 @@ impl Block {
             l.forward_with(h, ab, mask.as_ref())
         };
         let h = self.norms[0].forward(x, self.eps)?;
-        let q = lin(0, &h)?;
-        let k = lin(1, &h)?;
-        let v = lin(2, &h)?;
+        let (q, k, v) = if self.fused {
+            let qkv = lin(0, &h)?;
+            let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+            (
+                qkv.narrow(D::Minus1, 0, nq)?,
+                qkv.narrow(D::Minus1, nq, nkv)?,
+                qkv.narrow(D::Minus1, nq + nkv, nkv)?,
+            )
+        } else {
+            (lin(0, &h)?, lin(1, &h)?, lin(2, &h)?)
+        };
         let heads = |y: Tensor, n: usize| {
             y.reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)?
@@ -769,8 +834,7 @@ impl Block {
             (Some((c, s)), true) => (c, s),
             _ => (&ctx.cos, &ctx.sin),
         };
-        let q = candle_nn::rotary_emb::rope_slow(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, cos, sin)?;
+        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
         let v = heads(v, self.kv_heads)?;
         let (k, v) = match cache {
             Some(c) => c.append(k, v)?,
@@ -791,14 +855,23 @@ impl Block {
             t,
             self.heads * self.head_dim,
         ))?;
-        let x = (x + self.post_norm(0, lin(3, &o)?)?)?;
+        // o, then the MLP: separate (3; 4, 5; 6) or fused (1; 2; 3).
+        let o_at = if self.fused { 1 } else { 3 };
+        let x = (x + self.post_norm(0, lin(o_at, &o)?)?)?;
         let h = self.norms[1].forward(&x, self.eps)?;
-        let gate = match self.act {
-            Activation::Silu => lin(4, &h)?.silu()?,
-            Activation::GeluTanh => lin(4, &h)?.gelu()?,
+        let (gate, up) = if self.fused {
+            let gu = lin(2, &h)?;
+            let i = gu.dim(D::Minus1)? / 2;
+            (gu.narrow(D::Minus1, 0, i)?, gu.narrow(D::Minus1, i, i)?)
+        } else {
+            (lin(4, &h)?, lin(5, &h)?)
         };
-        let g = (gate * lin(5, &h)?)?;
-        x + self.post_norm(1, lin(6, &g)?)?
+        let gate = match self.act {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let down = lin(self.linears.len() - 1, &(gate * up)?)?;
+        x + self.post_norm(1, down)?
     }
 
     /// `y` through the block's `i`-th norm after a sublayer (Gemma's
@@ -899,30 +972,28 @@ impl LlamaModel {
         for l in 0..n {
             let p = format!("model.layers.{l}");
             let mut linears = Vec::with_capacity(7);
-            for t in LoraTarget::ALL {
-                let name = format!("{p}.{}.weight", t.block_path());
+            for proj in config.projections() {
+                let name = format!("{p}.{}.weight", proj.path);
                 let base = FrozenLinear::from_weight(
                     Arc::new(frozen(&name, options.storage)?),
                     options.storage,
                 );
-                let bias = if config.has_qkv_bias()
-                    && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
-                {
-                    Some(get(&format!("{p}.{}.bias", t.block_path()))?.to_dtype(dt)?)
+                let bias = if config.has_bias(proj) {
+                    Some(get(&format!("{p}.{}.bias", proj.path))?.to_dtype(dt)?)
                 } else {
                     None
                 };
-                let adapter = if lora.targets_module(t) && lora.adapts_layer(l, n) && lora.rank > 0
-                {
-                    let (o, i) = config.linear_dims(t);
-                    let ad = LoraAdapter::init(lora.rank, i, o, dt, dev, &mut rng)?;
-                    let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
-                    data.insert(peft_key(l, t, 'A'), ad.a.clone());
-                    data.insert(peft_key(l, t, 'B'), ad.b.clone());
-                    Some(ad)
-                } else {
-                    None
-                };
+                let adapter =
+                    if lora.targets_projection(proj) && lora.adapts_layer(l, n) && lora.rank > 0 {
+                        let (o, i) = config.projection_dims(proj);
+                        let ad = LoraAdapter::init(lora.rank, i, o, dt, dev, &mut rng)?;
+                        let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
+                        data.insert(peft_key(l, proj.path, 'A'), ad.a.clone());
+                        data.insert(peft_key(l, proj.path, 'B'), ad.b.clone());
+                        Some(ad)
+                    } else {
+                        None
+                    };
                 linears.push(LoraLinear::new(base, bias, adapter, lora.scale()));
             }
             blocks.push(Arc::new(Block {
@@ -933,6 +1004,7 @@ impl LlamaModel {
                     .map(|n| norm_of(&format!("{p}.{n}.weight")))
                     .collect::<Result<_, _>>()?,
                 linears,
+                fused: config.projections().len() == FUSED_PROJECTIONS.len(),
                 heads: config.num_attention_heads,
                 kv_heads: config.kv_heads(),
                 head_dim: config.head_width(),
@@ -1042,13 +1114,13 @@ impl LlamaModel {
                     out.insert(format!("{p}.{n}.weight"), f32(&w.stored)?);
                 }
             }
-            for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
+            for (proj, l) in self.config.projections().iter().zip(&b.linears) {
                 out.insert(
-                    format!("{p}.{}.weight", t.block_path()),
+                    format!("{p}.{}.weight", proj.path),
                     l.base().weight().dequantize(DType::F32, dev)?,
                 );
                 if let Some(bias) = l.bias() {
-                    out.insert(format!("{p}.{}.bias", t.block_path()), f32(bias)?);
+                    out.insert(format!("{p}.{}.bias", proj.path), f32(bias)?);
                 }
             }
         }

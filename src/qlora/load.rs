@@ -439,13 +439,14 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
 }
 
 /// The `model_type`s whose folders `train` builds.
-pub const MODEL_TYPES: [&str; 6] = [
+pub const MODEL_TYPES: [&str; 7] = [
     "llama",
     "mistral",
     "qwen2",
     "qwen3",
     "gemma2",
     "gemma3_text",
+    "phi3",
 ];
 
 /// Gemma's keys whose transformers defaults this crate does not assume: a
@@ -537,6 +538,12 @@ fn apply_rope_parameters(c: &mut LlamaConfig, path: &Path) -> Result<(), LoadErr
         return Err(bad(
             "holds one RoPE for all layers: gemma3_text needs full_attention and sliding_attention entries".into(),
         ));
+    }
+    if let Some(f) = value.get("partial_rotary_factor") {
+        c.partial_rotary_factor = Some(
+            f.as_f64()
+                .ok_or_else(|| bad(format!("partial_rotary_factor is {f}: must be a number")))?,
+        );
     }
     if !per_layer_type {
         let (theta, scaling) = parse(value, "")?;
@@ -697,6 +704,17 @@ pub fn validate_config(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
             "head_dim",
             format!("is {head}: must be even and at least 2 (RoPE rotates pairs)"),
         ));
+    }
+    if let Some(f) = c.partial_rotary_factor {
+        let rot = c.rotary_dim();
+        if !(f > 0.0 && f <= 1.0) || rot < 2 || !rot.is_multiple_of(2) {
+            return Err(bad(
+                "partial_rotary_factor",
+                format!(
+                    "is {f}: must be in (0, 1] and turn the head width {head} into an even width of at least 2 (it gives {rot})"
+                ),
+            ));
+        }
     }
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
         return Err(bad(
