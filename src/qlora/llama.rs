@@ -792,21 +792,12 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let mut params = params.chunks(2);
         let mut lin = |i: usize, h: &Tensor| -> candle_core::Result<Tensor> {
-            let l = &self.linears[i];
-            let ab = if l.adapter().is_some() {
+            let ab = if self.linears[i].adapter().is_some() {
                 params.next().map(|p| (&p[0], &p[1]))
             } else {
                 None
             };
-            let mask = match ctx.dropout {
-                Some((p, seed)) if p > 0.0 && ab.is_some() => {
-                    let seed = seed
-                        ^ ((self.index as u64) << 8 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    Some(dropout_mask(h.dims(), p, seed, h.dtype(), h.device())?)
-                }
-                _ => None,
-            };
-            l.forward_with(h, ab, mask.as_ref())
+            self.linear(i, h, ab, ctx)
         };
         let h = self.norms[0].forward(x, self.eps)?;
         let (q, k, v) = if self.fused {
@@ -825,36 +816,12 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (mut q, mut k) = (heads(q, self.heads)?, heads(k, self.kv_heads)?);
-        if let Some([qn, kn]) = &self.qk_norm {
-            q = qn.forward(&q, self.eps)?;
-            k = kn.forward(&k, self.eps)?;
-        }
-        let (cos, sin) = match (&ctx.sliding_rope, self.sliding) {
-            (Some((c, s)), true) => (c, s),
-            _ => (&ctx.cos, &ctx.sin),
-        };
-        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
-        let v = heads(v, self.kv_heads)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(k, v)?,
-            None => (k, v),
-        };
-        let rep = self.heads / self.kv_heads;
-        let k = repeat_kv(k.contiguous()?, rep)?;
-        let v = repeat_kv(v, rep)?;
-        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * self.scale)?;
-        let att = soft_cap(att, self.softcap)?;
-        let mask = match (&ctx.window_mask, self.sliding) {
-            (Some(w), true) => w,
-            _ => &ctx.mask,
-        };
-        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
-            b,
-            t,
-            self.heads * self.head_dim,
-        ))?;
+        let (q, k, v) = (
+            heads(q, self.heads)?,
+            heads(k, self.kv_heads)?,
+            heads(v, self.kv_heads)?,
+        );
+        let o = self.attend(q, k, v, ctx, cache)?;
         // o, then the MLP: separate (3; 4, 5; 6) or fused (1; 2; 3).
         let o_at = if self.fused { 1 } else { 3 };
         let x = (x + self.post_norm(0, lin(o_at, &o)?)?)?;
@@ -872,6 +839,67 @@ impl Block {
         };
         let down = lin(self.linears.len() - 1, &(gate * up)?)?;
         x + self.post_norm(1, down)?
+    }
+
+    /// The `i`-th linear of `h` with adapter tensors `ab` and, in training,
+    /// a LoRA dropout mask seeded by the block, the linear and `ctx`.
+    fn linear(
+        &self,
+        i: usize,
+        h: &Tensor,
+        ab: Option<(&Tensor, &Tensor)>,
+        ctx: &BlockCtx,
+    ) -> candle_core::Result<Tensor> {
+        let mask = match ctx.dropout {
+            Some((p, seed)) if p > 0.0 && ab.is_some() => {
+                let seed = seed
+                    ^ ((self.index as u64) << 8 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                Some(dropout_mask(h.dims(), p, seed, h.dtype(), h.device())?)
+            }
+            _ => None,
+        };
+        self.linears[i].forward_with(h, ab, mask.as_ref())
+    }
+
+    /// Attention of queries `q` and keys and values `k`, `v` `(b, heads,
+    /// t, head_dim)` before the q/k norms and RoPE, over the cached keys and
+    /// values too (which `k`, `v` extend): `(b, t, heads * head_dim)`.
+    fn attend(
+        &self,
+        mut q: Tensor,
+        mut k: Tensor,
+        v: Tensor,
+        ctx: &BlockCtx,
+        cache: Option<&mut LayerCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        if let Some([qn, kn]) = &self.qk_norm {
+            q = qn.forward(&q, self.eps)?;
+            k = kn.forward(&k, self.eps)?;
+        }
+        let (cos, sin) = match (&ctx.sliding_rope, self.sliding) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&ctx.cos, &ctx.sin),
+        };
+        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
+        let rep = self.heads / self.kv_heads;
+        let k = repeat_kv(k.contiguous()?, rep)?;
+        let v = repeat_kv(v, rep)?;
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+        let att = soft_cap(att, self.softcap)?;
+        let mask = match (&ctx.window_mask, self.sliding) {
+            (Some(w), true) => w,
+            _ => &ctx.mask,
+        };
+        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
+        att.matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, self.heads * self.head_dim))
     }
 
     /// `y` through the block's `i`-th norm after a sublayer (Gemma's
@@ -908,6 +936,118 @@ impl std::fmt::Debug for LlamaModel {
     }
 }
 
+/// Reads a model's weights by HF name, checking each shape against the
+/// config's, into frozen weights, norms and blocks.
+struct Loader<'a> {
+    config: &'a LlamaConfig,
+    weights: &'a dyn WeightSource,
+    options: &'a ModelOptions,
+    expected: HashMap<String, Vec<usize>>,
+}
+
+impl Loader<'_> {
+    /// The tensor `name`, dense (`f64` for an `f64` model, else `f32`: the
+    /// quantized storages take `f32`), on the model's device.
+    fn get(&self, name: &str) -> Result<Tensor, LoadError> {
+        let t = self.weights.tensor(name)?;
+        if let Some(shape) = self.expected.get(name)
+            && t.dims() != shape.as_slice()
+        {
+            return Err(LoadError::Shape {
+                name: name.to_string(),
+                expected: shape.clone(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let dt = match self.options.dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        Ok(t.to_dtype(dt)?.to_device(&self.options.device)?)
+    }
+
+    fn frozen(&self, name: &str, s: FrozenStorage) -> Result<FrozenWeight, LoadError> {
+        let t = self.get(name)?;
+        FrozenWeight::new(&t, s).map_err(|source| LoadError::Frozen {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    /// A norm weight in the compute dtype (Gemma's applying `1 + w`).
+    fn norm(&self, name: &str) -> Result<Norm, LoadError> {
+        let w = self.get(name)?.to_dtype(self.options.dtype)?;
+        Ok(Norm::new(w, self.config.is_gemma())?)
+    }
+
+    /// Block `l`: its projections (with adapters, registered in `varmap`
+    /// under PEFT's names), norms and attention settings.
+    fn block(&self, l: usize, rng: &mut StdRng, varmap: &VarMap) -> Result<Block, LoadError> {
+        let (config, p) = (self.config, format!("model.layers.{l}"));
+        let linears = config
+            .projections()
+            .iter()
+            .map(|proj| self.projection(l, proj, rng, varmap))
+            .collect::<Result<_, _>>()?;
+        let qk_norm = if config.has_qk_norm() {
+            let norm = |n: &str| self.norm(&format!("{p}.{n}.weight"));
+            Some([norm(QK_NORMS[0])?, norm(QK_NORMS[1])?])
+        } else {
+            None
+        };
+        Ok(Block {
+            index: l,
+            norms: config
+                .block_norm_names()
+                .iter()
+                .map(|n| self.norm(&format!("{p}.{n}.weight")))
+                .collect::<Result<_, _>>()?,
+            linears,
+            fused: config.projections().len() == FUSED_PROJECTIONS.len(),
+            heads: config.num_attention_heads,
+            kv_heads: config.kv_heads(),
+            head_dim: config.head_width(),
+            eps: config.rms_norm_eps,
+            sliding: config.layer_window(l).is_some(),
+            qk_norm,
+            act: config.activation(),
+            scale: config.attention_scale(),
+            softcap: config.attn_logit_softcapping.flatten(),
+        })
+    }
+
+    /// The projection `proj` of block `l`: frozen weight, bias, adapter.
+    fn projection(
+        &self,
+        l: usize,
+        proj: &Projection,
+        rng: &mut StdRng,
+        varmap: &VarMap,
+    ) -> Result<LoraLinear, LoadError> {
+        let (config, opts, lora) = (self.config, self.options, &self.options.lora);
+        let name = |what: &str| format!("model.layers.{l}.{}.{what}", proj.path);
+        let weight = self.frozen(&name("weight"), opts.storage)?;
+        let base = FrozenLinear::from_weight(Arc::new(weight), opts.storage);
+        let bias = if config.has_bias(proj) {
+            Some(self.get(&name("bias"))?.to_dtype(opts.dtype)?)
+        } else {
+            None
+        };
+        let n = config.num_hidden_layers;
+        let adapter = if lora.targets_projection(proj) && lora.adapts_layer(l, n) && lora.rank > 0 {
+            let (o, i) = config.projection_dims(proj);
+            let ad = LoraAdapter::init(lora.rank, i, o, opts.dtype, &opts.device, rng)?;
+            let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
+            data.insert(peft_key(l, proj.path, 'A'), ad.a.clone());
+            data.insert(peft_key(l, proj.path, 'B'), ad.b.clone());
+            Some(ad)
+        } else {
+            None
+        };
+        Ok(LoraLinear::new(base, bias, adapter, lora.scale()))
+    }
+}
+
 fn head_storage(s: FrozenStorage) -> FrozenStorage {
     match s {
         FrozenStorage::CandleQMatMulNoGrad => FrozenStorage::F32,
@@ -923,104 +1063,25 @@ impl LlamaModel {
         weights: &dyn WeightSource,
         options: &ModelOptions,
     ) -> Result<Self, LoadError> {
-        let dev = &options.device;
-        let dt = options.dtype;
-        let expected: HashMap<String, Vec<usize>> = config.tensor_shapes().into_iter().collect();
-        let get = |name: &str| -> Result<Tensor, LoadError> {
-            let t = weights.tensor(name)?;
-            if let Some(shape) = expected.get(name)
-                && t.dims() != shape.as_slice()
-            {
-                return Err(LoadError::Shape {
-                    name: name.to_string(),
-                    expected: shape.clone(),
-                    found: t.dims().to_vec(),
-                });
-            }
-            // Dense copies in the compute dtype; quantized storages take f32.
-            Ok(t.to_dtype(if dt == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            })?
-            .to_device(dev)?)
-        };
-        let frozen = |name: &str, s: FrozenStorage| -> Result<FrozenWeight, LoadError> {
-            let t = get(name)?;
-            FrozenWeight::new(&t, s).map_err(|source| LoadError::Frozen {
-                name: name.to_string(),
-                source,
-            })
+        let ld = Loader {
+            config,
+            weights,
+            options,
+            expected: config.tensor_shapes().into_iter().collect(),
         };
         let hs = head_storage(options.storage);
-        let embed = Arc::new(frozen("model.embed_tokens.weight", hs)?);
+        let embed = Arc::new(ld.frozen("model.embed_tokens.weight", hs)?);
         let lm_head = if config.tie_word_embeddings {
             FrozenLinear::from_weight(embed.clone(), hs)
         } else {
-            FrozenLinear::from_weight(Arc::new(frozen("lm_head.weight", hs)?), hs)
+            FrozenLinear::from_weight(Arc::new(ld.frozen("lm_head.weight", hs)?), hs)
         };
-        let plus_one = config.is_gemma();
-        let norm_of = |name: &str| -> Result<Norm, LoadError> {
-            Ok(Norm::new(get(name)?.to_dtype(dt)?, plus_one)?)
-        };
-        let norm = norm_of("model.norm.weight")?;
-        let lora = &options.lora;
-        let mut rng = StdRng::seed_from_u64(lora.seed);
+        let norm = ld.norm("model.norm.weight")?;
+        let mut rng = StdRng::seed_from_u64(options.lora.seed);
         let varmap = VarMap::new();
-        let n = config.num_hidden_layers;
-        let mut blocks = Vec::with_capacity(n);
-        for l in 0..n {
-            let p = format!("model.layers.{l}");
-            let mut linears = Vec::with_capacity(7);
-            for proj in config.projections() {
-                let name = format!("{p}.{}.weight", proj.path);
-                let base = FrozenLinear::from_weight(
-                    Arc::new(frozen(&name, options.storage)?),
-                    options.storage,
-                );
-                let bias = if config.has_bias(proj) {
-                    Some(get(&format!("{p}.{}.bias", proj.path))?.to_dtype(dt)?)
-                } else {
-                    None
-                };
-                let adapter =
-                    if lora.targets_projection(proj) && lora.adapts_layer(l, n) && lora.rank > 0 {
-                        let (o, i) = config.projection_dims(proj);
-                        let ad = LoraAdapter::init(lora.rank, i, o, dt, dev, &mut rng)?;
-                        let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
-                        data.insert(peft_key(l, proj.path, 'A'), ad.a.clone());
-                        data.insert(peft_key(l, proj.path, 'B'), ad.b.clone());
-                        Some(ad)
-                    } else {
-                        None
-                    };
-                linears.push(LoraLinear::new(base, bias, adapter, lora.scale()));
-            }
-            blocks.push(Arc::new(Block {
-                index: l,
-                norms: config
-                    .block_norm_names()
-                    .iter()
-                    .map(|n| norm_of(&format!("{p}.{n}.weight")))
-                    .collect::<Result<_, _>>()?,
-                linears,
-                fused: config.projections().len() == FUSED_PROJECTIONS.len(),
-                heads: config.num_attention_heads,
-                kv_heads: config.kv_heads(),
-                head_dim: config.head_width(),
-                eps: config.rms_norm_eps,
-                sliding: config.layer_window(l).is_some(),
-                qk_norm: if config.has_qk_norm() {
-                    let norm = |n: &str| norm_of(&format!("{p}.{n}.weight"));
-                    Some([norm(QK_NORMS[0])?, norm(QK_NORMS[1])?])
-                } else {
-                    None
-                },
-                act: config.activation(),
-                scale: config.attention_scale(),
-                softcap: config.attn_logit_softcapping.flatten(),
-            }));
-        }
+        let blocks = (0..config.num_hidden_layers)
+            .map(|l| Ok(Arc::new(ld.block(l, &mut rng, &varmap)?)))
+            .collect::<Result<_, LoadError>>()?;
         Ok(Self {
             config: config.clone(),
             options: options.clone(),
