@@ -259,6 +259,11 @@ fn gemma2_configs_are_read_as_transformers_reads_them() {
         );
     }
     let err = read_fixture("gemma2", |c| {
+        c["use_bidirectional_attention"] = serde_json::json!(true)
+    })
+    .unwrap_err();
+    assert!(err.contains("use_bidirectional_attention"), "{err}");
+    let err = read_fixture("gemma2", |c| {
         c["hidden_activation"] = serde_json::json!("gelu")
     })
     .unwrap_err();
@@ -306,6 +311,14 @@ fn gemma3_configs_old_and_new_give_the_same_model() {
         m.insert("rope_theta".into(), serde_json::json!(1e6));
     })
     .unwrap_err();
+    let flat = read_fixture("gemma3", |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_theta": 1e6, "rope_type": "default"})
+    })
+    .unwrap_err();
+    assert!(
+        flat.contains("rope_parameters") && flat.contains("sliding_attention"),
+        "{flat}"
+    );
     assert!(
         err.contains("rope_local_base_freq") && err.contains("absent"),
         "{err}"
