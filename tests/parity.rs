@@ -291,8 +291,9 @@ fn parity_fixtures_train_three_steps_end_to_end() {
     }
 }
 
-/// `train merge` of the run in `dir/out`: the merged tensors are the
-/// fixture's, by name and shape, and its norms are the stored values.
+/// `train merge` of the run in `dir/out`: the merged config keeps the
+/// fixture's values, the merged tensors are the fixture's, by name and
+/// shape, and its norms are the stored values.
 fn assert_merge_writes_the_fixture_names(name: &str, dir: &Path) {
     let out = train_common::train_in(dir)
         .args(["merge", "--run-dir", "out", "--out", "merged"])
@@ -303,6 +304,20 @@ fn assert_merge_writes_the_fixture_names(name: &str, dir: &Path) {
         "{name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every key both configs hold has the fixture's value and JSON type
+    // (transformers refuses `query_pre_attn_scalar: 16.0` for an integer).
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let (cfg, merged_cfg) = (
+        json(fixture(name).join("config.json")),
+        json(dir.join("merged/config.json")),
+    );
+    for (k, v) in merged_cfg.as_object().unwrap() {
+        if let Some(want) = cfg.get(k) {
+            assert_eq!(v, want, "{name}: config.json {k}");
+        }
+    }
     let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
     let theirs = load(fixture(name).join("model.safetensors"));
     let ours = load(dir.join("merged/model.safetensors"));

@@ -72,7 +72,7 @@ fn gradients_match_central_finite_differences_in_f64() {
 fn tiny_gemma2() -> qlora_scale::qlora::LlamaConfig {
     let mut cfg = tiny_cfg(2);
     cfg.model_type = Some("gemma2".into());
-    cfg.query_pre_attn_scalar = Some(6.0);
+    cfg.query_pre_attn_scalar = Some(6.into());
     cfg.attn_logit_softcapping = Some(Some(0.5));
     cfg.final_logit_softcapping = Some(Some(2.0));
     cfg.sliding_window = Some(3);

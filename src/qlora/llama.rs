@@ -147,9 +147,10 @@ pub struct LlamaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_activation: Option<String>,
     /// Gemma: attention scores are scaled by `query_pre_attn_scalar^-0.5`
-    /// instead of `head_dim^-0.5`.
+    /// instead of `head_dim^-0.5`. Kept as written: transformers wants an
+    /// integer back in a merged `config.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query_pre_attn_scalar: Option<f64>,
+    pub query_pre_attn_scalar: Option<serde_json::Number>,
     /// Gemma: attention scores become `tanh(x / c) * c` before the mask.
     /// Outer `None`: the key is absent; `Some(None)`: it is `null` (off).
     #[serde(
@@ -295,6 +296,8 @@ impl LlamaConfig {
     pub fn attention_scale(&self) -> f64 {
         let d = self
             .query_pre_attn_scalar
+            .as_ref()
+            .and_then(serde_json::Number::as_f64)
             .unwrap_or(self.head_width() as f64);
         1.0 / d.sqrt()
     }

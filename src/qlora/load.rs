@@ -482,6 +482,13 @@ fn apply_gemma_config(
             format!("is absent: a {t} config must give it (transformers' default is not assumed)"),
         ));
     }
+    let scalar = c.query_pre_attn_scalar.as_ref().and_then(|n| n.as_f64());
+    if !scalar.is_some_and(|s| s > 0.0 && s.is_finite()) {
+        return Err(bad(
+            "query_pre_attn_scalar",
+            format!("is {scalar:?}: must be a positive number"),
+        ));
+    }
     if c.layer_types.is_none() {
         c.layer_types = Some(gemma_layer_types(c, &t, path)?);
     }
