@@ -26,7 +26,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// The fixtures of architectures `train` builds.
-const BUILT: [&str; 9] = [
+const BUILT: [&str; 10] = [
     "llama",
     "llama_tied",
     "mistral",
@@ -34,6 +34,7 @@ const BUILT: [&str; 9] = [
     "qwen3",
     "gemma2",
     "gemma3",
+    "gemma3_scaled",
     "phi3",
     "phi3_partial",
 ];
@@ -209,6 +210,14 @@ fn parity_gemma2() {
 #[test]
 fn parity_gemma3_with_a_rope_per_layer_type() {
     assert_parity("gemma3");
+}
+
+/// Gemma 3 as its 4B and larger models: linear RoPE scaling on the
+/// full-attention layers only, `query_pre_attn_scalar` (24) not the head
+/// width (16).
+#[test]
+fn parity_gemma3_with_scaled_global_rope_and_its_own_attention_scale() {
+    assert_parity("gemma3_scaled");
 }
 
 /// Phi-3: fused `qkv_proj` and `gate_up_proj`, adapted under those names.
