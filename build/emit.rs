@@ -353,6 +353,7 @@ fn known_architectures(t: &Tables) -> TokenStream {
                     vocab: #vocab,
                     tied: #tied,
                     qkv_bias: #bias,
+                    fused_projections: false,
                 },
             }
         }

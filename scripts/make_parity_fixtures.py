@@ -96,7 +96,38 @@ def configs():
             ),
             t.Gemma3ForCausalLM,
         ),
+        (
+            # Gemma 3 4B and larger: linear RoPE scaling on full-attention
+            # layers only, and a query_pre_attn_scalar that is not head_dim.
+            "gemma3_scaled",
+            t.Gemma3TextConfig(
+                **COMMON,
+                head_dim=16,
+                sliding_window=WINDOW,
+                query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {
+                        "rope_type": "linear",
+                        "factor": 8.0,
+                        "rope_theta": 1000000.0,
+                    },
+                },
+            ),
+            t.Gemma3ForCausalLM,
+        ),
         ("phi3", t.Phi3Config(**COMMON, tie_word_embeddings=False), t.Phi3ForCausalLM),
+        (
+            "phi3_partial",
+            t.Phi3Config(
+                **COMMON,
+                tie_word_embeddings=False,
+                partial_rotary_factor=0.5,
+                sliding_window=WINDOW,
+            ),
+            t.Phi3ForCausalLM,
+        ),
     ]
 
 

@@ -38,8 +38,8 @@ mod known;
 use serde::Serialize;
 
 pub use self::known::known_architecture;
-use crate::qlora::LlamaConfig;
 use crate::qlora::nf4::nf4_storage_bytes;
+use crate::qlora::{LlamaConfig, LoraTarget};
 use crate::tables::memory as table;
 
 const F32: f64 = 4.0;
@@ -69,6 +69,9 @@ pub struct Architecture {
     pub tied: bool,
     /// Biases on q, k and v (Qwen2).
     pub qkv_bias: bool,
+    /// q/k/v and gate/up stored and adapted as one linear each (Phi-3).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fused_projections: bool,
 }
 
 impl Architecture {
@@ -84,6 +87,7 @@ impl Architecture {
             vocab: c.vocab_size as u64,
             tied: c.tie_word_embeddings,
             qkv_bias: c.has_qkv_bias(),
+            fused_projections: c.projections().len() < LoraTarget::ALL.len(),
         }
     }
 
@@ -123,7 +127,24 @@ impl Architecture {
             vocab: s.vocab,
             tied: s.tied,
             qkv_bias: false,
+            fused_projections: false,
         }
+    }
+
+    /// `(out, in)` of the linears of a block as stored and adapted: the
+    /// seven of [`Self::linears`], or with q/k/v and gate/up fused (Phi-3),
+    /// which is one LoRA pair each.
+    pub fn stored_linears(&self) -> Vec<(u64, u64)> {
+        let l = self.linears();
+        if !self.fused_projections {
+            return l.to_vec();
+        }
+        vec![
+            (l[0].0 + l[1].0 + l[2].0, l[0].1),
+            l[3],
+            (l[4].0 + l[5].0, l[4].1),
+            l[6],
+        ]
     }
 
     /// `(out, in)` of the seven linears of a block: q, k, v, o, gate, up,
@@ -224,7 +245,8 @@ pub fn features(arch: &Architecture, run: &RunShape) -> Features {
     let (h, v) = (arch.hidden, arch.vocab);
     let lora_layers = run.lora_layers.min(arch.layers);
     let linears = arch.linears();
-    let block_frozen: u64 = linears.iter().map(|(o, i)| nf4_bytes(o * i)).sum::<u64>()
+    let stored = arch.stored_linears();
+    let block_frozen: u64 = stored.iter().map(|(o, i)| nf4_bytes(o * i)).sum::<u64>()
         + 2 * h * 4
         + if arch.qkv_bias {
             (linears[0].0 + linears[1].0 + linears[2].0) * 4
@@ -241,7 +263,7 @@ pub fn features(arch: &Architecture, run: &RunShape) -> Features {
         0
     } else {
         lora_layers
-            * linears
+            * stored
                 .iter()
                 .map(|(o, i)| run.lora_rank * (o + i))
                 .sum::<u64>()
@@ -257,7 +279,7 @@ pub fn features(arch: &Architecture, run: &RunShape) -> Features {
     let inter_bytes = tokens * arch.intermediate as f64 * F32;
     let attention_bytes =
         (run.batch * arch.heads) as f64 * (run.seq_len * run.seq_len) as f64 * F32;
-    let largest = linears
+    let largest = stored
         .iter()
         .map(|(o, i)| o * i)
         .chain([v * h])
@@ -506,6 +528,7 @@ impl Measurement {
             vocab: self.vocab_size,
             tied: self.tie_word_embeddings,
             qkv_bias: false,
+            fused_projections: false,
         }
     }
 

@@ -107,7 +107,11 @@ fn frozen_weights_are_counted_exactly() {
     let mut qwen = LlamaConfig::tiny(2, 128, 320, 500);
     qwen.model_type = Some("qwen2".into());
     qwen.tie_word_embeddings = true;
-    for (c, quantize_embeddings) in [embedded_config(), odd, qwen]
+    // Phi-3's fused q/k/v: 80 x 40 fills NF4 blocks that 20 x 40 k and v
+    // would each pad.
+    let mut phi3 = LlamaConfig::tiny(2, 40, 200, 77);
+    phi3.model_type = Some("phi3".into());
+    for (c, quantize_embeddings) in [embedded_config(), odd, qwen, phi3]
         .into_iter()
         .flat_map(|c| [(c.clone(), false), (c, true)])
     {
@@ -134,6 +138,43 @@ fn frozen_weights_are_counted_exactly() {
             "{c:?}"
         );
     }
+}
+
+/// The adapters the memory model counts are the ones the model builds:
+/// one pair per fused projection for Phi-3, fewer than seven separate.
+#[test]
+fn adapters_are_counted_exactly_with_fused_projections() {
+    let mut phi3 = LlamaConfig::tiny(2, 40, 200, 77);
+    phi3.model_type = Some("phi3".into());
+    let llama = LlamaConfig::tiny(2, 40, 200, 77);
+    let mut counted = Vec::new();
+    for c in [phi3, llama] {
+        let opts = ModelOptions {
+            lora: qlora_scale::qlora::LoraConfig {
+                rank: 4,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let model = LlamaModel::new(&c, &RandomWeights::new(&c, 1, &Device::Cpu), &opts).unwrap();
+        let params: usize = model
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let run = RunShape {
+            batch: 1,
+            seq_len: 8,
+            lora_rank: 4,
+            lora_layers: 2,
+            grad_checkpoint: false,
+            quantize_embeddings: false,
+        };
+        let adapters = features(&Architecture::from_config(&c), &run).adapters;
+        assert_eq!(adapters as usize, params * 4, "{c:?}");
+        counted.push(params);
+    }
+    assert!(counted[0] < counted[1], "{counted:?}");
 }
 
 #[test]

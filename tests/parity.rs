@@ -5,8 +5,7 @@
 //! and model, with the frozen weights kept dense (`f32`), must give the same
 //! logits (1e-4 relative) on every real token and the same loss (1e-5).
 //!
-//! Architectures `train` does not build yet have fixtures too; for them the
-//! test asserts the loader refuses the folder by its `model_type`, naming it.
+//! Every fixture's architecture is built (`every_parity_fixture_is_built`).
 
 mod qlora_common;
 mod train_common;
@@ -27,7 +26,18 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// The fixtures of architectures `train` builds.
-const BUILT: [&str; 5] = ["llama", "llama_tied", "mistral", "qwen2", "qwen3"];
+const BUILT: [&str; 10] = [
+    "llama",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "gemma3_scaled",
+    "phi3",
+    "phi3_partial",
+];
 
 /// transformers' inputs and outputs for one fixture.
 struct Reference {
@@ -149,7 +159,8 @@ fn assert_nf4_gradients_match_dense(name: &str) {
             .collect()
     };
     let (gq, gd) = (grads(&q), grads(&d));
-    assert_eq!(gq.len(), 14 * config.num_hidden_layers, "{name}");
+    let per_block = 2 * config.projections().len();
+    assert_eq!(gq.len(), per_block * config.num_hidden_layers, "{name}");
     qlora_common::compare(&gq, &gd, 1e-5).unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
@@ -185,25 +196,67 @@ fn parity_qwen3_with_per_head_query_and_key_norms() {
     assert_parity("qwen3");
 }
 
-/// Fixtures of architectures `train` cannot build yet are refused by name
-/// before any weight is read.
+/// Gemma 2: scaled embeddings, `(1 + w)` norms, four norms per block, GELU,
+/// `query_pre_attn_scalar`, attention and final logit soft-capping, sliding
+/// window on alternate layers, tied head.
 #[test]
-fn parity_fixtures_of_unbuilt_architectures_are_refused_by_model_type() {
-    for (name, model_type) in [
-        ("gemma2", "gemma2"),
-        ("gemma3", "gemma3_text"),
-        ("phi3", "phi3"),
-    ] {
-        let err = dense_model(&fixture(name)).expect_err(name).to_string();
-        assert!(
-            err.contains(model_type) && err.contains("config.json"),
-            "{name}: {err}"
-        );
+fn parity_gemma2() {
+    assert_parity("gemma2");
+}
+
+/// Gemma 3 (text): Gemma 2 without soft caps, with per-head `(1 + w)` norms
+/// of queries and keys and one RoPE per layer type (base 10^4 on sliding
+/// layers, 10^6 on full ones).
+#[test]
+fn parity_gemma3_with_a_rope_per_layer_type() {
+    assert_parity("gemma3");
+}
+
+/// Gemma 3 as its 4B and larger models: linear RoPE scaling on the
+/// full-attention layers only, `query_pre_attn_scalar` (24) not the head
+/// width (16).
+#[test]
+fn parity_gemma3_with_scaled_global_rope_and_its_own_attention_scale() {
+    assert_parity("gemma3_scaled");
+}
+
+/// Phi-3: fused `qkv_proj` and `gate_up_proj`, adapted under those names.
+#[test]
+fn parity_phi3_with_fused_projections() {
+    assert_parity("phi3");
+    let m = dense_model(&fixture("phi3")).unwrap();
+    let names: Vec<String> = m.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 2 * 4 * 2, "{names:?}");
+    assert!(
+        names.contains(&"base_model.model.model.layers.1.self_attn.qkv_proj.lora_A.weight".into())
+            && names
+                .contains(&"base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight".into()),
+        "{names:?}"
+    );
+}
+
+/// Phi-3 with RoPE on half of each head and a sliding window on every
+/// layer.
+#[test]
+fn parity_phi3_with_partial_rotary_and_a_sliding_window() {
+    assert_parity("phi3_partial");
+}
+
+/// Every fixture folder is one of the built architectures, so none is
+/// left untested.
+#[test]
+fn every_parity_fixture_is_built() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    for e in std::fs::read_dir(dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(BUILT.contains(&name.as_str()), "{name} is not in BUILT");
     }
 }
 
 /// `train --model FIXTURE` trains three steps of every built architecture
-/// and writes its adapter.
+/// and writes its adapter under the architecture's module names; `train
+/// merge` writes back every tensor of the fixture under its own name, the
+/// norms as stored (Gemma's `w`, not `1 + w`).
 #[test]
 fn parity_fixtures_train_three_steps_end_to_end() {
     for name in BUILT {
@@ -221,5 +274,81 @@ fn parity_fixtures_train_three_steps_end_to_end() {
             dir.path().join("out/adapter_model.safetensors").is_file(),
             "{name}: no adapter"
         );
+        let adapter: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("out/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let modules: &[&str] = if name.starts_with("phi3") {
+            &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        } else {
+            &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+        };
+        assert_eq!(
+            adapter["target_modules"],
+            serde_json::json!(modules),
+            "{name}"
+        );
+        assert_merge_writes_the_fixture_names(name, dir.path());
+    }
+}
+
+/// `train merge` of the run in `dir/out`: the merged config keeps the
+/// fixture's values, the merged tensors are the fixture's, by name and
+/// shape, and its norms are the stored values.
+fn assert_merge_writes_the_fixture_names(name: &str, dir: &Path) {
+    let out = train_common::train_in(dir)
+        .args(["merge", "--run-dir", "out", "--out", "merged"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every key both configs hold has the fixture's value and JSON type
+    // (transformers refuses `query_pre_attn_scalar: 16.0` for an integer).
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let (cfg, merged_cfg) = (
+        json(fixture(name).join("config.json")),
+        json(dir.join("merged/config.json")),
+    );
+    for (k, v) in merged_cfg.as_object().unwrap() {
+        if let Some(want) = cfg.get(k) {
+            assert_eq!(v, want, "{name}: config.json {k}");
+        }
+    }
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let theirs = load(fixture(name).join("model.safetensors"));
+    let ours = load(dir.join("merged/model.safetensors"));
+    let mut names: Vec<&String> = ours.keys().collect();
+    let mut want: Vec<&String> = theirs.keys().collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want, "{name}");
+    for (n, t) in &theirs {
+        assert_eq!(ours[n].dims(), t.dims(), "{name}: {n}");
+        assert_eq!(
+            ours[n].dtype(),
+            t.dtype(),
+            "{name}: {n} keeps the base's dtype"
+        );
+        if n.contains("norm") {
+            let (t, o) = (
+                t.to_dtype(DType::F32).unwrap(),
+                ours[n].to_dtype(DType::F32).unwrap(),
+            );
+            let diff = (&o - &t).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}: {n}");
+        }
     }
 }

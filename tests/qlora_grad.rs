@@ -85,9 +85,121 @@ fn bf16_and_plain_matmul_gradients_equal_dense_f32() {
 
 #[test]
 fn gradients_match_central_finite_differences_in_f64() {
-    let cfg = tiny_cfg(2);
-    let w = prequantized(&cfg, 9, FrozenStorage::Nf4);
-    let model = build(&cfg, &w, FrozenStorage::Nf4, DType::F64, false, lora(0.0));
+    finite_differences(&tiny_cfg(2));
+}
+
+/// A tiny Gemma 2: soft caps small enough to bend the scores and logits,
+/// a window shorter than the batch's rows on the first block.
+fn tiny_gemma2() -> qlora_scale::qlora::LlamaConfig {
+    let mut cfg = tiny_cfg(2);
+    cfg.model_type = Some("gemma2".into());
+    cfg.query_pre_attn_scalar = Some(6.into());
+    cfg.attn_logit_softcapping = Some(Some(0.5));
+    cfg.final_logit_softcapping = Some(Some(2.0));
+    cfg.sliding_window = Some(3);
+    cfg.layer_types = Some(vec!["sliding_attention".into(), "full_attention".into()]);
+    cfg
+}
+
+#[test]
+fn gemma2_gradients_match_central_finite_differences_in_f64() {
+    finite_differences(&tiny_gemma2());
+}
+
+/// A tiny Gemma 3: query and key norms, a RoPE base per layer type.
+fn tiny_gemma3() -> qlora_scale::qlora::LlamaConfig {
+    let mut cfg = tiny_gemma2();
+    cfg.model_type = Some("gemma3_text".into());
+    (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) = (None, None);
+    cfg.rope_parameters = Some(serde_json::json!({
+        "full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+        "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+    }));
+    cfg.rope_theta = 1e6;
+    cfg
+}
+
+#[test]
+fn gemma3_gradients_match_central_finite_differences_in_f64() {
+    let cfg = tiny_gemma3();
+    assert!(cfg.has_qk_norm() && cfg.sliding_rope().is_some());
+    finite_differences(&cfg);
+}
+
+/// A tiny Phi-3: fused projections, RoPE on half of each head.
+fn tiny_phi3() -> qlora_scale::qlora::LlamaConfig {
+    let mut cfg = tiny_cfg(2);
+    cfg.model_type = Some("phi3".into());
+    cfg.partial_rotary_factor = Some(0.5);
+    cfg
+}
+
+#[test]
+fn phi3_gradients_match_central_finite_differences_in_f64() {
+    let cfg = tiny_phi3();
+    assert_eq!((cfg.projections().len(), cfg.rotary_dim()), (4, 4));
+    finite_differences(&cfg);
+}
+
+/// Any of q/k/v selects Phi-3's `qkv_proj`, any of gate/up its
+/// `gate_up_proj`: adapters sit on the fused modules, under their names.
+#[test]
+fn phi3_targets_select_the_fused_projections() {
+    use qlora_scale::qlora::LoraTarget;
+    let cfg = tiny_phi3();
+    let w = cfg
+        .random_weights(1, DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let mut l = lora(0.0);
+    l.targets = vec![LoraTarget::V, LoraTarget::Up];
+    let m = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, false, l);
+    let names: Vec<String> = m.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    let want: Vec<String> = (0..2)
+        .flat_map(|b| {
+            ["mlp.gate_up_proj", "self_attn.qkv_proj"]
+                .into_iter()
+                .flat_map(move |p| {
+                    ['A', 'B']
+                        .map(|x| format!("base_model.model.model.layers.{b}.{p}.lora_{x}.weight"))
+                })
+        })
+        .collect();
+    assert_eq!(names, want);
+    // qkv's B spans q, k and v: 4 heads of 8 plus 2 x 2 KV heads of 8.
+    assert_eq!(m.trainable_vars()[3].1.dims(), &[64, 4]);
+}
+
+#[test]
+fn phi3_nf4_and_checkpointed_gradients_equal_dense() {
+    let cfg = tiny_phi3();
+    let w = prequantized(&cfg, 4, FrozenStorage::Nf4);
+    let q = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, false, lora(0.2));
+    let c = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, true, lora(0.2));
+    let d = build(&cfg, &w, FrozenStorage::F32, DType::F32, false, lora(0.2));
+    let gq = lora_grads(&q, Some(3));
+    assert_eq!(gq.len(), 16);
+    compare(&gq, &lora_grads(&d, Some(3)), 1e-5).unwrap();
+    compare(&gq, &lora_grads(&c, Some(3)), 1e-6).unwrap();
+}
+
+#[test]
+fn gemma2_nf4_and_checkpointed_gradients_equal_dense() {
+    let cfg = tiny_gemma2();
+    let w = prequantized(&cfg, 4, FrozenStorage::Nf4);
+    let q = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, false, lora(0.2));
+    let c = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, true, lora(0.2));
+    let d = build(&cfg, &w, FrozenStorage::F32, DType::F32, false, lora(0.2));
+    let gq = lora_grads(&q, Some(3));
+    assert_eq!(gq.len(), 28);
+    compare(&gq, &lora_grads(&d, Some(3)), 1e-5).unwrap();
+    compare(&gq, &lora_grads(&c, Some(3)), 1e-6).unwrap();
+}
+
+/// The first and last element of every `A` and `B` of `cfg`'s two blocks:
+/// the analytic gradient equals a central finite difference (f64).
+fn finite_differences(cfg: &qlora_scale::qlora::LlamaConfig) {
+    let w = prequantized(cfg, 9, FrozenStorage::Nf4);
+    let model = build(cfg, &w, FrozenStorage::Nf4, DType::F64, false, lora(0.0));
     let grads = lora_grads(&model, None);
     let vars = model.trainable_vars();
     let eps = 1e-6;
@@ -120,7 +232,8 @@ fn gradients_match_central_finite_differences_in_f64() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 2 * 28);
+    // Two elements of A and B of each projection of both blocks.
+    assert_eq!(checked, 2 * 2 * 2 * cfg.projections().len());
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The inference path: logits from the KV cache (a prompt, then one token at
 //! a time) equal the full-sequence forward's, with grouped-query and plain
-//! multi-head attention, Qwen2's biases and RoPE scaling; no graph is
+//! multi-head attention, Qwen2's biases and RoPE scaling, Gemma; no graph is
 //! recorded; the base alone differs from base + adapter.
 
 mod qlora_common;
@@ -99,6 +99,48 @@ fn cached_logits_equal_the_full_forward_with_a_sliding_window_and_qk_norms() {
     // Qwen3's per-head norms of queries and keys.
     let mut cfg = tiny_cfg(2);
     cfg.model_type = Some("qwen3".into());
+    check(&cfg);
+}
+
+/// The config of a parity fixture (`tests/fixtures/parity/NAME`), read as
+/// `train` reads it.
+fn fixture_config(name: &str) -> LlamaConfig {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name);
+    qlora_scale::qlora::read_config(&dir).unwrap()
+}
+
+#[test]
+fn cached_logits_equal_the_full_forward_for_gemma2() {
+    // Soft caps, (1 + w) norms, scaled embeddings; window 6 of 9 tokens on
+    // the first block.
+    let cfg = fixture_config("gemma2");
+    assert_eq!(cfg.layer_window(0), Some(6));
+    check(&cfg);
+}
+
+#[test]
+fn cached_logits_equal_the_full_forward_for_gemma3() {
+    // Query and key norms; the sliding block's RoPE is not the full one's.
+    let cfg = fixture_config("gemma3");
+    let (local, global) = (
+        cfg.sliding_rope_inv_freq().unwrap().unwrap(),
+        cfg.rope_inv_freq().unwrap(),
+    );
+    assert_ne!(local, global);
+    check(&cfg);
+}
+
+#[test]
+fn cached_logits_equal_the_full_forward_for_phi3() {
+    let cfg = fixture_config("phi3");
+    assert_eq!(cfg.projections().len(), 4);
+    check(&cfg);
+    // RoPE on half of each head (4 of 8), the rest unrotated.
+    let mut cfg = cfg;
+    cfg.partial_rotary_factor = Some(0.5);
+    assert_eq!(cfg.rotary_dim(), 4);
     check(&cfg);
 }
 

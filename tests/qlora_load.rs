@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use qlora_common::*;
 use qlora_scale::qlora::{
-    FrozenStorage, LlamaModel, LoadError, ModelOptions, SafetensorsDir, read_config,
+    FrozenStorage, LlamaConfig, LlamaModel, LoadError, ModelOptions, SafetensorsDir, read_config,
 };
 
 fn write_checkpoint(
@@ -252,4 +252,149 @@ fn rope_parameters_read_like_rope_theta_and_rope_scaling() {
     let plain =
         read(serde_json::json!({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}));
     assert_eq!((plain.rope_theta, plain.rope_scaling), (1e6, None));
+}
+
+/// The `config.json` of the parity fixture `name` with `edit` applied, read as
+/// `train` reads it.
+fn read_fixture(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<LlamaConfig, String> {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    read_config(dir.path()).map_err(|e| e.to_string())
+}
+
+/// Gemma 2: a config without `layer_types` alternates sliding and full
+/// attention as transformers does; a missing soft cap is named rather than
+/// guessed, a `null` one is off; another activation is refused.
+#[test]
+fn gemma2_configs_are_read_as_transformers_reads_them() {
+    let c = read_fixture("gemma2", |c| {
+        c.as_object_mut().unwrap().remove("layer_types");
+        c["num_hidden_layers"] = serde_json::json!(3);
+    })
+    .unwrap();
+    let windows: Vec<_> = (0..3).map(|l| c.layer_window(l)).collect();
+    assert_eq!(windows, [Some(6), None, Some(6)]);
+    let c = read_fixture("gemma2", |c| {
+        c["final_logit_softcapping"] = serde_json::Value::Null
+    })
+    .unwrap();
+    assert_eq!(c.final_logit_softcapping, Some(None));
+    assert_eq!(c.attn_logit_softcapping, Some(Some(50.0)));
+    for key in [
+        "attn_logit_softcapping",
+        "query_pre_attn_scalar",
+        "hidden_activation",
+    ] {
+        let err = read_fixture("gemma2", |c| {
+            c.as_object_mut().unwrap().remove(key);
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("config.json") && err.contains(key) && err.contains("absent"),
+            "{err}"
+        );
+    }
+    let err = read_fixture("gemma2", |c| {
+        c["use_bidirectional_attention"] = serde_json::json!(true)
+    })
+    .unwrap_err();
+    assert!(err.contains("use_bidirectional_attention"), "{err}");
+    let err = read_fixture("gemma2", |c| {
+        c["hidden_activation"] = serde_json::json!("gelu")
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("hidden_activation") && err.contains("gelu_pytorch_tanh"),
+        "{err}"
+    );
+}
+
+/// Gemma 3: the flat RoPE keys of configs before transformers 5
+/// (`rope_theta`, `rope_local_base_freq`) and `sliding_window_pattern` give
+/// what `rope_parameters` per layer type and `layer_types` give; a missing
+/// entry or base is named.
+#[test]
+fn gemma3_configs_old_and_new_give_the_same_model() {
+    let new = read_fixture("gemma3", |_| {}).unwrap();
+    let old = read_fixture("gemma3", |c| {
+        let m = c.as_object_mut().unwrap();
+        m.remove("rope_parameters");
+        m.remove("layer_types");
+        m.insert("rope_theta".into(), serde_json::json!(1e6));
+        m.insert("rope_local_base_freq".into(), serde_json::json!(1e4));
+        m.insert("sliding_window_pattern".into(), serde_json::json!(2));
+    })
+    .unwrap();
+    assert_eq!(old.layer_types, new.layer_types);
+    assert_eq!(old.rope_inv_freq().unwrap(), new.rope_inv_freq().unwrap());
+    let local = new.sliding_rope_inv_freq().unwrap().unwrap();
+    assert_eq!(old.sliding_rope_inv_freq().unwrap().unwrap(), local);
+    assert_ne!(local, new.rope_inv_freq().unwrap());
+    let err = read_fixture("gemma3", |c| {
+        c["rope_parameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sliding_attention");
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("rope_parameters") && err.contains("sliding_attention"),
+        "{err}"
+    );
+    let err = read_fixture("gemma3", |c| {
+        let m = c.as_object_mut().unwrap();
+        m.remove("rope_parameters");
+        m.insert("rope_theta".into(), serde_json::json!(1e6));
+    })
+    .unwrap_err();
+    let flat = read_fixture("gemma3", |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_theta": 1e6, "rope_type": "default"})
+    })
+    .unwrap_err();
+    assert!(
+        flat.contains("rope_parameters") && flat.contains("sliding_attention"),
+        "{flat}"
+    );
+    assert!(
+        err.contains("rope_local_base_freq") && err.contains("absent"),
+        "{err}"
+    );
+}
+
+/// Phi-3: `partial_rotary_factor` is read from `rope_parameters`; LongRoPE
+/// (the 128k models) and a factor that leaves no even rotary width are
+/// refused by name.
+#[test]
+fn phi3_rope_parameters_are_read_or_refused_by_name() {
+    let c = read_fixture("phi3_partial", |_| {}).unwrap();
+    assert_eq!((c.partial_rotary_factor, c.rotary_dim()), (Some(0.5), 4));
+    assert_eq!(c.rope_inv_freq().unwrap().len(), 2);
+    let err = read_fixture("phi3", |c| {
+        c["rope_parameters"] = serde_json::json!({
+            "rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.0], "long_factor": [2.0, 2.0]
+        });
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("rope_parameters") && err.contains("longrope"),
+        "{err}"
+    );
+    let err = read_fixture("phi3", |c| {
+        c["rope_parameters"]["partial_rotary_factor"] = serde_json::json!(0.1);
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("partial_rotary_factor") && err.contains("0.1"),
+        "{err}"
+    );
 }

@@ -29,7 +29,10 @@ use serde::Deserialize;
 
 use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 use super::load::{LoadError, WeightSource};
-use super::lora::{LoraAdapter, LoraConfig, LoraLinear, LoraTarget, dropout_mask, peft_key};
+use super::lora::{
+    FUSED_PROJECTIONS, LoraAdapter, LoraConfig, LoraLinear, LoraTarget, Projection,
+    SEPARATE_PROJECTIONS, dropout_mask, peft_key,
+};
 use super::recompute::CheckpointOp;
 
 /// `rope_scaling` of an HF `config.json`.
@@ -53,6 +56,16 @@ pub struct RopeScaling {
     /// Llama 3: `original_max_position_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
+}
+
+impl RopeScaling {
+    /// The kind: `rope_type`, else `type`, else `default`.
+    pub fn kind(&self) -> &str {
+        self.rope_type
+            .as_deref()
+            .or(self.kind.as_deref())
+            .unwrap_or("default")
+    }
 }
 
 fn one() -> f64 {
@@ -129,6 +142,91 @@ pub struct LlamaConfig {
     /// Biases on the MLP's projections; not built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_bias: Option<bool>,
+    /// Gemma: the MLP's activation (Gemma reads this key, not `hidden_act`);
+    /// only `gelu_pytorch_tanh` is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scores are scaled by `query_pre_attn_scalar^-0.5`
+    /// instead of `head_dim^-0.5`. Kept as written: transformers wants an
+    /// integer back in a merged `config.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<serde_json::Number>,
+    /// Gemma: attention scores become `tanh(x / c) * c` before the mask.
+    /// Outer `None`: the key is absent; `Some(None)`: it is `null` (off).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub attn_logit_softcapping: Option<Option<f64>>,
+    /// Gemma: logits become `tanh(x / c) * c`; absent and `null` as above.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub final_logit_softcapping: Option<Option<f64>>,
+    /// Gemma 3 (configs before `rope_parameters`): the RoPE base of the
+    /// sliding-window layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3 (configs without `layer_types`): every `n`-th layer is full
+    /// attention, the others slide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// The share of each head's width that RoPE rotates (Phi-3; transformers
+    /// 5 writes it inside `rope_parameters`, where
+    /// [`read_config`](super::read_config) reads it from); 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    /// Gemma: attention without the causal mask; not built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+/// One RoPE of `rope_parameters` (the whole map, or one layer type's
+/// entry): its base when given, its scaling unless `default`.
+pub(crate) fn rope_entry(
+    v: &serde_json::Value,
+) -> Result<(Option<f64>, Option<RopeScaling>), serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Flat {
+        rope_theta: Option<f64>,
+        #[serde(flatten)]
+        scaling: RopeScaling,
+    }
+    let flat: Flat = serde_json::from_value(v.clone())?;
+    let scaling = (flat.scaling.kind() != "default").then_some(flat.scaling);
+    Ok((flat.rope_theta, scaling))
+}
+
+/// Deserializes a key that may be `null` into `Some(None)`, so that with
+/// `#[serde(default)]` an absent key (`None`) differs from a `null` one.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
+}
+
+/// The norms of a Llama block, in [`Block`] order: before attention,
+/// before the MLP.
+const LLAMA_NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+
+/// The norms of a Gemma block, in [`Block`] order: before attention, before
+/// the MLP, after attention, after the MLP (Gemma's
+/// `post_attention_layernorm` follows attention, unlike Llama's).
+const GEMMA_NORMS: [&str; 4] = [
+    "input_layernorm",
+    "pre_feedforward_layernorm",
+    "post_attention_layernorm",
+    "post_feedforward_layernorm",
+];
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (Llama, Mistral, Qwen, Phi-3).
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`, Gemma).
+    GeluTanh,
 }
 
 impl LlamaConfig {
@@ -157,7 +255,56 @@ impl LlamaConfig {
             layer_types: None,
             hidden_act: None,
             mlp_bias: None,
+            hidden_activation: None,
+            query_pre_attn_scalar: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_local_base_freq: None,
+            sliding_window_pattern: None,
+            use_bidirectional_attention: None,
+            partial_rotary_factor: None,
         }
+    }
+
+    /// Whether this is a Gemma (`gemma2`, `gemma3_text`): scaled embeddings,
+    /// `(1 + w)` norms, four norms per block, GELU.
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.model_type.as_deref(), Some("gemma2" | "gemma3_text"))
+    }
+
+    /// The norm weights of a block under their HF names, in [`Block`]
+    /// order.
+    pub fn block_norm_names(&self) -> &'static [&'static str] {
+        if self.is_gemma() {
+            &GEMMA_NORMS
+        } else {
+            &LLAMA_NORMS
+        }
+    }
+
+    /// The MLP's activation.
+    pub fn activation(&self) -> Activation {
+        if self.is_gemma() {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        }
+    }
+
+    /// The factor of attention scores: `query_pre_attn_scalar^-0.5` when
+    /// given (Gemma), else `head_dim^-0.5`.
+    pub fn attention_scale(&self) -> f64 {
+        let d = self
+            .query_pre_attn_scalar
+            .as_ref()
+            .and_then(serde_json::Number::as_f64)
+            .unwrap_or(self.head_width() as f64);
+        1.0 / d.sqrt()
+    }
+
+    /// The factor of the embeddings: `sqrt(hidden_size)` for Gemma.
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.is_gemma().then(|| (self.hidden_size as f64).sqrt())
     }
 
     /// The sliding window of block `layer`, `None` for full attention:
@@ -195,7 +342,41 @@ impl LlamaConfig {
     /// Whether each head's queries and keys go through an RMSNorm of the
     /// head width before RoPE (Qwen3's `q_norm` and `k_norm`).
     pub fn has_qk_norm(&self) -> bool {
-        self.model_type.as_deref() == Some("qwen3")
+        matches!(self.model_type.as_deref(), Some("qwen3" | "gemma3_text"))
+    }
+
+    /// The linear layers of a block as the checkpoint stores them: fused
+    /// q/k/v and gate/up for `phi3`, else one per target.
+    pub fn projections(&self) -> &'static [Projection] {
+        if self.model_type.as_deref() == Some("phi3") {
+            &FUSED_PROJECTIONS
+        } else {
+            &SEPARATE_PROJECTIONS
+        }
+    }
+
+    /// `(out, in)` of a projection: its targets' outputs added up.
+    pub fn projection_dims(&self, p: &Projection) -> (usize, usize) {
+        let out = p.targets.iter().map(|&t| self.linear_dims(t).0).sum();
+        (out, self.linear_dims(p.targets[0]).1)
+    }
+
+    /// Whether `p` carries a bias: q/k/v (or fused qkv) with q/k/v biases.
+    fn has_bias(&self, p: &Projection) -> bool {
+        self.has_qkv_bias()
+            && p.targets
+                .iter()
+                .all(|t| matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V))
+    }
+
+    /// The width RoPE rotates in each head: `head_dim` times
+    /// `partial_rotary_factor`, rounded down as transformers does.
+    pub fn rotary_dim(&self) -> usize {
+        let d = self.head_width();
+        match self.partial_rotary_factor {
+            Some(f) => (d as f64 * f) as usize,
+            None => d,
+        }
     }
 
     /// `(out, in)` of a block's linear layer.
@@ -229,25 +410,19 @@ impl LlamaConfig {
         }
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            v.push((
-                format!("{p}.input_layernorm.weight"),
-                vec![self.hidden_size],
-            ));
-            v.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![self.hidden_size],
-            ));
+            for n in self.block_norm_names() {
+                v.push((format!("{p}.{n}.weight"), vec![self.hidden_size]));
+            }
             if self.has_qk_norm() {
                 for n in QK_NORMS {
                     v.push((format!("{p}.{n}.weight"), vec![self.head_width()]));
                 }
             }
-            for t in LoraTarget::ALL {
-                let (o, i) = self.linear_dims(t);
-                v.push((format!("{p}.{}.weight", t.block_path()), vec![o, i]));
-                if self.has_qkv_bias() && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
-                {
-                    v.push((format!("{p}.{}.bias", t.block_path()), vec![o]));
+            for proj in self.projections() {
+                let (o, i) = self.projection_dims(proj);
+                v.push((format!("{p}.{}.weight", proj.path), vec![o, i]));
+                if self.has_bias(proj) {
+                    v.push((format!("{p}.{}.bias", proj.path), vec![o]));
                 }
             }
         }
@@ -275,45 +450,78 @@ impl LlamaConfig {
     /// The kind of `rope_scaling` (`rope_type`, else `type`), when there
     /// is one.
     pub fn rope_scaling_kind(&self) -> Option<&str> {
-        let s = self.rope_scaling.as_ref()?;
-        Some(
-            s.rope_type
-                .as_deref()
-                .or(s.kind.as_deref())
-                .unwrap_or("default"),
-        )
+        self.rope_scaling.as_ref().map(RopeScaling::kind)
     }
 
     /// RoPE inverse frequencies, with `rope_scaling` applied.
     pub fn rope_inv_freq(&self) -> Result<Vec<f64>, LoadError> {
-        let d = self.head_width();
-        let mut inv: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
-            .collect();
-        if let (Some(s), Some(kind)) = (&self.rope_scaling, self.rope_scaling_kind()) {
-            match kind {
-                "default" => {}
-                "linear" => inv.iter_mut().for_each(|f| *f /= s.factor),
-                "llama3" => {
-                    let low = s.low_freq_factor.unwrap_or(1.0);
-                    let high = s.high_freq_factor.unwrap_or(4.0);
-                    let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
-                    let (low_wl, high_wl) = (old / low, old / high);
-                    for f in inv.iter_mut() {
-                        let wl = 2.0 * std::f64::consts::PI / *f;
-                        if wl > low_wl {
-                            *f /= s.factor;
-                        } else if wl >= high_wl {
-                            let smooth = (old / wl - low) / (high - low);
-                            *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
-                        }
+        inv_freq(
+            self.rotary_dim(),
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+        )
+    }
+
+    /// The RoPE base and scaling of the sliding-window layers when they have
+    /// their own (`gemma3_text`): `rope_parameters`' `sliding_attention`
+    /// entry, else `rope_local_base_freq` (older configs). Derived from the
+    /// config as read, so that it is saved and compared with it.
+    pub fn sliding_rope(&self) -> Option<(f64, Option<RopeScaling>)> {
+        if self.model_type.as_deref() != Some("gemma3_text") {
+            return None;
+        }
+        let entry = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("sliding_attention"));
+        match entry {
+            Some(v) => match rope_entry(v).ok()? {
+                (Some(theta), scaling) => Some((theta, scaling)),
+                (None, _) => None,
+            },
+            None => self.rope_local_base_freq.map(|theta| (theta, None)),
+        }
+    }
+
+    /// RoPE inverse frequencies of the sliding-window layers when they have
+    /// their own RoPE (Gemma 3).
+    pub fn sliding_rope_inv_freq(&self) -> Result<Option<Vec<f64>>, LoadError> {
+        self.sliding_rope()
+            .as_ref()
+            .map(|(theta, s)| inv_freq(self.rotary_dim(), *theta, s.as_ref()))
+            .transpose()
+    }
+}
+
+/// RoPE inverse frequencies of a head width `d`, base `theta`, with
+/// `scaling` applied.
+fn inv_freq(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Result<Vec<f64>, LoadError> {
+    let mut inv: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+        .collect();
+    if let Some(s) = scaling {
+        match s.kind() {
+            "default" => {}
+            "linear" => inv.iter_mut().for_each(|f| *f /= s.factor),
+            "llama3" => {
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let (low_wl, high_wl) = (old / low, old / high);
+                for f in inv.iter_mut() {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl > low_wl {
+                        *f /= s.factor;
+                    } else if wl >= high_wl {
+                        let smooth = (old / wl - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
                     }
                 }
-                other => return Err(LoadError::UnsupportedRopeScaling(other.to_string())),
             }
+            other => return Err(LoadError::UnsupportedRopeScaling(other.to_string())),
         }
-        Ok(inv)
     }
+    Ok(inv)
 }
 
 /// A [`WeightSource`] that generates seeded random weights on demand, one
@@ -444,11 +652,14 @@ pub(crate) struct BlockCtx {
     pub mask: Tensor,
     /// The same for sliding-window blocks, when the model has any.
     pub window_mask: Option<Tensor>,
+    /// RoPE's `(cos, sin)` of sliding-window blocks when they have their own
+    /// (Gemma 3).
+    pub sliding_rope: Option<(Tensor, Tensor)>,
     /// `(p, seed)` of the LoRA dropout, in training.
     pub dropout: Option<(f32, u64)>,
 }
 
-/// Qwen3's per-head norms of queries and keys, under `self_attn`.
+/// The per-head norms of queries and keys (Qwen3, Gemma 3), under `self_attn`.
 const QK_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
 
 /// The additive mask's value for a key a query may not see. Large and
@@ -502,27 +713,80 @@ impl KvCache {
     }
 }
 
+/// An RMSNorm weight as stored, and the factor it applies: the weight
+/// itself, or `1 + w` for Gemma (whose checkpoints store `w` near 0).
+#[derive(Debug, Clone)]
+struct Norm {
+    stored: Tensor,
+    factor: Tensor,
+}
+
+impl Norm {
+    fn new(stored: Tensor, plus_one: bool) -> candle_core::Result<Self> {
+        let factor = if plus_one {
+            (&stored + 1.0)?
+        } else {
+            stored.clone()
+        };
+        Ok(Self { stored, factor })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+        rms_norm(x, &self.factor, eps)
+    }
+}
+
+/// `tanh(x / cap) * cap` (Gemma's soft-capping), or `x` without a cap.
+fn soft_cap(x: Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x),
+    }
+}
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
     index: usize,
-    ln1: Tensor,
-    ln2: Tensor,
-    /// In [`LoraTarget::ALL`] order.
+    /// In [`LlamaConfig::block_norm_names`] order: before attention, before
+    /// the MLP, then (Gemma) after attention and after the MLP.
+    norms: Vec<Norm>,
+    /// In [`LlamaConfig::projections`] order.
     linears: Vec<LoraLinear>,
+    /// Phi-3: `linears` are `qkv_proj`, `o_proj`, `gate_up_proj`,
+    /// `down_proj` ([`FUSED_PROJECTIONS`]).
+    fused: bool,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     eps: f64,
     /// Attends through [`BlockCtx::window_mask`] (a sliding-window block).
     sliding: bool,
-    /// Qwen3: RMSNorm weights `(head_dim)` of queries and keys per head.
-    qk_norm: Option<[Tensor; 2]>,
+    /// Qwen3, Gemma 3: RMSNorm weights `(head_dim)` of queries and keys
+    /// per head.
+    qk_norm: Option<[Norm; 2]>,
+    act: Activation,
+    /// Factor of the attention scores.
+    scale: f64,
+    /// Gemma 2: soft cap of the attention scores.
+    softcap: Option<f64>,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// RoPE on the first `2 * cos.dim(1)` features of each head of `x` `(b, h,
+/// t, d)`; the rest pass unrotated (Phi-3's `partial_rotary_factor`).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (d, rot) = (x.dim(D::Minus1)?, 2 * cos.dim(1)?);
+    if rot == d {
+        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
+    }
+    let turned =
+        candle_nn::rotary_emb::rope_slow(&x.narrow(D::Minus1, 0, rot)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[turned, x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
 }
 
 fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
@@ -542,7 +806,7 @@ impl Block {
         self.index
     }
 
-    /// The block's linear layers in [`LoraTarget::ALL`] order.
+    /// The block's linear layers in [`LlamaConfig::projections`] order.
     pub fn linears(&self) -> &[LoraLinear] {
         &self.linears
     }
@@ -570,39 +834,96 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let mut params = params.chunks(2);
         let mut lin = |i: usize, h: &Tensor| -> candle_core::Result<Tensor> {
-            let l = &self.linears[i];
-            let ab = if l.adapter().is_some() {
+            let ab = if self.linears[i].adapter().is_some() {
                 params.next().map(|p| (&p[0], &p[1]))
             } else {
                 None
             };
-            let mask = match ctx.dropout {
-                Some((p, seed)) if p > 0.0 && ab.is_some() => {
-                    let seed = seed
-                        ^ ((self.index as u64) << 8 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    Some(dropout_mask(h.dims(), p, seed, h.dtype(), h.device())?)
-                }
-                _ => None,
-            };
-            l.forward_with(h, ab, mask.as_ref())
+            self.linear(i, h, ab, ctx)
         };
-        let h = rms_norm(x, &self.ln1, self.eps)?;
-        let q = lin(0, &h)?;
-        let k = lin(1, &h)?;
-        let v = lin(2, &h)?;
+        let h = self.norms[0].forward(x, self.eps)?;
+        let (q, k, v) = if self.fused {
+            let qkv = lin(0, &h)?;
+            let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+            (
+                qkv.narrow(D::Minus1, 0, nq)?,
+                qkv.narrow(D::Minus1, nq, nkv)?,
+                qkv.narrow(D::Minus1, nq + nkv, nkv)?,
+            )
+        } else {
+            (lin(0, &h)?, lin(1, &h)?, lin(2, &h)?)
+        };
         let heads = |y: Tensor, n: usize| {
             y.reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (mut q, mut k) = (heads(q, self.heads)?, heads(k, self.kv_heads)?);
+        let (q, k, v) = (
+            heads(q, self.heads)?,
+            heads(k, self.kv_heads)?,
+            heads(v, self.kv_heads)?,
+        );
+        let o = self.attend(q, k, v, ctx, cache)?;
+        // o, then the MLP: separate (3; 4, 5; 6) or fused (1; 2; 3).
+        let o_at = if self.fused { 1 } else { 3 };
+        let x = (x + self.post_norm(0, lin(o_at, &o)?)?)?;
+        let h = self.norms[1].forward(&x, self.eps)?;
+        let (gate, up) = if self.fused {
+            let gu = lin(2, &h)?;
+            let i = gu.dim(D::Minus1)? / 2;
+            (gu.narrow(D::Minus1, 0, i)?, gu.narrow(D::Minus1, i, i)?)
+        } else {
+            (lin(4, &h)?, lin(5, &h)?)
+        };
+        let gate = match self.act {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let down = lin(self.linears.len() - 1, &(gate * up)?)?;
+        x + self.post_norm(1, down)?
+    }
+
+    /// The `i`-th linear of `h` with adapter tensors `ab` and, in training,
+    /// a LoRA dropout mask seeded by the block, the linear and `ctx`.
+    fn linear(
+        &self,
+        i: usize,
+        h: &Tensor,
+        ab: Option<(&Tensor, &Tensor)>,
+        ctx: &BlockCtx,
+    ) -> candle_core::Result<Tensor> {
+        let mask = match ctx.dropout {
+            Some((p, seed)) if p > 0.0 && ab.is_some() => {
+                let seed = seed
+                    ^ ((self.index as u64) << 8 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                Some(dropout_mask(h.dims(), p, seed, h.dtype(), h.device())?)
+            }
+            _ => None,
+        };
+        self.linears[i].forward_with(h, ab, mask.as_ref())
+    }
+
+    /// Attention of queries `q` and keys and values `k`, `v` `(b, heads,
+    /// t, head_dim)` before the q/k norms and RoPE, over the cached keys and
+    /// values too (which `k`, `v` extend): `(b, t, heads * head_dim)`.
+    fn attend(
+        &self,
+        mut q: Tensor,
+        mut k: Tensor,
+        v: Tensor,
+        ctx: &BlockCtx,
+        cache: Option<&mut LayerCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         if let Some([qn, kn]) = &self.qk_norm {
-            q = rms_norm(&q, qn, self.eps)?;
-            k = rms_norm(&k, kn, self.eps)?;
+            q = qn.forward(&q, self.eps)?;
+            k = kn.forward(&k, self.eps)?;
         }
-        let q = candle_nn::rotary_emb::rope_slow(&q, &ctx.cos, &ctx.sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &ctx.cos, &ctx.sin)?;
-        let v = heads(v, self.kv_heads)?;
+        let (cos, sin) = match (&ctx.sliding_rope, self.sliding) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&ctx.cos, &ctx.sin),
+        };
+        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
         let (k, v) = match cache {
             Some(c) => c.append(k, v)?,
             None => (k, v),
@@ -610,22 +931,26 @@ impl Block {
         let rep = self.heads / self.kv_heads;
         let k = repeat_kv(k.contiguous()?, rep)?;
         let v = repeat_kv(v, rep)?;
-        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)?
-            * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+        let att = soft_cap(att, self.softcap)?;
         let mask = match (&ctx.window_mask, self.sliding) {
             (Some(w), true) => w,
             _ => &ctx.mask,
         };
         let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
-            b,
-            t,
-            self.heads * self.head_dim,
-        ))?;
-        let x = (x + lin(3, &o)?)?;
-        let h = rms_norm(&x, &self.ln2, self.eps)?;
-        let g = (lin(4, &h)?.silu()? * lin(5, &h)?)?;
-        x + lin(6, &g)?
+        att.matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, self.heads * self.head_dim))
+    }
+
+    /// `y` through the block's `i`-th norm after a sublayer (Gemma's
+    /// post-attention and post-MLP norms), or `y` when it has none.
+    fn post_norm(&self, i: usize, y: Tensor) -> candle_core::Result<Tensor> {
+        match self.norms.get(2 + i) {
+            Some(n) => n.forward(&y, self.eps),
+            None => Ok(y),
+        }
     }
 }
 
@@ -635,10 +960,12 @@ pub struct LlamaModel {
     options: ModelOptions,
     embed: Arc<FrozenWeight>,
     blocks: Vec<Arc<Block>>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: FrozenLinear,
     varmap: VarMap,
     inv_freq: Vec<f64>,
+    /// RoPE of the sliding-window blocks when they have their own (Gemma 3).
+    sliding_inv_freq: Option<Vec<f64>>,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -651,6 +978,118 @@ impl std::fmt::Debug for LlamaModel {
     }
 }
 
+/// Reads a model's weights by HF name, checking each shape against the
+/// config's, into frozen weights, norms and blocks.
+struct Loader<'a> {
+    config: &'a LlamaConfig,
+    weights: &'a dyn WeightSource,
+    options: &'a ModelOptions,
+    expected: HashMap<String, Vec<usize>>,
+}
+
+impl Loader<'_> {
+    /// The tensor `name`, dense (`f64` for an `f64` model, else `f32`: the
+    /// quantized storages take `f32`), on the model's device.
+    fn get(&self, name: &str) -> Result<Tensor, LoadError> {
+        let t = self.weights.tensor(name)?;
+        if let Some(shape) = self.expected.get(name)
+            && t.dims() != shape.as_slice()
+        {
+            return Err(LoadError::Shape {
+                name: name.to_string(),
+                expected: shape.clone(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let dt = match self.options.dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        Ok(t.to_dtype(dt)?.to_device(&self.options.device)?)
+    }
+
+    fn frozen(&self, name: &str, s: FrozenStorage) -> Result<FrozenWeight, LoadError> {
+        let t = self.get(name)?;
+        FrozenWeight::new(&t, s).map_err(|source| LoadError::Frozen {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    /// A norm weight in the compute dtype (Gemma's applying `1 + w`).
+    fn norm(&self, name: &str) -> Result<Norm, LoadError> {
+        let w = self.get(name)?.to_dtype(self.options.dtype)?;
+        Ok(Norm::new(w, self.config.is_gemma())?)
+    }
+
+    /// Block `l`: its projections (with adapters, registered in `varmap`
+    /// under PEFT's names), norms and attention settings.
+    fn block(&self, l: usize, rng: &mut StdRng, varmap: &VarMap) -> Result<Block, LoadError> {
+        let (config, p) = (self.config, format!("model.layers.{l}"));
+        let linears = config
+            .projections()
+            .iter()
+            .map(|proj| self.projection(l, proj, rng, varmap))
+            .collect::<Result<_, _>>()?;
+        let qk_norm = if config.has_qk_norm() {
+            let norm = |n: &str| self.norm(&format!("{p}.{n}.weight"));
+            Some([norm(QK_NORMS[0])?, norm(QK_NORMS[1])?])
+        } else {
+            None
+        };
+        Ok(Block {
+            index: l,
+            norms: config
+                .block_norm_names()
+                .iter()
+                .map(|n| self.norm(&format!("{p}.{n}.weight")))
+                .collect::<Result<_, _>>()?,
+            linears,
+            fused: config.projections().len() == FUSED_PROJECTIONS.len(),
+            heads: config.num_attention_heads,
+            kv_heads: config.kv_heads(),
+            head_dim: config.head_width(),
+            eps: config.rms_norm_eps,
+            sliding: config.layer_window(l).is_some(),
+            qk_norm,
+            act: config.activation(),
+            scale: config.attention_scale(),
+            softcap: config.attn_logit_softcapping.flatten(),
+        })
+    }
+
+    /// The projection `proj` of block `l`: frozen weight, bias, adapter.
+    fn projection(
+        &self,
+        l: usize,
+        proj: &Projection,
+        rng: &mut StdRng,
+        varmap: &VarMap,
+    ) -> Result<LoraLinear, LoadError> {
+        let (config, opts, lora) = (self.config, self.options, &self.options.lora);
+        let name = |what: &str| format!("model.layers.{l}.{}.{what}", proj.path);
+        let weight = self.frozen(&name("weight"), opts.storage)?;
+        let base = FrozenLinear::from_weight(Arc::new(weight), opts.storage);
+        let bias = if config.has_bias(proj) {
+            Some(self.get(&name("bias"))?.to_dtype(opts.dtype)?)
+        } else {
+            None
+        };
+        let n = config.num_hidden_layers;
+        let adapter = if lora.targets_projection(proj) && lora.adapts_layer(l, n) && lora.rank > 0 {
+            let (o, i) = config.projection_dims(proj);
+            let ad = LoraAdapter::init(lora.rank, i, o, opts.dtype, &opts.device, rng)?;
+            let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
+            data.insert(peft_key(l, proj.path, 'A'), ad.a.clone());
+            data.insert(peft_key(l, proj.path, 'B'), ad.b.clone());
+            Some(ad)
+        } else {
+            None
+        };
+        Ok(LoraLinear::new(base, bias, adapter, lora.scale()))
+    }
+}
+
 impl LlamaModel {
     /// Builds the model from `config` and a weights source (in-memory map or
     /// a local HF directory), quantizing each frozen weight as it is read.
@@ -659,97 +1098,25 @@ impl LlamaModel {
         weights: &dyn WeightSource,
         options: &ModelOptions,
     ) -> Result<Self, LoadError> {
-        let dev = &options.device;
-        let dt = options.dtype;
-        let expected: HashMap<String, Vec<usize>> = config.tensor_shapes().into_iter().collect();
-        let get = |name: &str| -> Result<Tensor, LoadError> {
-            let t = weights.tensor(name)?;
-            if let Some(shape) = expected.get(name)
-                && t.dims() != shape.as_slice()
-            {
-                return Err(LoadError::Shape {
-                    name: name.to_string(),
-                    expected: shape.clone(),
-                    found: t.dims().to_vec(),
-                });
-            }
-            // Dense copies in the compute dtype; quantized storages take f32.
-            Ok(t.to_dtype(if dt == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            })?
-            .to_device(dev)?)
-        };
-        let frozen = |name: &str, s: FrozenStorage| -> Result<FrozenWeight, LoadError> {
-            let t = get(name)?;
-            FrozenWeight::new(&t, s).map_err(|source| LoadError::Frozen {
-                name: name.to_string(),
-                source,
-            })
+        let ld = Loader {
+            config,
+            weights,
+            options,
+            expected: config.tensor_shapes().into_iter().collect(),
         };
         let hs = options.embedding_storage(weights.stored_dtype("model.embed_tokens.weight")?);
-        let embed = Arc::new(frozen("model.embed_tokens.weight", hs)?);
+        let embed = Arc::new(ld.frozen("model.embed_tokens.weight", hs)?);
         let lm_head = if config.tie_word_embeddings {
             FrozenLinear::from_weight(embed.clone(), hs)
         } else {
-            FrozenLinear::from_weight(Arc::new(frozen("lm_head.weight", hs)?), hs)
+            FrozenLinear::from_weight(Arc::new(ld.frozen("lm_head.weight", hs)?), hs)
         };
-        let norm = get("model.norm.weight")?.to_dtype(dt)?;
-        let lora = &options.lora;
-        let mut rng = StdRng::seed_from_u64(lora.seed);
+        let norm = ld.norm("model.norm.weight")?;
+        let mut rng = StdRng::seed_from_u64(options.lora.seed);
         let varmap = VarMap::new();
-        let n = config.num_hidden_layers;
-        let mut blocks = Vec::with_capacity(n);
-        for l in 0..n {
-            let p = format!("model.layers.{l}");
-            let mut linears = Vec::with_capacity(7);
-            for t in LoraTarget::ALL {
-                let name = format!("{p}.{}.weight", t.block_path());
-                let base = FrozenLinear::from_weight(
-                    Arc::new(frozen(&name, options.storage)?),
-                    options.storage,
-                );
-                let bias = if config.has_qkv_bias()
-                    && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
-                {
-                    Some(get(&format!("{p}.{}.bias", t.block_path()))?.to_dtype(dt)?)
-                } else {
-                    None
-                };
-                let adapter = if lora.targets_module(t) && lora.adapts_layer(l, n) && lora.rank > 0
-                {
-                    let (o, i) = config.linear_dims(t);
-                    let ad = LoraAdapter::init(lora.rank, i, o, dt, dev, &mut rng)?;
-                    let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
-                    data.insert(peft_key(l, t, 'A'), ad.a.clone());
-                    data.insert(peft_key(l, t, 'B'), ad.b.clone());
-                    Some(ad)
-                } else {
-                    None
-                };
-                linears.push(LoraLinear::new(base, bias, adapter, lora.scale()));
-            }
-            blocks.push(Arc::new(Block {
-                index: l,
-                ln1: get(&format!("{p}.input_layernorm.weight"))?.to_dtype(dt)?,
-                ln2: get(&format!("{p}.post_attention_layernorm.weight"))?.to_dtype(dt)?,
-                linears,
-                heads: config.num_attention_heads,
-                kv_heads: config.kv_heads(),
-                head_dim: config.head_width(),
-                eps: config.rms_norm_eps,
-                sliding: config.layer_window(l).is_some(),
-                qk_norm: if config.has_qk_norm() {
-                    let norm = |n: &str| -> Result<Tensor, LoadError> {
-                        Ok(get(&format!("{p}.{n}.weight"))?.to_dtype(dt)?)
-                    };
-                    Some([norm(QK_NORMS[0])?, norm(QK_NORMS[1])?])
-                } else {
-                    None
-                },
-            }));
-        }
+        let blocks = (0..config.num_hidden_layers)
+            .map(|l| Ok(Arc::new(ld.block(l, &mut rng, &varmap)?)))
+            .collect::<Result<_, LoadError>>()?;
         Ok(Self {
             config: config.clone(),
             options: options.clone(),
@@ -759,6 +1126,7 @@ impl LlamaModel {
             lm_head,
             varmap,
             inv_freq: config.rope_inv_freq()?,
+            sliding_inv_freq: config.sliding_rope_inv_freq()?,
         })
     }
 
@@ -842,7 +1210,8 @@ impl LlamaModel {
             "lm_head.weight" if !self.config.tie_word_embeddings => {
                 return self.lm_head.weight().dequantize(DType::F32, dev);
             }
-            "model.norm.weight" => return f32(&self.norm),
+            // Norms as stored (Gemma's `w`, not `1 + w`).
+            "model.norm.weight" => return f32(&self.norm.stored),
             _ => {}
         }
         let block = name
@@ -852,18 +1221,15 @@ impl LlamaModel {
         let Some((b, rest)) = block else {
             candle_core::bail!("the model has no frozen tensor {name}");
         };
-        match rest {
-            "input_layernorm.weight" => return f32(&b.ln1),
-            "post_attention_layernorm.weight" => return f32(&b.ln2),
-            _ => {}
+        let norms = self.config.block_norm_names().iter().zip(&b.norms);
+        let qk_norms = b.qk_norm.iter().flat_map(|n| QK_NORMS.iter().zip(n));
+        for (n, w) in norms.chain(qk_norms) {
+            if rest.strip_suffix(".weight") == Some(n) {
+                return f32(&w.stored);
+            }
         }
-        if let Some(norms) = &b.qk_norm
-            && let Some(i) = QK_NORMS.iter().position(|n| rest == format!("{n}.weight"))
-        {
-            return f32(&norms[i]);
-        }
-        for (t, l) in LoraTarget::ALL.iter().zip(&b.linears) {
-            let Some(tail) = rest.strip_prefix(t.block_path()) else {
+        for (proj, l) in self.config.projections().iter().zip(&b.linears) {
+            let Some(tail) = rest.strip_prefix(proj.path) else {
                 continue;
             };
             match (tail, l.bias()) {
@@ -896,13 +1262,19 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// RoPE's cos and sin `(t, head_dim / 2)` for positions `start..start + t`.
-    fn rope_tables(&self, start: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    /// RoPE's cos and sin `(t, head_dim / 2)` of inverse frequencies
+    /// `inv_freq` for positions `start..start + t`.
+    fn rope_tables(
+        &self,
+        inv_freq: &[f64],
+        start: usize,
+        t: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for p in start..start + t {
-            for f in &self.inv_freq {
+            for f in inv_freq {
                 let a = p as f64 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -964,7 +1336,11 @@ impl LlamaModel {
         attention_mask: Option<&Tensor>,
         dropout: Option<(f32, u64)>,
     ) -> candle_core::Result<BlockCtx> {
-        let (cos, sin) = self.rope_tables(past, t)?;
+        let (cos, sin) = self.rope_tables(&self.inv_freq, past, t)?;
+        let sliding_rope = match &self.sliding_inv_freq {
+            Some(inv) => Some(self.rope_tables(inv, past, t)?),
+            None => None,
+        };
         let window_mask = match self.sliding_window(past + t) {
             Some(w) => Some(self.additive_mask(b, (past, t), attention_mask, Some(w))?),
             None => None,
@@ -974,21 +1350,32 @@ impl LlamaModel {
             sin,
             mask: self.additive_mask(b, (past, t), attention_mask, None)?,
             window_mask,
+            sliding_rope,
             dropout,
         })
     }
 
     /// The embeddings `(b, t, hidden)` of `ids`.
+    /// Gemma scales them by `sqrt(hidden_size)`.
     fn embed_ids(&self, ids: &[u32], (b, t): (usize, usize)) -> candle_core::Result<Tensor> {
-        self.embed
+        let x = self
+            .embed
             .rows(ids, self.options.dtype, &self.options.device)?
-            .reshape((b, t, self.config.hidden_size))
+            .reshape((b, t, self.config.hidden_size))?;
+        match self.config.embed_scale() {
+            Some(s) => x * s,
+            None => Ok(x),
+        }
     }
 
-    /// The final norm and the head: logits of the last hidden states.
+    /// The final norm and the head: logits of the last hidden states
+    /// (soft-capped for Gemma 2).
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
-        self.lm_head.forward(&x)
+        let x = self.norm.forward(x, self.config.rms_norm_eps)?;
+        soft_cap(
+            self.lm_head.forward(&x)?,
+            self.config.final_logit_softcapping.flatten(),
+        )
     }
 
     /// Logits `(b, t, vocab)` for `input_ids` `(b, t)` (`u32`).

@@ -18,7 +18,7 @@ use safetensors::SafeTensors;
 use safetensors::tensor::{Metadata, TensorView};
 
 use super::frozen::FrozenError;
-use super::llama::{LlamaConfig, RopeScaling};
+use super::llama::{LlamaConfig, RopeScaling, rope_entry};
 
 /// Errors loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -504,24 +504,103 @@ pub fn config_from_json(value: &serde_json::Value, path: &Path) -> Result<LlamaC
         })?;
     // What is not built is named before anything else is read into it.
     check_architecture(&config, path)?;
+    if config.is_gemma() {
+        apply_gemma_config(&mut config, value, path)?;
+    }
     apply_rope_parameters(&mut config, path)?;
     validate_config(&config, path)?;
     Ok(config)
 }
 
 /// The `model_type`s whose folders `train` builds.
-pub const MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub const MODEL_TYPES: [&str; 7] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+];
+
+/// Gemma's keys whose transformers defaults this crate does not assume: a
+/// config must give them (the released ones all do). `gemma2` also needs
+/// both soft caps (transformers defaults them to 50 and 30 there, to off in
+/// `gemma3_text`).
+fn apply_gemma_config(
+    c: &mut LlamaConfig,
+    raw: &serde_json::Value,
+    path: &Path,
+) -> Result<(), LoadError> {
+    let bad = |key: &'static str, problem: String| LoadError::BadConfig {
+        path: path.to_path_buf(),
+        key,
+        problem,
+    };
+    let t = c.model_type.clone().unwrap_or_default();
+    let mut required = vec![
+        "query_pre_attn_scalar",
+        "sliding_window",
+        "hidden_activation",
+    ];
+    if t == "gemma2" {
+        required.extend(["attn_logit_softcapping", "final_logit_softcapping"]);
+    }
+    if t == "gemma3_text" && raw.get("rope_parameters").is_none() {
+        // Configs before transformers 5 give both bases flat.
+        required.extend(["rope_theta", "rope_local_base_freq"]);
+    }
+    if let Some(key) = required.into_iter().find(|k| raw.get(k).is_none()) {
+        return Err(bad(
+            key,
+            format!("is absent: a {t} config must give it (transformers' default is not assumed)"),
+        ));
+    }
+    let scalar = c.query_pre_attn_scalar.as_ref().and_then(|n| n.as_f64());
+    if !scalar.is_some_and(|s| s > 0.0 && s.is_finite()) {
+        return Err(bad(
+            "query_pre_attn_scalar",
+            format!("is {scalar:?}: must be a positive number"),
+        ));
+    }
+    if c.layer_types.is_none() {
+        c.layer_types = Some(gemma_layer_types(c, &t, path)?);
+    }
+    Ok(())
+}
+
+/// Gemma's `layer_types` when the config has none: Gemma 2 alternates
+/// sliding and full attention; Gemma 3 makes every `sliding_window_pattern`-th
+/// layer full attention.
+fn gemma_layer_types(c: &LlamaConfig, t: &str, path: &Path) -> Result<Vec<String>, LoadError> {
+    let every = if t == "gemma2" {
+        2
+    } else {
+        c.sliding_window_pattern
+            .filter(|&n| n > 0)
+            .ok_or_else(|| LoadError::BadConfig {
+                path: path.to_path_buf(),
+                key: "layer_types",
+                problem:
+                    "is absent and no sliding_window_pattern (at least 1) says which layers slide"
+                        .into(),
+            })?
+    };
+    Ok((0..c.num_hidden_layers)
+        .map(|i| {
+            if (i + 1) % every == 0 {
+                "full_attention".to_string()
+            } else {
+                "sliding_attention".to_string()
+            }
+        })
+        .collect())
+}
 
 /// transformers 5 writes the RoPE base and scaling as one `rope_parameters`
 /// map (`rope_theta`, `rope_type` and the scaling's factors) in place of
 /// `rope_theta` and `rope_scaling`; when present it is what counts.
 fn apply_rope_parameters(c: &mut LlamaConfig, path: &Path) -> Result<(), LoadError> {
-    #[derive(serde::Deserialize)]
-    struct Flat {
-        rope_theta: Option<f64>,
-        #[serde(flatten)]
-        scaling: RopeScaling,
-    }
     let Some(value) = &c.rope_parameters else {
         return Ok(());
     };
@@ -530,27 +609,47 @@ fn apply_rope_parameters(c: &mut LlamaConfig, path: &Path) -> Result<(), LoadErr
         key: "rope_parameters",
         problem,
     };
+    let parse =
+        |v: &serde_json::Value, what: &str| rope_entry(v).map_err(|e| bad(format!("{what}{e}")));
     let per_layer_type = value
         .as_object()
         .is_some_and(|m| m.values().any(serde_json::Value::is_object));
-    if per_layer_type {
+    let gemma3 = c.model_type.as_deref() == Some("gemma3_text");
+    if !per_layer_type && gemma3 {
         return Err(bad(
-            "holds one RoPE per layer type (Gemma 3), which is not supported".into(),
+            "holds one RoPE for all layers: gemma3_text needs full_attention and sliding_attention entries".into(),
         ));
     }
-    let flat: Flat = serde_json::from_value(value.clone()).map_err(|e| bad(format!("{e}")))?;
-    if let Some(theta) = flat.rope_theta {
-        c.rope_theta = theta;
+    if let Some(f) = value.get("partial_rotary_factor") {
+        c.partial_rotary_factor = Some(
+            f.as_f64()
+                .ok_or_else(|| bad(format!("partial_rotary_factor is {f}: must be a number")))?,
+        );
     }
-    let kind = flat
-        .scaling
-        .rope_type
-        .as_deref()
-        .or(flat.scaling.kind.as_deref());
-    c.rope_scaling = match kind {
-        None | Some("default") => None,
-        Some(_) => Some(flat.scaling),
+    if !per_layer_type {
+        let (theta, scaling) = parse(value, "")?;
+        c.rope_theta = theta.unwrap_or(c.rope_theta);
+        c.rope_scaling = scaling;
+        return Ok(());
+    }
+    if !gemma3 {
+        return Err(bad(
+            "holds one RoPE per layer type, which only gemma3_text models are built with".into(),
+        ));
+    }
+    // Gemma 3: full-attention layers take the model's RoPE, sliding ones
+    // their own; both entries and their bases must be given.
+    let entry = |layer_type: &str| {
+        let v = value
+            .get(layer_type)
+            .ok_or_else(|| bad(format!("has no \"{layer_type}\" entry")))?;
+        match parse(v, &format!("\"{layer_type}\": "))? {
+            (Some(theta), scaling) => Ok((theta, scaling)),
+            (None, _) => Err(bad(format!("\"{layer_type}\" has no rope_theta"))),
+        }
     };
+    (c.rope_theta, c.rope_scaling) = entry("full_attention")?;
+    entry("sliding_attention")?;
     Ok(())
 }
 
@@ -573,7 +672,22 @@ fn check_architecture(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
             ),
         ));
     }
-    if let Some(act) = c.hidden_act.as_deref()
+    if c.is_gemma() {
+        if let Some(act) = c.hidden_activation.as_deref()
+            && act != "gelu_pytorch_tanh"
+        {
+            return Err(bad(
+                "hidden_activation",
+                format!("is \"{act}\": only gelu_pytorch_tanh is built for Gemma"),
+            ));
+        }
+        if c.use_bidirectional_attention == Some(true) {
+            return Err(bad(
+                "use_bidirectional_attention",
+                "is true: only causal attention is built".into(),
+            ));
+        }
+    } else if let Some(act) = c.hidden_act.as_deref()
         && act != "silu"
     {
         return Err(bad(
@@ -672,6 +786,17 @@ pub fn validate_config(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
             format!("is {head}: must be even and at least 2 (RoPE rotates pairs)"),
         ));
     }
+    if let Some(f) = c.partial_rotary_factor {
+        let rot = c.rotary_dim();
+        if !(f > 0.0 && f <= 1.0) || rot < 2 || !rot.is_multiple_of(2) {
+            return Err(bad(
+                "partial_rotary_factor",
+                format!(
+                    "is {f}: must be in (0, 1] and turn the head width {head} into an even width of at least 2 (it gives {rot})"
+                ),
+            ));
+        }
+    }
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
         return Err(bad(
             "rms_norm_eps",
@@ -685,7 +810,11 @@ pub fn validate_config(c: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
         ));
     }
     check_architecture(c, path)?;
-    if let Some(kind) = c.rope_scaling_kind()
+    let sliding = c.sliding_rope();
+    let sliding_kind = sliding.as_ref().and_then(|(_, s)| s.as_ref());
+    if let Some(kind) = c
+        .rope_scaling_kind()
+        .or(sliding_kind.map(RopeScaling::kind))
         && !matches!(kind, "default" | "linear" | "llama3")
     {
         let key = if c.rope_parameters.is_some() {

@@ -53,28 +53,12 @@ impl LoraTarget {
 
     /// The HF module name (`q_proj`, ..., `down_proj`).
     pub fn module_name(self) -> &'static str {
-        match self {
-            LoraTarget::Q => "q_proj",
-            LoraTarget::K => "k_proj",
-            LoraTarget::V => "v_proj",
-            LoraTarget::O => "o_proj",
-            LoraTarget::Gate => "gate_proj",
-            LoraTarget::Up => "up_proj",
-            LoraTarget::Down => "down_proj",
-        }
+        SEPARATE_PROJECTIONS[self as usize].module_name()
     }
 
     /// The path inside a block (`self_attn.q_proj`, `mlp.down_proj`, ...).
     pub fn block_path(self) -> &'static str {
-        match self {
-            LoraTarget::Q => "self_attn.q_proj",
-            LoraTarget::K => "self_attn.k_proj",
-            LoraTarget::V => "self_attn.v_proj",
-            LoraTarget::O => "self_attn.o_proj",
-            LoraTarget::Gate => "mlp.gate_proj",
-            LoraTarget::Up => "mlp.up_proj",
-            LoraTarget::Down => "mlp.down_proj",
-        }
+        SEPARATE_PROJECTIONS[self as usize].path
     }
 
     /// Parses a module name as PEFT's `target_modules` spells it (`q_proj`,
@@ -93,6 +77,55 @@ impl LoraTarget {
         })
     }
 }
+
+/// A linear layer of a block as a checkpoint stores it: one per target
+/// (Llama), or fused (Phi-3's `qkv_proj` and `gate_up_proj`), whose output
+/// is its targets' outputs concatenated in order. LoRA adapts a projection
+/// as a whole, under its own name, when any of its targets is selected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Projection {
+    /// The path inside a block (`self_attn.qkv_proj`).
+    pub path: &'static str,
+    /// The targets whose outputs it computes, in output order.
+    pub targets: &'static [LoraTarget],
+}
+
+impl Projection {
+    /// The module name, as PEFT's `target_modules` spells it (`qkv_proj`).
+    pub fn module_name(&self) -> &'static str {
+        self.path.rsplit('.').next().unwrap_or(self.path)
+    }
+}
+
+const fn separate(t: &'static [LoraTarget; 1], path: &'static str) -> Projection {
+    Projection { path, targets: t }
+}
+
+/// The seven projections of a Llama block, one per target.
+pub const SEPARATE_PROJECTIONS: [Projection; 7] = [
+    separate(&[LoraTarget::Q], "self_attn.q_proj"),
+    separate(&[LoraTarget::K], "self_attn.k_proj"),
+    separate(&[LoraTarget::V], "self_attn.v_proj"),
+    separate(&[LoraTarget::O], "self_attn.o_proj"),
+    separate(&[LoraTarget::Gate], "mlp.gate_proj"),
+    separate(&[LoraTarget::Up], "mlp.up_proj"),
+    separate(&[LoraTarget::Down], "mlp.down_proj"),
+];
+
+/// The four projections of a Phi-3 block: q, k and v fused, o, gate and up
+/// fused, down.
+pub const FUSED_PROJECTIONS: [Projection; 4] = [
+    Projection {
+        path: "self_attn.qkv_proj",
+        targets: &[LoraTarget::Q, LoraTarget::K, LoraTarget::V],
+    },
+    separate(&[LoraTarget::O], "self_attn.o_proj"),
+    Projection {
+        path: "mlp.gate_up_proj",
+        targets: &[LoraTarget::Gate, LoraTarget::Up],
+    },
+    separate(&[LoraTarget::Down], "mlp.down_proj"),
+];
 
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +176,11 @@ impl LoraConfig {
         self.targets.contains(&target)
     }
 
+    /// Whether `p` gets an adapter: any of its targets does.
+    pub fn targets_projection(&self, p: &Projection) -> bool {
+        p.targets.iter().any(|t| self.targets_module(*t))
+    }
+
     /// Whether block `layer` (of `num_layers`) gets adapters.
     pub fn adapts_layer(&self, layer: usize, num_layers: usize) -> bool {
         match self.last_layers {
@@ -152,12 +190,10 @@ impl LoraConfig {
     }
 }
 
-/// PEFT's key of a LoRA matrix: `base_model.model.model.layers.N.PATH.lora_A.weight`.
-pub fn peft_key(layer: usize, target: LoraTarget, matrix: char) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.lora_{matrix}.weight",
-        target.block_path()
-    )
+/// PEFT's key of a LoRA matrix of the projection at `path` in a block:
+/// `base_model.model.model.layers.N.PATH.lora_A.weight`.
+pub fn peft_key(layer: usize, path: &str, matrix: char) -> String {
+    format!("base_model.model.model.layers.{layer}.{path}.lora_{matrix}.weight")
 }
 
 /// The trainable matrices of one adapter.

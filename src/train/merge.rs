@@ -29,7 +29,7 @@ use super::model::{
 };
 use super::spec::{RunSpec, Weights};
 use crate::qlora::lora::peft_key;
-use crate::qlora::{LlamaConfig, LoraTarget, WeightSource};
+use crate::qlora::{LlamaConfig, WeightSource};
 use crate::safe_io::{commit_staged, write_atomic};
 
 /// The merged weights' file in the output directory.
@@ -161,13 +161,14 @@ fn deltas(
         return Ok(out);
     }
     for l in (0..n).filter(|&l| lora.adapts_layer(l, n)) {
-        for t in LoraTarget::ALL
-            .into_iter()
-            .filter(|&t| lora.targets_module(t))
+        for proj in config
+            .projections()
+            .iter()
+            .filter(|p| lora.targets_projection(p))
         {
-            let (o, i) = config.linear_dims(t);
+            let (o, i) = config.projection_dims(proj);
             let mut take = |m: char, shape: [usize; 2]| {
-                let key = peft_key(l, t, m);
+                let key = peft_key(l, proj.path, m);
                 let bad = |message| ModelError::Adapter {
                     path: path.clone(),
                     message,
@@ -183,7 +184,7 @@ fn deltas(
             };
             let a = take('A', [lora.rank, i])?;
             let b = take('B', [o, lora.rank])?;
-            let name = format!("model.layers.{l}.{}.weight", t.block_path());
+            let name = format!("model.layers.{l}.{}.weight", proj.path);
             let scale = lora.scale();
             out.insert(name, Delta { a, b, scale });
         }

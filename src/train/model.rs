@@ -284,7 +284,15 @@ pub fn export_adapter(model: &LlamaModel, spec: &RunSpec, dir: &Path) -> Result<
     let n = model.config().num_hidden_layers;
     let lora = lora_config(spec, n);
     let layers: Vec<usize> = (0..n).filter(|&l| lora.adapts_layer(l, n)).collect();
-    let targets: Vec<&str> = lora.targets.iter().map(|t| t.module_name()).collect();
+    // PEFT names the modules the adapters sit on: Phi-3's fused `qkv_proj`
+    // and `gate_up_proj` for any of q/k/v and gate/up.
+    let targets: Vec<&str> = model
+        .config()
+        .projections()
+        .iter()
+        .filter(|p| lora.targets_projection(p))
+        .map(|p| p.module_name())
+        .collect();
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

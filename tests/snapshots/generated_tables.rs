@@ -789,6 +789,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 128256,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -804,6 +805,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 128256,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -819,6 +821,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 128256,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -834,6 +837,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 128256,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -849,6 +853,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 128256,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -864,6 +869,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 32000,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -879,6 +885,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 32000,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -894,6 +901,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: true,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -909,6 +917,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: true,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -924,6 +933,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: true,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -939,6 +949,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 152064,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -954,6 +965,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 152064,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -969,6 +981,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 152064,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -984,6 +997,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 152064,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -999,6 +1013,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1014,6 +1029,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1029,6 +1045,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1044,6 +1061,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1059,6 +1077,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1074,6 +1093,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1089,6 +1109,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 32768,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1104,6 +1125,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 131072,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1119,6 +1141,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 131072,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1134,6 +1157,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 256000,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1149,6 +1173,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 256000,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1164,6 +1189,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 256000,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1179,6 +1205,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 262144,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1194,6 +1221,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 262208,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1209,6 +1237,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 262208,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1224,6 +1253,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 262208,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1239,6 +1269,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 32064,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1254,6 +1285,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 32064,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1269,6 +1301,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 32064,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1284,6 +1317,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 100352,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1299,6 +1333,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 49152,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1314,6 +1349,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 49152,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1329,6 +1365,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 49152,
             tied: true,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1344,6 +1381,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 151936,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1359,6 +1397,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 152064,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1374,6 +1413,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 152064,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1389,6 +1429,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 152064,
             tied: false,
             qkv_bias: true,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1404,6 +1445,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 128256,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
     KnownArchitecture {
@@ -1419,6 +1461,7 @@ pub const KNOWN_ARCHITECTURES: [KnownArchitecture; 43] = [
             vocab: 128256,
             tied: false,
             qkv_bias: false,
+            fused_projections: false,
         },
     },
 ];
