@@ -6,14 +6,38 @@
 # target/interop-venv on first use).
 #
 #   scripts/interop_check.sh [WORK_DIR]      (default target/interop)
+#   scripts/interop_check.sh --parity [WORK_DIR]
+#
+# With --parity, every model of tests/fixtures/parity/ (one per architecture
+# train builds) is trained 3 steps, merged and checked the same way.
 #
 # Exits non-zero when a check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+parity=0
+if [ "${1:-}" = "--parity" ]; then
+  parity=1
+  shift
+fi
 work="${1:-target/interop}"
 steps="${STEPS:-6}"
 cargo build --bin train --example make_model >&2
 bin="${CARGO_TARGET_DIR:-target}/debug"
+if [ "$parity" = 1 ]; then
+  failed=0
+  for fixture in tests/fixtures/parity/*/; do
+    name="$(basename "$fixture")"
+    w="$work/$name"
+    rm -rf "$w"
+    mkdir -p "$w"
+    QLORA_SCALE_DETECT=off "$bin/train" --profile-path "$w/no-profile.json" \
+      --model "$fixture" --max-steps 3 --learning-rate 0.05 --output-dir "$w/run" >&2
+    "$bin/train" merge --run-dir "$w/run" --out "$w/run/merged" >&2
+    echo "== $name"
+    python3 scripts/interop_check.py --run-dir "$w/run" --merged "$w/run/merged" || failed=1
+  done
+  exit "$failed"
+fi
 rm -rf "$work"
 mkdir -p "$work"
 "$bin/examples/make_model" --out "$work/model" --layers 2 --hidden 128 \
