@@ -585,6 +585,13 @@ pub static SETTINGS: &[Setting] = &[
         "train eval: a progress line every this many batches.",
     ),
     int(
+        "trainer",
+        "candle_elementwise_threads",
+        1,
+        1 << 10,
+        "Threads of Candle's element-wise pool when CANDLE_NUM_THREADS is unset.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml d8184c747f2dbb60
+//   tables/defaults.toml c54d52f99dcbaae4
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -1943,6 +1943,8 @@ pub mod trainer {
     pub const KV_CACHE_CHUNK: u64 = 256;
     ///train eval: a progress line every this many batches.
     pub const EVAL_PROGRESS_BATCHES: u64 = 20;
+    ///Threads of Candle's element-wise pool when CANDLE_NUM_THREADS is unset.
+    pub const CANDLE_ELEMENTWISE_THREADS: u64 = 1;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
