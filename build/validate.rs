@@ -623,6 +623,13 @@ pub static SETTINGS: &[Setting] = &[
         "A saved profile whose memory is more than this many times the detected machine's is for another machine.",
     ),
     int(
+        "trainer",
+        "candle_elementwise_threads",
+        1,
+        1 << 10,
+        "Threads of Candle's element-wise pool when CANDLE_NUM_THREADS is unset.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

@@ -621,6 +621,8 @@ fn on_signal() {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { qlora_scale::qlora::kernel::limit_candle_threads() };
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("QLORA_SCALE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -225,6 +225,36 @@ fn split(len: usize, parts: usize, align: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// The environment variable that sizes Candle's element-wise thread pool.
+pub const CANDLE_THREADS_VAR: &str = "CANDLE_NUM_THREADS";
+
+/// Gives Candle's element-wise ops `trainer.candle_elementwise_threads`
+/// threads (`tables/defaults.toml`) unless [`CANDLE_THREADS_VAR`] is set.
+///
+/// Candle 0.11 runs its large element-wise ops on a pool of its own whose
+/// workers spin for a while after each op, waiting for the next. The
+/// frozen matmuls of this module run on rayon's threads, so on a CPU with
+/// few cores the spinning workers take the cores the matmuls need, and the
+/// calling thread spins in turn when a worker it waits for is off its core
+/// (`docs/design-notes.md`, "Where a step's time goes"). With one thread
+/// Candle starts no worker and runs those ops on the calling thread.
+///
+/// Returns the value Candle will read. Has no effect once Candle has
+/// started its pool (its first large element-wise op).
+///
+/// # Safety
+/// Sets an environment variable: call it before the process starts a
+/// second thread (first thing in `main`), as [`std::env::set_var`] requires.
+pub unsafe fn limit_candle_threads() -> String {
+    if let Some(v) = std::env::var_os(CANDLE_THREADS_VAR) {
+        return v.to_string_lossy().into_owned();
+    }
+    let n = crate::tables::trainer::CANDLE_ELEMENTWISE_THREADS.to_string();
+    // SAFETY: the caller guarantees no other thread runs yet.
+    unsafe { std::env::set_var(CANDLE_THREADS_VAR, &n) };
+    n
+}
+
 /// Threads to use: rayon's pool size.
 fn threads() -> usize {
     rayon::current_num_threads().max(1)

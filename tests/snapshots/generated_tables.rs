@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 6ea45f4f53fdcd12
+//   tables/defaults.toml 81c258086a22dfba
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -2080,6 +2080,8 @@ pub mod trainer {
     pub const PLOT_MAX_POINTS: u64 = 2000;
     ///A saved profile whose memory is more than this many times the detected machine's is for another machine.
     pub const SAVED_PROFILE_MEMORY_RATIO: f64 = 1.1;
+    ///Threads of Candle's element-wise pool when CANDLE_NUM_THREADS is unset.
+    pub const CANDLE_ELEMENTWISE_THREADS: u64 = 1;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
