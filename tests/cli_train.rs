@@ -696,6 +696,51 @@ mod messages {
     }
 }
 
+/// `--device`: the trainer computes on the CPU only, so a CUDA device is
+/// refused before anything runs, with what is missing, never trained on the
+/// CPU instead.
+mod device {
+    use super::*;
+
+    #[test]
+    fn cpu_and_auto_run_and_cuda_is_refused_with_how_to_build() {
+        let sb = Sandbox::new();
+        for device in ["auto", "cpu"] {
+            let v = sb.dry(&["--device", device]);
+            assert!(v.is_object(), "{v}");
+        }
+        for device in ["cuda", "cuda:1"] {
+            let out = sb.run(&["--dry-run", "--device", device]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(out.stdout.is_empty(), "nothing resolved or run: {err}");
+            let ordinal = if device == "cuda" { "cuda:0" } else { device };
+            assert!(err.contains(&format!("--device {ordinal}:")), "{err}");
+            if cfg!(feature = "cuda") {
+                assert!(
+                    err.contains("GPU training is not built yet (issue #20)"),
+                    "{err}"
+                );
+            } else {
+                assert!(err.contains("built without CUDA"), "{err}");
+                assert!(
+                    err.contains("cargo build --release --features cuda"),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_device_is_named() {
+        let out = Sandbox::new().run(&["--dry-run", "--device", "gpu"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("'gpu'") && err.contains("--device"), "{err}");
+        assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+    }
+}
+
 fn snapshot(name: &str, actual: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/snapshots")

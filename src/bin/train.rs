@@ -7,6 +7,8 @@
 
 #[path = "train/args.rs"]
 mod args;
+#[path = "train/device.rs"]
+mod device;
 #[path = "train/use_model.rs"]
 mod use_model;
 
@@ -241,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Eval(e)) => return use_model::run_eval(e),
         None => {}
     }
+    cli.device.check()?;
     let (mut plan, settings) = resolve_plan(&cli)?;
     let budget = Budget::of(
         settings.memory_budget,
@@ -604,8 +607,11 @@ fn stopped(err: &anyhow::Error) -> bool {
 /// Whether `err` is a bad prompt or messages file given to `generate`.
 fn bad_input(err: &anyhow::Error) -> bool {
     use qlora_scale::train::generate::{GenerateError, InputError};
-    err.chain()
-        .any(|e| e.is::<InputError>() || matches!(e.downcast_ref(), Some(GenerateError::Input(_))))
+    err.chain().any(|e| {
+        e.is::<InputError>()
+            || e.is::<device::DeviceError>()
+            || matches!(e.downcast_ref(), Some(GenerateError::Input(_)))
+    })
 }
 
 /// SIGINT or SIGTERM: the first stops the run after its current step, with

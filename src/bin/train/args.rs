@@ -9,6 +9,8 @@ use qlora_scale::tables::trainer;
 use qlora_scale::train::merge::MergeDtype;
 use qlora_scale::train::settings::Settings;
 
+use crate::device::DeviceChoice;
+
 /// Fine-tune a causal LM with QLoRA, sized for the machine and the model
 ///
 /// Without arguments, trains the built-in Llama-shaped model (seeded NF4
@@ -41,6 +43,11 @@ pub struct Cli {
     #[cfg(feature = "nccl")]
     #[arg(long, value_name = "FILE")]
     pub nccl_id_file: Option<PathBuf>,
+    /// Where to train: auto, cpu or cuda[:N]. The trainer computes on the
+    /// CPU only (auto is the CPU); cuda is refused, with what is missing
+    /// (the `cuda` build, or GPU training, issue #20)
+    #[arg(long, value_name = "DEVICE", default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
     /// TOML file whose keys mirror these flags (lora-rank = 16); the command
     /// line wins over it
     #[arg(long, value_name = "FILE")]
