@@ -75,9 +75,15 @@ fn mpirun_cmd(dir: &Path, args: &[&str]) -> Command {
 
 /// `mpirun` with one process per `(working directory, arguments)`.
 fn mpmd(dir: &Path, ranks: &[(&Path, &[&str])]) -> Command {
+    mpmd_with(dir, &[], ranks)
+}
+
+/// [`mpmd`], with `global` options of `mpirun` before the processes.
+fn mpmd_with(dir: &Path, global: &[&std::ffi::OsStr], ranks: &[(&Path, &[&str])]) -> Command {
     let mut cmd = Command::new("mpirun");
     env(&mut cmd, dir);
     cmd.args(["--oversubscribe", "--bind-to", "none"]);
+    cmd.args(global);
     for (i, (wdir, args)) in ranks.iter().enumerate() {
         if i > 0 {
             cmd.arg(":");
@@ -246,7 +252,11 @@ fn two_ranks_match_one_rank_with_twice_the_batch() {
     let args = [&common[..], &["--batch-size", "2", "--output-dir", "two"]].concat();
     ok(output(mpmd(d, &[(d, &args), (&rank1, &args)])));
     assert_same_losses(&d.join("one"), &d.join("two"), 1e-5);
-    assert_same_adapter(&d.join("one"), &d.join("two"), 1e-5);
+    // gemm's AVX-512 kernels block products of different row counts
+    // differently, and six AdamW steps carry those last-bit differences into
+    // the adapter (up to 1.7e-5 seen); a wrong gradient average would be off
+    // by far more.
+    assert_same_adapter(&d.join("one"), &d.join("two"), 1e-4);
     let left: Vec<PathBuf> = std::fs::read_dir(&rank1)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -284,7 +294,7 @@ fn two_ranks_match_one_rank_with_twice_the_batch() {
         1e-5,
         &["loss", "grad_norm"],
     );
-    assert_same_adapter(&d.join("one"), &d.join("accum"), 1e-5);
+    assert_same_adapter(&d.join("one"), &d.join("accum"), 1e-4);
 }
 
 #[test]
@@ -338,26 +348,32 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 #[test]
 fn dry_run_shows_rank_world_and_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let out = output(mpirun_cmd(
-        dir.path(),
-        &[
-            "--batch-size",
-            "3",
-            "--grad-accum-steps",
-            "2",
-            "--dry-run",
-            "--json",
-        ],
-    ));
+    let args: &[&str] = &[
+        "--batch-size",
+        "3",
+        "--grad-accum-steps",
+        "2",
+        "--dry-run",
+        "--json",
+    ];
+    // Each rank's stdout in a file of its own: mpirun forwards a rank's
+    // output in pieces, and one rank's 2.6 KB JSON line would interleave
+    // with the other's on a shared stdout.
+    let files = dir.path().join("stdout");
+    let global = [std::ffi::OsStr::new("--output-filename"), files.as_os_str()];
+    let d = dir.path();
+    let out = output(mpmd_with(d, &global, &[(d, args), (d, args)]));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut ranks: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    let mut ranks: Vec<Value> = (0..2)
+        .map(|r| {
+            let path = files.join(format!("1/rank.{r}/stdout"));
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            serde_json::from_str(text.trim()).unwrap()
+        })
         .collect();
     ranks.sort_by_key(|v| v["rank"].as_u64());
     assert_eq!(ranks.len(), 2);
