@@ -630,6 +630,20 @@ pub static SETTINGS: &[Setting] = &[
         "Threads of Candle's element-wise pool when CANDLE_NUM_THREADS is unset.",
     ),
     int(
+        "trainer",
+        "malloc_mmap_threshold_bytes",
+        128 << 10,
+        32 << 20,
+        "glibc malloc serves blocks up to this size from the heap (M_MMAP_THRESHOLD).",
+    ),
+    int(
+        "trainer",
+        "malloc_trim_threshold_bytes",
+        128 << 10,
+        (1 << 31) - 1,
+        "glibc malloc keeps up to this much freed memory at the heap's top (M_TRIM_THRESHOLD).",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

@@ -115,3 +115,62 @@ unsafe impl GlobalAlloc for GuardedAlloc {
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
+
+/// Environment variables by which a user tunes glibc's malloc: when one is
+/// set, [`keep_freed_memory`] leaves malloc as the user set it.
+pub const MALLOC_ENV_VARS: [&str; 3] = [
+    "GLIBC_TUNABLES",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+];
+
+/// Makes glibc's malloc keep freed memory for reuse instead of handing it
+/// back to the kernel, with the thresholds of `tables/defaults.toml`
+/// (`trainer.malloc_mmap_threshold_bytes`, `trainer.malloc_trim_threshold_bytes`).
+///
+/// A training step allocates and frees the same large tensors every step.
+/// By default glibc serves each block over 128 KiB (rising with use, up to
+/// 32 MiB) from its own `mmap` and unmaps it when freed, and returns freed
+/// memory at the top of the heap past 128 KiB: the next step then takes a
+/// page fault and a kernel zero-fill for every 4 KiB page again, which was
+/// a quarter of the benchmark's CPU samples (`docs/design-notes.md`, "Where
+/// a step's time goes"). Served from the heap and kept, the pages are
+/// reused. The peak resident memory stays what the peak allocation needs.
+///
+/// Returns whether the settings were passed to glibc: `false` off glibc,
+/// when one of [`MALLOC_ENV_VARS`] is set, or when glibc refuses a value
+/// (glibc 2.36 reports an mmap threshold over its 32 MiB limit as taken, and
+/// ignores it; `tests/malloc_reuse.rs` checks the effect itself).
+pub fn keep_freed_memory() -> bool {
+    if MALLOC_ENV_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+    {
+        return false;
+    }
+    set_malloc_thresholds(
+        crate::tables::trainer::MALLOC_MMAP_THRESHOLD_BYTES,
+        crate::tables::trainer::MALLOC_TRIM_THRESHOLD_BYTES,
+    )
+}
+
+/// `mallopt(M_MMAP_THRESHOLD, mmap)` and `mallopt(M_TRIM_THRESHOLD, trim)`;
+/// whether glibc took both.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_malloc_thresholds(mmap: u64, trim: u64) -> bool {
+    let (Ok(mmap), Ok(trim)) = (libc::c_int::try_from(mmap), libc::c_int::try_from(trim)) else {
+        return false;
+    };
+    // SAFETY: `mallopt` takes any values and reports the ones it refuses;
+    // it takes malloc's own lock, so other threads may allocate meanwhile.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
+    }
+}
+
+/// Not glibc: nothing to set.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_malloc_thresholds(_mmap: u64, _trim: u64) -> bool {
+    false
+}

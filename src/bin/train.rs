@@ -629,6 +629,9 @@ fn on_signal() {
 fn main() -> ExitCode {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { qlora_scale::qlora::kernel::limit_candle_threads() };
+    // Each step reuses the pages the last one freed (no fault and zero-fill
+    // per page); without glibc this does nothing.
+    qlora_scale::alloc_guard::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("QLORA_SCALE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

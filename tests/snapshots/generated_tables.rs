@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 81c258086a22dfba
+//   tables/defaults.toml 09d50f0c90729f56
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -2082,6 +2082,10 @@ pub mod trainer {
     pub const SAVED_PROFILE_MEMORY_RATIO: f64 = 1.1;
     ///Threads of Candle's element-wise pool when CANDLE_NUM_THREADS is unset.
     pub const CANDLE_ELEMENTWISE_THREADS: u64 = 1;
+    ///glibc malloc serves blocks up to this size from the heap (M_MMAP_THRESHOLD).
+    pub const MALLOC_MMAP_THRESHOLD_BYTES: u64 = 33554432;
+    ///glibc malloc keeps up to this much freed memory at the heap's top (M_TRIM_THRESHOLD).
+    pub const MALLOC_TRIM_THRESHOLD_BYTES: u64 = 1073741824;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
