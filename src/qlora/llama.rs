@@ -27,6 +27,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Deserialize;
 
+use super::attention::{Attention, attention};
 use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 use super::load::{LoadError, WeightSource};
 use super::lora::{
@@ -789,17 +790,6 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[turned, x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
 }
 
-fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
-    if n == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, n, t, d))?
-        .contiguous()?
-        .reshape((b, kv * n, t, d))
-}
-
 impl Block {
     /// Index of the block in the model.
     pub fn index(&self) -> usize {
@@ -928,17 +918,15 @@ impl Block {
             Some(c) => c.append(k, v)?,
             None => (k, v),
         };
-        let rep = self.heads / self.kv_heads;
-        let k = repeat_kv(k.contiguous()?, rep)?;
-        let v = repeat_kv(v, rep)?;
-        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * self.scale)?;
-        let att = soft_cap(att, self.softcap)?;
         let mask = match (&ctx.window_mask, self.sliding) {
             (Some(w), true) => w,
             _ => &ctx.mask,
         };
-        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
-        att.matmul(&v)?
+        let a = Attention {
+            scale: self.scale,
+            softcap: self.softcap,
+        };
+        attention(&q, &k, &v, mask, a)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, self.heads * self.head_dim))

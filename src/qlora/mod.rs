@@ -20,6 +20,7 @@
 //! assert!(grads.get(var.as_tensor()).is_some());
 //! ```
 
+pub mod attention;
 pub mod frozen;
 pub mod kernel;
 pub mod llama;
