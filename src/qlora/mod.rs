@@ -1,5 +1,5 @@
 //! The QLoRA core on Candle: NF4 frozen weights, a gradient-correct frozen
-//! linear op, LoRA adapters, Llama-family blocks, gradient checkpointing and
+//! linear op, LoRA adapters (fused into one op with the frozen matmul), Llama-family blocks, gradient checkpointing and
 //! the masked causal-LM loss.
 //!
 //! Build a model from a config and a weights source, train the `Var`s of
@@ -21,6 +21,7 @@
 //! ```
 
 pub mod frozen;
+pub mod fused;
 pub mod kernel;
 pub mod llama;
 pub mod load;
