@@ -53,6 +53,9 @@ use super::kernel;
 /// `(m, n, k, r)`: rows of `x`, the weight's output and input widths, rank.
 type Dims = (usize, usize, usize, usize);
 
+/// The gradients of `x` (none when it needs none), `A` and `B`.
+type Grads<G> = (Option<G>, G, G);
+
 /// A matrix in a slice: element `(i, j)` at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
 struct Mat<'a, T> {
@@ -316,7 +319,7 @@ impl LoraMatmulOp {
         (x, a, b, dy): (&[T], &[T], &[T], &[T]),
         d: Dims,
         want_dx: bool,
-    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>, Vec<T>)> {
+    ) -> candle_core::Result<Grads<Vec<T>>> {
         let (m, n, k, r) = d;
         let s = T::from_f64(self.scale);
         let mut v = vec![T::zero(); m * r];
@@ -353,7 +356,7 @@ impl LoraMatmulOp {
     fn bwd_typed<T: Elem>(
         &self,
         (x, a, b, dy): (&Tensor, &Tensor, &Tensor, &Tensor),
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Grads<Tensor>> {
         let d = self.dims(x.dims(), a.dims(), b.dims())?;
         let dy = dy.contiguous()?;
         let (dx, da, db) = with_values::<T, _>(x, |xv| {
@@ -371,7 +374,7 @@ impl LoraMatmulOp {
             .transpose()?;
         let da = Tensor::from_vec(da, a.shape(), &dev)?;
         let db = Tensor::from_vec(db, b.shape(), &dev)?;
-        Ok((dx, Some(da), Some(db)))
+        Ok((dx, da, db))
     }
 }
 
@@ -427,10 +430,11 @@ impl CustomOp3 for LoraMatmulOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        match x.dtype() {
-            DType::F32 => self.bwd_typed::<f32>((x, a, b, grad_res)),
-            DType::F64 => self.bwd_typed::<f64>((x, a, b, grad_res)),
+        let (dx, da, db) = match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>((x, a, b, grad_res))?,
+            DType::F64 => self.bwd_typed::<f64>((x, a, b, grad_res))?,
             dt => candle_core::bail!("fused lora: no backward in {dt:?}"),
-        }
+        };
+        Ok((dx, Some(da), Some(db)))
     }
 }
