@@ -28,6 +28,7 @@ fn quantized_matches_dense(cfg: &qlora_scale::qlora::LlamaConfig, storage: Froze
         false,
         lora(0.0),
     );
+    assert_fused(&q, DType::F32);
     let gq = lora_grads(&q, None);
     let gd = lora_grads(&d, None);
     // 7 targets x 2 matrices per block, first block included.
@@ -195,11 +196,27 @@ fn gemma2_nf4_and_checkpointed_gradients_equal_dense() {
     compare(&gq, &lora_grads(&c, Some(3)), 1e-6).unwrap();
 }
 
+/// Every adapted linear of `model` runs as the fused LoRA op in `dtype`, so
+/// the gradient checks test its backward.
+fn assert_fused(model: &qlora_scale::qlora::LlamaModel, dtype: DType) {
+    let mut adapted = 0;
+    for l in model.blocks().iter().flat_map(|b| b.linears()) {
+        let Some(ad) = l.adapter() else { continue };
+        let k = l.base().weight().dims().1;
+        let x = Tensor::zeros((1, 3, k), dtype, &candle_core::Device::Cpu).unwrap();
+        let ab = Some((ad.a.as_tensor(), ad.b.as_tensor()));
+        assert!(l.uses_fused_op(&x, ab, None));
+        adapted += 1;
+    }
+    assert!(adapted > 0);
+}
+
 /// The first and last element of every `A` and `B` of `cfg`'s two blocks:
 /// the analytic gradient equals a central finite difference (f64).
 fn finite_differences(cfg: &qlora_scale::qlora::LlamaConfig) {
     let w = prequantized(cfg, 9, FrozenStorage::Nf4);
     let model = build(cfg, &w, FrozenStorage::Nf4, DType::F64, false, lora(0.0));
+    assert_fused(&model, DType::F64);
     let grads = lora_grads(&model, None);
     let vars = model.trainable_vars();
     let eps = 1e-6;

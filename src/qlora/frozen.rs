@@ -206,7 +206,10 @@ impl FrozenWeight {
 
     /// Runs `f` on the [`kernel::WeightRef`] of a [`Self::kernel_ready`]
     /// weight.
-    fn with_kernel_ref<R>(&self, f: impl FnOnce(kernel::WeightRef) -> R) -> candle_core::Result<R> {
+    pub(crate) fn with_kernel_ref<R>(
+        &self,
+        f: impl FnOnce(kernel::WeightRef) -> R,
+    ) -> candle_core::Result<R> {
         match self {
             FrozenWeight::Nf4(q) => Ok(f(kernel::WeightRef::Nf4(q))),
             FrozenWeight::Dense(t) | FrozenWeight::Half(t) => {

@@ -3,7 +3,8 @@
 //! `y = W x + s · B A dropout(x)`, with `A` (`r x in`) Kaiming-uniform as in
 //! PEFT, `B` (`out x r`) zero, and `s = alpha / r` (or `alpha / sqrt(r)`
 //! with rsLoRA, arXiv:2312.03732). `A` and `B` are trainable `Var`s held in
-//! a `VarMap` under PEFT's names.
+//! a `VarMap` under PEFT's names. Without dropout the layer runs as one
+//! fused op ([`super::lora_op`]).
 //!
 //! ```
 //! use qlora_scale::qlora::lora::{LoraConfig, LoraTarget};
@@ -19,6 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
+use super::lora_op::LoraMatmulOp;
 
 /// A linear layer of a Llama-family block that LoRA can adapt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -298,7 +300,55 @@ impl LoraLinear {
     /// Forward with explicit adapter matrices `(a, b)` (the `Var`s, or the
     /// recomputation's copies under checkpointing) and an optional dropout
     /// mask for the LoRA input.
+    ///
+    /// Without dropout, with the adapter unmerged and a base the fused op
+    /// supports ([`LoraMatmulOp::supports`]), `x · Wᵀ + s · x · Aᵀ · Bᵀ` is
+    /// one graph node ([`super::lora_op`]), the bias added after it; otherwise
+    /// the composition of [`Self::forward_unfused`].
     pub fn forward_with(
+        &self,
+        x: &Tensor,
+        adapter: Option<(&Tensor, &Tensor)>,
+        dropout: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        match adapter {
+            Some((a, b)) if self.uses_fused_op(x, adapter, dropout) => {
+                let op = LoraMatmulOp::new(self.base.weight().clone(), self.scale);
+                let y = op.apply(x, a, b)?;
+                match &self.bias {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                }
+            }
+            _ => self.forward_unfused(x, adapter, dropout),
+        }
+    }
+
+    /// Whether [`Self::forward_with`] on these arguments takes the fused
+    /// op: an unmerged adapter, no dropout mask, operands of one dtype on
+    /// the CPU and a base [`LoraMatmulOp::supports`].
+    pub fn uses_fused_op(
+        &self,
+        x: &Tensor,
+        adapter: Option<(&Tensor, &Tensor)>,
+        dropout: Option<&Tensor>,
+    ) -> bool {
+        let Some((a, b)) = adapter else {
+            return false;
+        };
+        !self.merged
+            && dropout.is_none()
+            && a.dtype() == x.dtype()
+            && b.dtype() == x.dtype()
+            && a.device().is_cpu()
+            && b.device().is_cpu()
+            && LoraMatmulOp::supports(self.base.weight(), self.base.storage(), x)
+    }
+
+    /// The LoRA forward composed of Candle ops: the frozen matmul, the bias,
+    /// `x · Aᵀ`, `· Bᵀ`, `affine(s)` and `add`. The path for dropout and for
+    /// bases the fused op does not take, and the reference of its tests.
+    pub fn forward_unfused(
         &self,
         x: &Tensor,
         adapter: Option<(&Tensor, &Tensor)>,

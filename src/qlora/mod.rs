@@ -1,5 +1,5 @@
 //! The QLoRA core on Candle: NF4 frozen weights, a gradient-correct frozen
-//! linear op, LoRA adapters, Llama-family blocks, gradient checkpointing and
+//! linear op, LoRA adapters (fused into one op with the frozen matmul), Llama-family blocks, gradient checkpointing and
 //! the masked causal-LM loss.
 //!
 //! Build a model from a config and a weights source, train the `Var`s of
@@ -26,6 +26,7 @@ pub mod kernel;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod lora_op;
 pub mod loss;
 pub mod nf4;
 pub mod recompute;
