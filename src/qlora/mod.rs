@@ -21,6 +21,7 @@
 //! ```
 
 pub mod frozen;
+pub mod fused;
 pub mod kernel;
 pub mod llama;
 pub mod load;
