@@ -6,9 +6,9 @@
 //! Candle's element-wise ops and, in backward, to its gradient
 //! accumulation. Every graph node costs a fresh buffer forward and, in
 //! backward, a zeroed gradient buffer plus an add; and Candle's CPU
-//! element-wise ops run on one thread here. The unfused RMSNorm is five
-//! nodes (`sqr`, `mean`, `+ eps`, `sqrt`, `div`, `mul`), the gate three and
-//! RoPE seven or more; each op here is one node, splits its rows between
+//! element-wise ops run on one thread here. The unfused RMSNorm is seven
+//! nodes (`sqr`, `sum`, `/ d`, `+ eps`, `sqrt`, `div`, `mul`), the gate two
+//! and RoPE seven or more; each op here is one node, splits its rows between
 //! rayon's threads and computes its gradient in one pass with one output
 //! buffer per gradient.
 //!
@@ -156,7 +156,7 @@ fn inv_rms(sum_sq: f64, d: usize, eps: f64) -> f64 {
 // ---------------------------------------------------------------- RMSNorm
 
 /// Reference RMSNorm over the last dimension, `x / sqrt(mean(x^2) + eps) *
-/// w`, as Candle ops (five graph nodes; `w` gets a gradient if it tracks
+/// w`, as Candle ops (seven graph nodes; `w` gets a gradient if it tracks
 /// one).
 pub fn rms_norm_unfused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -269,7 +269,7 @@ impl CustomOp1 for RmsNormOp {
 // ------------------------------------------------------------- MLP gate
 
 /// Reference gate `act(gate) * up` as Candle ops (Candle's `silu()` and
-/// `gelu()`, three graph nodes).
+/// `gelu()`, two graph nodes).
 pub fn gated_unfused(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     let a = match act {
         Activation::Silu => gate.silu()?,
