@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use super::attention::{Attention, attention};
 use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
+use super::fused;
 use super::load::{LoadError, WeightSource};
 use super::lora::{
     FUSED_PROJECTIONS, LoraAdapter, LoraConfig, LoraLinear, LoraTarget, Projection,
@@ -733,7 +734,8 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-        rms_norm(x, &self.factor, eps)
+        // One fused graph node in f32/f64 on the CPU (src/qlora/fused.rs).
+        fused::rms_norm(x, &self.factor, eps)
     }
 }
 
@@ -771,23 +773,6 @@ pub struct Block {
     scale: f64,
     /// Gemma 2: soft cap of the attention scores.
     softcap: Option<f64>,
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
-}
-
-/// RoPE on the first `2 * cos.dim(1)` features of each head of `x` `(b, h,
-/// t, d)`; the rest pass unrotated (Phi-3's `partial_rotary_factor`).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let (d, rot) = (x.dim(D::Minus1)?, 2 * cos.dim(1)?);
-    if rot == d {
-        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
-    }
-    let turned =
-        candle_nn::rotary_emb::rope_slow(&x.narrow(D::Minus1, 0, rot)?.contiguous()?, cos, sin)?;
-    Tensor::cat(&[turned, x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
 }
 
 impl Block {
@@ -865,11 +850,7 @@ impl Block {
         } else {
             (lin(4, &h)?, lin(5, &h)?)
         };
-        let gate = match self.act {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
-        };
-        let down = lin(self.linears.len() - 1, &(gate * up)?)?;
+        let down = lin(self.linears.len() - 1, &fused::gated(&gate, &up, self.act)?)?;
         x + self.post_norm(1, down)?
     }
 
@@ -913,7 +894,7 @@ impl Block {
             (Some((c, s)), true) => (c, s),
             _ => (&ctx.cos, &ctx.sin),
         };
-        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
+        let (q, k) = (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?);
         let (k, v) = match cache {
             Some(c) => c.append(k, v)?,
             None => (k, v),

@@ -22,6 +22,7 @@
 
 pub mod attention;
 pub mod frozen;
+pub mod fused;
 pub mod kernel;
 pub mod llama;
 pub mod load;
