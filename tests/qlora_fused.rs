@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use qlora_scale::qlora::FrozenStorage;
 use qlora_scale::qlora::frozen::FrozenLinear;
-use qlora_scale::qlora::lora::{LoraAdapter, LoraLinear};
+use qlora_scale::qlora::lora::{LoraAdapter, LoraLinear, dropout_mask};
 
 /// A layer of `(n, k)` over `storage`, rank `r`, random non-zero `A` and
 /// `B` (so the LoRA path counts), scale 1.5, an optional bias; all `dtype`.
@@ -36,15 +36,16 @@ fn layer(
 }
 
 /// The output and the gradients of `x`, `A`, `B` of `sum(y * g)` for a
-/// fixed random `g`, through the fused op or the composition.
-fn run(l: &LoraLinear, x: &Var, g: &Tensor, fused: bool) -> Vec<Vec<f64>> {
+/// fixed random `g`, through the fused op or the composition, with an
+/// optional LoRA dropout mask.
+fn run(l: &LoraLinear, x: &Var, g: &Tensor, mask: Option<&Tensor>, fused: bool) -> Vec<Vec<f64>> {
     let ad = l.adapter().unwrap();
     let ab = Some((ad.a.as_tensor(), ad.b.as_tensor()));
-    assert!(l.uses_fused_op(x.as_tensor(), ab, None));
+    assert!(l.uses_fused_op(x.as_tensor(), ab, mask));
     let y = if fused {
-        l.forward_with(x.as_tensor(), ab, None).unwrap()
+        l.forward_with(x.as_tensor(), ab, mask).unwrap()
     } else {
-        l.forward_unfused(x.as_tensor(), ab, None).unwrap()
+        l.forward_unfused(x.as_tensor(), ab, mask).unwrap()
     };
     let grads = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
     let flat = |t: &Tensor| {
@@ -98,7 +99,19 @@ fn check(storage: FrozenStorage, dtype: DType, x_shape: &[usize], n: usize, r: u
         .unwrap();
     let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
     let what = format!("{storage:?} {dtype:?} x {x_shape:?} n {n} r {r} bias {bias}");
-    assert_close(&what, &run(&l, &x, &g, true), &run(&l, &x, &g, false), tol);
+    assert_close(
+        &what,
+        &run(&l, &x, &g, None, true),
+        &run(&l, &x, &g, None, false),
+        tol,
+    );
+    // With LoRA dropout (p = 0.3): the adapter path reads x times the mask.
+    let mask = dropout_mask(x_shape, 0.3, 11, dtype, &dev).unwrap();
+    let (fused, composed) = (
+        run(&l, &x, &g, Some(&mask), true),
+        run(&l, &x, &g, Some(&mask), false),
+    );
+    assert_close(&format!("{what} dropout"), &fused, &composed, tol);
 }
 
 const STORAGES: [FrozenStorage; 4] = [
@@ -170,9 +183,15 @@ fn the_composition_stays_where_the_op_does_not_apply() {
     let mut l = layer(16, 256, 4, FrozenStorage::Nf4, false, DType::F32);
     let ad = l.adapter().unwrap().clone();
     let ab = Some((ad.a.as_tensor(), ad.b.as_tensor()));
-    // A dropout mask, another dtype, no adapter, a merged adapter.
+    // A dropout mask of the input's shape and dtype takes the op; one of
+    // another dtype or shape, another dtype of input, no adapter, a merged
+    // adapter do not.
     let mask = Tensor::ones((3, 256), DType::F32, &dev).unwrap();
-    assert!(!l.uses_fused_op(&x, ab, Some(&mask)));
+    assert!(l.uses_fused_op(&x, ab, Some(&mask)));
+    let wrong = Tensor::ones((3, 128), DType::F32, &dev).unwrap();
+    assert!(!l.uses_fused_op(&x, ab, Some(&wrong)));
+    let half = mask.to_dtype(DType::BF16).unwrap();
+    assert!(!l.uses_fused_op(&x, ab, Some(&half)));
     let xb = x.to_dtype(DType::BF16).unwrap();
     assert!(!l.uses_fused_op(&xb, ab, None));
     assert!(!l.uses_fused_op(&x, None, None));

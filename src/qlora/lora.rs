@@ -301,10 +301,10 @@ impl LoraLinear {
     /// recomputation's copies under checkpointing) and an optional dropout
     /// mask for the LoRA input.
     ///
-    /// Without dropout, with the adapter unmerged and a base the fused op
-    /// supports ([`LoraMatmulOp::supports`]), `x · Wᵀ + s · x · Aᵀ · Bᵀ` is
-    /// one graph node ([`super::lora_op`]), the bias added after it; otherwise
-    /// the composition of [`Self::forward_unfused`].
+    /// With the adapter unmerged and a base the fused op supports
+    /// ([`LoraMatmulOp::supports`]), `x · Wᵀ + s · (x ⊙ dropout) · Aᵀ · Bᵀ`
+    /// is one graph node ([`super::lora_op`]), the bias added after it;
+    /// otherwise the composition of [`Self::forward_unfused`].
     pub fn forward_with(
         &self,
         x: &Tensor,
@@ -313,7 +313,8 @@ impl LoraLinear {
     ) -> candle_core::Result<Tensor> {
         match adapter {
             Some((a, b)) if self.uses_fused_op(x, adapter, dropout) => {
-                let op = LoraMatmulOp::new(self.base.weight().clone(), self.scale);
+                let op = LoraMatmulOp::new(self.base.weight().clone(), self.scale)
+                    .with_dropout(dropout)?;
                 let y = op.apply(x, a, b)?;
                 match &self.bias {
                     Some(bias) => y.broadcast_add(bias),
@@ -325,8 +326,8 @@ impl LoraLinear {
     }
 
     /// Whether [`Self::forward_with`] on these arguments takes the fused
-    /// op: an unmerged adapter, no dropout mask, operands of one dtype on
-    /// the CPU and a base [`LoraMatmulOp::supports`].
+    /// op: an unmerged adapter, operands (and the dropout mask, if any) of
+    /// one dtype and shape on the CPU, and a base [`LoraMatmulOp::supports`].
     pub fn uses_fused_op(
         &self,
         x: &Tensor,
@@ -337,7 +338,7 @@ impl LoraLinear {
             return false;
         };
         !self.merged
-            && dropout.is_none()
+            && dropout.is_none_or(|m| m.dtype() == x.dtype() && m.dims() == x.dims())
             && a.dtype() == x.dtype()
             && b.dtype() == x.dtype()
             && a.device().is_cpu()
@@ -346,8 +347,9 @@ impl LoraLinear {
     }
 
     /// The LoRA forward composed of Candle ops: the frozen matmul, the bias,
-    /// `x · Aᵀ`, `· Bᵀ`, `affine(s)` and `add`. The path for dropout and for
-    /// bases the fused op does not take, and the reference of its tests.
+    /// `x · Aᵀ`, `· Bᵀ`, `affine(s)` and `add` (and the dropout mask's
+    /// `mul`). The path for bases the fused op does not take, and the
+    /// reference of its tests.
     pub fn forward_unfused(
         &self,
         x: &Tensor,

@@ -19,8 +19,10 @@
 //! It runs on the CPU in `f32` over a weight the kernels read
 //! ([`FrozenWeight::kernel_ready`]), and over a dequantized copy of the
 //! weight for other non-GGML weights and in `f64` (the gradient tests), as
-//! [`super::frozen`]'s op does. [`super::lora::LoraLinear`] uses it when it applies and keeps the
-//! composition otherwise (dropout, GGML storages, other devices or dtypes).
+//! [`super::frozen`]'s op does. Under LoRA dropout the adapter path reads
+//! `x ⊙ mask` (the mask captured in the op, one element-wise pass forward,
+//! one backward). [`super::lora::LoraLinear`] uses it when it applies and
+//! keeps the composition otherwise (GGML storages, other devices or dtypes).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -40,6 +42,7 @@
 //! assert_eq!(grads.get(a.as_tensor()).unwrap().dims(), &[4, 64]);
 //! ```
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::{
@@ -254,12 +257,68 @@ fn with_values<T: WithDType, R>(
 pub struct LoraMatmulOp {
     weight: Arc<FrozenWeight>,
     scale: f64,
+    /// LoRA dropout: the mask (`x`'s shape and dtype, kept values already
+    /// scaled by `1 / (1 - p)`) the adapter path's input is multiplied by.
+    dropout: Option<Tensor>,
 }
 
 impl LoraMatmulOp {
     /// An op over a shared frozen weight and the LoRA scale `s`.
     pub fn new(weight: Arc<FrozenWeight>, scale: f64) -> Self {
-        Self { weight, scale }
+        Self {
+            weight,
+            scale,
+            dropout: None,
+        }
+    }
+
+    /// The same op with LoRA dropout: the adapter path reads `x ⊙ mask`
+    /// (`mask` of `x`'s shape and dtype), the frozen path reads `x`.
+    pub fn with_dropout(mut self, mask: Option<&Tensor>) -> candle_core::Result<Self> {
+        self.dropout = mask.map(Tensor::contiguous).transpose()?;
+        Ok(self)
+    }
+
+    /// The adapter path's input: `x ⊙ mask` under dropout, else `x`.
+    fn lora_input<'a, T: Elem>(&self, x: &'a [T]) -> candle_core::Result<Cow<'a, [T]>> {
+        let Some(mask) = &self.dropout else {
+            return Ok(Cow::Borrowed(x));
+        };
+        with_values::<T, _>(mask, |m| {
+            if m.len() != x.len() {
+                candle_core::bail!(
+                    "fused lora: dropout mask of {} values for an input of {}",
+                    m.len(),
+                    x.len()
+                );
+            }
+            Ok(Cow::Owned(x.iter().zip(m).map(|(&v, &k)| v * k).collect()))
+        })
+    }
+
+    /// `dx += s · v · A`, times the dropout mask when there is one.
+    fn add_lora_dx<T: Elem>(
+        &self,
+        dx: &mut [T],
+        v: Mat<T>,
+        a: Mat<T>,
+        s: T,
+    ) -> candle_core::Result<()> {
+        let Some(mask) = &self.dropout else {
+            gemm_into(dx, true, v, a, s);
+            return Ok(());
+        };
+        let mut t = vec![T::zero(); dx.len()];
+        gemm_into(&mut t, false, v, a, s);
+        with_values::<T, _>(mask, |m| {
+            if m.len() != dx.len() {
+                candle_core::bail!("fused lora: dropout mask does not fit the input");
+            }
+            for ((d, &g), &k) in dx.iter_mut().zip(&t).zip(m) {
+                *d += g * k;
+            }
+            Ok(())
+        })
     }
 
     /// Whether the op computes `x · Wᵀ` for a weight stored as `storage`:
@@ -301,7 +360,7 @@ impl LoraMatmulOp {
     fn forward<T: Elem>(&self, x: &[T], a: &[T], b: &[T], d: Dims) -> candle_core::Result<Vec<T>> {
         let (m, n, _, r) = d;
         let mut y = T::base_xwt(&self.weight, x, m)?;
-        let u = x_at(x, a, d);
+        let u = x_at(&self.lora_input(x)?, a, d);
         let bt = Mat::new(b, n, r).t();
         gemm_into(
             &mut y,
@@ -333,14 +392,15 @@ impl LoraMatmulOp {
         let vm = Mat::new(&v, m, r);
         let dx = if want_dx {
             let mut dx = T::base_dyw(&self.weight, dy, m)?;
-            gemm_into(&mut dx, true, vm, Mat::new(a, r, k), s);
+            self.add_lora_dx(&mut dx, vm, Mat::new(a, r, k), s)?;
             Some(dx)
         } else {
             None
         };
+        let xin = self.lora_input(x)?;
         let mut da = vec![T::zero(); r * k];
-        gemm_into(&mut da, false, vm.t(), Mat::new(x, m, k), s);
-        let u = x_at(x, a, d);
+        gemm_into(&mut da, false, vm.t(), Mat::new(&xin, m, k), s);
+        let u = x_at(&xin, a, d);
         let mut db = vec![T::zero(); n * r];
         gemm_into(
             &mut db,
