@@ -517,11 +517,19 @@ impl<'c> Trainer<'c> {
                     ^ micro.wrapping_mul(0xbf58_476d_1ce4_e5b9)
                     ^ (rank as u64).wrapping_mul(0x94d0_49bb_1331_11eb)
             });
-            let logits = self.model.forward(&b.ids, Some(&b.attention), seed)?;
-            let (nll, n) = masked_causal_lm_nll_sum(&logits, &b.ids, &b.targets)?;
-            loss_sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // Forward and backward on one of rayon's threads: each parallel
+            // op then splits with the other workers directly, instead of
+            // this thread handing it over and sleeping until it is done (a
+            // futex wake and sleep per op, thousands per step).
+            let model = &self.model;
+            let (nll, n, g) = rayon::scope(|_| -> Result<_, TrainError> {
+                let logits = model.forward(&b.ids, Some(&b.attention), seed)?;
+                let (nll, n) = masked_causal_lm_nll_sum(&logits, &b.ids, &b.targets)?;
+                let g = nll.backward()?;
+                Ok((nll.to_dtype(DType::F64)?.to_scalar::<f64>()?, n, g))
+            })?;
+            loss_sum += nll;
             tokens += n as u64;
-            let g = nll.backward()?;
             for (name, var) in self.optimizer.vars() {
                 if let Some(gt) = g.get(var.as_tensor()) {
                     let acc = match grads.remove(name) {
