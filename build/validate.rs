@@ -644,6 +644,13 @@ pub static SETTINGS: &[Setting] = &[
         "glibc malloc keeps up to this much freed memory at the heap's top (M_TRIM_THRESHOLD).",
     ),
     int(
+        "trainer",
+        "malloc_arena_max",
+        1,
+        1 << 10,
+        "glibc malloc heaps at most (M_ARENA_MAX).",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

@@ -135,7 +135,11 @@ pub const MALLOC_ENV_VARS: [&str; 3] = [
 /// page fault and a kernel zero-fill for every 4 KiB page again, which was
 /// a quarter of the benchmark's CPU samples (`docs/design-notes.md`, "Where
 /// a step's time goes"). Served from the heap and kept, the pages are
-/// reused. The peak resident memory stays what the peak allocation needs.
+/// reused. The peak resident memory stays what the peak allocation needs, as
+/// long as one heap serves every thread: the step runs on rayon's threads
+/// (`train::trainer`), and a heap per thread would each keep their own
+/// freed memory (peak RSS then varied from 0.66 to 1.08 GB between runs of
+/// the benchmark model), so `trainer.malloc_arena_max` is 1.
 ///
 /// Returns whether the settings were passed to glibc: `false` off glibc,
 /// when one of [`MALLOC_ENV_VARS`] is set, or when glibc refuses a value
@@ -151,14 +155,16 @@ pub fn keep_freed_memory() -> bool {
     set_malloc_thresholds(
         crate::tables::trainer::MALLOC_MMAP_THRESHOLD_BYTES,
         crate::tables::trainer::MALLOC_TRIM_THRESHOLD_BYTES,
+        crate::tables::trainer::MALLOC_ARENA_MAX,
     )
 }
 
-/// `mallopt(M_MMAP_THRESHOLD, mmap)` and `mallopt(M_TRIM_THRESHOLD, trim)`;
-/// whether glibc took both.
+/// `mallopt` of `M_MMAP_THRESHOLD`, `M_TRIM_THRESHOLD` and `M_ARENA_MAX`;
+/// whether glibc took all three.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn set_malloc_thresholds(mmap: u64, trim: u64) -> bool {
-    let (Ok(mmap), Ok(trim)) = (libc::c_int::try_from(mmap), libc::c_int::try_from(trim)) else {
+fn set_malloc_thresholds(mmap: u64, trim: u64, arenas: u64) -> bool {
+    let int = |v: u64| libc::c_int::try_from(v).ok();
+    let (Some(mmap), Some(trim), Some(arenas)) = (int(mmap), int(trim), int(arenas)) else {
         return false;
     };
     // SAFETY: `mallopt` takes any values and reports the ones it refuses;
@@ -166,11 +172,12 @@ fn set_malloc_thresholds(mmap: u64, trim: u64) -> bool {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
+            && libc::mallopt(libc::M_ARENA_MAX, arenas) == 1
     }
 }
 
 /// Not glibc: nothing to set.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn set_malloc_thresholds(_mmap: u64, _trim: u64) -> bool {
+fn set_malloc_thresholds(_mmap: u64, _trim: u64, _arenas: u64) -> bool {
     false
 }

@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 09d50f0c90729f56
+//   tables/defaults.toml 18fda2a3c8466c89
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml 5f7c336fe3da9ff2
@@ -2086,6 +2086,8 @@ pub mod trainer {
     pub const MALLOC_MMAP_THRESHOLD_BYTES: u64 = 33554432;
     ///glibc malloc keeps up to this much freed memory at the heap's top (M_TRIM_THRESHOLD).
     pub const MALLOC_TRIM_THRESHOLD_BYTES: u64 = 1073741824;
+    ///glibc malloc heaps at most (M_ARENA_MAX).
+    pub const MALLOC_ARENA_MAX: u64 = 1;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
