@@ -6,7 +6,7 @@
 //   tables/defaults.toml 18fda2a3c8466c89
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
-//   tables/memory.toml 5f7c336fe3da9ff2
+//   tables/memory.toml 3678b65922b85816
 
 /// Model tiers, smallest first (`tables/size.toml`, `[tiers]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -2121,31 +2121,31 @@ pub mod embedded {
 ///The memory model's coefficients and reference architectures (`tables/memory.toml`).
 pub mod memory {
     ///The process without a model (runtime, tokenizer, data), MiB.
-    pub const RUNTIME_MIB: f64 = 10.159;
+    pub const RUNTIME_MIB: f64 = 12.259;
     ///Copies of the largest tensor alive while it is read and quantized.
-    pub const LOAD_TENSOR: f64 = 1.551;
+    pub const LOAD_TENSOR: f64 = 0.64;
     ///Copies of the adapters (value, gradient, AdamW moments, checkpoint buffers).
-    pub const ADAPTERS: f64 = 6.287;
+    pub const ADAPTERS: f64 = 8.717;
     ///Copies of the logits (batch x seq x vocab) kept from the forward pass to the end of backward.
-    pub const LOGITS_FORWARD: f64 = 1.628;
+    pub const LOGITS_FORWARD: f64 = 1.558;
     ///Copies of the logits alive while the output head's backward runs (their gradient).
-    pub const LOGITS_BACKWARD: f64 = 3.411;
+    pub const LOGITS_BACKWARD: f64 = 0.532;
     ///Copies of the dense output head (vocab x hidden) while its backward runs.
-    pub const HEAD: f64 = 0.143;
+    pub const HEAD: f64 = 0.041;
     ///Copies of hidden-wide activations per token of each block whose graph is kept (or rebuilt).
-    pub const BLOCK_HIDDEN: f64 = 54.96;
+    pub const BLOCK_HIDDEN: f64 = 14.323;
     ///Copies of SwiGLU-wide activations per token of each block whose graph is kept (or rebuilt).
-    pub const BLOCK_INTERMEDIATE: f64 = 23.35;
+    pub const BLOCK_INTERMEDIATE: f64 = 4.961;
     ///Copies of the attention scores (batch x heads x seq x seq) of each block whose graph is kept (or rebuilt).
-    pub const BLOCK_ATTENTION: f64 = 6.874;
+    pub const BLOCK_ATTENTION: f64 = 0.0;
     ///Copies of each adapted block's saved input with checkpointing.
-    pub const CHECKPOINT_HIDDEN: f64 = 2.914;
+    pub const CHECKPOINT_HIDDEN: f64 = 1.0;
     ///Copies of hidden-wide gradients per token of the block whose backward runs.
-    pub const BACKWARD_HIDDEN: f64 = 64.337;
+    pub const BACKWARD_HIDDEN: f64 = 27.988;
     ///Copies of SwiGLU-wide gradients per token of the block whose backward runs.
-    pub const BACKWARD_INTERMEDIATE: f64 = 3.0;
+    pub const BACKWARD_INTERMEDIATE: f64 = 0.0;
     ///Copies of the attention scores' gradients of the block whose backward runs.
-    pub const BACKWARD_ATTENTION: f64 = 0.799;
+    pub const BACKWARD_ATTENTION: f64 = 0.0;
     /// Published architectures, for models known only by their size.
     pub const REFERENCE_SHAPES: [super::ReferenceShape; 8usize] = [
         super::ReferenceShape {
