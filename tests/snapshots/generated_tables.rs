@@ -6,7 +6,7 @@
 //   tables/defaults.toml 18fda2a3c8466c89
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
-//   tables/memory.toml 3678b65922b85816
+//   tables/memory.toml d7bb7540c9785cad
 
 /// Model tiers, smallest first (`tables/size.toml`, `[tiers]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -2139,7 +2139,7 @@ pub mod memory {
     ///Copies of the attention scores (batch x heads x seq x seq) of each block whose graph is kept (or rebuilt).
     pub const BLOCK_ATTENTION: f64 = 0.0;
     ///Copies of each adapted block's saved input with checkpointing.
-    pub const CHECKPOINT_HIDDEN: f64 = 1.0;
+    pub const CHECKPOINT_HIDDEN: f64 = 0.0;
     ///Copies of hidden-wide gradients per token of the block whose backward runs.
     pub const BACKWARD_HIDDEN: f64 = 27.988;
     ///Copies of SwiGLU-wide gradients per token of the block whose backward runs.
