@@ -61,7 +61,7 @@ pub fn attention(
     if !fused {
         return attention_reference(q, k, v, mask, a);
     }
-    let op = AttentionOp::new(q, k, mask.contiguous()?, a)?;
+    let op = AttentionOp::new(q, k, v, mask.contiguous()?, a)?;
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -128,15 +128,24 @@ struct AttentionOp {
 }
 
 impl AttentionOp {
-    fn new(q: &Tensor, k: &Tensor, mask: Tensor, a: Attention) -> candle_core::Result<Self> {
+    /// Checks the shapes: `k` and `v` alike, `q`'s heads a multiple of
+    /// theirs, the mask `(b or 1, 1, t, keys)`.
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Tensor,
+        a: Attention,
+    ) -> candle_core::Result<Self> {
         let (b, heads, t, d) = q.dims4()?;
         let (kb, kv, keys, kd) = k.dims4()?;
         let (mask_rows, one, mt, mk) = mask.dims4()?;
-        if kb != b || kd != d || kv == 0 || heads % kv != 0 {
+        if kb != b || kd != d || kv == 0 || heads % kv != 0 || v.dims() != k.dims() {
             candle_core::bail!(
-                "attention: queries {:?} and keys {:?} disagree",
+                "attention: queries {:?}, keys {:?} and values {:?} disagree",
                 q.dims(),
-                k.dims()
+                k.dims(),
+                v.dims()
             );
         }
         if !(mask_rows == 1 || mask_rows == b) || one != 1 || mt != t || mk != keys {
@@ -776,5 +785,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not fit"), "{err}");
+        let m = Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap();
+        let short_v = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap();
+        let err = attention(&q, &kv, &short_v, &m, a).unwrap_err().to_string();
+        assert!(err.contains("values"), "{err}");
     }
 }
