@@ -1,10 +1,13 @@
-//! Llama-family decoder (Llama 2/3, Mistral, Qwen2 shapes) built only from
-//! differentiable Candle ops, with frozen weights and LoRA adapters.
+//! Llama-family decoder (Llama 2/3, Mistral, Qwen2 shapes) built from
+//! differentiable ops, with frozen weights and LoRA adapters.
 //!
 //! GQA, RoPE with `rope_theta` and `rope_scaling` (`linear`, `llama3`),
 //! RMSNorm, SwiGLU, tied or untied embeddings, q/k/v biases (Qwen2), causal
-//! attention with a padding mask. The fused Candle ops that drop gradients
-//! (`softmax_last_dim`, `rms_norm`, `rope`) are not used.
+//! attention with a padding mask. Candle's own fused ops that drop gradients
+//! (`softmax_last_dim`, `rms_norm`, `rope`) are not used; attention, RMSNorm,
+//! the MLP gate, RoPE and the adapted linears go through this crate's ops
+//! with their own backward (`attention.rs`, `fused.rs`, `lora_op.rs`), which
+//! fall back to compositions of Candle ops off the CPU or in 16-bit dtypes.
 //!
 //! ```
 //! use std::collections::HashMap;
