@@ -374,22 +374,29 @@ impl AttentionOp {
         }
     }
 
+    /// The key head, value head and mask rows of batch row `bi`, key/value
+    /// head `g`.
+    fn group_of<'a, T>(&self, x: &Inputs<'a, T>, bi: usize, g: usize) -> [&'a [T]; 3] {
+        let Dims { kv, keys, d, .. } = self.dims;
+        let at = (bi * kv + g) * keys * d;
+        let (k, v) = (&x.k[at..at + keys * d], &x.v[at..at + keys * d]);
+        [k, v, self.mask_of(x.mask, bi)]
+    }
+
+    /// Where query head `r` of batch row `bi`, key/value head `g` starts in
+    /// a `(b, heads, t, d)` tensor.
+    fn head_at(&self, bi: usize, g: usize, r: usize) -> usize {
+        let Dims { heads, t, d, .. } = self.dims;
+        (bi * heads + g * self.dims.rep() + r) * t * d
+    }
+
     /// The output heads `(rep, t, d)` of batch row `bi`, key/value head `g`.
     fn forward_group<T: Real>(&self, x: &Inputs<T>, bi: usize, g: usize, out: &mut [T]) {
-        let Dims {
-            heads,
-            kv,
-            t,
-            keys,
-            d,
-            ..
-        } = self.dims;
-        let kv_at = (bi * kv + g) * keys * d;
-        let (kh, vh) = (&x.k[kv_at..kv_at + keys * d], &x.v[kv_at..kv_at + keys * d]);
-        let mask = self.mask_of(x.mask, bi);
+        let Dims { t, keys, d, .. } = self.dims;
+        let [kh, vh, mask] = self.group_of(x, bi, g);
         let mut p = vec![T::zero(); t * keys];
         for (r, o) in out.chunks_exact_mut(t * d).enumerate() {
-            let q_at = (bi * heads + g * self.dims.rep() + r) * t * d;
+            let q_at = self.head_at(bi, g, r);
             self.probs(&x.q[q_at..q_at + t * d], kh, mask, &mut p, None);
             mm(
                 o,
@@ -442,22 +449,13 @@ impl AttentionOp {
         g: usize,
         gr: GroupGrads<T>,
     ) {
-        let Dims {
-            heads,
-            kv,
-            t,
-            keys,
-            d,
-            ..
-        } = self.dims;
-        let kv_at = (bi * kv + g) * keys * d;
-        let (kh, vh) = (&x.k[kv_at..kv_at + keys * d], &x.v[kv_at..kv_at + keys * d]);
-        let mask = self.mask_of(x.mask, bi);
+        let Dims { t, keys, d, .. } = self.dims;
+        let [kh, vh, mask] = self.group_of(x, bi, g);
         let scale = T::from_f64(self.a.scale);
         let (mut p, mut ds) = (vec![T::zero(); t * keys], vec![T::zero(); t * keys]);
         let mut capped = self.a.softcap.map(|_| vec![T::zero(); t * keys]);
         for (r, dq) in gr.dq.chunks_exact_mut(t * d).enumerate() {
-            let at = (bi * heads + g * self.dims.rep() + r) * t * d;
+            let at = self.head_at(bi, g, r);
             let (qh, doh) = (&x.q[at..at + t * d], &dout[at..at + t * d]);
             self.probs(qh, kh, mask, &mut p, capped.as_deref_mut());
             let (td, kd, tk) = (Mat::rows(t, d), Mat::rows(keys, d), Mat::rows(t, keys));
