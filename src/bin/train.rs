@@ -7,8 +7,6 @@
 
 #[path = "train/args.rs"]
 mod args;
-#[path = "train/device.rs"]
-mod device;
 #[path = "train/use_model.rs"]
 mod use_model;
 
@@ -24,6 +22,7 @@ use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_p
 use qlora_scale::saved_profile::default_profile_path;
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::collective::{self, Collective};
+use qlora_scale::train::device::Compute;
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
 use qlora_scale::train::merge::{self as merging, MergeBase, MergeOptions, MergeProgress};
 use qlora_scale::train::settings::{Settings, ValueSource};
@@ -179,13 +178,14 @@ fn resume_launch_settings(settings: &mut Settings) {
 
 /// A one-step run of `plan` into a temporary directory: the peak memory it
 /// measured, MiB.
-fn trial_step(plan: &RunPlan) -> anyhow::Result<f64> {
+fn trial_step(plan: &RunPlan, compute: &Compute) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir().context("cannot create a directory for the trial step")?;
     let mut spec = plan.spec.clone();
     spec.settings.max_steps = 1;
     spec.settings.checkpoint_every = 1;
     let summary = train(
         &spec,
+        compute,
         dir.path(),
         Start::Fresh,
         &mut TracingObserver,
@@ -243,7 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Eval(e)) => return use_model::run_eval(e),
         None => {}
     }
-    cli.device.check()?;
+    let compute = cli.device.resolve()?;
     let (mut plan, settings) = resolve_plan(&cli)?;
     let budget = Budget::of(
         settings.memory_budget,
@@ -271,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         memory: fitted.report.as_ref(),
         budget,
         trial_step: settings.trial_step.unwrap_or(false),
+        compute: &compute,
     };
     let result = if cli.dry_run {
         run.print_dry_run()
@@ -303,6 +304,8 @@ struct Run<'a> {
     memory: Option<&'a MemoryReport>,
     budget: Option<Budget>,
     trial_step: bool,
+    /// Where it computes.
+    compute: &'a Compute,
 }
 
 /// What `--dry-run` prints: the spec, its provenance, where it writes,
@@ -325,6 +328,10 @@ struct DryRun<'a> {
     /// adapters.
     lora_layers_applied: u32,
     memory: Option<&'a MemoryReport>,
+    /// `cpu` or `cuda:N`, as `--device` resolved.
+    device: String,
+    /// The activations' dtype there (`f32`, `bf16`).
+    compute_dtype: &'static str,
 }
 
 impl Run<'_> {
@@ -340,6 +347,8 @@ impl Run<'_> {
             model_description: spec.describe_model(),
             lora_layers_applied: spec.lora_layers_applied(),
             memory: self.memory,
+            device: self.compute.name(),
+            compute_dtype: self.compute.dtype_name(),
         };
         let mut value =
             serde_json::to_value(&view).context("cannot serialise the configuration")?;
@@ -368,9 +377,11 @@ impl Run<'_> {
         let (spec, prov, world) = (&self.plan.spec, &self.plan.provenance, self.world);
         let s = &spec.settings;
         format!(
-            "profile: {}; model {}; batch {} x {} accum{}, rank {}, alpha {}, {}, checkpointing {}",
+            "profile: {}; model {}; on {} ({}); batch {} x {} accum{}, rank {}, alpha {}, {}, checkpointing {}",
             prov.profile_source.describe(),
             model_line(spec),
+            self.compute.name(),
+            self.compute.dtype_name(),
             s.batch_size,
             s.grad_accum_steps,
             if world.size > 1 {
@@ -425,7 +436,7 @@ impl Run<'_> {
         if !self.trial_step {
             return Ok(());
         }
-        let measured = trial_step(self.plan)?;
+        let measured = trial_step(self.plan, self.compute)?;
         tracing::info!(
             "trial step: peak {measured:.0} MiB measured, {:.0} MiB estimated ({:+.0}%)",
             e.peak,
@@ -479,7 +490,15 @@ impl Run<'_> {
                 self.world.size,
                 self.setup_line()
             );
-            train(spec, out, self.start_mode(), &mut QuietObserver, coll).with_context(context)?;
+            train(
+                spec,
+                self.compute,
+                out,
+                self.start_mode(),
+                &mut QuietObserver,
+                coll,
+            )
+            .with_context(context)?;
             return Ok(());
         }
         tracing::info!("{}", self.setup_line());
@@ -487,8 +506,15 @@ impl Run<'_> {
             self.check_memory(m)?;
         }
         let mut progress = Progress::new(spec.settings.max_steps, 0);
-        let summary =
-            train(spec, out, self.start_mode(), &mut progress, coll).with_context(context)?;
+        let summary = train(
+            spec,
+            self.compute,
+            out,
+            self.start_mode(),
+            &mut progress,
+            coll,
+        )
+        .with_context(context)?;
         if let Some(bar) = &progress.bar {
             bar.finish_and_clear();
         }
@@ -609,7 +635,7 @@ fn bad_input(err: &anyhow::Error) -> bool {
     use qlora_scale::train::generate::{GenerateError, InputError};
     err.chain().any(|e| {
         e.is::<InputError>()
-            || e.is::<device::DeviceError>()
+            || e.is::<qlora_scale::train::device::DeviceError>()
             || matches!(e.downcast_ref(), Some(GenerateError::Input(_)))
     })
 }

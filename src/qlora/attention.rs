@@ -83,7 +83,15 @@ pub fn attention_reference(
         Some(c) => ((att / c)?.tanh()? * c)?,
         None => att,
     };
-    let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
+    let att = att.broadcast_add(mask)?;
+    let att = match att.dtype() {
+        // 16-bit compute: the softmax in `f32` (transformers' eager
+        // attention does the same), the product with `v` in 16 bits.
+        dt @ (DType::BF16 | DType::F16) => {
+            candle_nn::ops::softmax(&att.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dt)?
+        }
+        _ => candle_nn::ops::softmax(&att, D::Minus1)?,
+    };
     att.matmul(&v)
 }
 

@@ -30,6 +30,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, S
 
 use super::kernel;
 use super::nf4::{Nf4Error, Nf4Tensor};
+use super::nf4_device::Nf4OnDevice;
 
 /// How a frozen weight is stored and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,6 +92,9 @@ pub enum FrozenError {
         /// The weight's input width.
         width: usize,
     },
+    /// A storage this build multiplies on the CPU only.
+    #[error("{0} frozen weights are CPU-only: use NF4, bf16 or f32 storage on a GPU")]
+    CpuOnly(&'static str),
     /// NF4 quantization failed.
     #[error(transparent)]
     Nf4(#[from] Nf4Error),
@@ -108,6 +112,8 @@ pub enum FrozenWeight {
     Half(Tensor),
     /// NF4 codes and scales.
     Nf4(Nf4Tensor),
+    /// NF4 codes and scales held on a device (a GPU), dequantized there.
+    Nf4OnDevice(Nf4OnDevice),
     /// A candle GGML quantized tensor and its matmul.
     Ggml(Arc<QTensor>, QMatMul),
 }
@@ -159,11 +165,33 @@ impl FrozenWeight {
         })
     }
 
+    /// The weight moved to `device`: NF4 codes and scales as they are
+    /// ([`Nf4OnDevice`]), dense weights in their dtype. A CPU weight stays
+    /// as it is; GGML storages have no GPU kernels here and stay CPU-only.
+    pub fn to_device(self, device: &Device) -> Result<Self, FrozenError> {
+        if device.is_cpu() {
+            return Ok(self);
+        }
+        Ok(match self {
+            FrozenWeight::Dense(t) => FrozenWeight::Dense(t.to_device(device)?),
+            FrozenWeight::Half(t) => FrozenWeight::Half(t.to_device(device)?),
+            FrozenWeight::Nf4(q) => FrozenWeight::Nf4OnDevice(Nf4OnDevice::upload(&q, device)?),
+            FrozenWeight::Nf4OnDevice(q) if q.device().same_device(device) => {
+                FrozenWeight::Nf4OnDevice(q)
+            }
+            FrozenWeight::Nf4OnDevice(_) => {
+                return Err(FrozenError::CpuOnly("NF4 on another device"));
+            }
+            FrozenWeight::Ggml(..) => return Err(FrozenError::CpuOnly("Q4K and Q8_0")),
+        })
+    }
+
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
         let d: &[usize] = match self {
             FrozenWeight::Dense(t) | FrozenWeight::Half(t) => t.dims(),
             FrozenWeight::Nf4(q) => q.shape(),
+            FrozenWeight::Nf4OnDevice(q) => q.shape(),
             FrozenWeight::Ggml(q, _) => q.shape().dims(),
         };
         (d[0], d[1])
@@ -176,6 +204,7 @@ impl FrozenWeight {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
             FrozenWeight::Nf4(q) => q.size_bytes(),
+            FrozenWeight::Nf4OnDevice(q) => q.size_bytes(),
             FrozenWeight::Ggml(q, _) => q.storage_size_in_bytes(),
         }
     }
@@ -186,6 +215,7 @@ impl FrozenWeight {
         let t = match self {
             FrozenWeight::Dense(t) | FrozenWeight::Half(t) => t.clone(),
             FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu)?,
+            FrozenWeight::Nf4OnDevice(q) => q.dequantize(dtype)?,
             FrozenWeight::Ggml(q, _) => q.dequantize(&Device::Cpu)?,
         };
         t.to_dtype(dtype)?.to_device(device)
@@ -200,7 +230,7 @@ impl FrozenWeight {
             FrozenWeight::Dense(t) => t.dtype() == DType::F32 && t.device().is_cpu(),
             FrozenWeight::Half(t) => t.device().is_cpu(),
             FrozenWeight::Nf4(q) => kernel::WeightRef::Nf4(q).supported(n, k),
-            FrozenWeight::Ggml(..) => false,
+            FrozenWeight::Nf4OnDevice(_) | FrozenWeight::Ggml(..) => false,
         }
     }
 
@@ -252,7 +282,7 @@ impl FrozenWeight {
                 let idx = Tensor::from_slice(ids, ids.len(), t.device())?;
                 t.index_select(&idx, 0)?.to_dtype(dtype)?.to_device(device)
             }
-            FrozenWeight::Ggml(..) => {
+            FrozenWeight::Nf4OnDevice(_) | FrozenWeight::Ggml(..) => {
                 let idx = Tensor::from_slice(ids, ids.len(), device)?;
                 self.dequantize(dtype, device)?.index_select(&idx, 0)
             }
@@ -320,6 +350,40 @@ impl CustomOp1 for FrozenMatmulOp {
                 s.matmul(wc, (1, m, n, k), &lhs, &rhs)?
             }
         };
+        Ok((out, Shape::from(out_dims)))
+    }
+
+    /// On a GPU: the weight dequantized on the device into a temporary in
+    /// the input's dtype (bf16 from NF4 codes, by the kernel of
+    /// [`super::nf4_device`]), then cuBLAS.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k) = self.weight.dims();
+        let dims = l.dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!(
+                "frozen matmul: input {dims:?} does not end in the weight's width {k}"
+            );
+        }
+        let Some((start, _)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul: input must be contiguous");
+        };
+        let m = l.shape().elem_count() / k;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = n;
+        let device = Device::Cuda(s.device().clone());
+        let w = self.weight.dequantize(s.dtype(), &device)?;
+        let (ws, wl) = w.storage_and_layout();
+        let Storage::Cuda(wc) = &*ws else {
+            candle_core::bail!("frozen matmul: weight is not on the GPU");
+        };
+        let lhs = Layout::contiguous_with_offset((m, k), start);
+        let rhs = Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset());
+        let out = s.matmul(wc, (1, m, n, k), &lhs, &rhs)?;
         Ok((out, Shape::from(out_dims)))
     }
 

@@ -159,6 +159,12 @@ fn inv_rms(sum_sq: f64, d: usize, eps: f64) -> f64 {
 /// w`, as Candle ops (seven graph nodes; `w` gets a gradient if it tracks
 /// one).
 pub fn rms_norm_unfused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // 16-bit compute (a GPU's): the mean of squares in `f32`, as
+        // transformers computes it.
+        let y = rms_norm_unfused(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
+        return y.to_dtype(x.dtype());
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }

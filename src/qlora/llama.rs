@@ -632,6 +632,16 @@ impl Default for ModelOptions {
 }
 
 impl ModelOptions {
+    /// The dtype of the adapters' trained values: the compute dtype, or
+    /// `f32` under 16-bit compute (`f32` master weights; the forward casts
+    /// them, and their gradients arrive in `f32`).
+    pub fn master_dtype(&self) -> DType {
+        match self.dtype {
+            DType::BF16 | DType::F16 => DType::F32,
+            dt => dt,
+        }
+    }
+
     /// The storage of the embedding and the output head, for a base whose
     /// embedding is stored as `stored`.
     pub fn embedding_storage(&self, stored: DType) -> FrozenStorage {
@@ -963,6 +973,12 @@ impl Loader<'_> {
     /// The tensor `name`, dense (`f64` for an `f64` model, else `f32`: the
     /// quantized storages take `f32`), on the model's device.
     fn get(&self, name: &str) -> Result<Tensor, LoadError> {
+        Ok(self.get_on_host(name)?.to_device(&self.options.device)?)
+    }
+
+    /// [`Self::get`] on the CPU: one tensor at a time is read, widened and
+    /// quantized on the host, then moved.
+    fn get_on_host(&self, name: &str) -> Result<Tensor, LoadError> {
         let t = self.weights.tensor(name)?;
         if let Some(shape) = self.expected.get(name)
             && t.dims() != shape.as_slice()
@@ -977,15 +993,19 @@ impl Loader<'_> {
             DType::F64 => DType::F64,
             _ => DType::F32,
         };
-        Ok(t.to_dtype(dt)?.to_device(&self.options.device)?)
+        Ok(t.to_dtype(dt)?)
     }
 
+    /// The frozen weight `name` in storage `s`, quantized on the host and
+    /// then moved to the model's device (NF4 moves as codes and scales).
     fn frozen(&self, name: &str, s: FrozenStorage) -> Result<FrozenWeight, LoadError> {
-        let t = self.get(name)?;
-        FrozenWeight::new(&t, s).map_err(|source| LoadError::Frozen {
-            name: name.to_string(),
-            source,
-        })
+        let t = self.get_on_host(name)?;
+        FrozenWeight::new(&t, s)
+            .and_then(|w| w.to_device(&self.options.device))
+            .map_err(|source| LoadError::Frozen {
+                name: name.to_string(),
+                source,
+            })
     }
 
     /// A norm weight in the compute dtype (Gemma's applying `1 + w`).
@@ -1050,7 +1070,7 @@ impl Loader<'_> {
         let n = config.num_hidden_layers;
         let adapter = if lora.targets_projection(proj) && lora.adapts_layer(l, n) && lora.rank > 0 {
             let (o, i) = config.projection_dims(proj);
-            let ad = LoraAdapter::init(lora.rank, i, o, opts.dtype, &opts.device, rng)?;
+            let ad = LoraAdapter::init(lora.rank, i, o, opts.master_dtype(), &opts.device, rng)?;
             let mut data = varmap.data().lock().map_err(|_| LoadError::Poisoned)?;
             data.insert(peft_key(l, proj.path, 'A'), ad.a.clone());
             data.insert(peft_key(l, proj.path, 'B'), ad.b.clone());
@@ -1100,6 +1120,11 @@ impl LlamaModel {
             inv_freq: config.rope_inv_freq()?,
             sliding_inv_freq: config.sliding_rope_inv_freq()?,
         })
+    }
+
+    /// The device of activations and adapters.
+    pub fn device(&self) -> &Device {
+        &self.options.device
     }
 
     /// The config.

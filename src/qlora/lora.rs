@@ -365,6 +365,9 @@ impl LoraLinear {
                 Some(mask) => (x * mask)?,
                 None => x.clone(),
             };
+            // `f32` master weights under 16-bit compute: cast (the casts'
+            // backward returns the gradients in `f32`).
+            let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
             let lora = xin.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             y = (y + lora.affine(self.scale, 0.0)?)?;
         }

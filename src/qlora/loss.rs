@@ -17,9 +17,7 @@
 //! ```
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use wide::f32x8;
 
@@ -92,6 +90,12 @@ pub fn masked_causal_lm_nll_sum(
         candle_core::bail!("loss: token id {bad} out of range for {v} logits");
     }
     let count: f64 = m.iter().map(|&x| f64::from(x)).sum();
+    // 16-bit logits (a GPU's compute dtype) are widened: the loss and its
+    // gradient are taken in `f32`.
+    let logits = match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+        _ => logits.clone(),
+    };
     let m = Tensor::from_vec(m, b * t, logits.device())?.to_dtype(logits.dtype())?;
     let nll = logits.contiguous()?.apply_op1(TokenNll {
         targets: std::sync::Arc::new(targets),
@@ -230,40 +234,101 @@ impl CustomOp1 for TokenNll {
         Ok((out, Shape::from(n)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = rows(l.shape())?;
+        if n != self.targets.len() {
+            candle_core::bail!("token nll: {n} rows for {} targets", self.targets.len());
+        }
+        let out = super::cuda::token_nll(s, l, v, &self.targets)?;
+        Ok((out, Shape::from(n)))
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (n, v) = rows(arg.shape())?;
-        let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
-        if n != self.targets.len() || g.len() != n {
+        let (n, _) = rows(arg.shape())?;
+        if n != self.targets.len() || grad.elem_count() != n {
             candle_core::bail!(
                 "token nll: {n} rows, {} targets, {} gradients",
                 self.targets.len(),
-                g.len()
+                grad.elem_count()
             );
         }
-        let arg = arg.to_device(&Device::Cpu)?.contiguous()?;
-        let (st, l) = arg.storage_and_layout();
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("token nll: logits must be contiguous");
+        let g = grad.to_dtype(arg.dtype())?.contiguous()?;
+        let op = TokenNllGrad {
+            targets: self.targets.clone(),
         };
-        let t = match &*st {
-            Storage::Cpu(CpuStorage::F32(x)) => Tensor::from_vec(
-                nll_grad(&x[a..b], v, &self.targets, &g),
-                arg.shape(),
-                &Device::Cpu,
-            )?,
-            Storage::Cpu(CpuStorage::F64(x)) => Tensor::from_vec(
-                nll_grad(&x[a..b], v, &self.targets, &g),
-                arg.shape(),
-                &Device::Cpu,
-            )?,
-            _ => candle_core::bail!("token nll: unsupported logits storage"),
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&g, &op)?))
+    }
+}
+
+/// The backward of [`TokenNll`]: `(softmax(x) - onehot(target)) * g` per
+/// row of the logits `x`, `g` the row's incoming gradient (rows with `g =
+/// 0`, padding and prompt tokens, get zeros).
+#[derive(Debug, Clone)]
+struct TokenNllGrad {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+impl candle_core::CustomOp2 for TokenNllGrad {
+    fn name(&self) -> &'static str {
+        "qlora-token-nll-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = rows(l.shape())?;
+        let (Some((a, b)), Some((ga, gb))) = (l.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!("token nll: logits and gradient must be contiguous");
         };
-        Ok(Some(t.to_device(grad.device())?))
+        if n != self.targets.len() || gb - ga != n {
+            candle_core::bail!("token nll: {n} rows, {} gradients", gb - ga);
+        }
+        let out = match (s, gs) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                let g: Vec<f64> = g[ga..gb].iter().map(|&x| f64::from(x)).collect();
+                CpuStorage::F32(nll_grad(&x[a..b], v, &self.targets, &g))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(nll_grad(&x[a..b], v, &self.targets, &g[ga..gb]))
+            }
+            (x, g) => candle_core::bail!(
+                "token nll: unsupported dtypes {:?} and {:?}",
+                x.dtype(),
+                g.dtype()
+            ),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = rows(l.shape())?;
+        if n != self.targets.len() || gl.shape().elem_count() != n {
+            candle_core::bail!("token nll: {n} rows, {} gradients", gl.shape().elem_count());
+        }
+        let out = super::cuda::token_nll_grad(s, l, gs, gl, v, &self.targets)?;
+        Ok((out, l.shape().clone()))
     }
 }
 

@@ -21,6 +21,8 @@
 //! ```
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod frozen;
 pub mod fused;
 pub mod kernel;
@@ -30,6 +32,7 @@ pub mod lora;
 pub mod lora_op;
 pub mod loss;
 pub mod nf4;
+pub mod nf4_device;
 pub mod recompute;
 
 pub use frozen::{FrozenLinear, FrozenStorage, FrozenWeight};

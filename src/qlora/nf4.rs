@@ -241,6 +241,11 @@ impl Nf4Tensor {
         &self.scales
     }
 
+    /// The packed codes: two per byte, element `2i` in the low nibble.
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
+    }
+
     /// The 4-bit code index of element `i` (padding included).
     pub fn code_index(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];

@@ -32,6 +32,8 @@ fn tensor_from_cpu(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
     match s {
         CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
         CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
+        CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
+        CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
         other => candle_core::bail!("checkpoint: unsupported dtype {:?}", other.dtype()),
     }
 }
@@ -97,9 +99,41 @@ impl CustomOp2 for CheckpointOp {
         let out = match (&*ys, yl.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => CpuStorage::F32(v[a..b].to_vec()),
             (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => CpuStorage::F64(v[a..b].to_vec()),
+            (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => CpuStorage::BF16(v[a..b].to_vec()),
+            (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => CpuStorage::F16(v[a..b].to_vec()),
             _ => candle_core::bail!("checkpoint: unexpected block output storage"),
         };
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        // Untracked tensors over contiguous copies (`x * 1 + 0`, exact):
+        // no graph is recorded.
+        let fresh = |s: &candle_core::CudaStorage, l: &Layout| -> candle_core::Result<Tensor> {
+            Ok(Tensor::from_storage(
+                Storage::Cuda(s.affine(l, 1.0, 0.0)?),
+                l.shape().clone(),
+                candle_core::op::BackpropOp::none(),
+                false,
+            ))
+        };
+        let x = fresh(s1, l1)?;
+        let p = fresh(s2, l2)?;
+        let params = unpack(&p, &self.shapes)?;
+        let y = self.block.forward_with(&x, &params, &self.ctx, None)?;
+        let shape = y.shape().clone();
+        let (ys, yl) = y.storage_and_layout();
+        let Storage::Cuda(c) = &*ys else {
+            candle_core::bail!("checkpoint: block output left the GPU");
+        };
+        Ok((c.affine(yl, 1.0, 0.0)?, shape))
     }
 
     fn bwd(

@@ -14,6 +14,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod device;
 pub mod evaluate;
 pub mod fit;
 pub mod generate;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
+use super::device::Compute;
 use super::spec::{RunSpec, Weights};
 use super::tokenizer::{Tokenizer, TokenizerError};
 use crate::qlora::load::validate_config;
@@ -154,6 +155,17 @@ pub fn build_with(
     spec: &RunSpec,
     storage: FrozenStorage,
 ) -> Result<(LlamaModel, Tokenizer), ModelError> {
+    build_on(spec, &Compute::cpu(), storage)
+}
+
+/// [`build_with`] on a device and compute dtype (`f32` adapters under a
+/// 16-bit one): frozen weights are read and quantized on the host one at a
+/// time and moved to the device as they are done.
+pub fn build_on(
+    spec: &RunSpec,
+    compute: &Compute,
+    storage: FrozenStorage,
+) -> Result<(LlamaModel, Tokenizer), ModelError> {
     let (c, base) = open_base(spec)?;
     let tok = match &base {
         BaseWeights::Random(_) => Tokenizer::Bytes,
@@ -172,7 +184,7 @@ pub fn build_with(
             tok
         }
     };
-    let opts = options(spec, &c, storage);
+    let opts = options(spec, &c, storage, compute);
     Ok((LlamaModel::new(&c, &base, &opts)?, tok))
 }
 
@@ -244,12 +256,17 @@ pub fn open_base(spec: &RunSpec) -> Result<(LlamaConfig, BaseWeights), ModelErro
     }
 }
 
-fn options(spec: &RunSpec, c: &LlamaConfig, storage: FrozenStorage) -> ModelOptions {
+fn options(
+    spec: &RunSpec,
+    c: &LlamaConfig,
+    storage: FrozenStorage,
+    compute: &Compute,
+) -> ModelOptions {
     ModelOptions {
         storage,
         lora: lora_config(spec, c.num_hidden_layers),
-        dtype: DType::F32,
-        device: Device::Cpu,
+        dtype: compute.dtype,
+        device: compute.device.clone(),
         checkpointing: spec.settings.grad_checkpoint,
         quantize_embeddings: spec.settings.quantize_embeddings,
     }

@@ -112,9 +112,25 @@ impl AdamW {
                 }
             }
         }
+        // A checkpoint is read on the CPU: the moments go where the
+        // adapters are (a GPU run resumes a CPU run's checkpoint and back).
+        let place = |moments: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>, String> {
+            self.vars
+                .iter()
+                .map(|(name, var)| {
+                    let t = &moments[name];
+                    let t = t
+                        .to_device(var.device())
+                        .and_then(|t| t.to_dtype(var.dtype()))
+                        .map_err(|e| format!("moment of {name}: {e}"))?;
+                    Ok((name.clone(), t))
+                })
+                .collect()
+        };
+        let (m, v) = (place(state.m)?, place(state.v)?);
         self.t = state.t;
-        self.m = state.m;
-        self.v = state.v;
+        self.m = m;
+        self.v = v;
         Ok(())
     }
 
@@ -153,17 +169,22 @@ impl AdamW {
 
 /// The global L2 norm of `grads`.
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> candle_core::Result<f64> {
-    let mut sum = 0f64;
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
+    // Summed where the gradients are, in `f64`, and read once (on a GPU,
+    // one transfer per step instead of one per adapter matrix).
+    let mut sum: Option<Tensor> = None;
     for n in names {
-        sum += grads[n]
+        let s = grads[n]
             .sqr()?
             .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+            .to_dtype(candle_core::DType::F64)?;
+        sum = Some(match sum {
+            Some(acc) => (acc + s)?,
+            None => s,
+        });
     }
-    Ok(sum.sqrt())
+    Ok(sum.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?.sqrt())
 }
 
 /// Scales `grads` so their global norm is at most `max_norm`; returns the

@@ -17,20 +17,21 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointError, CheckpointState};
 use super::collective::{Collective, CollectiveError, shard_range};
 use super::data::{Batch, Cursor, DataError, Example, TrainData};
+use super::device::Compute;
 use super::model::{self, ModelError};
 use super::optim::{AdamW, AdamWParams, clip_global_norm, lr_at};
 use super::plot::loss_svg;
 use super::spec::{RunSpec, World};
 use super::sync;
 use crate::memory::MIB;
-use crate::qlora::LlamaModel;
 use crate::qlora::loss::masked_causal_lm_nll_sum;
+use crate::qlora::{FrozenStorage, LlamaModel};
 use crate::safe_io::write_atomic;
 
 /// Errors of a run.
@@ -225,6 +226,7 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 /// one and calls the same methods in the same order.
 pub struct Trainer<'c> {
     spec: RunSpec,
+    compute: Compute,
     world: World,
     out: PathBuf,
     model: LlamaModel,
@@ -251,12 +253,13 @@ impl<'c> Trainer<'c> {
     /// the same data).
     pub fn new(
         spec: &RunSpec,
+        compute: &Compute,
         out: &Path,
         collective: &'c dyn Collective,
         obs: &mut dyn Observer,
     ) -> Result<Self, TrainError> {
         let world = World::of(collective);
-        let (model, tok) = model::build(spec)?;
+        let (model, tok) = model::build_on(spec, compute, FrozenStorage::Nf4)?;
         obs.note(&format!(
             "model ready: {:.0} MiB of frozen weights, peak RSS {:.0} MiB so far",
             model.frozen_bytes() as f64 / MIB,
@@ -280,6 +283,7 @@ impl<'c> Trainer<'c> {
         Ok(Trainer {
             cursor: Cursor::new(data.train.examples.len(), s.seed, 0, 0),
             spec: spec.clone(),
+            compute: compute.clone(),
             world,
             out: out.to_path_buf(),
             model,
@@ -350,7 +354,7 @@ impl<'c> Trainer<'c> {
                 .adapters
                 .get(name)
                 .ok_or_else(|| TrainError::Resume(format!("{} lacks {name}", path.display())))?;
-            var.set(a)?;
+            var.set(&a.to_device(var.device())?.to_dtype(var.dtype())?)?;
         }
         self.optimizer
             .restore(ck.optimizer())
@@ -510,7 +514,7 @@ impl<'c> Trainer<'c> {
                 .iter()
                 .map(|&i| &self.data.train.examples[i])
                 .collect();
-            let b = Batch::of(&mine, &Device::Cpu).map_err(DataError::from)?;
+            let b = Batch::of(&mine, &self.compute.device).map_err(DataError::from)?;
             let seed = (s.lora_dropout > 0.0).then(|| {
                 s.seed
                     ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -590,7 +594,7 @@ impl<'c> Trainer<'c> {
             if refs.is_empty() {
                 continue;
             }
-            let b = Batch::of(&refs, &Device::Cpu).map_err(DataError::from)?;
+            let b = Batch::of(&refs, &self.compute.device).map_err(DataError::from)?;
             // The graph recorded by this forward is dropped with `logits`
             // right away; no gradient is computed.
             let logits = self
@@ -852,6 +856,7 @@ fn prepare_output(out: &Path, start: &Start) -> Result<(), TrainError> {
 /// user should see; it first checks the output directory as `start` says.
 pub fn train(
     spec: &RunSpec,
+    compute: &Compute,
     out: &Path,
     start: Start,
     obs: &mut dyn Observer,
@@ -861,7 +866,7 @@ pub fn train(
         prepare_output(out, &start)?;
     }
     let Start::Resume { given } = &start else {
-        return Trainer::new(spec, out, collective, obs)?.run(obs);
+        return Trainer::new(spec, compute, out, collective, obs)?.run(obs);
     };
     let (path, ck) = sync::checkpoint_to_resume(collective, &out.join(CHECKPOINT_DIR), obs)?;
     let (settings, changes) = spec
@@ -875,7 +880,7 @@ pub fn train(
         settings,
         ..spec.clone()
     };
-    let mut trainer = Trainer::new(&spec, out, collective, obs)?;
+    let mut trainer = Trainer::new(&spec, compute, out, collective, obs)?;
     trainer.resume_from(&path, ck, obs)?;
     trainer.run(obs)
 }

@@ -67,11 +67,32 @@ pub fn build(
     checkpointing: bool,
     lora: LoraConfig,
 ) -> LlamaModel {
+    build_on(
+        cfg,
+        weights,
+        storage,
+        dtype,
+        checkpointing,
+        lora,
+        &Device::Cpu,
+    )
+}
+
+/// [`build`] on `device`.
+pub fn build_on(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Tensor>,
+    storage: FrozenStorage,
+    dtype: DType,
+    checkpointing: bool,
+    lora: LoraConfig,
+    device: &Device,
+) -> LlamaModel {
     let opts = ModelOptions {
         storage,
         lora,
         dtype,
-        device: Device::Cpu,
+        device: device.clone(),
         checkpointing,
         ..ModelOptions::default()
     };
@@ -82,8 +103,8 @@ pub fn build(
             let v: Vec<f64> = (0..n)
                 .map(|j| (((i * 131 + j * 17) % 23) as f64 - 11.0) * 0.01)
                 .collect();
-            let t = Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap();
-            var.set(&t.to_dtype(dtype).unwrap()).unwrap();
+            let t = Tensor::from_vec(v, var.as_tensor().shape(), device).unwrap();
+            var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
         }
     }
     model
@@ -103,6 +124,12 @@ pub fn batch() -> (Tensor, Tensor, Tensor) {
 /// Loss of the standard batch.
 pub fn loss(model: &LlamaModel, dropout_seed: Option<u64>) -> Tensor {
     let (ids, am, lm) = batch();
+    let dev = model.device();
+    let (ids, am, lm) = (
+        ids.to_device(dev).unwrap(),
+        am.to_device(dev).unwrap(),
+        lm.to_device(dev).unwrap(),
+    );
     let logits = model.forward(&ids, Some(&am), dropout_seed).unwrap();
     masked_causal_lm_loss(&logits, &ids, &lm.to_dtype(logits.dtype()).unwrap()).unwrap()
 }

@@ -9,7 +9,7 @@ use qlora_scale::tables::trainer;
 use qlora_scale::train::merge::MergeDtype;
 use qlora_scale::train::settings::Settings;
 
-use crate::device::DeviceChoice;
+use qlora_scale::train::device::DeviceChoice;
 
 /// Fine-tune a causal LM with QLoRA, sized for the machine and the model
 ///

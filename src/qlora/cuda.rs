@@ -1,0 +1,196 @@
+//! Launches of this crate's CUDA kernels (`kernels/qlora.cu`, compiled to
+//! PTX by `build.rs` under the `cuda` feature): the NF4 dequantization of
+//! [`super::nf4_device`] and the loss of [`super::loss`].
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::{CudaStorage, DType, Layout, Storage};
+
+use super::nf4::NF4_CODE;
+use super::nf4_device::DeviceScales;
+
+/// The kernels' PTX.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/qlora.ptx"));
+/// The module name the kernels are cached under on each device.
+const MODULE: &str = "qlora-scale";
+
+/// The NF4 code values, passed to the kernels by value (`struct Nf4Table`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Nf4Table([f32; 16]);
+
+// SAFETY: plain `#[repr(C)]` data, the layout of the kernels' `Nf4Table`.
+unsafe impl DeviceRepr for Nf4Table {}
+
+/// Threads per block of the element-wise kernels.
+const THREADS: u32 = 256;
+/// Threads per block (one block per row) of the loss kernels.
+const NLL_THREADS: u32 = 256;
+
+/// Kernel `$name` of the module, loaded once per device.
+macro_rules! kernel {
+    ($dev:expr, $name:expr) => {
+        $dev.get_or_load_custom_func($name, MODULE, PTX)?
+    };
+}
+
+/// The contiguous slice of `s` of type `T` that `l` describes.
+fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: not contiguous");
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// The GPU storage of a tensor's storage.
+fn gpu(s: &Storage) -> candle_core::Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("qlora kernels: a tensor is not on the GPU"),
+    }
+}
+
+/// Blocks for `n` work items of [`THREADS`] threads each (grid-stride
+/// loops cover the rest when the grid is capped).
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 32) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Dequantizes `numel` NF4 values (codes in `s`/`l`, `scales`) to `dtype`
+/// (`f32` or `bf16`).
+pub(crate) fn nf4_dequant(
+    s: &CudaStorage,
+    l: &Layout,
+    scales: &DeviceScales,
+    numel: usize,
+    dtype: DType,
+) -> candle_core::Result<CudaStorage> {
+    let dev = s.device.clone();
+    let packed = contiguous::<u8>(s, l, "nf4 dequant codes")?;
+    if packed.len() < numel.div_ceil(2) {
+        candle_core::bail!("nf4 dequant: {} bytes for {numel} values", packed.len());
+    }
+    let table = Nf4Table(NF4_CODE);
+    let cfg = grid(numel.div_ceil(2));
+    macro_rules! launch {
+        ($t:ty, $plain:literal, $dq:literal) => {{
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<$t>(numel)? };
+            match scales {
+                DeviceScales::F32(sc) => {
+                    let (st, sl) = sc.storage_and_layout();
+                    let sc = contiguous::<f32>(gpu(&st)?, sl, "nf4 scales")?;
+                    let f = kernel!(dev, $plain);
+                    let mut b = f.builder();
+                    b.arg(&packed).arg(&sc).arg(&table).arg(&out).arg(&numel);
+                    // SAFETY: the arguments match the kernel's signature.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+                DeviceScales::Double { codes, steps, mean } => {
+                    let (cst, cl) = codes.storage_and_layout();
+                    let codes = contiguous::<u8>(gpu(&cst)?, cl, "nf4 scale codes")?;
+                    let (sst, sl) = steps.storage_and_layout();
+                    let steps = contiguous::<f32>(gpu(&sst)?, sl, "nf4 scale steps")?;
+                    let f = kernel!(dev, $dq);
+                    let mut b = f.builder();
+                    b.arg(&packed)
+                        .arg(&codes)
+                        .arg(&steps)
+                        .arg(mean)
+                        .arg(&table)
+                        .arg(&out)
+                        .arg(&numel);
+                    // SAFETY: the arguments match the kernel's signature.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => launch!(f32, "nf4_dequant_f32", "nf4_dequant_dq_f32"),
+        DType::BF16 => launch!(half::bf16, "nf4_dequant_bf16", "nf4_dequant_dq_bf16"),
+        other => candle_core::bail!("nf4 dequant: no GPU kernel for {other:?}"),
+    })
+}
+
+/// One block per row of `rows` rows.
+fn per_row(rows: usize) -> candle_core::Result<LaunchConfig> {
+    let rows = u32::try_from(rows)
+        .ok()
+        .filter(|&r| r < (1 << 31))
+        .ok_or_else(|| candle_core::Error::Msg(format!("token nll: {rows} rows")))?;
+    Ok(LaunchConfig {
+        grid_dim: (rows.max(1), 1, 1),
+        block_dim: (NLL_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `logsumexp(row) - row[target]` of each row of `v` `f32` logits.
+pub(crate) fn token_nll(
+    s: &CudaStorage,
+    l: &Layout,
+    v: usize,
+    targets: &[u32],
+) -> candle_core::Result<CudaStorage> {
+    let dev = s.device.clone();
+    let x = contiguous::<f32>(s, l, "token nll logits (f32)")?;
+    let n = targets.len();
+    if x.len() != n * v {
+        candle_core::bail!("token nll: {} logits for {n} rows of {v}", x.len());
+    }
+    let t = dev.clone_htod(targets)?;
+    // SAFETY: the kernel writes every row.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    if n > 0 {
+        let f = kernel!(dev, "token_nll");
+        let mut b = f.builder();
+        b.arg(&x).arg(&t).arg(&out).arg(&v);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { b.launch(per_row(n)?) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The gradient of [`token_nll`] for incoming gradients `g` (one per row).
+pub(crate) fn token_nll_grad(
+    s: &CudaStorage,
+    l: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    v: usize,
+    targets: &[u32],
+) -> candle_core::Result<CudaStorage> {
+    let dev = s.device.clone();
+    let x = contiguous::<f32>(s, l, "token nll logits (f32)")?;
+    let g = contiguous::<f32>(gs, gl, "token nll gradient (f32)")?;
+    let n = targets.len();
+    if x.len() != n * v || g.len() != n {
+        candle_core::bail!(
+            "token nll: {} logits, {} gradients for {n} rows",
+            x.len(),
+            g.len()
+        );
+    }
+    let t = dev.clone_htod(targets)?;
+    // SAFETY: the kernel writes every element of every row.
+    let out = unsafe { dev.alloc::<f32>(n * v)? };
+    if n > 0 {
+        let f = kernel!(dev, "token_nll_grad");
+        let mut b = f.builder();
+        b.arg(&x).arg(&t).arg(&g).arg(&out).arg(&v);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { b.launch(per_row(n)?) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}

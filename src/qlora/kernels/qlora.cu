@@ -1,0 +1,155 @@
+// CUDA kernels of the trainer (feature `cuda`), compiled to PTX by build.rs
+// with the CUDA toolkit's nvcc and loaded by src/qlora/cuda.rs.
+//
+// - nf4_dequant_*: NF4 codes and block scales to a dense weight, bit for bit
+//   what the CPU codec (src/qlora/nf4.rs) computes: code value times block
+//   scale, in f32, rounded to the output type once. Double-quantized scales
+//   are code * step + mean with the product and the sum rounded separately
+//   (no fused multiply-add), as the CPU computes them.
+// - token_nll / token_nll_grad: the loss op of src/qlora/loss.rs on f32
+//   logits, one thread block per row of the logits.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// The 16 NF4 code values, passed by value from Rust's NF4_CODE (one source
+// of truth for both codecs).
+struct Nf4Table {
+    float v[16];
+};
+
+#define NF4_BLOCK 64
+#define DQ_BLOCK 256
+
+__device__ __forceinline__ void store(float *out, size_t i, float x) { out[i] = x; }
+__device__ __forceinline__ void store(__nv_bfloat16 *out, size_t i, float x) {
+    out[i] = __float2bfloat16_rn(x);
+}
+
+// One thread per packed byte: elements 2i (low nibble) and 2i + 1 (high).
+template <typename T>
+__device__ void dequant(const uint8_t *packed, float scale_of_first, const Nf4Table &table,
+                        T *out, size_t numel, size_t byte) {
+    size_t e = 2 * byte;
+    uint8_t b = packed[byte];
+    store(out, e, __fmul_rn(table.v[b & 0x0f], scale_of_first));
+    if (e + 1 < numel) {
+        store(out, e + 1, __fmul_rn(table.v[b >> 4], scale_of_first));
+    }
+}
+
+// Scales: one f32 absmax per block of 64 weights.
+template <typename T>
+__device__ void dequant_f32_scales(const uint8_t *packed, const float *scales, Nf4Table table,
+                                   T *out, size_t numel) {
+    size_t bytes = (numel + 1) / 2;
+    for (size_t byte = blockIdx.x * (size_t)blockDim.x + threadIdx.x; byte < bytes;
+         byte += (size_t)gridDim.x * blockDim.x) {
+        // Both elements of a byte lie in one block (blocks are 64 wide).
+        float scale = scales[(2 * byte) / NF4_BLOCK];
+        dequant(packed, scale, table, out, numel, byte);
+    }
+}
+
+// Double quantization: the scale of block b is codes[b] * steps[b / 256] +
+// mean, codes signed 8-bit.
+template <typename T>
+__device__ void dequant_dq_scales(const uint8_t *packed, const int8_t *codes, const float *steps,
+                                  float mean, Nf4Table table, T *out, size_t numel) {
+    size_t bytes = (numel + 1) / 2;
+    for (size_t byte = blockIdx.x * (size_t)blockDim.x + threadIdx.x; byte < bytes;
+         byte += (size_t)gridDim.x * blockDim.x) {
+        size_t b = (2 * byte) / NF4_BLOCK;
+        float scale = __fadd_rn(__fmul_rn((float)codes[b], steps[b / DQ_BLOCK]), mean);
+        dequant(packed, scale, table, out, numel, byte);
+    }
+}
+
+extern "C" __global__ void nf4_dequant_f32(const uint8_t *packed, const float *scales,
+                                           Nf4Table table, float *out, size_t numel) {
+    dequant_f32_scales(packed, scales, table, out, numel);
+}
+
+extern "C" __global__ void nf4_dequant_bf16(const uint8_t *packed, const float *scales,
+                                            Nf4Table table, __nv_bfloat16 *out, size_t numel) {
+    dequant_f32_scales(packed, scales, table, out, numel);
+}
+
+extern "C" __global__ void nf4_dequant_dq_f32(const uint8_t *packed, const int8_t *codes,
+                                              const float *steps, float mean, Nf4Table table,
+                                              float *out, size_t numel) {
+    dequant_dq_scales(packed, codes, steps, mean, table, out, numel);
+}
+
+extern "C" __global__ void nf4_dequant_dq_bf16(const uint8_t *packed, const int8_t *codes,
+                                               const float *steps, float mean, Nf4Table table,
+                                               __nv_bfloat16 *out, size_t numel) {
+    dequant_dq_scales(packed, codes, steps, mean, table, out, numel);
+}
+
+// ------------------------------------------------------------------ the loss
+
+#define NLL_THREADS 256
+
+// Block-wide reduction of one float per thread (max or sum); every thread
+// gets the result.
+template <bool MAX>
+__device__ float block_reduce(float x, float *shared) {
+    for (int o = 16; o > 0; o /= 2) {
+        float y = __shfl_xor_sync(0xffffffff, x, o);
+        x = MAX ? fmaxf(x, y) : x + y;
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    x = lane < warps ? shared[lane] : (MAX ? -INFINITY : 0.0f);
+    for (int o = 16; o > 0; o /= 2) {
+        float y = __shfl_xor_sync(0xffffffff, x, o);
+        x = MAX ? fmaxf(x, y) : x + y;
+    }
+    __syncthreads();
+    return x;
+}
+
+// log(sum(exp(row))) of one row, by the whole block.
+__device__ float row_lse(const float *row, size_t v, float *shared) {
+    float m = -INFINITY;
+    for (size_t j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, row[j]);
+    m = block_reduce<true>(m, shared);
+    float s = 0.0f;
+    for (size_t j = threadIdx.x; j < v; j += blockDim.x) s += expf(row[j] - m);
+    s = block_reduce<false>(s, shared);
+    return m + logf(s);
+}
+
+// nll[r] = logsumexp(x[r]) - x[r][targets[r]]; grid: one block per row.
+extern "C" __global__ void token_nll(const float *x, const uint32_t *targets, float *nll,
+                                     size_t v) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const float *row = x + r * v;
+    float lse = row_lse(row, v, shared);
+    if (threadIdx.x == 0) nll[r] = lse - row[targets[r]];
+}
+
+// dx[r][j] = (softmax(x[r])[j] - [j == targets[r]]) * g[r]; zeros where
+// g[r] = 0 (masked-out rows).
+extern "C" __global__ void token_nll_grad(const float *x, const uint32_t *targets,
+                                          const float *g, float *dx, size_t v) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const float *row = x + r * v;
+    float *out = dx + r * v;
+    float gr = g[r];
+    if (gr == 0.0f) {
+        for (size_t j = threadIdx.x; j < v; j += blockDim.x) out[j] = 0.0f;
+        return;
+    }
+    float lse = row_lse(row, v, shared);
+    uint32_t t = targets[r];
+    for (size_t j = threadIdx.x; j < v; j += blockDim.x) {
+        float d = expf(row[j] - lse) * gr;
+        out[j] = j == t ? d - gr : d;
+    }
+}

@@ -1,0 +1,273 @@
+//! The GPU path against the CPU (feature `cuda`; each test is skipped, with
+//! a message, when no GPU opens). `scripts/gpu_check.sh` runs this binary on
+//! a GPU machine: the NF4 kernel equals the CPU codec bit for bit, the
+//! frozen op and the loss kernels match the CPU ops, every LoRA gradient
+//! through NF4 on the GPU matches the CPU's `f32` gradient, and a checkpoint
+//! written on the GPU resumes on the CPU and back.
+#![cfg(feature = "cuda")]
+
+mod qlora_common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use qlora_common::*;
+use qlora_scale::qlora::loss::masked_causal_lm_nll_sum;
+use qlora_scale::qlora::nf4_device::Nf4OnDevice;
+use qlora_scale::qlora::{FrozenLinear, FrozenStorage, FrozenWeight, Nf4Tensor};
+use qlora_scale::train::collective::SingleProcess;
+use qlora_scale::train::device::{Compute, DeviceChoice};
+use qlora_scale::train::settings::Settings;
+use qlora_scale::train::spec::plan;
+use qlora_scale::train::trainer::{RunSummary, Start, TracingObserver, train};
+
+/// GPU 0, or `None` (and a message) when none opens.
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no GPU ({e})");
+            None
+        }
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest `|a - b| / (1 + |b|)`.
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
+}
+
+fn weights(n: usize, k: usize) -> Vec<f32> {
+    (0..n * k)
+        .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+#[test]
+fn nf4_kernel_equals_the_cpu_codec_bit_for_bit() {
+    let Some(dev) = gpu() else { return };
+    // An odd total with a short last block; many blocks of double-quant
+    // steps; both scale storages.
+    for (n, k, double) in [
+        (3, 101, false),
+        (3, 101, true),
+        (257, 4096, true),
+        (64, 64, false),
+    ] {
+        let q = Nf4Tensor::quantize(&weights(n, k), &[n, k], double).unwrap();
+        let on_gpu = Nf4OnDevice::upload(&q, &dev).unwrap();
+        let host = q.dequantize();
+        let got = on_gpu.dequantize(DType::F32).unwrap();
+        assert!(got.device().is_cuda());
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let same = got
+            .iter()
+            .zip(&host)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "f32, {n} x {k}, double quant {double}");
+        let want = Tensor::from_vec(host, (n, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap();
+        let got = on_gpu
+            .dequantize(DType::BF16)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "bf16, {n} x {k}, double quant {double}"
+        );
+    }
+}
+
+#[test]
+fn frozen_op_forward_and_input_gradient_match_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    let (n, k) = (384, 512);
+    let w = Tensor::from_vec(weights(n, k), (n, k), &Device::Cpu).unwrap();
+    let cpu = FrozenLinear::new(&w, FrozenStorage::Nf4).unwrap();
+    let FrozenWeight::Nf4(q) = &**cpu.weight() else {
+        panic!("NF4 storage holds NF4 codes")
+    };
+    let on_gpu = FrozenLinear::from_weight(
+        Arc::new(FrozenWeight::Nf4OnDevice(
+            Nf4OnDevice::upload(q, &dev).unwrap(),
+        )),
+        FrozenStorage::Nf4,
+    );
+    let x = Tensor::randn(0f32, 1.0, (2, 7, k), &Device::Cpu).unwrap();
+    let run = |lin: &FrozenLinear, x: Tensor| {
+        let x = Var::from_tensor(&x).unwrap();
+        let y = lin.forward(x.as_tensor()).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        (values(&y), values(g.get(x.as_tensor()).unwrap()))
+    };
+    let (y_cpu, g_cpu) = run(&cpu, x.clone());
+    for dtype in [DType::F32, DType::BF16] {
+        let xg = x.to_device(&dev).unwrap().to_dtype(dtype).unwrap();
+        let (y, g) = run(&on_gpu, xg);
+        // bf16: 8 bits of mantissa on inputs, weights and outputs.
+        let tol = if dtype == DType::F32 { 1e-3 } else { 3e-2 };
+        let (ey, eg) = (worst(&y, &y_cpu), worst(&g, &g_cpu));
+        eprintln!("frozen op {dtype:?}: forward {ey:.2e}, input gradient {eg:.2e}");
+        assert!(ey < tol && eg < tol, "{dtype:?}: {ey} {eg}");
+    }
+}
+
+#[test]
+fn loss_kernels_match_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    let (b, t, v) = (2, 9, 1000);
+    let logits = (Tensor::randn(0f32, 3.0, (b, t, v), &Device::Cpu).unwrap() * 1.0).unwrap();
+    let ids = Tensor::from_vec(
+        (0..(b * t) as u32).map(|i| (i * 97) % v as u32).collect(),
+        (b, t),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut keep = vec![1f32; b * t];
+    keep[3] = 0.0;
+    let mask = Tensor::from_vec(keep, (b, t), &Device::Cpu).unwrap();
+    let run = |dev: &Device| {
+        let x = Var::from_tensor(&logits.to_device(dev).unwrap()).unwrap();
+        let (sum, n) = masked_causal_lm_nll_sum(
+            x.as_tensor(),
+            &ids.to_device(dev).unwrap(),
+            &mask.to_device(dev).unwrap(),
+        )
+        .unwrap();
+        let g = sum.backward().unwrap();
+        (
+            sum.to_scalar::<f32>().unwrap(),
+            n,
+            values(g.get(x.as_tensor()).unwrap()),
+        )
+    };
+    let (s_cpu, n_cpu, g_cpu) = run(&Device::Cpu);
+    let (s, n, g) = run(&dev);
+    assert_eq!(n, n_cpu);
+    assert!((s - s_cpu).abs() <= 1e-4 * s_cpu.abs(), "{s} {s_cpu}");
+    assert!(worst(&g, &g_cpu) < 1e-5, "{}", worst(&g, &g_cpu));
+}
+
+#[test]
+fn lora_gradients_through_nf4_on_the_gpu_match_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    for checkpointing in [false, true] {
+        let cfg = tiny_cfg(2);
+        let w = cfg.random_weights(5, DType::F32, &Device::Cpu).unwrap();
+        let cpu = build(&cfg, &w, FrozenStorage::Nf4, DType::F32, false, lora(0.0));
+        let want = lora_grads(&cpu, None);
+        // f32 on the GPU: the device path itself, to 1e-2 (the issue's
+        // bound; it lands near 1e-5 unless cuBLAS uses TF32).
+        let g32 = build_on(
+            &cfg,
+            &w,
+            FrozenStorage::Nf4,
+            DType::F32,
+            checkpointing,
+            lora(0.0),
+            &dev,
+        );
+        let e32 = compare(&lora_grads(&g32, None), &want, 1e-2).unwrap();
+        // bf16, what training runs: bf16's rounding, as on the CPU
+        // (tests/qlora_bf16.rs).
+        let g16 = build_on(
+            &cfg,
+            &w,
+            FrozenStorage::Nf4,
+            DType::BF16,
+            checkpointing,
+            lora(0.0),
+            &dev,
+        );
+        let e16 = compare(&lora_grads(&g16, None), &want, 3e-2).unwrap();
+        eprintln!("LoRA gradients, checkpointing {checkpointing}: f32 {e32:.2e}, bf16 {e16:.2e}");
+    }
+}
+
+fn run(compute: &Compute, out: &Path, steps: u64, start: Start) -> RunSummary {
+    let settings = Settings {
+        max_steps: Some(steps),
+        checkpoint_every: Some(2),
+        eval_every: Some(1000),
+        output_dir: Some(out.to_path_buf()),
+        ..Settings::default()
+    };
+    let run = plan(&settings, Path::new("/nonexistent/p.json"), || None).unwrap();
+    train(
+        &run.spec,
+        compute,
+        out,
+        start,
+        &mut TracingObserver,
+        &SingleProcess,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back() {
+    let Some(_) = gpu() else { return };
+    let cuda = DeviceChoice::Cuda(0).resolve().unwrap();
+    assert_eq!(cuda.dtype, DType::BF16);
+    let cpu = Compute::cpu();
+    let dir = tempfile::tempdir().unwrap();
+    // 2 steps on the GPU, 2 more on the CPU, 2 more on the GPU.
+    let out = dir.path().join("run");
+    let a = run(&cuda, &out, 2, Start::Fresh);
+    let b = run(
+        &cpu,
+        &out,
+        4,
+        Start::Resume {
+            given: vec!["max_steps"],
+        },
+    );
+    let c = run(
+        &cuda,
+        &out,
+        6,
+        Start::Resume {
+            given: vec!["max_steps"],
+        },
+    );
+    assert_eq!((b.resumed_from, c.resumed_from), (Some(2), Some(4)));
+    // The same 6 steps on the CPU alone.
+    let whole = run(&cpu, &dir.path().join("cpu"), 6, Start::Fresh);
+    let losses: Vec<f64> = [a, b, c]
+        .iter()
+        .flat_map(|s| s.steps.iter().map(|l| l.loss))
+        .collect();
+    let want: Vec<f64> = whole.steps.iter().map(|l| l.loss).collect();
+    assert_eq!(losses.len(), 6);
+    for (got, want) in losses.iter().zip(&want) {
+        assert!(
+            ((got - want) / want).abs() < 0.02,
+            "{losses:?} against {want:?}"
+        );
+    }
+}
