@@ -271,3 +271,59 @@ fn a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back() {
         );
     }
 }
+
+/// The frozen NF4 matmul's throughput at a Llama-3-8B MLP shape (bf16 input
+/// 2048 x 4096, weight 14336 x 4096): dequantization to bf16 on the device
+/// plus cuBLAS, against cuBLAS alone on a dense bf16 weight. Printed as a
+/// JSON line for scripts/gpu_check.sh (`--ignored`: a measurement, not a
+/// check).
+#[test]
+#[ignore = "a measurement: scripts/gpu_check.sh runs it"]
+fn frozen_matmul_tflops() {
+    let Some(dev) = gpu() else { return };
+    let (m, n, k) = (2048, 14336, 4096);
+    let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
+    let q = Nf4Tensor::quantize(
+        &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        &[n, k],
+        false,
+    )
+    .unwrap();
+    let lin = FrozenLinear::from_weight(
+        Arc::new(FrozenWeight::Nf4OnDevice(
+            Nf4OnDevice::upload(&q, &dev).unwrap(),
+        )),
+        FrozenStorage::Nf4,
+    );
+    let dense = w.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let time = |f: &dyn Fn() -> Tensor| {
+        for _ in 0..3 {
+            f();
+        }
+        dev.synchronize().unwrap();
+        let reps = 20;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        dev.synchronize().unwrap();
+        t0.elapsed().as_secs_f64() / reps as f64
+    };
+    let flops = 2.0 * (m * n * k) as f64;
+    let frozen = time(&|| lin.forward(&x).unwrap());
+    let cublas = time(&|| x.matmul(&dense.t().unwrap()).unwrap());
+    let Some(FrozenWeight::Nf4OnDevice(d)) = Some(&**lin.weight()) else {
+        unreachable!()
+    };
+    let dequant = time(&|| d.dequantize(DType::BF16).unwrap());
+    println!(
+        "{{\"frozen_matmul_tflops\": {:.1}, \"dense_bf16_matmul_tflops\": {:.1}, \"nf4_dequant_ms\": {:.3}, \"shape\": [{m}, {n}, {k}]}}",
+        flops / frozen / 1e12,
+        flops / cublas / 1e12,
+        dequant * 1e3
+    );
+}
