@@ -20,6 +20,10 @@ transformers and peft installed (nothing is downloaded).
                     --rank R [--checkpoint]
       PEFT LoRA on a bf16 base, same model, batch and rank; prints the same
       JSON (plus torch's own peak).
+  gpu_bench.py calibrate --train BIN --work DIR --out FILE --tokenizer-from DIR
+      the GPU memory model's grid: per line, train 2 steps on CUDA and record
+      the memory pool's peak beside the configuration (JSON lines, the format
+      of tests/data/memory_measurements.jsonl) for fitting GPU coefficients.
   gpu_bench.py losses A/metrics.jsonl B/metrics.jsonl
       the two runs' losses side by side; exit 1 when a step differs by 2% or
       more.
@@ -189,6 +193,7 @@ def ours(a):
     print(json.dumps({
         "side": "train", "tokens_per_s": statistics.median(rates[1:] or rates),
         "gpu_peak_gib_nvidia_smi": peak_gib, "wall_s": wall,
+        "gpu_pool_peak_gib": max(r.get("peak_gpu_mib") or 0 for r in rows) / 1024,
         "losses": [r["loss"] for r in rows],
         "log_tail": p.stderr.strip().splitlines()[-3:],
     }))
@@ -241,6 +246,64 @@ def peft(a):
     }))
 
 
+# The GPU memory model's calibration grid (memory_calibrate.sh's format):
+# name layers hidden inter heads kv vocab tie | batch seq rank ckpt
+GRID = [
+    "g300m 16 1024 2816 16 8 32000 false | 2 512 16 ckpt",
+    "g300m 16 1024 2816 16 8 32000 false | 4 1024 16 nockpt",
+    "g300m 16 1024 2816 16 8 32000 false | 1 2048 8 ckpt",
+    "g1b 16 2048 8192 32 8 128256 true | 1 2048 16 ckpt",
+    "g1b 16 2048 8192 32 8 128256 true | 4 512 16 nockpt",
+    "g1b 16 2048 8192 32 8 128256 true | 2 1024 64 ckpt",
+    "g3b 28 3072 8192 24 8 128256 true | 1 2048 16 ckpt",
+    "g3b 28 3072 8192 24 8 128256 true | 2 512 16 nockpt",
+]
+
+
+def calibrate(a):
+    """Each grid line: a model (made once per name), `train --device cuda`
+    for 2 steps, the pool's peak GPU memory; one JSON line each into
+    a.out, as tests/data/memory_measurements.jsonl holds the CPU's."""
+    made = {}
+    with open(a.out, "w") as out:
+        for line in GRID:
+            shape, run = line.split("|")
+            name, layers, hidden, inter, heads, kv, vocab, tie = shape.split()
+            batch, seq, rank, ckpt = run.split()
+            m = os.path.join(a.work, name)
+            if name not in made:
+                for old in made.values():
+                    shutil.rmtree(old, ignore_errors=True)
+                made = {name: m}
+                margs = argparse.Namespace(out=m, layers=int(layers), hidden=int(hidden),
+                                           intermediate=int(inter), heads=int(heads), kv_heads=int(kv),
+                                           vocab=int(vocab), untied=tie != "true", tokenizer_from=a.tokenizer_from)
+                model(margs)
+            d = os.path.join(a.work, f"data-{name}-{seq}")
+            data(argparse.Namespace(model=m, out=d, records=int(batch), seq_len=int(seq)))
+            r = os.path.join(a.work, "run")
+            cmd = [a.train, "--device", "cuda", "--model", m, "--data-dir", d, "--output-dir", r,
+                   "--overwrite", "--max-steps", "2", "--batch-size", batch, "--seq-len", seq,
+                   "--lora-rank", rank, "--eval-every", "100000", "--checkpoint-every", "100000",
+                   "--grad-checkpoint" if ckpt == "ckpt" else "--no-grad-checkpoint"]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.stderr.write(p.stderr[-3000:])
+                print(json.dumps({"grid": line, "failed": p.returncode}))
+                continue
+            with open(os.path.join(r, "metrics.jsonl")) as f:
+                peak = max(json.loads(x).get("peak_gpu_mib") or 0 for x in f)
+            row = {"name": name, "num_hidden_layers": int(layers), "hidden_size": int(hidden),
+                   "intermediate_size": int(inter), "num_attention_heads": int(heads),
+                   "num_key_value_heads": int(kv), "vocab_size": int(vocab),
+                   "tie_word_embeddings": tie == "true", "batch_size": int(batch), "seq_len": int(seq),
+                   "lora_rank": int(rank), "lora_layers": int(layers), "grad_checkpoint": ckpt == "ckpt",
+                   "quantize_embeddings": False, "device": "cuda", "measured_peak_mib": peak}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(json.dumps(row))
+
+
 def losses(a):
     def read(path):
         with open(path) as f:
@@ -283,11 +346,17 @@ def main():
         if q.prog.endswith("ours"):
             q.add_argument("--train", required=True)
             q.add_argument("--out", required=True)
+    c = sub.add_parser("calibrate")
+    c.add_argument("--train", required=True)
+    c.add_argument("--work", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--tokenizer-from", required=True)
     l = sub.add_parser("losses")
     l.add_argument("a")
     l.add_argument("b")
     a = p.parse_args()
-    {"peak": peak, "model": model, "data": data, "ours": ours, "peft": peft, "losses": losses}[a.cmd](a)
+    {"peak": peak, "model": model, "data": data, "ours": ours, "peft": peft, "calibrate": calibrate,
+     "losses": losses}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@
 #             against PEFT LoRA on a bf16 base (tokens/s, peak GPU memory)
 #   8b        a Llama-3-8B-shaped model, batch 1 x 2048, rank 16,
 #             checkpointing: the same two sides
+#   calibrate (only when named) the GPU memory model's measurements
 # Results: the console and $OUT (or $WORK/out): one log per stage and
 # results.jsonl.
 set -uo pipefail
@@ -108,6 +109,11 @@ has 1b && side_by_side 1b 4 6 no --layers 16 --hidden 2048 --intermediate 8192 \
   --heads 32 --kv-heads 8 --vocab 128256
 has 8b && side_by_side 8b 1 4 yes --layers 32 --hidden 4096 --intermediate 14336 \
   --heads 32 --kv-heads 8 --vocab 128256 --untied
+
+# Not in the default stages (several minutes): the GPU memory model's
+# measurements, into $OUT/gpu_memory_measurements.jsonl.
+has calibrate && stage calibrate 480 bench calibrate --train "$work/train" --work "$work/cal" \
+  --out "$res/gpu_memory_measurements.jsonl" --tokenizer-from "$carry/tok"
 
 say "summary"
 cat "$res/results.jsonl" 2>/dev/null

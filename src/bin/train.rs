@@ -22,7 +22,7 @@ use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_p
 use qlora_scale::saved_profile::default_profile_path;
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::collective::{self, Collective};
-use qlora_scale::train::device::Compute;
+use qlora_scale::train::device::{Compute, DeviceChoice};
 use qlora_scale::train::fit::{self, Budget, MemoryReport, OnMisfit};
 use qlora_scale::train::merge::{self as merging, MergeBase, MergeOptions, MergeProgress};
 use qlora_scale::train::settings::{Settings, ValueSource};
@@ -71,13 +71,16 @@ impl Observer for Progress {
             tracing::info!(step = log.step, val_loss = format!("{v:.4}"), "validation");
         }
         let msg = format!(
-            "loss {:.4}{} | {:.0} tok/s | peak {:.0} MiB",
+            "loss {:.4}{} | {:.0} tok/s | peak {:.0} MiB{}",
             log.loss,
             self.last_val
                 .map(|v| format!(" val {v:.4}"))
                 .unwrap_or_default(),
             log.tokens_per_s,
-            log.peak_rss_mib
+            log.peak_rss_mib,
+            log.peak_gpu_mib
+                .map(|g| format!(", GPU {g:.0} MiB"))
+                .unwrap_or_default()
         );
         match &self.bar {
             Some(bar) => {
@@ -217,6 +220,16 @@ impl Observer for QuietObserver {
     }
 }
 
+/// The device `--device` names; under NCCL (one process per GPU) `auto` is
+/// this rank's GPU, the one its communicator uses.
+fn device_choice(cli: &Cli) -> DeviceChoice {
+    #[cfg(feature = "nccl")]
+    if let (DeviceChoice::Auto, Some(rank)) = (cli.device, cli.nccl_rank) {
+        return DeviceChoice::Cuda(rank);
+    }
+    cli.device
+}
+
 /// The collective this process trains with: NCCL when its flags are given,
 /// else MPI when an MPI launcher started it, else this process alone.
 fn connect(cli: &Cli, plan: &RunPlan) -> anyhow::Result<Box<dyn Collective>> {
@@ -243,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Eval(e)) => return use_model::run_eval(e),
         None => {}
     }
-    let compute = cli.device.resolve()?;
+    let compute = device_choice(&cli).resolve()?;
     let (mut plan, settings) = resolve_plan(&cli)?;
     let budget = Budget::of(
         settings.memory_budget,
@@ -520,13 +533,17 @@ impl Run<'_> {
         }
         match (summary.steps.first(), summary.steps.last()) {
             (Some(f), Some(l)) => tracing::info!(
-                "done: loss {:.4} (step {}) -> {:.4} (step {}), {:.0} tokens/s, peak RSS {:.0} MiB; wrote {}",
+                "done: loss {:.4} (step {}) -> {:.4} (step {}), {:.0} tokens/s, peak RSS {:.0} MiB{}; wrote {}",
                 f.loss,
                 f.step,
                 l.loss,
                 l.step,
                 summary.tokens_per_s,
                 summary.peak_rss_mib,
+                summary
+                    .peak_gpu_mib
+                    .map(|g| format!(", peak GPU {g:.0} MiB"))
+                    .unwrap_or_default(),
                 out.display()
             ),
             _ => tracing::info!(

@@ -194,3 +194,27 @@ pub(crate) fn token_nll_grad(
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
+
+/// The GPU memory of `dev`'s default memory pool (where candle's
+/// stream-ordered allocations come from): the most it has held reserved
+/// since the process started, and the device's total, in bytes. The CUDA
+/// context's own few hundred MiB are in neither pool figure.
+pub(crate) fn memory(dev: &candle_core::CudaDevice) -> candle_core::Result<(u64, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let (_, total) = ctx.mem_get_info().w()?;
+    let mut high: u64 = 0;
+    // SAFETY: the device comes from a live context; the attribute is a
+    // cuuint64_t, written into `high`.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).w()?;
+        result::mem_pool::get_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            (&mut high as *mut u64).cast(),
+        )
+        .w()?;
+    }
+    Ok((high, total as u64))
+}

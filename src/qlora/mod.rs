@@ -22,7 +22,7 @@
 
 pub mod attention;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 pub mod frozen;
 pub mod fused;
 pub mod kernel;

@@ -136,6 +136,20 @@ impl Compute {
         }
     }
 
+    /// A GPU's memory, MiB: the most its allocations have held since the
+    /// process started (the CUDA context's own few hundred MiB not
+    /// counted), and its total. `None` on the CPU.
+    pub fn gpu_memory_mib(&self) -> Option<(f64, f64)> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.device {
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            return crate::qlora::cuda::memory(d)
+                .ok()
+                .map(|(high, total)| (mib(high), mib(total)));
+        }
+        None
+    }
+
     /// The compute dtype's name (`f32`, `bf16`).
     pub fn dtype_name(&self) -> &'static str {
         self.dtype.as_str()

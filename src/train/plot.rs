@@ -16,7 +16,7 @@
 //! use qlora_scale::train::trainer::StepLog;
 //! let row = |step, loss, val_loss| StepLog {
 //!     step, loss, lr: 1e-3, grad_norm: 1.0, tokens: 64, tokens_per_s: 100.0,
-//!     peak_rss_mib: 50.0, allreduce_ms: 0.0, val_loss, time: None, elapsed_s: 0.0,
+//!     peak_rss_mib: 50.0, peak_gpu_mib: None, allreduce_ms: 0.0, val_loss, time: None, elapsed_s: 0.0,
 //! };
 //! let svg = loss_svg("demo", &[row(1, 5.0, None), row(2, 4.0, Some(4.2)), row(3, 3.5, None)]);
 //! assert!(svg.starts_with("<?xml") && svg.contains("<polyline"));
@@ -525,6 +525,7 @@ mod tests {
             tokens: 64,
             tokens_per_s: 100.0,
             peak_rss_mib: 50.0,
+            peak_gpu_mib: None,
             allreduce_ms: 0.0,
             val_loss,
             time: None,

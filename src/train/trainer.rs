@@ -122,6 +122,10 @@ pub struct StepLog {
     pub tokens_per_s: f64,
     /// Peak resident memory so far, MiB (Linux; 0 elsewhere).
     pub peak_rss_mib: f64,
+    /// On a GPU: the most GPU memory this rank's allocations have held so
+    /// far, MiB (the CUDA context not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_mib: Option<f64>,
     /// Milliseconds this rank spent in the step's gradient all-reduce (0 in
     /// a single process).
     pub allreduce_ms: f64,
@@ -153,6 +157,8 @@ pub struct RunSummary {
     pub tokens_per_s: f64,
     /// Peak resident memory, MiB.
     pub peak_rss_mib: f64,
+    /// On a GPU: its peak memory, MiB, as [`StepLog::peak_gpu_mib`].
+    pub peak_gpu_mib: Option<f64>,
 }
 
 /// Hooks for progress display: called after each optimizer step and for
@@ -484,6 +490,7 @@ impl<'c> Trainer<'c> {
             tokens,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             peak_rss_mib: peak_rss_mib(),
+            peak_gpu_mib: self.compute.gpu_memory_mib().map(|(high, _)| high),
             allreduce_ms,
             val_loss,
             time: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
@@ -702,6 +709,7 @@ impl<'c> Trainer<'c> {
             bad_lines: self.data.bad_line_count(),
             tokens_per_s: run_tokens as f64 / secs.max(1e-9),
             peak_rss_mib: peak_rss_mib(),
+            peak_gpu_mib: self.compute.gpu_memory_mib().map(|(high, _)| high),
         })
     }
 
