@@ -1,7 +1,7 @@
 //! The GPU path against the CPU (feature `cuda`; each test is skipped, with
 //! a message, when no GPU opens). `scripts/gpu_check.sh` runs this binary on
 //! a GPU machine: the NF4 kernel equals the CPU codec bit for bit, the
-//! frozen op and the loss kernels match the CPU ops, every LoRA gradient
+//! frozen op, the loss and the attention softmax kernels match the CPU ops, every LoRA gradient
 //! through NF4 on the GPU matches the CPU's `f32` gradient, and a checkpoint
 //! written on the GPU resumes on the CPU and back.
 #![cfg(feature = "cuda")]
@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use qlora_common::*;
 use qlora_scale::qlora::loss::masked_causal_lm_nll_sum;
 use qlora_scale::qlora::nf4_device::Nf4OnDevice;
+use qlora_scale::qlora::softmax::masked_softmax;
 use qlora_scale::qlora::{FrozenLinear, FrozenStorage, FrozenWeight, Nf4Tensor};
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::device::{Compute, DeviceChoice};
@@ -171,6 +172,36 @@ fn loss_kernels_match_the_cpu() {
     assert_eq!(n, n_cpu);
     assert!((s - s_cpu).abs() <= 1e-4 * s_cpu.abs(), "{s} {s_cpu}");
     assert!(worst(&g, &g_cpu) < 1e-5, "{}", worst(&g, &g_cpu));
+}
+
+#[test]
+fn masked_softmax_kernels_match_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    let (b, h, t, k) = (2, 4, 33, 300);
+    let s = Tensor::randn(0f32, 2.0, (b, h, t, k), &Device::Cpu).unwrap();
+    let m: Vec<f32> = (0..b * t * k)
+        .map(|i| if i % k > (i / k) % t { -1e9 } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(m, (b, 1, t, k), &Device::Cpu).unwrap();
+    let g = Tensor::randn(0f32, 1.0, (b, h, t, k), &Device::Cpu).unwrap();
+    let run = |dev: &Device, dtype: DType| {
+        let x = Var::from_tensor(&s.to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let mask = mask.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+        let y = masked_softmax(x.as_tensor(), &mask, 0.125).unwrap();
+        let loss = (y.to_dtype(DType::F32).unwrap() * g.to_device(dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gx = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        (values(&y), values(&gx))
+    };
+    let (y_cpu, g_cpu) = run(&Device::Cpu, DType::F32);
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        let (y, g) = run(&dev, dtype);
+        let (ey, eg) = (worst(&y, &y_cpu), worst(&g, &g_cpu));
+        eprintln!("masked softmax {dtype:?}: forward {ey:.2e}, backward {eg:.2e}");
+        assert!(ey < tol && eg < tol, "{dtype:?}: {ey} {eg}");
+    }
 }
 
 #[test]

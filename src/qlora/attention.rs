@@ -78,7 +78,14 @@ pub fn attention_reference(
     let rep = q.dim(1)? / k.dim(1)?;
     let k = repeat_kv(k.contiguous()?, rep)?;
     let v = repeat_kv(v.contiguous()?, rep)?;
-    let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * a.scale)?;
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    if a.softcap.is_none() && super::softmax::takes(&scores) {
+        // 16-bit dtypes and GPUs: scale, mask and softmax in one op (in
+        // f32), with its own backward.
+        let att = super::softmax::masked_softmax(&scores, mask, a.scale)?;
+        return att.matmul(&v);
+    }
+    let att = (scores * a.scale)?;
     let att = match a.softcap {
         Some(c) => ((att / c)?.tanh()? * c)?,
         None => att,

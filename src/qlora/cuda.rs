@@ -2,6 +2,7 @@
 //! PTX by `build.rs` under the `cuda` feature): the NF4 dequantization of
 //! [`super::nf4_device`] and the loss of [`super::loss`].
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{CudaStorage, DType, Layout, Storage};
@@ -217,4 +218,93 @@ pub(crate) fn memory(dev: &candle_core::CudaDevice) -> candle_core::Result<(u64,
         .w()?;
     }
     Ok((high, total as u64))
+}
+
+/// Rows of `keys` values in a contiguous `l`, one block each.
+fn rows_of(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    let keys = *l.dims().last().unwrap_or(&1);
+    if keys == 0 {
+        candle_core::bail!("softmax: rows of 0 values");
+    }
+    Ok((l.shape().elem_count() / keys, keys))
+}
+
+/// `softmax(scale * s + mask)` per row (see `super::softmax`).
+pub(crate) fn masked_softmax(
+    s: &CudaStorage,
+    l: &Layout,
+    ms: &CudaStorage,
+    ml: &Layout,
+    (heads, t, mask_rows): (usize, usize, usize),
+    scale: f32,
+) -> candle_core::Result<CudaStorage> {
+    let dev = s.device.clone();
+    let (rows, keys) = rows_of(l)?;
+    if ml.shape().elem_count() != mask_rows * t * keys {
+        candle_core::bail!("masked softmax: mask {:?}", ml.dims());
+    }
+    macro_rules! launch {
+        ($t:ty, $name:literal) => {{
+            let x = contiguous::<$t>(s, l, "softmax scores")?;
+            let m = contiguous::<$t>(ms, ml, "softmax mask")?;
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<$t>(rows * keys)? };
+            if rows > 0 {
+                let f = kernel!(dev, $name);
+                let mut b = f.builder();
+                b.arg(&x)
+                    .arg(&m)
+                    .arg(&out)
+                    .arg(&keys)
+                    .arg(&heads)
+                    .arg(&t)
+                    .arg(&mask_rows)
+                    .arg(&scale);
+                // SAFETY: the arguments match the kernel's signature.
+                unsafe { b.launch(per_row(rows)?) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match s.dtype() {
+        DType::F32 => launch!(f32, "masked_softmax_f32"),
+        DType::BF16 => launch!(half::bf16, "masked_softmax_bf16"),
+        other => candle_core::bail!("masked softmax: no GPU kernel for {other:?}"),
+    })
+}
+
+/// `scale * y * (g - sum(g * y))` per row.
+pub(crate) fn softmax_grad(
+    y: &CudaStorage,
+    l: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    scale: f32,
+) -> candle_core::Result<CudaStorage> {
+    let dev = y.device.clone();
+    let (rows, keys) = rows_of(l)?;
+    if gl.shape().elem_count() != rows * keys {
+        candle_core::bail!("softmax gradient: {:?} for {:?}", gl.dims(), l.dims());
+    }
+    macro_rules! launch {
+        ($t:ty, $name:literal) => {{
+            let yv = contiguous::<$t>(y, l, "softmax output")?;
+            let gv = contiguous::<$t>(g, gl, "softmax gradient")?;
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<$t>(rows * keys)? };
+            if rows > 0 {
+                let f = kernel!(dev, $name);
+                let mut b = f.builder();
+                b.arg(&yv).arg(&gv).arg(&out).arg(&keys).arg(&scale);
+                // SAFETY: the arguments match the kernel's signature.
+                unsafe { b.launch(per_row(rows)?) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match y.dtype() {
+        DType::F32 => launch!(f32, "softmax_grad_f32"),
+        DType::BF16 => launch!(half::bf16, "softmax_grad_bf16"),
+        other => candle_core::bail!("softmax gradient: no GPU kernel for {other:?}"),
+    })
 }

@@ -34,6 +34,7 @@ pub mod loss;
 pub mod nf4;
 pub mod nf4_device;
 pub mod recompute;
+pub mod softmax;
 
 pub use frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 pub use llama::{KvCache, LlamaConfig, LlamaModel, ModelOptions, RandomWeights};

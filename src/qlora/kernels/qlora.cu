@@ -153,3 +153,75 @@ extern "C" __global__ void token_nll_grad(const float *x, const uint32_t *target
         out[j] = j == t ? d - gr : d;
     }
 }
+
+// -------------------------------------------- attention's masked softmax
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// The mask row of score row r: scores (b, h, t, keys), mask (mask_rows, 1,
+// t, keys) with mask_rows 1 (shared) or b.
+__device__ __forceinline__ size_t mask_row(size_t r, size_t heads, size_t t, size_t mask_rows) {
+    size_t bi = r / (heads * t);
+    return (mask_rows == 1 ? 0 : bi) * t + r % t;
+}
+
+// y = softmax(scale * x + mask) over each row of `keys`, in f32; one block
+// per row.
+template <typename T>
+__device__ void masked_softmax(const T *x, const T *mask, T *y, size_t keys, size_t heads,
+                               size_t t, size_t mask_rows, float scale) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const T *row = x + r * keys;
+    const T *m = mask + mask_row(r, heads, t, mask_rows) * keys;
+    T *out = y + r * keys;
+    float mx = -INFINITY;
+    for (size_t j = threadIdx.x; j < keys; j += blockDim.x)
+        mx = fmaxf(mx, scale * to_f(row[j]) + to_f(m[j]));
+    mx = block_reduce<true>(mx, shared);
+    float s = 0.0f;
+    for (size_t j = threadIdx.x; j < keys; j += blockDim.x)
+        s += expf(scale * to_f(row[j]) + to_f(m[j]) - mx);
+    s = block_reduce<false>(s, shared);
+    float inv = 1.0f / s;
+    for (size_t j = threadIdx.x; j < keys; j += blockDim.x)
+        store(out, j, expf(scale * to_f(row[j]) + to_f(m[j]) - mx) * inv);
+}
+
+extern "C" __global__ void masked_softmax_f32(const float *x, const float *mask, float *y,
+                                              size_t keys, size_t heads, size_t t,
+                                              size_t mask_rows, float scale) {
+    masked_softmax(x, mask, y, keys, heads, t, mask_rows, scale);
+}
+
+extern "C" __global__ void masked_softmax_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *mask,
+                                               __nv_bfloat16 *y, size_t keys, size_t heads,
+                                               size_t t, size_t mask_rows, float scale) {
+    masked_softmax(x, mask, y, keys, heads, t, mask_rows, scale);
+}
+
+// dx = scale * y * (g - sum(g * y)) over each row; one block per row.
+template <typename T>
+__device__ void softmax_grad(const T *y, const T *g, T *dx, size_t keys, float scale) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const T *yr = y + r * keys;
+    const T *gr = g + r * keys;
+    T *out = dx + r * keys;
+    float dot = 0.0f;
+    for (size_t j = threadIdx.x; j < keys; j += blockDim.x) dot += to_f(gr[j]) * to_f(yr[j]);
+    dot = block_reduce<false>(dot, shared);
+    for (size_t j = threadIdx.x; j < keys; j += blockDim.x)
+        store(out, j, scale * to_f(yr[j]) * (to_f(gr[j]) - dot));
+}
+
+extern "C" __global__ void softmax_grad_f32(const float *y, const float *g, float *dx, size_t keys,
+                                            float scale) {
+    softmax_grad(y, g, dx, keys, scale);
+}
+
+extern "C" __global__ void softmax_grad_bf16(const __nv_bfloat16 *y, const __nv_bfloat16 *g,
+                                             __nv_bfloat16 *dx, size_t keys, float scale) {
+    softmax_grad(y, g, dx, keys, scale);
+}
