@@ -39,8 +39,10 @@ import sys
 import threading
 import time
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+# The same data rule and LoRA targets as the CPU comparison.
+from vs_pytorch import TARGETS, tokenize  # noqa: E402
 
 
 def peak(_a):
@@ -102,24 +104,6 @@ def model(a):
         shutil.copy(os.path.join(a.tokenizer_from, name), os.path.join(a.out, name))
     n = sum(t.numel() for t in tensors.values())
     print(json.dumps({"model": a.out, "parameters": n}))
-
-
-def tokenize(model_dir, data_file, seq_len):
-    """Our data rule for `{"text": ...}` records: BOS, the text's tokens, EOS;
-    cut to seq_len."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
-        bos = tok.token_to_id(json.load(f)["bos_token"])
-    rows = []
-    with open(data_file) as f:
-        for line in f:
-            ids = [bos] + tok.encode(json.loads(line)["text"], add_special_tokens=False).ids
-            if len(ids) < seq_len:
-                sys.exit(f"{data_file}: a record of {len(ids)} tokens, shorter than {seq_len}")
-            rows.append(ids[:seq_len])
-    return rows
 
 
 def data(a):

@@ -52,12 +52,6 @@ fn worst(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn weights(n: usize, k: usize) -> Vec<f32> {
-    (0..n * k)
-        .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
-        .collect()
-}
-
 #[test]
 fn nf4_kernel_equals_the_cpu_codec_bit_for_bit() {
     let Some(dev) = gpu() else { return };

@@ -51,12 +51,6 @@ fn bf16_compute_with_checkpointing_gives_the_same_gradients() {
     assert_eq!(bf16_tracks_f32(true), bf16_tracks_f32(false));
 }
 
-fn weights(n: usize, k: usize) -> Vec<f32> {
-    (0..n * k)
-        .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
-        .collect()
-}
-
 #[test]
 fn nf4_on_device_dequantizes_as_the_host_codec() {
     // 3 x 100: 300 values, 5 blocks, the last one short and an odd total.

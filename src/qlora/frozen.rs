@@ -303,12 +303,10 @@ impl FrozenMatmulOp {
     }
 }
 
-impl CustomOp1 for FrozenMatmulOp {
-    fn name(&self) -> &'static str {
-        "qlora-frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+impl FrozenMatmulOp {
+    /// For an input of layout `l`: rows `m`, the weight's `(n, k)`, the
+    /// input's start offset and the output's dims.
+    fn shapes(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize, Vec<usize>)> {
         let (n, k) = self.weight.dims();
         let dims = l.dims();
         if dims.last() != Some(&k) {
@@ -322,6 +320,17 @@ impl CustomOp1 for FrozenMatmulOp {
         let m = l.shape().elem_count() / k;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank >= 1") = n;
+        Ok((m, n, k, start, out_dims))
+    }
+}
+
+impl CustomOp1 for FrozenMatmulOp {
+    fn name(&self) -> &'static str {
+        "qlora-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k, start, out_dims) = self.shapes(l)?;
         let out = match (&*self.weight, s) {
             (FrozenWeight::Ggml(_, mm), CpuStorage::F32(data)) => {
                 let x = Tensor::from_slice(&data[start..start + m * k], (m, k), &Device::Cpu)?;
@@ -362,19 +371,7 @@ impl CustomOp1 for FrozenMatmulOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = self.weight.dims();
-        let dims = l.dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!(
-                "frozen matmul: input {dims:?} does not end in the weight's width {k}"
-            );
-        }
-        let Some((start, _)) = l.contiguous_offsets() else {
-            candle_core::bail!("frozen matmul: input must be contiguous");
-        };
-        let m = l.shape().elem_count() / k;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = n;
+        let (m, n, k, start, out_dims) = self.shapes(l)?;
         let device = Device::Cuda(s.device().clone());
         let w = self.weight.dequantize(s.dtype(), &device)?;
         let (ws, wl) = w.storage_and_layout();

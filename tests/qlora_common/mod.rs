@@ -193,3 +193,10 @@ pub fn compare(
         ))
     }
 }
+
+/// `n * k` deterministic values in [-1, 1): a weight matrix's, row-major.
+pub fn weights(n: usize, k: usize) -> Vec<f32> {
+    (0..n * k)
+        .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+        .collect()
+}
