@@ -40,6 +40,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Where PEFT runs: the GPU; `cpu` only to try this script's plumbing on a
+# machine without one (scripts/gpu_check.sh's `small` stage, GPU_BENCH_DEVICE=cpu).
+DEVICE = os.environ.get("GPU_BENCH_DEVICE", "cuda")
 sys.path.insert(0, HERE)
 # The same data rule and LoRA targets as the CPU comparison.
 from vs_pytorch import TARGETS, tokenize  # noqa: E402
@@ -156,7 +159,7 @@ class GpuMemory:
 
 def ours(a):
     out = a.out
-    cmd = [a.train, "--device", "cuda", "--model", a.model, "--data-dir", a.data,
+    cmd = [a.train, "--device", DEVICE, "--model", a.model, "--data-dir", a.data,
            "--output-dir", out, "--overwrite", "--max-steps", str(a.steps),
            "--batch-size", str(a.batch), "--seq-len", str(a.seq_len),
            "--lora-rank", str(a.rank), "--lora-alpha", str(2 * a.rank), "--lora-dropout", "0",
@@ -191,7 +194,7 @@ def peft(a):
     mem = GpuMemory()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    m = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, device_map="cuda")
+    m = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, device_map=DEVICE)
     m.config.use_cache = False
     if a.checkpoint:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -207,25 +210,27 @@ def peft(a):
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     rows = tokenize(a.model, os.path.join(a.data, "train.jsonl"), a.seq_len)
-    ids = torch.tensor(rows[: a.batch], dtype=torch.long, device="cuda")
+    ids = torch.tensor(rows[: a.batch], dtype=torch.long, device=DEVICE)
+    cuda = DEVICE == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     losses, rates = [], []
     for _ in range(a.steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        torch.cuda.synchronize()
+        sync()
         rates.append(tokens / (time.perf_counter() - t0))
     print(json.dumps({
         "side": "peft", "tokens_per_s": statistics.median(rates[1:] or rates),
         "gpu_peak_gib_nvidia_smi": mem.done(),
-        "torch_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "torch_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "load_s": load_s, "losses": losses, "trainable": sum(p.numel() for p in params),
     }))
 

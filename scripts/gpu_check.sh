@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_check.sh [CARRY]      (default target/gpu-carry)
 #
-# Stages (STAGES="tests peak embedded 1b 8b" by default; each has a time
+# Stages (STAGES="tests peak embedded small 1b 8b" by default; each has a time
 # limit, and a failed stage does not stop the next):
 #   tests     tests/gpu.rs: NF4 kernel = CPU codec bit for bit, frozen op,
 #             loss kernels, LoRA gradients against the CPU, checkpoint
@@ -14,6 +14,8 @@
 #             compared with
 #   embedded  the built-in model, 20 steps on CUDA and on the CPU, same seed:
 #             losses within 2%
+#   small     a 20M-parameter model, batch 4 x 2048, both sides: the plumbing
+#             of the 1b and 8b stages, checked in seconds
 #   1b        a Llama-3.2-1B-shaped model, batch 4 x 2048, rank 16: train
 #             against PEFT LoRA on a bf16 base (tokens/s, peak GPU memory)
 #   8b        a Llama-3-8B-shaped model, batch 1 x 2048, rank 16,
@@ -26,10 +28,11 @@ cd "$(dirname "$0")/.."
 carry="$(cd "${1:-target/gpu-carry}" && pwd)"
 work="${WORK:-/tmp/gpu-check}"
 res="${OUT:-$work/out}"
-stages="${STAGES:-tests peak embedded 1b 8b}"
+stages="${STAGES:-tests peak embedded small 1b 8b}"
 mkdir -p "$work" "$res"
 py="${PYTHON:-python3}"
-bench() { "$py" scripts/gpu_bench.py "$@"; }
+# `timeout` runs programs, not shell functions: the Python half as a command.
+bench=("$py" scripts/gpu_bench.py)
 say() { printf '\n== %s\n' "$*"; }
 failed=()
 
@@ -83,28 +86,30 @@ if has tests; then
   stage gpu-tests 240 "$work/gpu-tests" --test-threads 1 --nocapture
   stage frozen-tflops 60 "$work/gpu-tests" --ignored --nocapture frozen_matmul_tflops
 fi
-has peak && stage peak 60 bench peak
+has peak && stage peak 60 "${bench[@]}" peak
 
 if has embedded; then
   common=(--max-steps 20 --seed 1 --batch-size 4 --lora-rank 8 --eval-every 1000
           --checkpoint-every 1000 --overwrite)
   stage embedded-cuda 120 "$work/train" --device cuda --output-dir "$work/emb-cuda" "${common[@]}"
   stage embedded-cpu 180 "$work/train" --device cpu --output-dir "$work/emb-cpu" "${common[@]}"
-  stage embedded-losses 10 bench losses "$work/emb-cuda/metrics.jsonl" "$work/emb-cpu/metrics.jsonl"
+  stage embedded-losses 10 "${bench[@]}" losses "$work/emb-cuda/metrics.jsonl" "$work/emb-cpu/metrics.jsonl"
 fi
 
 side_by_side() { # NAME BATCH STEPS CKPT MODEL-ARGS...
   local name="$1" batch="$2" steps="$3" ckpt="$4"
   shift 4
   local m="$work/m$name"
-  stage "$name-model" 180 bench model --out "$m" --tokenizer-from "$carry/tok" "$@"
-  stage "$name-data" 60 bench data --model "$m" --out "$work/d$name" --records "$batch" --seq-len 2048
+  stage "$name-model" 180 "${bench[@]}" model --out "$m" --tokenizer-from "$carry/tok" "$@"
+  stage "$name-data" 60 "${bench[@]}" data --model "$m" --out "$work/d$name" --records "$batch" --seq-len 2048
   local args=(--model "$m" --data "$work/d$name" --steps "$steps" --batch "$batch" --seq-len 2048 --rank 16)
   if [ "$ckpt" = yes ]; then args+=(--checkpoint); fi
-  stage "$name-train" 240 bench ours --train "$work/train" --out "$work/r$name" "${args[@]}"
-  stage "$name-peft" 240 bench peft "${args[@]}"
+  stage "$name-train" 240 "${bench[@]}" ours --train "$work/train" --out "$work/r$name" "${args[@]}"
+  stage "$name-peft" 240 "${bench[@]}" peft "${args[@]}"
   rm -rf "$m"
 }
+has small && side_by_side small 4 4 no --layers 4 --hidden 512 --intermediate 1408 \
+  --heads 8 --kv-heads 4 --vocab 16000
 has 1b && side_by_side 1b 4 6 no --layers 16 --hidden 2048 --intermediate 8192 \
   --heads 32 --kv-heads 8 --vocab 128256
 has 8b && side_by_side 8b 1 4 yes --layers 32 --hidden 4096 --intermediate 14336 \
@@ -112,7 +117,7 @@ has 8b && side_by_side 8b 1 4 yes --layers 32 --hidden 4096 --intermediate 14336
 
 # Not in the default stages (several minutes): the GPU memory model's
 # measurements, into $OUT/gpu_memory_measurements.jsonl.
-has calibrate && stage calibrate 480 bench calibrate --train "$work/train" --work "$work/cal" \
+has calibrate && stage calibrate 480 "${bench[@]}" calibrate --train "$work/train" --work "$work/cal" \
   --out "$res/gpu_memory_measurements.jsonl" --tokenizer-from "$carry/tok"
 
 say "summary"
