@@ -696,38 +696,59 @@ mod messages {
     }
 }
 
-/// `--device`: the trainer computes on the CPU only, so a CUDA device is
-/// refused before anything runs, with what is missing, never trained on the
-/// CPU instead.
+/// `--device`: the CPU computes in f32; a CUDA device in a build without
+/// the feature is refused before anything runs, with how to build it, never
+/// trained on the CPU instead.
 mod device {
     use super::*;
 
     #[test]
-    fn cpu_and_auto_run_and_cuda_is_refused_with_how_to_build() {
+    fn the_dry_run_says_where_it_computes_and_cuda_needs_the_feature() {
         let sb = Sandbox::new();
-        for device in ["auto", "cpu"] {
-            let v = sb.dry(&["--device", device]);
-            assert!(v.is_object(), "{v}");
+        let v = sb.dry(&["--device", "cpu"]);
+        assert_eq!(v["device"], "cpu", "{v}");
+        assert_eq!(v["compute_dtype"], "f32", "{v}");
+        let v = sb.dry(&["--device", "auto"]);
+        if !cfg!(feature = "cuda") {
+            assert_eq!(v["device"], "cpu", "{v}");
         }
-        for device in ["cuda", "cuda:1"] {
+        for device in ["cuda", "cuda:4096"] {
             let out = sb.run(&["--dry-run", "--device", device]);
             let err = stderr(&out);
+            let ordinal = if device == "cuda" { "cuda:0" } else { device };
+            if cfg!(feature = "cuda") {
+                // cuda:4096 exists nowhere; cuda:0 where there is a GPU.
+                if device == "cuda:4096" || !out.status.success() {
+                    assert_eq!(out.status.code(), Some(2), "{err}");
+                    assert!(err.contains("cannot open the GPU"), "{err}");
+                }
+                continue;
+            }
             assert_eq!(out.status.code(), Some(2), "{err}");
             assert!(out.stdout.is_empty(), "nothing resolved or run: {err}");
-            let ordinal = if device == "cuda" { "cuda:0" } else { device };
             assert!(err.contains(&format!("--device {ordinal}:")), "{err}");
-            if cfg!(feature = "cuda") {
-                assert!(
-                    err.contains("GPU training is not built yet (issue #20)"),
-                    "{err}"
-                );
-            } else {
-                assert!(err.contains("built without CUDA"), "{err}");
-                assert!(
-                    err.contains("cargo build --release --features cuda"),
-                    "{err}"
-                );
-            }
+            assert!(err.contains("built without CUDA"), "{err}");
+            assert!(
+                err.contains("cargo build --release --features cuda"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn generate_and_eval_take_the_device_too() {
+        if cfg!(feature = "cuda") {
+            return;
+        }
+        let sb = Sandbox::new();
+        for sub in [
+            &["generate", "--prompt", "x", "--device", "cuda"][..],
+            &["eval", "--data", "d.jsonl", "--device", "cuda:2"][..],
+        ] {
+            let out = sb.bare().args(sub).output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{sub:?}: {err}");
+            assert!(err.contains("built without CUDA"), "{sub:?}: {err}");
         }
     }
 

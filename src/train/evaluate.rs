@@ -8,7 +8,7 @@
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde::Serialize;
 
 use super::data::{BadLine, Batch, DataError, Example, stream_jsonl};
@@ -97,7 +97,7 @@ impl Scorer<'_> {
 
     fn score(&mut self, examples: &[Example]) -> Result<(), EvalError> {
         let refs: Vec<&Example> = examples.iter().collect();
-        let b = Batch::of(&refs, &Device::Cpu).map_err(DataError::from)?;
+        let b = Batch::of(&refs, self.model.device()).map_err(DataError::from)?;
         let model_err = |e| EvalError::Model(self.path.to_path_buf(), e);
         let (base, n) = self.nll(&b, false).map_err(model_err)?;
         if self.options.adapter {

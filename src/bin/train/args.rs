@@ -98,6 +98,9 @@ pub struct ModelSource {
     /// merged model), loaded as train --model loads it
     #[arg(long, value_name = "DIR")]
     pub model: Option<String>,
+    /// Where to compute: auto, cpu, cuda or cuda:N (as train --device)
+    #[arg(long, value_name = "DEVICE", default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 }
 
 impl ModelSource {

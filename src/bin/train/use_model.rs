@@ -4,12 +4,12 @@
 use std::io::{self, Write};
 
 use anyhow::Context as _;
-use qlora_scale::qlora::LlamaModel;
+use qlora_scale::qlora::{FrozenStorage, LlamaModel};
 use qlora_scale::train::evaluate::{EvalOptions, EvalReport, evaluate};
 use qlora_scale::train::generate::{
     GenerateError, GenerateOptions, Prompt, Sampler, Stop, generate, prompt_ids, read_messages,
 };
-use qlora_scale::train::model::{build, load_adapter, run_spec};
+use qlora_scale::train::model::{build_on, load_adapter, run_spec};
 use qlora_scale::train::settings::Settings;
 use qlora_scale::train::spec::{RunSpec, plan};
 use qlora_scale::train::tokenizer::Tokenizer;
@@ -28,6 +28,8 @@ struct Loaded {
 /// spec, with the run's adapter unless `base_only`; or a model directory,
 /// resolved as `train --model` resolves it, without an adapter.
 fn load(source: &ModelSource, base_only: bool) -> anyhow::Result<Loaded> {
+    let compute = source.device.resolve()?;
+    let build = |spec: &RunSpec| build_on(spec, &compute, FrozenStorage::Nf4);
     if let Some(dir) = &source.model {
         let settings = Settings {
             model: Some(dir.clone()),
