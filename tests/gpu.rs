@@ -1,7 +1,8 @@
 //! The GPU path against the CPU (feature `cuda`; each test is skipped, with
 //! a message, when no GPU opens). `scripts/gpu_check.sh` runs this binary on
 //! a GPU machine: the NF4 kernel equals the CPU codec bit for bit, the
-//! frozen op, the loss and the attention softmax kernels match the CPU ops, every LoRA gradient
+//! frozen op, the loss, the attention softmax, RMSNorm, the gate and RoPE
+//! kernels match the CPU ops, every LoRA gradient
 //! through NF4 on the GPU matches the CPU's `f32` gradient, and a checkpoint
 //! written on the GPU resumes on the CPU and back.
 #![cfg(feature = "cuda")]
@@ -195,6 +196,99 @@ fn masked_softmax_kernels_match_the_cpu() {
         let (ey, eg) = (worst(&y, &y_cpu), worst(&g, &g_cpu));
         eprintln!("masked softmax {dtype:?}: forward {ey:.2e}, backward {eg:.2e}");
         assert!(ey < tol && eg < tol, "{dtype:?}: {ey} {eg}");
+    }
+}
+
+/// Forward and input gradients (of `sum(y * g)`, `g` fixed) of `f` over
+/// `inputs`, on `dev` in `dtype`, as f32 values.
+fn forward_backward(
+    dev: &Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    constants: &[Tensor],
+    f: &dyn Fn(&[Tensor], &[Tensor]) -> Tensor,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let put = |t: &Tensor| t.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&put(t)).unwrap())
+        .collect();
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let cs: Vec<Tensor> = constants.iter().map(put).collect();
+    let y = f(&xs, &cs);
+    let g = Tensor::randn(0f32, 1.0, y.shape(), &Device::Cpu)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let loss = (y.to_dtype(DType::F32).unwrap() * g.to_device(dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let gs = xs.iter().map(|x| values(grads.get(x).unwrap())).collect();
+    (values(&y), gs)
+}
+
+/// The GPU's RMSNorm, gate and RoPE ops against the CPU's fused ones.
+#[test]
+fn norm_gate_and_rope_kernels_match_the_cpu() {
+    use qlora_scale::qlora::fused::{gated, rms_norm, rope};
+    use qlora_scale::qlora::llama::Activation;
+    let Some(dev) = gpu() else { return };
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    type Case = (
+        &'static str,
+        Vec<Tensor>,
+        Vec<Tensor>,
+        Box<dyn Fn(&[Tensor], &[Tensor]) -> Tensor>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "rms norm",
+            vec![r(&[2, 5, 96])],
+            vec![r(&[96])],
+            Box::new(|x, c| rms_norm(&x[0], &c[0], 1e-5).unwrap()),
+        ),
+        (
+            "silu gate",
+            vec![r(&[2, 5, 80]), r(&[2, 5, 80])],
+            vec![],
+            Box::new(|x, _| gated(&x[0], &x[1], Activation::Silu).unwrap()),
+        ),
+        (
+            "gelu gate",
+            vec![r(&[2, 5, 80]), r(&[2, 5, 80])],
+            vec![],
+            Box::new(|x, _| gated(&x[0], &x[1], Activation::GeluTanh).unwrap()),
+        ),
+        // Full rotary (d = 16), and partial (8 of 16 features turn); the
+        // tables have more rows than positions, as a KV cache's do.
+        (
+            "rope",
+            vec![r(&[2, 3, 7, 16])],
+            vec![r(&[9, 8]), r(&[9, 8])],
+            Box::new(|x, c| rope(&x[0], &c[0], &c[1]).unwrap()),
+        ),
+        (
+            "partial rope",
+            vec![r(&[2, 3, 7, 16])],
+            vec![r(&[7, 4]), r(&[7, 4])],
+            Box::new(|x, c| rope(&x[0], &c[0], &c[1]).unwrap()),
+        ),
+    ];
+    for (what, inputs, constants, f) in &cases {
+        let (y_cpu, g_cpu) = forward_backward(&Device::Cpu, DType::F32, inputs, constants, f);
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+            let (y, g) = forward_backward(&dev, dtype, inputs, constants, f);
+            let ey = worst(&y, &y_cpu);
+            let eg = g
+                .iter()
+                .zip(&g_cpu)
+                .map(|(a, b)| worst(a, b))
+                .fold(0f32, f32::max);
+            eprintln!("{what} {dtype:?}: forward {ey:.2e}, gradients {eg:.2e}");
+            assert!(ey < tol && eg < tol, "{what} {dtype:?}: {ey} {eg}");
+        }
     }
 }
 

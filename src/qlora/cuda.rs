@@ -28,6 +28,17 @@ const THREADS: u32 = 256;
 /// Threads per block (one block per row) of the loss kernels.
 const NLL_THREADS: u32 = 256;
 
+/// Kernel `name` of the module (loaded once per device), to launch on the
+/// device's stream.
+pub(crate) fn kernel_fn(
+    dev: &candle_core::CudaDevice,
+    name: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function())
+}
+
 /// Kernel `$name` of the module, loaded once per device.
 macro_rules! kernel {
     ($dev:expr, $name:expr) => {
@@ -36,7 +47,7 @@ macro_rules! kernel {
 }
 
 /// The contiguous slice of `s` of type `T` that `l` describes.
-fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
+pub(crate) fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
     what: &str,
@@ -57,7 +68,7 @@ fn gpu(s: &Storage) -> candle_core::Result<&CudaStorage> {
 
 /// Blocks for `n` work items of [`THREADS`] threads each (grid-stride
 /// loops cover the rest when the grid is capped).
-fn grid(n: usize) -> LaunchConfig {
+pub(crate) fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 32) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -125,7 +136,7 @@ pub(crate) fn nf4_dequant(
 }
 
 /// One block per row of `rows` rows.
-fn per_row(rows: usize) -> candle_core::Result<LaunchConfig> {
+pub(crate) fn per_row(rows: usize) -> candle_core::Result<LaunchConfig> {
     let rows = u32::try_from(rows)
         .ok()
         .filter(|&r| r < (1 << 31))

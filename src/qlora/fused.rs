@@ -176,6 +176,10 @@ pub fn rms_norm_unfused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result
 /// trained.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
+    #[cfg(feature = "cuda")]
+    if super::gpu_ops::takes(x, &[w]) && w.dims() == [d] {
+        return super::gpu_ops::rms_norm(x, w, eps);
+    }
     if !fusable(x) || !constant_for(w, x) || w.dims() != [d] {
         return rms_norm_unfused(x, w, eps);
     }
@@ -291,6 +295,13 @@ pub fn gated_unfused(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core
 /// digits). Falls back to [`gated_unfused`] off the CPU or outside
 /// `f32`/`f64`.
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::gpu_ops::takes(gate, &[]) && super::gpu_ops::takes(up, &[]) {
+        if up.dims() != gate.dims() || up.dtype() != gate.dtype() {
+            bail!("gate {:?} and up {:?} differ", gate.dims(), up.dims());
+        }
+        return super::gpu_ops::gated(gate, up, act);
+    }
     if !fusable(gate) || up.dtype() != gate.dtype() || !up.device().is_cpu() {
         return gated_unfused(gate, up, act);
     }
@@ -454,6 +465,11 @@ pub fn rope_unfused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Resu
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (_, _, t, d) = x.dims4()?;
     let (tc, half) = cos.dims2()?;
+    #[cfg(feature = "cuda")]
+    if super::gpu_ops::takes(x, &[cos, sin]) && sin.dims() == cos.dims() && tc >= t && 2 * half <= d
+    {
+        return super::gpu_ops::rope(x, &cos.narrow(0, 0, t)?, &sin.narrow(0, 0, t)?);
+    }
     let usable = fusable(x) && constant_for(cos, x) && constant_for(sin, x);
     if !usable || sin.dims() != cos.dims() || tc < t || 2 * half > d {
         return rope_unfused(x, cos, sin);

@@ -25,6 +25,8 @@ pub mod attention;
 pub(crate) mod cuda;
 pub mod frozen;
 pub mod fused;
+#[cfg(feature = "cuda")]
+mod gpu_ops;
 pub mod kernel;
 pub mod llama;
 pub mod load;

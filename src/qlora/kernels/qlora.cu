@@ -225,3 +225,149 @@ extern "C" __global__ void softmax_grad_bf16(const __nv_bfloat16 *y, const __nv_
                                              __nv_bfloat16 *dx, size_t keys, float scale) {
     softmax_grad(y, g, dx, keys, scale);
 }
+
+// ------------------------------- RMSNorm, the MLP gate and RoPE (fused.rs)
+
+// y = x * rsqrt(mean(x^2) + eps) * w per row of d; one block per row.
+template <typename T>
+__device__ void rms_norm(const T *x, const T *w, T *y, size_t d, float eps) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const T *xr = x + r * d;
+    T *yr = y + r * d;
+    float ss = 0.0f;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) ss += to_f(xr[j]) * to_f(xr[j]);
+    ss = block_reduce<false>(ss, shared);
+    float inv = rsqrtf(ss / (float)d + eps);
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) store(yr, j, to_f(xr[j]) * inv * to_f(w[j]));
+}
+
+// dx = r * g - x * r^3 * mean(g * x), g = dy * w, r = rsqrt(mean(x^2) + eps).
+template <typename T>
+__device__ void rms_norm_grad(const T *x, const T *w, const T *dy, T *dx, size_t d, float eps) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const T *xr = x + r * d;
+    const T *gr = dy + r * d;
+    T *out = dx + r * d;
+    float ss = 0.0f, gx = 0.0f;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) {
+        float xv = to_f(xr[j]);
+        ss += xv * xv;
+        gx += to_f(gr[j]) * to_f(w[j]) * xv;
+    }
+    ss = block_reduce<false>(ss, shared);
+    gx = block_reduce<false>(gx, shared);
+    float inv = rsqrtf(ss / (float)d + eps);
+    float c = inv * inv * inv * gx / (float)d;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x)
+        store(out, j, inv * to_f(gr[j]) * to_f(w[j]) - to_f(xr[j]) * c);
+}
+
+extern "C" __global__ void rms_norm_f32(const float *x, const float *w, float *y, size_t d, float eps) {
+    rms_norm(x, w, y, d, eps);
+}
+extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                                         __nv_bfloat16 *y, size_t d, float eps) {
+    rms_norm(x, w, y, d, eps);
+}
+extern "C" __global__ void rms_norm_grad_f32(const float *x, const float *w, const float *dy,
+                                             float *dx, size_t d, float eps) {
+    rms_norm_grad(x, w, dy, dx, d, eps);
+}
+extern "C" __global__ void rms_norm_grad_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                                              const __nv_bfloat16 *dy, __nv_bfloat16 *dx, size_t d,
+                                              float eps) {
+    rms_norm_grad(x, w, dy, dx, d, eps);
+}
+
+// The gate's activation and its derivative: act 0 SiLU, 1 GELU (tanh).
+__device__ __forceinline__ float act_f(float x, int act, float *deriv) {
+    if (act == 0) {
+        float s = 1.0f / (1.0f + expf(-x));
+        *deriv = s * (1.0f + x * (1.0f - s));
+        return x * s;
+    }
+    const float c = 0.7978845608028654f;
+    float th = tanhf(c * x * (1.0f + 0.044715f * x * x));
+    float dk = c * (1.0f + 3.0f * 0.044715f * x * x);
+    *deriv = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * dk;
+    return 0.5f * x * (1.0f + th);
+}
+
+// y = act(g) * u, element-wise.
+template <typename T>
+__device__ void gate(const T *g, const T *u, T *y, size_t n, int act) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float d;
+        store(y, i, act_f(to_f(g[i]), act, &d) * to_f(u[i]));
+    }
+}
+
+// out[0..n) = dy * u * act'(g) (dg), out[n..2n) = dy * act(g) (du).
+template <typename T>
+__device__ void gate_grad(const T *g, const T *u, const T *dy, T *out, size_t n, int act) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float d;
+        float a = act_f(to_f(g[i]), act, &d);
+        float gy = to_f(dy[i]);
+        store(out, i, gy * to_f(u[i]) * d);
+        store(out, n + i, gy * a);
+    }
+}
+
+extern "C" __global__ void gate_f32(const float *g, const float *u, float *y, size_t n, int act) {
+    gate(g, u, y, n, act);
+}
+extern "C" __global__ void gate_bf16(const __nv_bfloat16 *g, const __nv_bfloat16 *u,
+                                     __nv_bfloat16 *y, size_t n, int act) {
+    gate(g, u, y, n, act);
+}
+extern "C" __global__ void gate_grad_f32(const float *g, const float *u, const float *dy,
+                                         float *out, size_t n, int act) {
+    gate_grad(g, u, dy, out, n, act);
+}
+extern "C" __global__ void gate_grad_bf16(const __nv_bfloat16 *g, const __nv_bfloat16 *u,
+                                          const __nv_bfloat16 *dy, __nv_bfloat16 *out, size_t n,
+                                          int act) {
+    gate_grad(g, u, dy, out, n, act);
+}
+
+// RoPE, "rotate_half" layout, on x (rows of d; row r is position r % t):
+// the first 2 * half features turn by the tables' angle (sign -1: the
+// opposite angle, for the backward), the rest pass. One thread per pair
+// or passed feature.
+template <typename T>
+__device__ void rope(const T *x, const T *cos, const T *sin, T *y, size_t rows, size_t t, size_t d,
+                     size_t half, float sign) {
+    size_t per_row = half + (d - 2 * half);
+    size_t total = rows * per_row;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / per_row, j = i % per_row;
+        const T *xr = x + r * d;
+        T *yr = y + r * d;
+        if (j < half) {
+            size_t p = r % t;
+            float c = to_f(cos[p * half + j]), s = sign * to_f(sin[p * half + j]);
+            float a = to_f(xr[j]), b = to_f(xr[j + half]);
+            store(yr, j, a * c - b * s);
+            store(yr, j + half, b * c + a * s);
+        } else {
+            size_t k = 2 * half + (j - half);
+            store(yr, k, to_f(xr[k]));
+        }
+    }
+}
+
+extern "C" __global__ void rope_f32(const float *x, const float *cos, const float *sin, float *y,
+                                    size_t rows, size_t t, size_t d, size_t half, float sign) {
+    rope(x, cos, sin, y, rows, t, d, half, sign);
+}
+extern "C" __global__ void rope_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *cos,
+                                     const __nv_bfloat16 *sin, __nv_bfloat16 *y, size_t rows,
+                                     size_t t, size_t d, size_t half, float sign) {
+    rope(x, cos, sin, y, rows, t, d, half, sign);
+}
