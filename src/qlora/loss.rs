@@ -187,17 +187,31 @@ fn nll_rows<T: NllFloat>(x: &[T], v: usize, targets: &[u32]) -> Vec<T> {
         .collect()
 }
 
-fn nll_grad<T: NllFloat>(x: &[T], v: usize, targets: &[u32], g: &[f64]) -> Vec<T> {
+/// `(softmax(x) - onehot(t)) * g` per row; `nll`, when given, the forward's
+/// per-row results, from which `logsumexp(row) = nll + row[t]` comes
+/// without another pass over the row.
+fn nll_grad<T: NllFloat>(
+    x: &[T],
+    v: usize,
+    targets: &[u32],
+    g: &[f64],
+    nll: Option<&[f64]>,
+) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(v)
         .zip(x.par_chunks(v))
         .zip(targets.par_iter().zip(g.par_iter()))
-        .for_each(|((dst, row), (&t, &gr))| {
+        .enumerate()
+        .for_each(|(r, ((dst, row), (&t, &gr)))| {
             // Masked-out rows (padding, prompt tokens) have no gradient.
             if gr == 0.0 {
                 return;
             }
-            T::scaled_softmax(row, T::row_lse(row), gr, dst);
+            let lse = match nll {
+                Some(nll) => nll[r] + row[t as usize].to_f64(),
+                None => T::row_lse(row),
+            };
+            T::scaled_softmax(row, lse, gr, dst);
             let d = &mut dst[t as usize];
             *d = T::from_f64(d.to_f64() - gr);
         });
@@ -251,7 +265,7 @@ impl CustomOp1 for TokenNll {
     fn bwd(
         &self,
         arg: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (n, _) = rows(arg.shape())?;
@@ -263,8 +277,18 @@ impl CustomOp1 for TokenNll {
             );
         }
         let g = grad.to_dtype(arg.dtype())?.contiguous()?;
+        // On the CPU the forward's results give each row's logsumexp (a
+        // GPU recomputes it in the kernel).
+        let nll = if res.device().is_cpu() && res.elem_count() == n {
+            Some(std::sync::Arc::new(
+                res.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            ))
+        } else {
+            None
+        };
         let op = TokenNllGrad {
             targets: self.targets.clone(),
+            nll,
         };
         Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&g, &op)?))
     }
@@ -276,6 +300,8 @@ impl CustomOp1 for TokenNll {
 #[derive(Debug, Clone)]
 struct TokenNllGrad {
     targets: std::sync::Arc<Vec<u32>>,
+    /// The forward's per-row results, when read (CPU).
+    nll: Option<std::sync::Arc<Vec<f64>>>,
 }
 
 impl candle_core::CustomOp2 for TokenNllGrad {
@@ -301,11 +327,21 @@ impl candle_core::CustomOp2 for TokenNllGrad {
         let out = match (s, gs) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
                 let g: Vec<f64> = g[ga..gb].iter().map(|&x| f64::from(x)).collect();
-                CpuStorage::F32(nll_grad(&x[a..b], v, &self.targets, &g))
+                CpuStorage::F32(nll_grad(
+                    &x[a..b],
+                    v,
+                    &self.targets,
+                    &g,
+                    self.nll.as_deref().map(Vec::as_slice),
+                ))
             }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(nll_grad(&x[a..b], v, &self.targets, &g[ga..gb]))
-            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(nll_grad(
+                &x[a..b],
+                v,
+                &self.targets,
+                &g[ga..gb],
+                self.nll.as_deref().map(Vec::as_slice),
+            )),
             (x, g) => candle_core::bail!(
                 "token nll: unsupported dtypes {:?} and {:?}",
                 x.dtype(),
