@@ -260,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let (mut plan, settings) = resolve_plan(&cli)?;
     let budget = Budget::of(
         settings.memory_budget,
+        compute.gpu_memory_mib().map(|(_, total)| total / 1024.0),
         plan.provenance.hardware.as_ref(),
         detection_enabled(),
     );

@@ -20,6 +20,9 @@ use crate::tables::memory_fit::ESTIMATE_SHARE;
 pub enum BudgetSource {
     /// `--memory-budget`.
     Flag,
+    /// The memory of the GPU the run trains on (`--device cuda`), times
+    /// the `[gpu]` budget fraction of `tables/hardware.toml`.
+    Gpu,
     /// The resolved hardware profile's training budget.
     Profile,
     /// This machine's usable memory (physical memory or cgroup limit) times
@@ -31,6 +34,7 @@ impl BudgetSource {
     fn describe(self) -> &'static str {
         match self {
             BudgetSource::Flag => "--memory-budget flag",
+            BudgetSource::Gpu => "memory of the GPU it trains on",
             BudgetSource::Profile => "hardware profile",
             BudgetSource::Detected => "memory detected on this machine",
         }
@@ -47,12 +51,14 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// The budget of a run: `flag_gib` when given, else the resolved
-    /// hardware's training budget, else this machine's (Linux: `/proc` and
-    /// the cgroup limit) when `detect` allows reading it. `None` when
-    /// nothing says.
+    /// The budget of a run: `flag_gib` when given, else the share of the
+    /// GPU's memory (`gpu_total_gib`, the device the run trains on) that the
+    /// `[gpu]` rows allow, else the resolved hardware's training budget,
+    /// else this machine's (Linux: `/proc` and the cgroup limit) when
+    /// `detect` allows reading it. `None` when nothing says.
     pub fn of(
         flag_gib: Option<f64>,
+        gpu_total_gib: Option<f64>,
         hardware: Option<&HardwareSummary>,
         detect: bool,
     ) -> Option<Budget> {
@@ -60,6 +66,13 @@ impl Budget {
             return Some(Budget {
                 bytes: g * GIB,
                 source: BudgetSource::Flag,
+            });
+        }
+        if let Some(total) = gpu_total_gib {
+            let p = memory_profile(DeviceKind::Gpu, total.floor() as u32);
+            return Some(Budget {
+                bytes: f64::from(p.training_budget_gb) * GIB,
+                source: BudgetSource::Gpu,
             });
         }
         if let Some(hw) = hardware {
@@ -354,4 +367,21 @@ fn flags(changes: &[FitChange]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_wins_then_the_gpu_trained_on_then_the_profile() {
+        let flag = Budget::of(Some(3.0), Some(80.0), None, false).unwrap();
+        assert_eq!((flag.source, flag.bytes), (BudgetSource::Flag, 3.0 * GIB));
+        let gpu = Budget::of(None, Some(79.6), None, false).unwrap();
+        assert_eq!(gpu.source, BudgetSource::Gpu);
+        let want = memory_profile(DeviceKind::Gpu, 79).training_budget_gb;
+        assert_eq!(gpu.bytes, f64::from(want) * GIB);
+        assert!(want > 0 && want < 80, "a share of the GPU: {want} GB");
+        assert_eq!(Budget::of(None, None, None, false), None);
+    }
 }
