@@ -20,6 +20,7 @@ use qlora_scale::qlora::softmax::masked_softmax;
 use qlora_scale::qlora::{FrozenLinear, FrozenStorage, FrozenWeight, Nf4Tensor};
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::device::{Compute, DeviceChoice};
+use qlora_scale::train::model;
 use qlora_scale::train::settings::Settings;
 use qlora_scale::train::spec::plan;
 use qlora_scale::train::trainer::{RunSummary, Start, TracingObserver, train};
@@ -389,6 +390,12 @@ fn a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back() {
             "{losses:?} against {want:?}"
         );
     }
+    // The exported adapter loads into a model built on the GPU (what
+    // `train generate --device cuda` does).
+    let spec = model::run_spec(&out).unwrap();
+    let (m, _) = model::build_on(&spec, &cuda, FrozenStorage::Nf4).unwrap();
+    model::load_adapter(&m, &out).unwrap();
+    assert!(m.trainable_vars().iter().all(|(_, v)| v.device().is_cuda()));
 }
 
 /// The frozen NF4 matmul's throughput at a Llama-3-8B MLP shape (bf16 input

@@ -95,6 +95,9 @@ pub enum FrozenError {
     /// A storage this build multiplies on the CPU only.
     #[error("{0} frozen weights are CPU-only: use NF4, bf16 or f32 storage on a GPU")]
     CpuOnly(&'static str),
+    /// NF4 codes already on one GPU, asked for on another.
+    #[error("NF4 codes on one GPU cannot move to another: quantize them again from the weights")]
+    OtherDevice,
     /// NF4 quantization failed.
     #[error(transparent)]
     Nf4(#[from] Nf4Error),
@@ -179,9 +182,7 @@ impl FrozenWeight {
             FrozenWeight::Nf4OnDevice(q) if q.device().same_device(device) => {
                 FrozenWeight::Nf4OnDevice(q)
             }
-            FrozenWeight::Nf4OnDevice(_) => {
-                return Err(FrozenError::CpuOnly("NF4 on another device"));
-            }
+            FrozenWeight::Nf4OnDevice(_) => return Err(FrozenError::OtherDevice),
             FrozenWeight::Ggml(..) => return Err(FrozenError::CpuOnly("Q4K and Q8_0")),
         })
     }

@@ -374,7 +374,7 @@ pub fn load_adapter(model: &LlamaModel, dir: &Path) -> Result<(), ModelError> {
                 ),
             });
         }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }
