@@ -231,14 +231,50 @@ pub(crate) fn memory(dev: &candle_core::CudaDevice) -> candle_core::Result<(u64,
     Ok((high, total as u64))
 }
 
-/// Rows of `keys` values in a contiguous `l`, one block each.
-fn rows_of(l: &Layout) -> candle_core::Result<(usize, usize)> {
-    let keys = *l.dims().last().unwrap_or(&1);
-    if keys == 0 {
-        candle_core::bail!("softmax: rows of 0 values");
+/// Rows of `l`'s last dimension: `(rows, row length)`.
+pub(crate) fn rows_of(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    let d = *l.dims().last().unwrap_or(&1);
+    if d == 0 {
+        candle_core::bail!("rows of 0 values");
     }
-    Ok((l.shape().elem_count() / keys, keys))
+    Ok((l.shape().elem_count() / d, d))
 }
+
+/// The kernel name for `dtype`: `{root}_f32` or `{root}_bf16`.
+pub(crate) fn name(root: &str, dtype: DType) -> candle_core::Result<String> {
+    match dtype {
+        DType::F32 => Ok(format!("{root}_f32")),
+        DType::BF16 => Ok(format!("{root}_bf16")),
+        other => candle_core::bail!("{root}: no GPU kernel for {other:?}"),
+    }
+}
+
+/// Allocates an output of `n` values of `s`'s dtype (`f32` or `bf16`, as
+/// the type `T` in `body`), runs `body`, which launches the kernel that
+/// writes it, and wraps it as a storage.
+macro_rules! with_out {
+    ($s:expr, $n:expr, |$out:ident, $t:ident| $body:block) => {{
+        let dev = $s.device.clone();
+        match $s.dtype() {
+            DType::F32 => {
+                type $t = f32;
+                // SAFETY: the kernel writes every element.
+                let $out = unsafe { dev.alloc::<$t>($n)? };
+                $body
+                Ok::<CudaStorage, candle_core::Error>(CudaStorage::wrap_cuda_slice($out, dev))
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                // SAFETY: the kernel writes every element.
+                let $out = unsafe { dev.alloc::<$t>($n)? };
+                $body
+                Ok::<CudaStorage, candle_core::Error>(CudaStorage::wrap_cuda_slice($out, dev))
+            }
+            other => candle_core::bail!("no GPU kernel for {other:?}"),
+        }
+    }};
+}
+pub(crate) use with_out;
 
 /// `softmax(scale * s + mask)` per row (see `super::softmax`).
 pub(crate) fn masked_softmax(
@@ -249,38 +285,28 @@ pub(crate) fn masked_softmax(
     (heads, t, mask_rows): (usize, usize, usize),
     scale: f32,
 ) -> candle_core::Result<CudaStorage> {
-    let dev = s.device.clone();
     let (rows, keys) = rows_of(l)?;
     if ml.shape().elem_count() != mask_rows * t * keys {
         candle_core::bail!("masked softmax: mask {:?}", ml.dims());
     }
-    macro_rules! launch {
-        ($t:ty, $name:literal) => {{
-            let x = contiguous::<$t>(s, l, "softmax scores")?;
-            let m = contiguous::<$t>(ms, ml, "softmax mask")?;
-            // SAFETY: the kernel writes every element.
-            let out = unsafe { dev.alloc::<$t>(rows * keys)? };
-            if rows > 0 {
-                let f = kernel!(dev, $name);
-                let mut b = f.builder();
-                b.arg(&x)
-                    .arg(&m)
-                    .arg(&out)
-                    .arg(&keys)
-                    .arg(&heads)
-                    .arg(&t)
-                    .arg(&mask_rows)
-                    .arg(&scale);
-                // SAFETY: the arguments match the kernel's signature.
-                unsafe { b.launch(per_row(rows)?) }.w()?;
-            }
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }};
-    }
-    Ok(match s.dtype() {
-        DType::F32 => launch!(f32, "masked_softmax_f32"),
-        DType::BF16 => launch!(half::bf16, "masked_softmax_bf16"),
-        other => candle_core::bail!("masked softmax: no GPU kernel for {other:?}"),
+    with_out!(s, rows * keys, |out, T| {
+        let x = contiguous::<T>(s, l, "softmax scores")?;
+        let m = contiguous::<T>(ms, ml, "softmax mask")?;
+        if rows > 0 {
+            let f = kernel_fn(&s.device, &name("masked_softmax", s.dtype())?)?;
+            let stream = s.device.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x)
+                .arg(&m)
+                .arg(&out)
+                .arg(&keys)
+                .arg(&heads)
+                .arg(&t)
+                .arg(&mask_rows)
+                .arg(&scale);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { b.launch(per_row(rows)?) }.w()?;
+        }
     })
 }
 
@@ -292,30 +318,20 @@ pub(crate) fn softmax_grad(
     gl: &Layout,
     scale: f32,
 ) -> candle_core::Result<CudaStorage> {
-    let dev = y.device.clone();
     let (rows, keys) = rows_of(l)?;
     if gl.shape().elem_count() != rows * keys {
         candle_core::bail!("softmax gradient: {:?} for {:?}", gl.dims(), l.dims());
     }
-    macro_rules! launch {
-        ($t:ty, $name:literal) => {{
-            let yv = contiguous::<$t>(y, l, "softmax output")?;
-            let gv = contiguous::<$t>(g, gl, "softmax gradient")?;
-            // SAFETY: the kernel writes every element.
-            let out = unsafe { dev.alloc::<$t>(rows * keys)? };
-            if rows > 0 {
-                let f = kernel!(dev, $name);
-                let mut b = f.builder();
-                b.arg(&yv).arg(&gv).arg(&out).arg(&keys).arg(&scale);
-                // SAFETY: the arguments match the kernel's signature.
-                unsafe { b.launch(per_row(rows)?) }.w()?;
-            }
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }};
-    }
-    Ok(match y.dtype() {
-        DType::F32 => launch!(f32, "softmax_grad_f32"),
-        DType::BF16 => launch!(half::bf16, "softmax_grad_bf16"),
-        other => candle_core::bail!("softmax gradient: no GPU kernel for {other:?}"),
+    with_out!(y, rows * keys, |out, T| {
+        let yv = contiguous::<T>(y, l, "softmax output")?;
+        let gv = contiguous::<T>(g, gl, "softmax gradient")?;
+        if rows > 0 {
+            let f = kernel_fn(&y.device, &name("softmax_grad", y.dtype())?)?;
+            let stream = y.device.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&yv).arg(&gv).arg(&out).arg(&keys).arg(&scale);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { b.launch(per_row(rows)?) }.w()?;
+        }
     })
 }

@@ -16,7 +16,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, bail,
 };
 
-use super::cuda::{contiguous, grid, kernel_fn, per_row};
+use super::cuda::{contiguous, grid, kernel_fn, name, per_row, rows_of, with_out};
 use super::llama::Activation;
 
 /// Whether `x` (and the constants of its op, same dtype) go through these
@@ -33,40 +33,6 @@ fn cpu_only(name: &str) -> candle_core::Result<(CpuStorage, Shape)> {
     bail!("{name}: a GPU op reached the CPU")
 }
 
-/// The kernel name for `dtype`: `{root}_f32` or `{root}_bf16`.
-fn name(root: &str, dtype: DType) -> candle_core::Result<String> {
-    match dtype {
-        DType::F32 => Ok(format!("{root}_f32")),
-        DType::BF16 => Ok(format!("{root}_bf16")),
-        other => bail!("{root}: no GPU kernel for {other:?}"),
-    }
-}
-
-/// Allocates the output of `n` values of `s`'s dtype, runs `launch` with
-/// it, and wraps it as a storage.
-macro_rules! with_out {
-    ($s:expr, $n:expr, |$out:ident, $t:ident| $body:block) => {{
-        let dev = $s.device.clone();
-        match $s.dtype() {
-            DType::F32 => {
-                type $t = f32;
-                // SAFETY: the kernel writes every element.
-                let $out = unsafe { dev.alloc::<$t>($n)? };
-                $body
-                Ok::<CudaStorage, candle_core::Error>(CudaStorage::wrap_cuda_slice($out, dev))
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                // SAFETY: the kernel writes every element.
-                let $out = unsafe { dev.alloc::<$t>($n)? };
-                $body
-                Ok::<CudaStorage, candle_core::Error>(CudaStorage::wrap_cuda_slice($out, dev))
-            }
-            other => bail!("no GPU kernel for {other:?}"),
-        }
-    }};
-}
-
 // ------------------------------------------------------------------ RMSNorm
 
 /// `x * rsqrt(mean(x^2) + eps) * w` over the last dimension, `w` frozen.
@@ -78,11 +44,6 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<
 #[derive(Debug, Clone, Copy)]
 struct RmsNorm {
     eps: f32,
-}
-
-fn rows(l: &Layout) -> (usize, usize) {
-    let d = *l.dims().last().unwrap_or(&1);
-    (l.shape().elem_count() / d.max(1), d)
 }
 
 impl CustomOp2 for RmsNorm {
@@ -107,7 +68,7 @@ impl CustomOp2 for RmsNorm {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, d) = rows(xl);
+        let (n, d) = rows_of(xl)?;
         if wl.shape().elem_count() != d {
             bail!("rms norm: weight {:?} for rows of {d}", wl.dims());
         }
@@ -118,8 +79,10 @@ impl CustomOp2 for RmsNorm {
             let stream = xs.device.cuda_stream();
             let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&w).arg(&out).arg(&d).arg(&self.eps);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(per_row(n)?) }.w()?;
+            if n > 0 {
+                // SAFETY: the arguments match the kernel's signature.
+                unsafe { b.launch(per_row(n)?) }.w()?;
+            }
         })?;
         Ok((out, xl.shape().clone()))
     }
@@ -167,7 +130,7 @@ impl CustomOp3 for RmsNormGrad {
         gs: &CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, d) = rows(xl);
+        let (n, d) = rows_of(xl)?;
         let out = with_out!(xs, n * d, |out, T| {
             let x = contiguous::<T>(xs, xl, "rms norm input")?;
             let w = contiguous::<T>(ws, wl, "rms norm weight")?;
@@ -176,8 +139,10 @@ impl CustomOp3 for RmsNormGrad {
             let stream = xs.device.cuda_stream();
             let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&w).arg(&g).arg(&out).arg(&d).arg(&self.eps);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(per_row(n)?) }.w()?;
+            if n > 0 {
+                // SAFETY: the arguments match the kernel's signature.
+                unsafe { b.launch(per_row(n)?) }.w()?;
+            }
         })?;
         Ok((out, xl.shape().clone()))
     }
