@@ -458,6 +458,11 @@ pub static SETTINGS: &[Setting] = &[
         "quantize_embeddings",
         "Store the embedding and the output head as NF4 too (QLoRA keeps them 16-bit).",
     ),
+    flag(
+        "trainer",
+        "cpu_matmul_bf16",
+        "Multiply the frozen weights on the CPU in bf16 with f32 sums (AMX where present) instead of f32.",
+    ),
     int(
         "trainer",
         "seq_len",

@@ -19,6 +19,12 @@ per 128-token record) over one optimizer step, as `train`'s metrics do; a
 run's figure is the median of its steps after the first. Peak RSS is the
 child process's own (wait4's ru_maxrss).
 
+`--dtype bf16` multiplies the frozen weights in bf16 on both sides: `train
+--cpu-matmul bf16` (every frozen product, the blocks' and the head's, with
+bf16 operands and f32 sums) against bitsandbytes' `bnb_4bit_compute_dtype =
+bfloat16` (the blocks' NF4 products in bf16; the tied head, not a 4-bit
+layer, stays f32). Activations, adapters and the loss stay f32 on both.
+
 Same thing: the trainable parameter counts must be equal and the step-1
 losses (before any update, so the base model's loss: LoRA's B starts at
 zero) within 1e-3. The model is stored in bf16, so both sides start from
@@ -68,7 +74,7 @@ def peft_run(a):
     q = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32,
         bnb_4bit_use_double_quant=False,
     )
     model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=q, dtype=torch.float32)
@@ -147,7 +153,7 @@ def ours(a, ckpt, env, n):
            "--lora-layers", str(layers(a.model)), "--grad-accum-steps", "1",
            "--learning-rate", str(a.lr), "--weight-decay", "0", "--grad-clip", "1.0",
            "--eval-every", "100000", "--checkpoint-every", "100000",
-           "--grad-checkpoint" if ckpt else "--no-grad-checkpoint"]
+           "--grad-checkpoint" if ckpt else "--no-grad-checkpoint", "--cpu-matmul", a.dtype]
     rss = run_child(cmd, env, os.path.join(a.work, f"ours-{n}.log"))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -164,7 +170,7 @@ def peft(a, ckpt, env, n):
     cmd = [sys.executable, os.path.abspath(__file__), "peft", "--model", a.model,
            "--data", os.path.join(a.work, "data", "train.jsonl"), "--steps", str(a.steps),
            "--batch", str(RECORDS), "--seq-len", str(a.seq_len), "--rank", str(a.rank),
-           "--lr", str(a.lr), "--threads", str(a.threads)] + (["--checkpoint"] if ckpt else [])
+           "--lr", str(a.lr), "--threads", str(a.threads), "--dtype", a.dtype] + (["--checkpoint"] if ckpt else [])
     log = os.path.join(a.work, f"peft-{n}.log")
     rss = run_child(cmd, env, log)
     with open(log) as f:
@@ -251,6 +257,8 @@ def main():
         q.add_argument("--rank", type=int, default=8)
         q.add_argument("--lr", type=float, default=2e-4)
         q.add_argument("--threads", type=int, default=2)
+        q.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                       help="the frozen products' operands (see the module doc)")
     pp = sub.choices["peft"]
     pp.add_argument("--model", required=True)
     pp.add_argument("--data", required=True)

@@ -753,6 +753,33 @@ mod device {
     }
 
     #[test]
+    fn cpu_matmul_bf16_is_shown_with_its_engine() {
+        use qlora_scale::qlora::bf16_gemm::{Engine, engine};
+        let sb = Sandbox::new();
+        let out = sb.run(&["--dry-run", "--json", "--cpu-matmul", "bf16"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["cpu_matmul"], "bf16");
+        assert_eq!(v["value_sources"]["cpu_matmul"], "cli_or_config");
+        let want = match engine() {
+            Engine::Amx => "bf16 (AMX)",
+            Engine::Emulated => "bf16 (emulated in f32: no AMX)",
+        };
+        assert_eq!(v["frozen_products"], want);
+        // The default, and a bad value named with the choices.
+        let out = sb.run(&["--dry-run", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (&v["cpu_matmul"], &v["frozen_products"]),
+            (&"f32".into(), &"f32".into())
+        );
+        let out = sb.run(&["--dry-run", "--cpu-matmul", "f16"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("'f16'") && err.contains("f32, bf16"), "{err}");
+    }
+
+    #[test]
     fn an_unknown_device_is_named() {
         let out = Sandbox::new().run(&["--dry-run", "--device", "gpu"]);
         let err = stderr(&out);

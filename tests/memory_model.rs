@@ -86,6 +86,7 @@ fn frozen_bytes(c: &LlamaConfig, quantize_embeddings: bool) -> usize {
         device: Device::Cpu,
         checkpointing: false,
         quantize_embeddings,
+        ..Default::default()
     };
     let w = RandomWeights::new(c, 1, &Device::Cpu);
     let model = LlamaModel::new(c, &w, &opts).unwrap();

@@ -3,6 +3,10 @@
 //! compositions the fused CPU ops fall back to, and NF4 codes held as device
 //! tensors ([`Nf4OnDevice`]). Run here on the CPU, these check everything of
 //! the GPU's path but its kernels (tests/gpu.rs checks those on a GPU).
+//!
+//! And the CPU's own `bf16` products (`--cpu-matmul bf16`): `f32`
+//! activations, the frozen products' operands rounded to `bf16`, on AMX
+//! where this CPU has it, emulated elsewhere.
 
 mod qlora_common;
 
@@ -11,8 +15,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use qlora_common::*;
+use qlora_scale::qlora::bf16_gemm::{self, CpuMatmul};
 use qlora_scale::qlora::nf4_device::Nf4OnDevice;
-use qlora_scale::qlora::{FrozenLinear, FrozenStorage, FrozenWeight, Nf4Tensor};
+use qlora_scale::qlora::{
+    FrozenLinear, FrozenStorage, FrozenWeight, LlamaConfig, LlamaModel, ModelOptions, Nf4Tensor,
+};
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::device::Compute;
 use qlora_scale::train::settings::Settings;
@@ -124,12 +131,14 @@ fn a_frozen_layer_over_device_codes_computes_what_the_host_codes_do() {
     assert!(close(&y1, &y2) && close(&g1, &g2));
 }
 
-/// The embedded run's losses over `steps` steps on `compute`.
-fn losses(compute: &Compute, out: &Path, steps: u64) -> Vec<f64> {
+/// The embedded run's losses over `steps` steps on `compute`, frozen
+/// products as `matmul` says.
+fn losses(compute: &Compute, out: &Path, steps: u64, matmul: CpuMatmul) -> Vec<f64> {
     let settings = Settings {
         max_steps: Some(steps),
         eval_every: Some(1000),
         output_dir: Some(out.to_path_buf()),
+        cpu_matmul: Some(matmul),
         ..Settings::default()
     };
     let run = plan(&settings, Path::new("/nonexistent/p.json"), || None).unwrap();
@@ -150,18 +159,63 @@ fn bf16_training_tracks_f32_training() {
     // What scripts/gpu_check.sh compares between a GPU and the CPU: the
     // same seed, 20 steps, losses within 2%.
     let dir = tempfile::tempdir().unwrap();
-    let f32s = losses(&Compute::cpu(), &dir.path().join("f32"), 20);
+    let f32s = losses(&Compute::cpu(), &dir.path().join("f32"), 20, CpuMatmul::F32);
     let bf16 = Compute {
         device: Device::Cpu,
         dtype: DType::BF16,
     };
-    let bf16s = losses(&bf16, &dir.path().join("bf16"), 20);
-    assert_eq!(f32s.len(), 20);
-    let worst = f32s
+    let bf16s = losses(&bf16, &dir.path().join("bf16"), 20, CpuMatmul::F32);
+    tracks(&bf16s, &f32s);
+}
+
+/// `got` within 2% of `want` step by step, and training.
+fn tracks(got: &[f64], want: &[f64]) {
+    assert_eq!((got.len(), want.len()), (20, 20));
+    let worst = want
         .iter()
-        .zip(&bf16s)
+        .zip(got)
         .map(|(a, b)| ((a - b) / a).abs())
         .fold(0f64, f64::max);
-    assert!(worst < 0.02, "bf16 {bf16s:?} against f32 {f32s:?}: {worst}");
-    assert!(bf16s[19] < bf16s[0] - 0.5, "bf16 trains: {bf16s:?}");
+    assert!(worst < 0.02, "{got:?} against f32 {want:?}: {worst}");
+    assert!(got[19] < got[0] - 0.5, "trains: {got:?}");
+}
+
+/// LoRA gradients of a two-block model whose widths are whole NF4 blocks
+/// (so the frozen products take the chunked kernels, and with them the
+/// `bf16` products), frozen products as `matmul` says.
+fn cpu_matmul_grads(matmul: CpuMatmul, checkpointing: bool) -> Vec<(String, Vec<f64>)> {
+    let cfg = LlamaConfig::tiny(2, 64, 128, 96);
+    let w = cfg.random_weights(5, DType::F32, &Device::Cpu).unwrap();
+    let opts = ModelOptions {
+        storage: FrozenStorage::Nf4,
+        lora: lora(0.0),
+        checkpointing,
+        cpu_matmul: matmul,
+        ..ModelOptions::default()
+    };
+    let model = LlamaModel::new(&cfg, &w, &opts).unwrap();
+    nonzero_lora_b(&model, &Device::Cpu);
+    lora_grads(&model, None)
+}
+
+#[test]
+fn bf16_products_on_the_cpu_give_gradients_near_f32() {
+    eprintln!("bf16 engine here: {:?}", bf16_gemm::engine());
+    let f32s = cpu_matmul_grads(CpuMatmul::F32, false);
+    let bf16 = cpu_matmul_grads(CpuMatmul::Bf16, false);
+    let e = compare(&bf16, &f32s, 3e-2).unwrap();
+    eprintln!("largest relative gradient error of bf16 products: {e:.2e}");
+    assert!(e > 1e-5, "the products must actually be bf16 (error {e})");
+    // Recomputation multiplies the same rounded operands.
+    assert_eq!(cpu_matmul_grads(CpuMatmul::Bf16, true), bf16);
+}
+
+#[test]
+fn bf16_products_on_the_cpu_train_like_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = Compute::cpu();
+    let f32s = losses(&cpu, &dir.path().join("f32"), 20, CpuMatmul::F32);
+    let bf16s = losses(&cpu, &dir.path().join("bf16"), 20, CpuMatmul::Bf16);
+    assert_ne!(f32s, bf16s, "bf16 products change the sums");
+    tracks(&bf16s, &f32s);
 }

@@ -508,6 +508,21 @@ fn a_stored_spec_without_quantize_embeddings_means_nf4_embeddings() {
 }
 
 #[test]
+fn a_stored_spec_without_cpu_matmul_means_f32_products() {
+    use qlora_scale::qlora::bf16_gemm::CpuMatmul;
+    let settings = Settings {
+        cpu_matmul: Some(CpuMatmul::Bf16),
+        ..Settings::default()
+    };
+    let run = plan(&settings, Path::new("/nonexistent/p.json"), || None).unwrap();
+    let mut stored = serde_json::to_value(&run.spec).unwrap();
+    assert_eq!(stored["cpu_matmul"], "bf16");
+    stored.as_object_mut().unwrap().remove("cpu_matmul");
+    let old: qlora_scale::train::spec::RunSpec = serde_json::from_value(stored).unwrap();
+    assert_eq!(old.settings.cpu_matmul, CpuMatmul::F32);
+}
+
+#[test]
 fn local_model_dir_trains_and_bad_dirs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("tiny-llama");
@@ -790,8 +805,10 @@ fn resume_keeps_the_runs_settings_and_refuses_a_different_rank() {
     // More steps are allowed and said; everything else comes from the
     // checkpoint (TINY's sequence length and rank, a checkpoint every 3
     // steps), not from the defaults.
-    let err = ok(resume(&["--max-steps", "12"]));
-    assert!(err.contains("resume: max_steps: 6 -> 12"), "{err}");
+    // So is another product precision (a machine with AMX, or without).
+    let err = ok(resume(&["--max-steps", "12", "--cpu-matmul", "bf16"]));
+    assert!(err.contains("max_steps: 6 -> 12"), "{err}");
+    assert!(err.contains(r#"cpu_matmul: "f32" -> "bf16""#), "{err}");
     let run = dir.path().join("run");
     let cks: Vec<u64> = checkpoint::list(&run.join("checkpoints"))
         .into_iter()
@@ -801,6 +818,7 @@ fn resume_keeps_the_runs_settings_and_refuses_a_different_rank() {
     let ck = checkpoint::load(&checkpoint::checkpoint_path(&run.join("checkpoints"), 12)).unwrap();
     let s = &ck.state.spec.settings;
     assert_eq!((s.seq_len, s.lora_rank, s.max_steps), (32, 4, 12));
+    assert_eq!(s.cpu_matmul, qlora_scale::qlora::bf16_gemm::CpuMatmul::Bf16);
 }
 
 /// Each row's step, loss and learning rate, as written.

@@ -67,6 +67,7 @@ impl Workload {
             // The storage comparison of BENCHMARKS.md: every frozen matrix,
             // embedding and head included, in `storage`.
             quantize_embeddings: true,
+            ..Default::default()
         };
         let model =
             LlamaModel::new(&cfg, &RandomWeights::new(&cfg, 1, &dev), &opts).expect("model");

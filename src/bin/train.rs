@@ -346,6 +346,10 @@ struct DryRun<'a> {
     device: String,
     /// The activations' dtype there (`f32`, `bf16`).
     compute_dtype: &'static str,
+    /// How the frozen weights multiply, and on what: `f32`, `bf16 (AMX)`,
+    /// `bf16 (emulated in f32: no AMX)` on the CPU (`cpu_matmul`), the
+    /// compute dtype on a GPU.
+    frozen_products: &'static str,
 }
 
 impl Run<'_> {
@@ -363,6 +367,7 @@ impl Run<'_> {
             memory: self.memory,
             device: self.compute.name(),
             compute_dtype: self.compute.dtype_name(),
+            frozen_products: self.frozen_products(),
         };
         let mut value =
             serde_json::to_value(&view).context("cannot serialise the configuration")?;
@@ -386,16 +391,30 @@ impl Run<'_> {
             .context("cannot write to stdout")
     }
 
+    /// How the frozen weights multiply: `cpu_matmul` on the CPU (with the
+    /// engine this CPU has), the compute dtype on a GPU.
+    fn frozen_products(&self) -> &'static str {
+        if self.compute.device.is_cpu() {
+            self.plan.spec.settings.cpu_matmul.describe()
+        } else {
+            self.compute.dtype_name()
+        }
+    }
+
     /// The one line that says what will train.
     fn setup_line(&self) -> String {
         let (spec, prov, world) = (&self.plan.spec, &self.plan.provenance, self.world);
         let s = &spec.settings;
+        let dtype = match self.frozen_products() {
+            p if p == self.compute.dtype_name() => p.to_string(),
+            p => format!("{}, frozen products {p}", self.compute.dtype_name()),
+        };
         format!(
             "profile: {}; model {}; on {} ({}); batch {} x {} accum{}, rank {}, alpha {}, {}, checkpointing {}",
             prov.profile_source.describe(),
             model_line(spec),
             self.compute.name(),
-            self.compute.dtype_name(),
+            dtype,
             s.batch_size,
             s.grad_accum_steps,
             if world.size > 1 {

@@ -28,6 +28,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
 
+use super::bf16_gemm::CpuMatmul;
 use super::kernel;
 use super::nf4::{Nf4Error, Nf4Tensor};
 use super::nf4_device::Nf4OnDevice;
@@ -295,12 +296,22 @@ impl FrozenWeight {
 #[derive(Debug, Clone)]
 pub struct FrozenMatmulOp {
     weight: Arc<FrozenWeight>,
+    matmul: CpuMatmul,
 }
 
 impl FrozenMatmulOp {
-    /// An op over a shared frozen weight.
+    /// An op over a shared frozen weight, `f32` products.
     pub fn new(weight: Arc<FrozenWeight>) -> Self {
-        Self { weight }
+        Self {
+            weight,
+            matmul: CpuMatmul::F32,
+        }
+    }
+
+    /// The same op with `f32` inputs multiplied as `matmul` says.
+    pub fn with_cpu_matmul(mut self, matmul: CpuMatmul) -> Self {
+        self.matmul = matmul;
+        self
     }
 }
 
@@ -346,7 +357,9 @@ impl CustomOp1 for FrozenMatmulOp {
             }
             (weight, CpuStorage::F32(data)) if weight.kernel_ready() => {
                 let x = &data[start..start + m * k];
-                CpuStorage::F32(weight.with_kernel_ref(|w| kernel::matmul_wt(x, m, w, n, k))?)
+                CpuStorage::F32(
+                    weight.with_kernel_ref(|w| kernel::matmul_wt(x, m, w, n, k, self.matmul))?,
+                )
             }
             _ => {
                 let w = self.weight.dequantize(s.dtype(), &Device::Cpu)?;
@@ -405,7 +418,7 @@ impl CustomOp1 for FrozenMatmulOp {
                 let dy = &data[a..b];
                 let gx = self
                     .weight
-                    .with_kernel_ref(|w| kernel::matmul_w(dy, m, w, n, k))?;
+                    .with_kernel_ref(|w| kernel::matmul_w(dy, m, w, n, k, self.matmul))?;
                 return Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?));
             }
         }
@@ -422,6 +435,7 @@ impl CustomOp1 for FrozenMatmulOp {
 pub struct FrozenLinear {
     weight: Arc<FrozenWeight>,
     storage: FrozenStorage,
+    matmul: CpuMatmul,
 }
 
 impl FrozenLinear {
@@ -430,12 +444,29 @@ impl FrozenLinear {
         Ok(Self {
             weight: Arc::new(FrozenWeight::new(w, storage)?),
             storage,
+            matmul: CpuMatmul::F32,
         })
     }
 
     /// A layer over an already stored weight (e.g. tied embeddings).
     pub fn from_weight(weight: Arc<FrozenWeight>, storage: FrozenStorage) -> Self {
-        Self { weight, storage }
+        Self {
+            weight,
+            storage,
+            matmul: CpuMatmul::F32,
+        }
+    }
+
+    /// The same layer multiplying `f32` inputs on the CPU as `matmul` says
+    /// ([`CpuMatmul`]).
+    pub fn with_cpu_matmul(mut self, matmul: CpuMatmul) -> Self {
+        self.matmul = matmul;
+        self
+    }
+
+    /// How the layer multiplies `f32` inputs on the CPU.
+    pub fn cpu_matmul(&self) -> CpuMatmul {
+        self.matmul
     }
 
     /// The stored weight.
@@ -462,7 +493,7 @@ impl FrozenLinear {
             }
             _ => x
                 .contiguous()?
-                .apply_op1(FrozenMatmulOp::new(self.weight.clone())),
+                .apply_op1(FrozenMatmulOp::new(self.weight.clone()).with_cpu_matmul(self.matmul)),
         }
     }
 }

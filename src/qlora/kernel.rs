@@ -18,12 +18,14 @@
 //! The sums are the same products in another order, so results equal
 //! Candle's to `f32` rounding (tests compare both).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ops::Range;
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, CpuMatmul, Engine};
 use super::nf4::{NF4_BLOCK, Nf4Tensor};
 
 /// Bytes of dequantized weight a thread holds at once: small enough to stay
@@ -90,6 +92,20 @@ impl SharedOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         }
+    }
+
+    /// The first `len` values of `v`'s capacity, not yet initialised: the
+    /// caller must write every one of them before `set_len`.
+    fn of_uninit(v: &mut Vec<f32>, len: usize) -> SharedOut {
+        SharedOut {
+            ptr: v.spare_capacity_mut()[..len].as_mut_ptr().cast(),
+            len,
+        }
+    }
+
+    /// The pointer to element `offset` (not dereferenced here).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.ptr.wrapping_add(offset)
     }
 }
 
@@ -199,9 +215,25 @@ fn sgemm(dst: SharedOut, d: View, accumulate: bool, lhs: &[f32], l: View, rhs: &
     }
 }
 
+/// A thread's buffers for the AMX products: a packed weight chunk (as
+/// either operand) and the sums.
+#[derive(Default)]
+struct AmxBuffers {
+    a: bf16_gemm::PackedA,
+    b: bf16_gemm::PackedB,
+    c: Vec<f32>,
+}
+
 thread_local! {
     /// Each thread's dequantization buffer, reused across calls.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's AMX buffers, reused across calls.
+    static AMX: RefCell<AmxBuffers> = RefCell::new(AmxBuffers::default());
+}
+
+/// Runs `f` with this thread's AMX buffers.
+fn with_amx<R>(f: impl FnOnce(&mut AmxBuffers) -> R) -> R {
+    AMX.with(|cell| f(&mut cell.borrow_mut()))
 }
 
 /// Runs `f` with this thread's scratch buffer of at least `len` values.
@@ -274,20 +306,71 @@ fn check(what: &str, x_len: usize, m: usize, width: usize, w: &WeightRef, n: usi
     assert_eq!(x_len, m * width, "{what}: input is not {m} x {width}");
 }
 
-/// `y = x · Wᵀ` for `x` of `m x k` (row-major) and `W` of `n x k`: `m x n`.
+/// `x` as the products read it: itself in `f32`, rounded to `bf16` values
+/// for the emulated `bf16` engine.
+fn operand(x: &[f32], prec: CpuMatmul) -> Cow<'_, [f32]> {
+    match prec {
+        CpuMatmul::F32 => Cow::Borrowed(x),
+        CpuMatmul::Bf16 => {
+            let mut v = x.to_vec();
+            bf16_gemm::round_in_place(&mut v);
+            Cow::Owned(v)
+        }
+    }
+}
+
+/// Rows of a weight chunk for the `bf16` products: [`chunk_rows`] rounded
+/// down to whole 32-deep blocks.
+fn chunk_rows_bf16(cols: usize) -> usize {
+    (chunk_rows(cols) / bf16_gemm::PAD * bf16_gemm::PAD).max(bf16_gemm::PAD)
+}
+
+/// `y = x · Wᵀ` for `x` of `m x k` (row-major) and `W` of `n x k`: `m x n`,
+/// with `prec`'s products ([`CpuMatmul`]).
 ///
 /// # Panics
 /// If `x` is not `m x k` or `w` is not a supported `n x k` weight
 /// ([`WeightRef::supported`]).
-pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f32> {
+pub fn matmul_wt(
+    x: &[f32],
+    m: usize,
+    w: WeightRef,
+    n: usize,
+    k: usize,
+    prec: CpuMatmul,
+) -> Vec<f32> {
+    matmul_wt_on(x, m, w, n, k, prec, bf16_gemm::engine())
+}
+
+/// [`matmul_wt`] with `bf16` products on `engine` (`Amx` only where
+/// [`bf16_gemm::engine`] says so).
+fn matmul_wt_on(
+    x: &[f32],
+    m: usize,
+    w: WeightRef,
+    n: usize,
+    k: usize,
+    prec: CpuMatmul,
+    engine: Engine,
+) -> Vec<f32> {
     check("frozen matmul", x.len(), m, k, &w, n, k);
+    if prec == CpuMatmul::Bf16 && engine == Engine::Amx {
+        let mut out = Vec::with_capacity(m * n);
+        matmul_wt_amx(x, m, w, n, k, SharedOut::of_uninit(&mut out, m * n));
+        // SAFETY: the threads' column ranges cover all `n` columns, and
+        // each writes every row of its columns.
+        unsafe { out.set_len(m * n) };
+        return out;
+    }
     let mut out = vec![0f32; m * n];
+    let x = operand(x, prec);
+    let x = &x[..];
     let dst = SharedOut::of(&mut out);
     let x_view = View::row_major(0, m, k, k);
     split(n, threads(), 16)
         .into_par_iter()
         .for_each(|cols| match w {
-            WeightRef::Dense(wd) => {
+            WeightRef::Dense(wd) if prec == CpuMatmul::F32 => {
                 let r = View::transposed(cols.start * k, k, cols.len());
                 let d = View::row_major(cols.start, m, cols.len(), n);
                 sgemm(dst, d, false, x, x_view, wd, r);
@@ -299,6 +382,9 @@ pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
                         let end = (start + rows).min(cols.end);
                         let chunk = &mut buf[..(end - start) * k];
                         w.widen_into(start * k, chunk);
+                        if prec == CpuMatmul::Bf16 {
+                            bf16_gemm::round_in_place(chunk);
+                        }
                         let r = View::transposed(0, k, end - start);
                         let d = View::row_major(start, m, end - start, n);
                         sgemm(dst, d, false, x, x_view, chunk, r);
@@ -309,19 +395,130 @@ pub fn matmul_wt(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
     out
 }
 
+/// [`matmul_wt`] on AMX, as `y = (W · xᵀ)ᵀ`: `x` packed once as the right
+/// operand, each thread's chunks of weight rows dequantized and packed as
+/// the left one, and each chunk's sums written transposed into `y`.
+fn matmul_wt_amx(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: SharedOut) {
+    let mut xt = bf16_gemm::PackedB::default();
+    xt.pack_transposed(x, m, k);
+    split(n, threads(), bf16_gemm::PAD)
+        .into_par_iter()
+        .for_each(|cols| {
+            let rows = chunk_rows_bf16(k);
+            with_scratch(rows * k, |buf| {
+                with_amx(|amx| {
+                    for start in cols.clone().step_by(rows) {
+                        let end = (start + rows).min(cols.end);
+                        let chunk = &mut buf[..(end - start) * k];
+                        w.widen_into(start * k, chunk);
+                        amx.a.pack(chunk, end - start, k, k, false);
+                        let (rp, cp) = bf16_gemm::c_len(&amx.a, &xt);
+                        amx.c.resize(rp * cp, 0.0);
+                        bf16_gemm::gemm(&amx.a, 0, &xt, &mut amx.c, false);
+                        // SAFETY: columns start..end of the m x n output:
+                        // only this task writes them.
+                        unsafe {
+                            bf16_gemm::store_transposed(
+                                &amx.c,
+                                cp,
+                                end - start,
+                                m,
+                                dst.at(start),
+                                n,
+                            )
+                        };
+                    }
+                });
+            });
+        });
+}
+
+/// [`matmul_w`] on AMX: `dy` packed once as the left operand; each thread
+/// sums its output columns over chunks of weight rows (packed as the right
+/// operand) into its own `C`, then copies it out.
+fn matmul_w_amx(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: SharedOut) {
+    let mut dya = bf16_gemm::PackedA::default();
+    dya.pack(dy, m, n, n, true);
+    split(k, threads(), NF4_BLOCK)
+        .into_par_iter()
+        .for_each(|cols| {
+            let width = cols.len();
+            let rows = chunk_rows_bf16(width);
+            with_scratch(rows * width, |buf| {
+                with_amx(|amx| {
+                    for start in (0..n).step_by(rows) {
+                        let end = (start + rows).min(n);
+                        let chunk = &mut buf[..(end - start) * width];
+                        // W[start..end, cols] (for NF4 whole blocks, as in
+                        // the f32 path).
+                        for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
+                            w.widen_into((start + i) * k + cols.start, row);
+                        }
+                        amx.b.pack_rows(chunk, end - start, width);
+                        let (rp, cp) = bf16_gemm::c_len(&dya, &amx.b);
+                        amx.c.resize(rp * cp, 0.0);
+                        // `start` is a multiple of `rows`, itself of 32.
+                        let kb0 = start / bf16_gemm::PAD;
+                        bf16_gemm::gemm(&dya, kb0, &amx.b, &mut amx.c, start > 0);
+                    }
+                    let cp = bf16_gemm::c_len(&dya, &amx.b).1;
+                    for t in 0..m {
+                        // SAFETY: row t, columns `cols` of the m x k output:
+                        // only this task writes those columns.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(dst.at(t * k + cols.start), width)
+                        };
+                        row.copy_from_slice(&amx.c[t * cp..t * cp + width]);
+                    }
+                });
+            });
+        });
+}
+
 /// `dx = dy · W` for `dy` of `m x n` (row-major) and `W` of `n x k`: `m x k`,
-/// the input gradient of [`matmul_wt`].
+/// the input gradient of [`matmul_wt`], with `prec`'s products.
 ///
 /// # Panics
 /// If `dy` is not `m x n` or `w` is not a supported `n x k` weight.
-pub fn matmul_w(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f32> {
+pub fn matmul_w(
+    dy: &[f32],
+    m: usize,
+    w: WeightRef,
+    n: usize,
+    k: usize,
+    prec: CpuMatmul,
+) -> Vec<f32> {
+    matmul_w_on(dy, m, w, n, k, prec, bf16_gemm::engine())
+}
+
+/// [`matmul_w`] with `bf16` products on `engine`.
+fn matmul_w_on(
+    dy: &[f32],
+    m: usize,
+    w: WeightRef,
+    n: usize,
+    k: usize,
+    prec: CpuMatmul,
+    engine: Engine,
+) -> Vec<f32> {
     check("frozen matmul backward", dy.len(), m, n, &w, n, k);
+    if prec == CpuMatmul::Bf16 && engine == Engine::Amx && n > 0 {
+        let mut out = Vec::with_capacity(m * k);
+        matmul_w_amx(dy, m, w, n, k, SharedOut::of_uninit(&mut out, m * k));
+        // SAFETY: the threads' column ranges cover all `k` columns, and
+        // each writes every row of its columns (`n > 0`: at least one
+        // chunk of sums).
+        unsafe { out.set_len(m * k) };
+        return out;
+    }
     let mut out = vec![0f32; m * k];
+    let dy = operand(dy, prec);
+    let dy = &dy[..];
     let dst = SharedOut::of(&mut out);
     split(k, threads(), NF4_BLOCK)
         .into_par_iter()
         .for_each(|cols| match w {
-            WeightRef::Dense(wd) => {
+            WeightRef::Dense(wd) if prec == CpuMatmul::F32 => {
                 let l = View::row_major(0, m, n, n);
                 let r = View::row_major(cols.start, n, cols.len(), k);
                 let d = View::row_major(cols.start, m, cols.len(), k);
@@ -340,6 +537,9 @@ pub fn matmul_w(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
                         for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
                             w.widen_into((start + i) * k + cols.start, row);
                         }
+                        if prec == CpuMatmul::Bf16 {
+                            bf16_gemm::round_in_place(chunk);
+                        }
                         let l = View::row_major(start, m, end - start, n);
                         let r = View::row_major(0, end - start, width, width);
                         let d = View::row_major(cols.start, m, width, k);
@@ -354,6 +554,7 @@ pub fn matmul_w(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize) -> Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use CpuMatmul::F32;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
@@ -415,21 +616,77 @@ mod tests {
             let (x, dy) = (data(m * k, 1), data(m * n, 7));
             let w = data(n * k, 2);
             let (y, dx) = reference(&x, &dy, m, &w, n, k);
-            close(&matmul_wt(&x, m, WeightRef::Dense(&w), n, k), &y);
-            close(&matmul_w(&dy, m, WeightRef::Dense(&w), n, k), &dx);
+            close(&matmul_wt(&x, m, WeightRef::Dense(&w), n, k, F32), &y);
+            close(&matmul_w(&dy, m, WeightRef::Dense(&w), n, k, F32), &dx);
             let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
             let (yb, dxb) = reference(&x, &dy, m, &widen(&w16), n, k);
-            close(&matmul_wt(&x, m, WeightRef::Bf16(&w16), n, k), &yb);
-            close(&matmul_w(&dy, m, WeightRef::Bf16(&w16), n, k), &dxb);
+            close(&matmul_wt(&x, m, WeightRef::Bf16(&w16), n, k, F32), &yb);
+            close(&matmul_w(&dy, m, WeightRef::Bf16(&w16), n, k, F32), &dxb);
             let (yh, dxh) = reference(&x, &dy, m, &widen(&wh), n, k);
-            close(&matmul_wt(&x, m, WeightRef::F16(&wh), n, k), &yh);
-            close(&matmul_w(&dy, m, WeightRef::F16(&wh), n, k), &dxh);
+            close(&matmul_wt(&x, m, WeightRef::F16(&wh), n, k, F32), &yh);
+            close(&matmul_w(&dy, m, WeightRef::F16(&wh), n, k, F32), &dxh);
             for dq in [false, true] {
                 let q = Nf4Tensor::quantize(&w, &[n, k], dq).expect("quantize");
                 let (yq, dxq) = reference(&x, &dy, m, &q.dequantize(), n, k);
-                close(&matmul_wt(&x, m, WeightRef::Nf4(&q), n, k), &yq);
-                close(&matmul_w(&dy, m, WeightRef::Nf4(&q), n, k), &dxq);
+                close(&matmul_wt(&x, m, WeightRef::Nf4(&q), n, k, F32), &yq);
+                close(&matmul_w(&dy, m, WeightRef::Nf4(&q), n, k, F32), &dxq);
+            }
+        }
+    }
+
+    /// `v` rounded to `bf16` values.
+    fn rounded(v: &[f32]) -> Vec<f32> {
+        let mut v = v.to_vec();
+        bf16_gemm::round_in_place(&mut v);
+        v
+    }
+
+    #[test]
+    fn bf16_products_match_the_rounded_reference_on_both_engines() {
+        let mut engines = vec![Engine::Emulated];
+        if bf16_gemm::engine() == Engine::Amx {
+            engines.push(Engine::Amx);
+        } else {
+            eprintln!("this CPU has no AMX: the emulated engine only");
+        }
+        // m = 1 and odd m; n and k not multiples of 32 (dense); several
+        // backward chunks (n = 2100); NF4 with whole blocks.
+        for &(m, n, k) in &[
+            (1, 5, 64),
+            (3, 1031, 128),
+            (37, 33, 192),
+            (2, 2100, 64),
+            (5, 7, 9),
+        ] {
+            let (x, dy) = (data(m * k, 1), data(m * n, 7));
+            let w = data(n * k, 2);
+            let q = Nf4Tensor::quantize(&w, &[n, k], true).ok();
+            for engine in &engines {
+                let (y, dx) = reference(&rounded(&x), &rounded(&dy), m, &rounded(&w), n, k);
+                let dense = WeightRef::Dense(&w);
+                close(
+                    &matmul_wt_on(&x, m, dense, n, k, CpuMatmul::Bf16, *engine),
+                    &y,
+                );
+                close(
+                    &matmul_w_on(&dy, m, dense, n, k, CpuMatmul::Bf16, *engine),
+                    &dx,
+                );
+                let Some(q) = q.as_ref().filter(|_| k % NF4_BLOCK == 0) else {
+                    continue;
+                };
+                let wq = rounded(&q.dequantize());
+                let (yq, dxq) = reference(&rounded(&x), &rounded(&dy), m, &wq, n, k);
+                let nf4 = WeightRef::Nf4(q);
+                close(
+                    &matmul_wt_on(&x, m, nf4, n, k, CpuMatmul::Bf16, *engine),
+                    &yq,
+                );
+                close(
+                    &matmul_w_on(&dy, m, nf4, n, k, CpuMatmul::Bf16, *engine),
+                    &dxq,
+                );
             }
         }
     }

@@ -31,6 +31,7 @@ use rand::rngs::StdRng;
 use serde::Deserialize;
 
 use super::attention::{Attention, attention};
+use super::bf16_gemm::CpuMatmul;
 use super::frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 use super::fused;
 use super::load::{LoadError, WeightSource};
@@ -614,6 +615,10 @@ pub struct ModelOptions {
     /// a quantized one. Off (QLoRA's way, as bitsandbytes does it), they
     /// stay 16-bit: `f16` for a base stored as `f16`, else `bf16`.
     pub quantize_embeddings: bool,
+    /// How the frozen matmuls (blocks and head) multiply `f32` activations
+    /// on the CPU: `f32`, or `bf16` products with `f32` sums (AMX where the
+    /// CPU has it; [`super::bf16_gemm`]).
+    pub cpu_matmul: CpuMatmul,
 }
 
 impl Default for ModelOptions {
@@ -627,6 +632,7 @@ impl Default for ModelOptions {
             device: Device::Cpu,
             checkpointing: false,
             quantize_embeddings: false,
+            cpu_matmul: CpuMatmul::F32,
         }
     }
 }
@@ -1061,7 +1067,8 @@ impl Loader<'_> {
         let (config, opts, lora) = (self.config, self.options, &self.options.lora);
         let name = |what: &str| format!("model.layers.{l}.{}.{what}", proj.path);
         let weight = self.frozen(&name("weight"), opts.storage)?;
-        let base = FrozenLinear::from_weight(Arc::new(weight), opts.storage);
+        let base = FrozenLinear::from_weight(Arc::new(weight), opts.storage)
+            .with_cpu_matmul(opts.cpu_matmul);
         let bias = if config.has_bias(proj) {
             Some(self.get(&name("bias"))?.to_dtype(opts.dtype)?)
         } else {
@@ -1102,7 +1109,8 @@ impl LlamaModel {
             FrozenLinear::from_weight(embed.clone(), hs)
         } else {
             FrozenLinear::from_weight(Arc::new(ld.frozen("lm_head.weight", hs)?), hs)
-        };
+        }
+        .with_cpu_matmul(options.cpu_matmul);
         let norm = ld.norm("model.norm.weight")?;
         let mut rng = StdRng::seed_from_u64(options.lora.seed);
         let varmap = VarMap::new();

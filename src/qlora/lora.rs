@@ -314,6 +314,7 @@ impl LoraLinear {
         match adapter {
             Some((a, b)) if self.uses_fused_op(x, adapter, dropout) => {
                 let op = LoraMatmulOp::new(self.base.weight().clone(), self.scale)
+                    .with_cpu_matmul(self.base.cpu_matmul())
                     .with_dropout(dropout)?;
                 let y = op.apply(x, a, b)?;
                 match &self.bias {

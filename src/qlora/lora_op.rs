@@ -50,6 +50,7 @@ use candle_core::{
 };
 use gemm::{Parallelism, gemm};
 
+use super::bf16_gemm::CpuMatmul;
 use super::frozen::{FrozenStorage, FrozenWeight};
 use super::kernel;
 
@@ -198,32 +199,53 @@ fn dense_weight<T: WithDType>(w: &FrozenWeight) -> candle_core::Result<Vec<T>> {
 /// An element type of the op: how it multiplies by the frozen weight.
 trait Elem: WithDType {
     /// `x · Wᵀ` (`m x n`) for `x` of `m x k`.
-    fn base_xwt(w: &FrozenWeight, x: &[Self], m: usize) -> candle_core::Result<Vec<Self>> {
+    /// `prec` is for `f32`: wider types multiply in their own precision.
+    fn base_xwt(
+        w: &FrozenWeight,
+        x: &[Self],
+        m: usize,
+        _prec: CpuMatmul,
+    ) -> candle_core::Result<Vec<Self>> {
         dense_xwt(w, x, m)
     }
 
     /// `dy · W` (`m x k`) for `dy` of `m x n`.
-    fn base_dyw(w: &FrozenWeight, dy: &[Self], m: usize) -> candle_core::Result<Vec<Self>> {
+    fn base_dyw(
+        w: &FrozenWeight,
+        dy: &[Self],
+        m: usize,
+        _prec: CpuMatmul,
+    ) -> candle_core::Result<Vec<Self>> {
         dense_dyw(w, dy, m)
     }
 }
 
 /// `f32`: the chunked kernels for a weight they read, as the frozen op.
 impl Elem for f32 {
-    fn base_xwt(w: &FrozenWeight, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+    fn base_xwt(
+        w: &FrozenWeight,
+        x: &[f32],
+        m: usize,
+        prec: CpuMatmul,
+    ) -> candle_core::Result<Vec<f32>> {
         let (n, k) = w.dims();
         if !w.kernel_ready() {
             return dense_xwt(w, x, m);
         }
-        w.with_kernel_ref(|wr| kernel::matmul_wt(x, m, wr, n, k))
+        w.with_kernel_ref(|wr| kernel::matmul_wt(x, m, wr, n, k, prec))
     }
 
-    fn base_dyw(w: &FrozenWeight, dy: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+    fn base_dyw(
+        w: &FrozenWeight,
+        dy: &[f32],
+        m: usize,
+        prec: CpuMatmul,
+    ) -> candle_core::Result<Vec<f32>> {
         let (n, k) = w.dims();
         if !w.kernel_ready() {
             return dense_dyw(w, dy, m);
         }
-        w.with_kernel_ref(|wr| kernel::matmul_w(dy, m, wr, n, k))
+        w.with_kernel_ref(|wr| kernel::matmul_w(dy, m, wr, n, k, prec))
     }
 }
 
@@ -257,6 +279,8 @@ fn with_values<T: WithDType, R>(
 pub struct LoraMatmulOp {
     weight: Arc<FrozenWeight>,
     scale: f64,
+    /// How the frozen product multiplies (`f32` inputs only).
+    matmul: CpuMatmul,
     /// LoRA dropout: the mask (`x`'s shape and dtype, kept values already
     /// scaled by `1 / (1 - p)`) the adapter path's input is multiplied by.
     dropout: Option<Tensor>,
@@ -268,8 +292,16 @@ impl LoraMatmulOp {
         Self {
             weight,
             scale,
+            matmul: CpuMatmul::F32,
             dropout: None,
         }
+    }
+
+    /// The same op with the frozen product's `f32` inputs multiplied as
+    /// `matmul` says ([`CpuMatmul`]; the adapter's products stay `f32`).
+    pub fn with_cpu_matmul(mut self, matmul: CpuMatmul) -> Self {
+        self.matmul = matmul;
+        self
     }
 
     /// The same op with LoRA dropout: the adapter path reads `x ⊙ mask`
@@ -359,7 +391,7 @@ impl LoraMatmulOp {
     /// The forward in `T`: `y = x · Wᵀ`, then `y += s · (x · Aᵀ) · Bᵀ`.
     fn forward<T: Elem>(&self, x: &[T], a: &[T], b: &[T], d: Dims) -> candle_core::Result<Vec<T>> {
         let (m, n, _, r) = d;
-        let mut y = T::base_xwt(&self.weight, x, m)?;
+        let mut y = T::base_xwt(&self.weight, x, m, self.matmul)?;
         let u = x_at(&self.lora_input(x)?, a, d);
         let bt = Mat::new(b, n, r).t();
         gemm_into(
@@ -391,7 +423,7 @@ impl LoraMatmulOp {
         );
         let vm = Mat::new(&v, m, r);
         let dx = if want_dx {
-            let mut dx = T::base_dyw(&self.weight, dy, m)?;
+            let mut dx = T::base_dyw(&self.weight, dy, m, self.matmul)?;
             self.add_lora_dx(&mut dx, vm, Mat::new(a, r, k), s)?;
             Some(dx)
         } else {

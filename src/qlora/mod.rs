@@ -21,6 +21,7 @@
 //! ```
 
 pub mod attention;
+pub mod bf16_gemm;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod frozen;

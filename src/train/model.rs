@@ -269,6 +269,7 @@ fn options(
         device: compute.device.clone(),
         checkpointing: spec.settings.grad_checkpoint,
         quantize_embeddings: spec.settings.quantize_embeddings,
+        cpu_matmul: spec.settings.cpu_matmul,
     }
 }
 

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::qlora::bf16_gemm::CpuMatmul;
 use crate::qlora::lora::LoraTarget;
 use crate::tables::{ChipVariant, Generation, LORA_ALPHA_PER_RANK, Profile, embedded, trainer};
 
@@ -267,6 +268,13 @@ settings! {
     #[arg(long, num_args = 0, default_missing_value = "true")]
     #[absent = "nf4_before_the_setting"]
     quantize_embeddings: bool => default(trainer::QUANTIZE_EMBEDDINGS, trainer::QUANTIZE_EMBEDDINGS),
+    /// How the frozen weights multiply on the CPU: f32, or bf16 operands
+    /// with f32 sums (Intel AMX where the CPU has it, several times faster;
+    /// emulated at f32 speed elsewhere) [default: f32]
+    #[arg(long, value_name = "DTYPE", value_enum, ignore_case = true)]
+    #[absent = "f32_before_the_setting"]
+    #[resume = changeable]
+    cpu_matmul: CpuMatmul => default(CpuMatmul::from_bf16_flag(trainer::CPU_MATMUL_BF16), CpuMatmul::from_bf16_flag(trainer::CPU_MATMUL_BF16)),
     /// Micro-batches per optimizer step
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     #[resume = changeable]
@@ -348,6 +356,11 @@ settings! {
 /// checkpoint's): runs then stored the embedding and head as NF4.
 fn nf4_before_the_setting() -> bool {
     true
+}
+
+/// `cpu_matmul` of a spec stored before the setting existed: `f32`.
+fn f32_before_the_setting() -> CpuMatmul {
+    CpuMatmul::F32
 }
 
 /// A setting given on resume that may not differ from the checkpoint's.

@@ -97,6 +97,13 @@ pub fn build_on(
         ..ModelOptions::default()
     };
     let model = LlamaModel::new(cfg, weights, &opts).unwrap();
+    nonzero_lora_b(&model, device);
+    model
+}
+
+/// Gives every LoRA `B` fixed non-zero values (it starts at zero, which
+/// would leave `A` without gradient).
+pub fn nonzero_lora_b(model: &LlamaModel, device: &Device) {
     for (i, (name, var)) in model.trainable_vars().into_iter().enumerate() {
         if name.contains("lora_B") {
             let n = var.as_tensor().elem_count();
@@ -107,7 +114,6 @@ pub fn build_on(
             var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
         }
     }
-    model
 }
 
 /// Two rows of 6 tokens; the second row is right-padded by 2 and its first

@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 18fda2a3c8466c89
+//   tables/defaults.toml a725ad0aca1951e0
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml d7bb7540c9785cad
@@ -2034,6 +2034,8 @@ pub mod trainer {
     pub const SEED: u64 = 42;
     ///Store the embedding and the output head as NF4 too (QLoRA keeps them 16-bit).
     pub const QUANTIZE_EMBEDDINGS: bool = false;
+    ///Multiply the frozen weights on the CPU in bf16 with f32 sums (AMX where present) instead of f32.
+    pub const CPU_MATMUL_BF16: bool = false;
     ///Longest training sequence, tokens.
     pub const SEQ_LEN: u64 = 256;
     ///Validation loss every this many optimizer steps.

@@ -1,0 +1,862 @@
+//! `bf16` products with `f32` sums for the frozen matmuls on the CPU, on
+//! Intel AMX where the CPU has it.
+//!
+//! With `cpu_matmul = "bf16"` the frozen matmul kernels
+//! ([`super::kernel`]) round both operands of each product to `bf16` (the
+//! activations or their gradient, and the dequantized weight), multiply
+//! them exactly and sum in `f32`: the arithmetic of QLoRA's usual `bf16`
+//! compute dtype, and of `bf16` matmuls on a GPU. Two engines compute it:
+//!
+//! - [`Engine::Amx`]: the tile instructions of Intel AMX (`tdpbf16ps`,
+//!   Sapphire Rapids and later), about 16 times the `f32` multiply-adds
+//!   of AVX-512 per cycle. Used when the CPU reports AMX-TILE and AMX-BF16
+//!   and Linux grants the process the tile state.
+//! - [`Engine::Emulated`]: anywhere else, the same rounded operands
+//!   widened back to `f32` and multiplied by the `f32` GEMM. Same products,
+//!   sums in another order; no faster than `f32`, so there it only keeps a
+//!   run's numbers the same across machines.
+//!
+//! No crate this project can use has an AMX kernel (the `gemm` crate 0.19
+//! has none, and neither has Candle), so this module issues the
+//! instructions itself through `asm!`.
+//!
+//! Layouts. `A` (`m x k`, the rows of the product) is `bf16` row-major with
+//! its rows and columns zero-padded to multiples of 32 ([`Lhs`]). `B`
+//! (`k x n`) is packed ([`pack_pairs`]) the way `tdpbf16ps` reads it:
+//! groups of 16 columns, each a run of `k / 32` blocks of 1 KiB; row `p` of
+//! a block holds, for each of its 16 columns, the two values at depths
+//! `2p` and `2p + 1`.
+
+use std::sync::OnceLock;
+
+/// How the frozen matmuls multiply on the CPU (`cpu_matmul` of a run).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuMatmul {
+    /// `f32` operands and sums.
+    #[default]
+    F32,
+    /// `bf16` operands, `f32` sums.
+    Bf16,
+}
+
+impl CpuMatmul {
+    /// `Bf16` when `bf16` is set (`trainer.cpu_matmul_bf16` of the tables).
+    pub const fn from_bf16_flag(bf16: bool) -> Self {
+        if bf16 {
+            CpuMatmul::Bf16
+        } else {
+            CpuMatmul::F32
+        }
+    }
+
+    /// The setting's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuMatmul::F32 => "f32",
+            CpuMatmul::Bf16 => "bf16",
+        }
+    }
+
+    /// What computes it on this CPU, for the setup line and the dry run:
+    /// `f32`, `bf16 (AMX)` or `bf16 (emulated in f32: no AMX)`.
+    pub fn describe(self) -> &'static str {
+        match (self, engine()) {
+            (CpuMatmul::F32, _) => "f32",
+            (CpuMatmul::Bf16, Engine::Amx) => "bf16 (AMX)",
+            (CpuMatmul::Bf16, Engine::Emulated) => "bf16 (emulated in f32: no AMX)",
+        }
+    }
+}
+
+/// What computes the `bf16` products on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Intel AMX tiles.
+    Amx,
+    /// Rounded operands through the `f32` GEMM.
+    Emulated,
+}
+
+/// The engine of this process, decided once: [`Engine::Amx`] when the CPU
+/// has AMX-TILE and AMX-BF16 and the OS lets the process use the tiles.
+pub fn engine() -> Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    *ENGINE.get_or_init(|| {
+        if amx::available() {
+            Engine::Amx
+        } else {
+            Engine::Emulated
+        }
+    })
+}
+
+/// Rows and depth are padded to multiples of this.
+pub const PAD: usize = 32;
+
+/// `x` rounded to the nearest `bf16` (ties to even), as its bits. NaN stays
+/// NaN. Branch-free, so loops of it vectorize.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1))) >> 16;
+    let nan = (bits >> 16) | 0x0040;
+    (if bits & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
+}
+
+/// The `f32` value of `bf16` bits.
+#[inline(always)]
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// Rounds every value of `v` to `bf16` in place (the emulated engine's
+/// operands).
+pub fn round_in_place(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = from_bf16(to_bf16(*x)));
+}
+
+/// Defines a function whose body is compiled twice: as it is, and for
+/// AVX-512 (F, BW, VL), the second called when the AMX engine runs (every
+/// AMX CPU has AVX-512), so that the packing loops take 16 lanes there.
+macro_rules! wide_fn {
+    ($(#[doc = $doc:literal])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[doc = $doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+                unsafe fn wide($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if engine() == Engine::Amx {
+                    // SAFETY: the AMX engine is only chosen on a CPU with
+                    // AVX-512 F, BW and VL (`amx::available` checks them).
+                    unsafe { wide($($arg),*) };
+                    return;
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// Values in one 16 x 16 tile of `bf16` pairs (1 KiB).
+const TILE: usize = 512;
+
+/// The left operand `A` (`rows x depth`) packed for the tiles: blocks of 16
+/// rows x 32 depths (1 KiB), block `(rb, kb)` at `(rb * kblocks + kb) *
+/// 512`; rows padded to a multiple of 32, depth to a multiple of 32, with
+/// zeros.
+#[derive(Default)]
+pub struct PackedA {
+    data: Vec<u16>,
+    rows: usize,
+    depth: usize,
+    kblocks: usize,
+}
+
+impl PackedA {
+    /// Rows (unpadded).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Packs the row-major `rows x depth` `f32` values of `src`, rows
+    /// `stride` apart; `parallel` splits the work between rayon's threads.
+    ///
+    /// # Panics
+    /// If `src` is too short.
+    pub fn pack(&mut self, src: &[f32], rows: usize, depth: usize, stride: usize, parallel: bool) {
+        assert!(
+            rows == 0 || src.len() >= (rows - 1) * stride + depth,
+            "bf16 pack: A of {rows} x {depth} does not fit {} values",
+            src.len()
+        );
+        let kblocks = depth.div_ceil(PAD);
+        let rows_pad = rows.div_ceil(PAD) * PAD;
+        // The padding is zero from the last packing when the shape is the
+        // same (packing writes only the values of `src`).
+        if (self.rows, self.depth) != (rows, depth) || self.data.len() != rows_pad * kblocks * PAD {
+            self.data.clear();
+            self.data.resize(rows_pad * kblocks * PAD, 0);
+        }
+        self.rows = rows;
+        self.depth = depth;
+        self.kblocks = kblocks;
+        if kblocks == 0 {
+            return;
+        }
+        // One 16-row block of A per item: its packed run of `kblocks` tiles.
+        let block = |(rb, dst): (usize, &mut [u16])| {
+            let src = &src[(rb * 16 * stride).min(src.len())..];
+            pack_a_rows(
+                src,
+                rows.saturating_sub(rb * 16).min(16),
+                depth,
+                stride,
+                dst,
+            );
+        };
+        if parallel {
+            use rayon::prelude::*;
+            self.data
+                .par_chunks_mut(kblocks * TILE)
+                .enumerate()
+                .for_each(block);
+        } else {
+            self.data
+                .chunks_mut(kblocks * TILE)
+                .enumerate()
+                .for_each(block);
+        }
+    }
+}
+
+wide_fn! {
+    /// Packs up to 16 rows (`stride` apart in `src`, `depth` values each)
+    /// into one row block of [`PackedA`] (`dst`, its `kblocks` tiles).
+    fn pack_a_rows(src: &[f32], rows: usize, depth: usize, stride: usize, dst: &mut [u16]) {
+        for i in 0..rows {
+            let row = &src[i * stride..i * stride + depth];
+            for (kb, seg) in row.chunks(PAD).enumerate() {
+                let at = kb * TILE + i * PAD;
+                convert(seg, &mut dst[at..at + seg.len()]);
+            }
+        }
+    }
+}
+
+/// `dst[i] = to_bf16(src[i])`.
+#[inline(always)]
+fn convert(src: &[f32], dst: &mut [u16]) {
+    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = to_bf16(v));
+}
+
+/// The right operand `B` (`depth x cols`) packed for the tiles: groups of
+/// 16 columns, each a run of `kblocks` blocks of 1 KiB; row `p` of a block
+/// holds, for each of its 16 columns, the values at depths `2p` and
+/// `2p + 1`. Groups padded to an even number, depth to a multiple of 32,
+/// with zeros.
+#[derive(Default)]
+pub struct PackedB {
+    data: Vec<u16>,
+    cols: usize,
+    depth: usize,
+    kblocks: usize,
+}
+
+impl PackedB {
+    /// Columns (unpadded).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Sizes the buffer for `depth x cols`; zeroes it unless the last
+    /// packing had the same shape (whose padding is still zero).
+    fn reset(&mut self, depth: usize, cols: usize) {
+        let len = packed_groups(cols) * depth.div_ceil(PAD) * TILE;
+        if (self.cols, self.depth) != (cols, depth) || self.data.len() != len {
+            self.data.clear();
+            self.data.resize(len, 0);
+        }
+        self.cols = cols;
+        self.depth = depth;
+        self.kblocks = depth.div_ceil(PAD);
+    }
+
+    /// Packs `B = Sᵀ` for the row-major `cols x depth` values of `src`
+    /// (each row of `src` is a column of `B`: the activations `x` of
+    /// `W · xᵀ`), split between rayon's threads.
+    ///
+    /// # Panics
+    /// If `src` is not `cols * depth` long.
+    pub fn pack_transposed(&mut self, src: &[f32], cols: usize, depth: usize) {
+        use rayon::prelude::*;
+        assert_eq!(src.len(), cols * depth, "bf16 pack: not {cols} x {depth}");
+        self.reset(depth, cols);
+        let kblocks = self.kblocks;
+        if kblocks == 0 {
+            return;
+        }
+        self.data
+            .par_chunks_mut(kblocks * TILE)
+            .enumerate()
+            .for_each(|(g, dst)| {
+                let first = (g * 16).min(cols);
+                let n = cols.saturating_sub(first).min(16);
+                let rows = &src[first * depth..(first + n) * depth];
+                pack_b_transposed_group(rows, n, depth, dst);
+            });
+    }
+
+    /// Packs `B` from the row-major `depth x cols` values of `src` (a
+    /// block of rows of `W` for `dy · W`).
+    ///
+    /// # Panics
+    /// If `src` is not `depth * cols` long.
+    pub fn pack_rows(&mut self, src: &[f32], depth: usize, cols: usize) {
+        assert_eq!(src.len(), depth * cols, "bf16 pack: not {depth} x {cols}");
+        self.reset(depth, cols);
+        if cols == 0 {
+            return;
+        }
+        let (kblocks, data) = (self.kblocks, &mut self.data);
+        pack_b_rows(src, cols, kblocks, data);
+    }
+}
+
+wide_fn! {
+/// One 16-column group of [`PackedB::pack_transposed`]: `n <= 16` rows of
+/// `src` (`depth` values each) become the group's `kblocks` tiles in
+/// `dst`. Each tile is a 16 x 16 transpose of `bf16` pairs.
+fn pack_b_transposed_group(src: &[f32], n: usize, depth: usize, dst: &mut [u16]) {
+    let mut pairs = [[0u32; 16]; 16];
+    for (kb, tile) in dst.chunks_exact_mut(TILE).enumerate() {
+        let (d0, d1) = (kb * PAD, (kb * PAD + PAD).min(depth));
+        for (j, row) in pairs.iter_mut().enumerate() {
+            let mut seg = [0u16; PAD];
+            if j < n {
+                convert(&src[j * depth + d0..j * depth + d1], &mut seg[..d1 - d0]);
+            }
+            for (p, v) in row.iter_mut().enumerate() {
+                *v = u32::from(seg[2 * p]) | (u32::from(seg[2 * p + 1]) << 16);
+            }
+        }
+        for (p, out) in tile.chunks_exact_mut(32).enumerate() {
+            for (j, o) in out.chunks_exact_mut(2).enumerate() {
+                let v = pairs[j][p];
+                o[0] = v as u16;
+                o[1] = (v >> 16) as u16;
+            }
+        }
+    }
+}
+}
+
+wide_fn! {
+/// [`PackedB::pack_rows`]: each pair of rows of `src` (`cols` values each)
+/// interleaved into row `p` of the tiles of depth block `kb`.
+fn pack_b_rows(src: &[f32], cols: usize, kblocks: usize, data: &mut [u16]) {
+    for (d2, rows) in src.chunks(2 * cols).enumerate() {
+        let (kb, p) = (d2 / 16, d2 % 16);
+        let (even, odd) = rows.split_at(cols);
+        for (g, e) in even.chunks(16).enumerate() {
+            let at = (g * kblocks + kb) * TILE + p * 32;
+            let dst = &mut data[at..at + 2 * e.len()];
+            match odd.get(g * 16..g * 16 + e.len()) {
+                Some(o) => {
+                    for ((d, &a), &b) in dst.chunks_exact_mut(2).zip(e).zip(o) {
+                        d[0] = to_bf16(a);
+                        d[1] = to_bf16(b);
+                    }
+                }
+                None => {
+                    for (d, &a) in dst.chunks_exact_mut(2).zip(e) {
+                        d[0] = to_bf16(a);
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+/// Writes `Cᵀ`: `dst[t * dst_stride + f] = c[f * ldc + t]` for `f < rows`,
+/// `t < cols` (the forward's sums, `W · xᵀ`, into `y`), 16 x 16 at a time.
+///
+/// # Safety
+/// `dst` must be valid for those writes, and no other thread may touch
+/// them during the call.
+///
+/// # Panics
+/// If `c` is shorter than `rows` rows of `ldc` or `cols > ldc`.
+pub unsafe fn store_transposed(
+    c: &[f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
+    assert!(cols <= ldc && (rows == 0 || c.len() >= (rows - 1) * ldc + cols));
+    for f0 in (0..rows).step_by(16) {
+        for t0 in (0..cols).step_by(16) {
+            let (fs, ts) = (16.min(rows - f0), 16.min(cols - t0));
+            let from = &c[f0 * ldc + t0..];
+            let to = dst.wrapping_add(t0 * dst_stride + f0);
+            #[cfg(target_arch = "x86_64")]
+            if fs == 16 && ts == 16 && engine() == Engine::Amx {
+                // SAFETY: AVX-512 F is present (AMX engine); the 16 rows
+                // of 16 read lie in `c` (asserted) and the 16 x 16 written
+                // are the caller's.
+                unsafe { transpose16(from.as_ptr(), ldc, to, dst_stride) };
+                continue;
+            }
+            for t in 0..ts {
+                for f in 0..fs {
+                    // SAFETY: inside the caller's `rows x cols` region.
+                    unsafe { *to.add(t * dst_stride + f) = from[f * ldc + t] };
+                }
+            }
+        }
+    }
+}
+
+/// Transposes the 16 x 16 `f32` block at `src` (rows `ls` apart) into `dst`
+/// (rows `ld` apart) with AVX-512 shuffles.
+///
+/// # Safety
+/// AVX-512 F; both blocks valid (`dst` for writes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's blocks.
+    let r: [__m512; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(src.add(i * ls)) });
+    // Pairs of rows interleaved by element, then by pairs, then by 128-bit
+    // lanes twice.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // Within each group of four rows q: (t0, t2) and (t1, t3).
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let q = i / 4 * 4;
+        let (a, b) = match i % 4 {
+            0 | 1 => (t[q], t[q + 2]),
+            _ => (t[q + 1], t[q + 3]),
+        };
+        if i % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xee>(a, b)
+        }
+    });
+    // Rows i and i + 4 of each group of eight: 128-bit lanes 0, 2 / 1, 3.
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let h = i / 8 * 8;
+        let j = i % 4;
+        let (a, b) = (u[h + j], u[h + j + 4]);
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    });
+    // Rows i and i + 8: lanes 0, 2 / 1, 3 again.
+    for i in 0..16 {
+        let j = i % 8;
+        let (a, b) = (v[j], v[j + 8]);
+        let out = if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        };
+        // SAFETY: the caller's block.
+        unsafe { _mm512_storeu_ps(dst.add(i * ld), out) };
+    }
+}
+
+/// 16-column groups of a packed `B` of `cols` columns: an even number.
+pub fn packed_groups(cols: usize) -> usize {
+    cols.div_ceil(32) * 2
+}
+
+/// The sums `C` of [`gemm`]: `rows_pad` rows (of `A`, padded to 32) of
+/// `ldc` values, the columns of `B` padded to 32 plus 16 more, so that
+/// rows are not a multiple of 4 KiB apart: a tile's 16 rows then fall in
+/// different cache sets.
+pub fn c_len(a: &PackedA, b: &PackedB) -> (usize, usize) {
+    (a.rows.div_ceil(PAD) * PAD, packed_groups(b.cols) * 16 + 16)
+}
+
+/// `c (+)= A[.., 32·kb0 ..] · B` with AMX tiles: `B`'s depth of `A`'s,
+/// from depth block `kb0` on (all of `A` when `kb0` is 0 and the depths
+/// agree). `c` is `rows_pad x ldc` row-major ([`c_len`]);
+/// `accumulate` adds to what it holds, else overwrites it.
+///
+/// # Panics
+/// If `B` reaches past `A`'s depth or `c` has another size, or when
+/// [`engine`] is not [`Engine::Amx`].
+pub fn gemm(a: &PackedA, kb0: usize, b: &PackedB, c: &mut [f32], accumulate: bool) {
+    assert_eq!(engine(), Engine::Amx, "bf16 gemm: no AMX on this CPU");
+    assert!(
+        kb0 + b.kblocks <= a.kblocks,
+        "bf16 gemm: B is deeper than A"
+    );
+    let (rows_pad, ldc) = c_len(a, b);
+    assert_eq!(
+        c.len(),
+        rows_pad * ldc,
+        "bf16 gemm: C is not {rows_pad} x {ldc}"
+    );
+    if b.kblocks == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    let shape = amx::Shape {
+        rows_pad,
+        cols_pad: packed_groups(b.cols) * 16,
+        ldc,
+        a_kblocks: a.kblocks,
+        kb0,
+        kblocks: b.kblocks,
+    };
+    // SAFETY: the engine is AMX; the packed sizes follow from their
+    // `rows`/`cols`/`kblocks` (set together by the packers), the depth
+    // range was checked against both and `c` against the padded sizes.
+    unsafe { amx::gemm(&a.data, &b.data, c, shape, accumulate) };
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    //! The AMX kernel: 2 x 2 tiles of 16 x 16 `f32` sums per step.
+
+    use super::TILE;
+
+    /// Whether the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F, BW and VL
+    /// for the packing) and Linux grants this process the tile data state
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
+    pub fn available() -> bool {
+        use std::arch::x86_64::__cpuid_count;
+        if __cpuid_count(0, 0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        let (tile, bf16) = (edx & (1 << 24) != 0, edx & (1 << 22) != 0);
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        if !(tile && bf16 && avx512) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain syscall with integer arguments.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        rc == 0
+    }
+
+    /// The tile configuration: palette 1, tiles 0-7 of 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    impl TileConfig {
+        fn all_full() -> Self {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            for t in 0..8 {
+                c[16 + 2 * t] = 64;
+                c[48 + t] = 16;
+            }
+            TileConfig(c)
+        }
+    }
+
+    /// Depth blocks (of 32) per pass: the `A` panel of 32 rows x 512 depths
+    /// (32 KiB) stays in L1 while the `B` panels stream past it.
+    const KC: usize = 16;
+
+    /// The sizes of one product.
+    pub struct Shape {
+        /// Rows of `A` and `C`, a multiple of 32.
+        pub rows_pad: usize,
+        /// Columns of `B` and `C`, a multiple of 32.
+        pub cols_pad: usize,
+        /// Values from one row of `C` to the next, at least `cols_pad`.
+        pub ldc: usize,
+        /// Depth blocks of each row block of `A`.
+        pub a_kblocks: usize,
+        /// The first of them multiplied.
+        pub kb0: usize,
+        /// Depth blocks multiplied (those of `B`).
+        pub kblocks: usize,
+    }
+
+    /// See [`super::gemm`].
+    ///
+    /// # Safety
+    /// The process has the tile permission; `a` holds `rows_pad / 16`
+    /// row blocks of `a_kblocks` tiles, `b` `cols_pad / 16` groups of
+    /// `kblocks` tiles, `kb0 + kblocks <= a_kblocks`; `c` is `rows_pad x
+    /// cols_pad`.
+    pub unsafe fn gemm(a: &[u16], b: &[u16], c: &mut [f32], shape: Shape, accumulate: bool) {
+        let Shape {
+            rows_pad,
+            cols_pad,
+            ldc,
+            a_kblocks,
+            kb0,
+            kblocks,
+        } = shape;
+        assert!(kb0 + kblocks <= a_kblocks && rows_pad % 32 == 0 && cols_pad % 32 == 0);
+        assert!(
+            a.len() >= rows_pad / 16 * a_kblocks * TILE
+                && b.len() >= cols_pad / 16 * kblocks * TILE
+        );
+        assert!(ldc >= cols_pad && c.len() >= rows_pad * ldc);
+        let cfg = TileConfig::all_full();
+        let ldc_bytes = ldc * 4;
+        // SAFETY: `cfg` is a valid palette-1 configuration; the caller
+        // guarantees the permission.
+        unsafe { core::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+        for k0 in (0..kblocks).step_by(KC) {
+            let kn = KC.min(kblocks - k0);
+            let load = accumulate || k0 > 0;
+            for r in (0..rows_pad).step_by(32) {
+                let a0 = a[((r / 16) * a_kblocks + kb0 + k0) * TILE..].as_ptr();
+                let a1 = a[((r / 16 + 1) * a_kblocks + kb0 + k0) * TILE..].as_ptr();
+                for g in (0..cols_pad / 16).step_by(2) {
+                    let b0 = b[(g * kblocks + k0) * TILE..].as_ptr();
+                    let b1 = b[((g + 1) * kblocks + k0) * TILE..].as_ptr();
+                    let c00 = c[r * ldc + g * 16..].as_mut_ptr();
+                    let c01 = c00.wrapping_add(16);
+                    let c10 = c00.wrapping_add(16 * ldc);
+                    let c11 = c10.wrapping_add(16);
+                    // SAFETY: every tile lies inside its buffer: A blocks
+                    // (r/16, k0..k0+kn) and (r/16+1, ..), B blocks of groups
+                    // g, g+1 (asserted lengths), and the C tiles at rows
+                    // r..r+32, columns 16g..16g+32 of the rows_pad x
+                    // cols_pad `c`.
+                    unsafe {
+                        if load {
+                            core::arch::asm!(
+                                "tileloadd tmm0, [{c00} + {ldc} * 1]",
+                                "tileloadd tmm1, [{c01} + {ldc} * 1]",
+                                "tileloadd tmm2, [{c10} + {ldc} * 1]",
+                                "tileloadd tmm3, [{c11} + {ldc} * 1]",
+                                c00 = in(reg) c00, c01 = in(reg) c01,
+                                c10 = in(reg) c10, c11 = in(reg) c11,
+                                ldc = in(reg) ldc_bytes,
+                                options(nostack, readonly),
+                            );
+                        } else {
+                            core::arch::asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack, nomem),
+                            );
+                        }
+                        core::arch::asm!(
+                            "2:",
+                            "tileloadd tmm4, [{a0} + {s64} * 1]",
+                            "tileloadd tmm6, [{b0} + {s64} * 1]",
+                            "tileloadd tmm5, [{a1} + {s64} * 1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1} + {s64} * 1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            "add {a0}, 1024",
+                            "add {a1}, 1024",
+                            "add {b0}, 1024",
+                            "add {b1}, 1024",
+                            "dec {n}",
+                            "jnz 2b",
+                            a0 = inout(reg) a0 => _,
+                            a1 = inout(reg) a1 => _,
+                            b0 = inout(reg) b0 => _,
+                            b1 = inout(reg) b1 => _,
+                            s64 = in(reg) 64usize,
+                            n = inout(reg) kn => _,
+                            options(nostack, readonly),
+                        );
+                        core::arch::asm!(
+                            "tilestored [{c00} + {ldc} * 1], tmm0",
+                            "tilestored [{c01} + {ldc} * 1], tmm1",
+                            "tilestored [{c10} + {ldc} * 1], tmm2",
+                            "tilestored [{c11} + {ldc} * 1], tmm3",
+                            c00 = in(reg) c00, c01 = in(reg) c01,
+                            c10 = in(reg) c10, c11 = in(reg) c11,
+                            ldc = in(reg) ldc_bytes,
+                            options(nostack),
+                        );
+                    }
+                }
+            }
+        }
+        // SAFETY: gives the tile state back; no tile is used after this.
+        unsafe { core::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod amx {
+    //! No AMX off x86-64 Linux.
+
+    pub fn available() -> bool {
+        false
+    }
+
+    pub struct Shape {
+        pub rows_pad: usize,
+        pub cols_pad: usize,
+        pub ldc: usize,
+        pub a_kblocks: usize,
+        pub kb0: usize,
+        pub kblocks: usize,
+    }
+
+    pub unsafe fn gemm(_: &[u16], _: &[u16], _: &mut [f32], _: Shape, _: bool) {
+        unreachable!("bf16 gemm: no AMX on this platform (engine() is Emulated)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to even.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+        // The largest finite f32 rounds up to infinity, as bf16 has it.
+        assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+    }
+
+    /// `A · B` of the rounded operands in `f64`.
+    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let r = |x: f32| f64::from(from_bf16(to_bf16(x)));
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for d in 0..k {
+                let av = r(a[i * k + d]);
+                for j in 0..n {
+                    out[i * n + j] += av * r(b[d * n + j]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn amx_matches_the_rounded_product_on_odd_shapes() {
+        if engine() != Engine::Amx {
+            eprintln!("skipped: this CPU has no AMX (the emulated engine is tested in kernel.rs)");
+            return;
+        }
+        // Depths over one pass of 512 (several passes), odd everything.
+        for &(m, k, n) in &[
+            (1, 32, 16),
+            (33, 70, 47),
+            (64, 96, 64),
+            (17, 31, 3),
+            (5, 0, 9),
+            (40, 1100, 70),
+        ] {
+            let a = data(m * k, 1);
+            let bt = data(n * k, 2);
+            let b: Vec<f32> = (0..k * n).map(|i| bt[(i % n) * k + i / n]).collect();
+            let mut pa = PackedA::default();
+            pa.pack(&a, m, k, k, true);
+            let want = reference(&a, &b, m, k, n);
+            let mut by_rows = PackedB::default();
+            by_rows.pack_rows(&b, k, n);
+            let mut by_cols = PackedB::default();
+            by_cols.pack_transposed(&bt, n, k);
+            assert_eq!(by_rows.data, by_cols.data, "the two B packers agree");
+            let (rp, cp) = c_len(&pa, &by_rows);
+            for accumulate in [false, true] {
+                let mut c = vec![if accumulate { 1.0f32 } else { f32::NAN }; rp * cp];
+                gemm(&pa, 0, &by_rows, &mut c, accumulate);
+                let base = if accumulate { 1.0 } else { 0.0 };
+                for i in 0..m {
+                    for j in 0..n {
+                        let (g, w) = (f64::from(c[i * cp + j]), want[i * n + j]);
+                        assert!(
+                            (g - base - w).abs() < 1e-5 * (1.0 + w.abs()),
+                            "{m}x{k}x{n} ({i}, {j}): {g} vs {}",
+                            w + base
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn store_transposed_transposes() {
+        for &(rows, cols) in &[(16, 16), (37, 50), (5, 3), (64, 32)] {
+            let ldc = cols + 16;
+            let c = data(rows * ldc, 9);
+            let stride = rows + 3;
+            let mut dst = vec![f32::NAN; cols * stride];
+            // SAFETY: `dst` holds cols rows of `stride >= rows`.
+            unsafe { store_transposed(&c, ldc, rows, cols, dst.as_mut_ptr(), stride) };
+            for t in 0..cols {
+                for f in 0..rows {
+                    assert_eq!(dst[t * stride + f], c[f * ldc + t], "({t}, {f})");
+                }
+                assert!(
+                    dst[t * stride + rows..(t + 1) * stride]
+                        .iter()
+                        .all(|v| v.is_nan())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_b_packers_agree() {
+        let (depth, cols) = (70, 37);
+        let b = data(depth * cols, 3);
+        let bt: Vec<f32> = (0..cols * depth)
+            .map(|i| b[(i % depth) * cols + i / depth])
+            .collect();
+        let mut by_rows = PackedB::default();
+        by_rows.pack_rows(&b, depth, cols);
+        let mut by_cols = PackedB::default();
+        by_cols.pack_transposed(&bt, cols, depth);
+        assert_eq!(by_rows.data, by_cols.data);
+        // Element (d, c) where the tiles read it.
+        let kblocks = depth.div_ceil(PAD);
+        for (d, c) in [(0, 0), (1, 0), (33, 17), (69, 36)] {
+            let at =
+                ((c / 16 * kblocks + d / PAD) * 16 + (d % PAD) / 2) * 32 + (c % 16) * 2 + d % 2;
+            assert_eq!(by_rows.data[at], to_bf16(b[d * cols + c]), "({d}, {c})");
+        }
+    }
+}
