@@ -282,28 +282,64 @@ impl PackedB {
     }
 
     /// Packs `B = Sᵀ` for the row-major `cols x depth` values of `src`
-    /// (each row of `src` is a column of `B`: the activations `x` of
-    /// `W · xᵀ`), split between rayon's threads.
+    /// (each row of `src` is a column of `B`: the rows of a weight chunk for
+    /// `x · Wᵀ`).
     ///
     /// # Panics
     /// If `src` is not `cols * depth` long.
     pub fn pack_transposed(&mut self, src: &[f32], cols: usize, depth: usize) {
-        use rayon::prelude::*;
         assert_eq!(src.len(), cols * depth, "bf16 pack: not {cols} x {depth}");
         self.reset(depth, cols);
         let kblocks = self.kblocks;
         if kblocks == 0 {
             return;
         }
-        self.data
-            .par_chunks_mut(kblocks * TILE)
-            .enumerate()
-            .for_each(|(g, dst)| {
-                let first = (g * 16).min(cols);
-                let n = cols.saturating_sub(first).min(16);
-                let rows = &src[first * depth..(first + n) * depth];
-                pack_b_transposed_group(rows, n, depth, dst);
+        for (g, dst) in self.data.chunks_mut(kblocks * TILE).enumerate() {
+            let first = (g * 16).min(cols);
+            let n = cols.saturating_sub(first).min(16);
+            let rows = &src[first * depth..(first + n) * depth];
+            #[cfg(target_arch = "x86_64")]
+            if n == 16 && depth.is_multiple_of(PAD) && engine() == Engine::Amx {
+                // SAFETY: AVX-512 F and BF16 are present (AMX engine); the
+                // group's 16 rows of `depth` values and its `kblocks`
+                // tiles are in bounds.
+                unsafe { pack_group_avx512(rows.as_ptr(), depth, kblocks, dst.as_mut_ptr()) };
+                continue;
+            }
+            pack_b_transposed_group(n, depth, dst, |j, d, out| {
+                convert(&rows[j * depth + d.start..j * depth + d.end], out)
             });
+        }
+    }
+
+    /// [`Self::pack_transposed`] from `bf16` values (their bits): a 16-bit
+    /// weight, packed without rounding.
+    ///
+    /// # Panics
+    /// If `src` is not `cols * depth` long.
+    pub fn pack_transposed_bits(&mut self, src: &[u16], cols: usize, depth: usize) {
+        assert_eq!(src.len(), cols * depth, "bf16 pack: not {cols} x {depth}");
+        self.reset(depth, cols);
+        let kblocks = self.kblocks;
+        if kblocks == 0 {
+            return;
+        }
+        for (g, dst) in self.data.chunks_mut(kblocks * TILE).enumerate() {
+            let first = (g * 16).min(cols);
+            let n = cols.saturating_sub(first).min(16);
+            let rows = &src[first * depth..(first + n) * depth];
+            #[cfg(target_arch = "x86_64")]
+            if n == 16 && depth.is_multiple_of(PAD) && engine() == Engine::Amx {
+                // SAFETY: AVX-512 F is present (AMX engine); the group's 16
+                // rows of `depth` values and its `kblocks` tiles are in
+                // bounds.
+                unsafe { pack_group_bits_avx512(rows.as_ptr(), depth, kblocks, dst.as_mut_ptr()) };
+                continue;
+            }
+            pack_b_transposed_group(n, depth, dst, |j, d, out| {
+                out.copy_from_slice(&rows[j * depth + d.start..j * depth + d.end])
+            });
+        }
     }
 
     /// Packs `B` from the row-major `depth x cols` values of `src` (a
@@ -320,20 +356,45 @@ impl PackedB {
         let (kblocks, data) = (self.kblocks, &mut self.data);
         pack_b_rows(src, cols, kblocks, data);
     }
+
+    /// [`Self::pack_rows`] from `bf16` values (their bits): `depth` rows of
+    /// `cols`, `stride` apart in `src` (a block of rows and columns of a
+    /// 16-bit weight, read in place).
+    ///
+    /// # Panics
+    /// If `src` is too short.
+    pub fn pack_rows_bits(&mut self, src: &[u16], depth: usize, stride: usize, cols: usize) {
+        assert!(
+            depth == 0 || src.len() >= (depth - 1) * stride + cols,
+            "bf16 pack: {depth} rows of {cols} do not fit {} values",
+            src.len()
+        );
+        self.reset(depth, cols);
+        if cols == 0 {
+            return;
+        }
+        let (kblocks, data) = (self.kblocks, &mut self.data);
+        pack_b_rows_bits(src, depth, stride, cols, kblocks, data);
+    }
 }
 
-wide_fn! {
-/// One 16-column group of [`PackedB::pack_transposed`]: `n <= 16` rows of
-/// `src` (`depth` values each) become the group's `kblocks` tiles in
-/// `dst`. Each tile is a 16 x 16 transpose of `bf16` pairs.
-fn pack_b_transposed_group(src: &[f32], n: usize, depth: usize, dst: &mut [u16]) {
+/// One 16-column group of [`PackedB::pack_transposed`] the plain way (the
+/// edges, and CPUs without AVX-512): `n <= 16` rows of `depth` values,
+/// `segment(j, d0..d1, out)` writing the `bf16` bits of row `j`'s depths
+/// `d0..d1`, become the group's tiles in `dst`.
+fn pack_b_transposed_group(
+    n: usize,
+    depth: usize,
+    dst: &mut [u16],
+    segment: impl Fn(usize, std::ops::Range<usize>, &mut [u16]),
+) {
     let mut pairs = [[0u32; 16]; 16];
     for (kb, tile) in dst.chunks_exact_mut(TILE).enumerate() {
         let (d0, d1) = (kb * PAD, (kb * PAD + PAD).min(depth));
         for (j, row) in pairs.iter_mut().enumerate() {
             let mut seg = [0u16; PAD];
             if j < n {
-                convert(&src[j * depth + d0..j * depth + d1], &mut seg[..d1 - d0]);
+                segment(j, d0..d1, &mut seg[..d1 - d0]);
             }
             for (p, v) in row.iter_mut().enumerate() {
                 *v = u32::from(seg[2 * p]) | (u32::from(seg[2 * p + 1]) << 16);
@@ -344,6 +405,35 @@ fn pack_b_transposed_group(src: &[f32], n: usize, depth: usize, dst: &mut [u16])
                 let v = pairs[j][p];
                 o[0] = v as u16;
                 o[1] = (v >> 16) as u16;
+            }
+        }
+    }
+}
+
+wide_fn! {
+/// [`PackedB::pack_rows_bits`]: each pair of rows (`stride` apart in `src`,
+/// `cols` `bf16` values each) interleaved into row `p` of the tiles of
+/// depth block `kb`.
+fn pack_b_rows_bits(src: &[u16], depth: usize, stride: usize, cols: usize, kblocks: usize, data: &mut [u16]) {
+    for d2 in 0..depth.div_ceil(2) {
+        let (kb, p) = (d2 / 16, d2 % 16);
+        let even = &src[2 * d2 * stride..2 * d2 * stride + cols];
+        let odd = (2 * d2 + 1 < depth).then(|| &src[(2 * d2 + 1) * stride..(2 * d2 + 1) * stride + cols]);
+        for (g, e) in even.chunks(16).enumerate() {
+            let at = (g * kblocks + kb) * TILE + p * 32;
+            let dst = &mut data[at..at + 2 * e.len()];
+            match odd {
+                Some(o) => {
+                    for ((d, &a), &b) in dst.chunks_exact_mut(2).zip(e).zip(&o[g * 16..]) {
+                        d[0] = a;
+                        d[1] = b;
+                    }
+                }
+                None => {
+                    for (d, &a) in dst.chunks_exact_mut(2).zip(e) {
+                        d[0] = a;
+                    }
+                }
             }
         }
     }
@@ -378,60 +468,68 @@ fn pack_b_rows(src: &[f32], cols: usize, kblocks: usize, data: &mut [u16]) {
 }
 }
 
-/// Writes `Cᵀ`: `dst[t * dst_stride + f] = c[f * ldc + t]` for `f < rows`,
-/// `t < cols` (the forward's sums, `W · xᵀ`, into `y`), 16 x 16 at a time.
+/// One full group of [`PackedB::pack_transposed`]: the 16 rows at `src`
+/// (`depth` values each, a multiple of 32) as the group's `kblocks` tiles
+/// at `dst`. Each 16 x 32 block of the rows becomes 16 rows of `bf16`
+/// pairs (two conversions a row), transposed in registers into the tile.
 ///
 /// # Safety
-/// `dst` must be valid for those writes, and no other thread may touch
-/// them during the call.
-///
-/// # Panics
-/// If `c` is shorter than `rows` rows of `ldc` or `cols > ldc`.
-pub unsafe fn store_transposed(
-    c: &[f32],
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    dst: *mut f32,
-    dst_stride: usize,
-) {
-    assert!(cols <= ldc && (rows == 0 || c.len() >= (rows - 1) * ldc + cols));
-    for f0 in (0..rows).step_by(16) {
-        for t0 in (0..cols).step_by(16) {
-            let (fs, ts) = (16.min(rows - f0), 16.min(cols - t0));
-            let from = &c[f0 * ldc + t0..];
-            let to = dst.wrapping_add(t0 * dst_stride + f0);
-            #[cfg(target_arch = "x86_64")]
-            if fs == 16 && ts == 16 && engine() == Engine::Amx {
-                // SAFETY: AVX-512 F is present (AMX engine); the 16 rows
-                // of 16 read lie in `c` (asserted) and the 16 x 16 written
-                // are the caller's.
-                unsafe { transpose16(from.as_ptr(), ldc, to, dst_stride) };
-                continue;
-            }
-            for t in 0..ts {
-                for f in 0..fs {
-                    // SAFETY: inside the caller's `rows x cols` region.
-                    unsafe { *to.add(t * dst_stride + f) = from[f * ldc + t] };
-                }
-            }
+/// AVX-512 F and BF16; `src` holds 16 rows of `depth`, `dst` `kblocks`
+/// tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_group_avx512(src: *const f32, depth: usize, kblocks: usize, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    for kb in 0..kblocks {
+        let rows: [__m512; 16] = std::array::from_fn(|j| {
+            // SAFETY: row j, depths 32kb..32kb+32, inside `src`.
+            let (lo, hi) = unsafe {
+                let p = src.add(j * depth + kb * PAD);
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+            };
+            // bf16 of depths 0..16 then 16..32: as 32-bit lanes, the
+            // pairs (2p, 2p + 1).
+            let pairs: __m512bh = _mm512_cvtne2ps_pbh(hi, lo);
+            // SAFETY: both are 512 bits of plain data.
+            unsafe { std::mem::transmute::<__m512bh, __m512>(pairs) }
+        });
+        let tile = transpose16(rows);
+        for (p, row) in tile.iter().enumerate() {
+            // SAFETY: row p of tile kb, inside `dst`.
+            unsafe { _mm512_storeu_ps(dst.add(kb * TILE + p * 32).cast(), *row) };
         }
     }
 }
 
-/// Transposes the 16 x 16 `f32` block at `src` (rows `ls` apart) into `dst`
-/// (rows `ld` apart) with AVX-512 shuffles.
+/// [`pack_group_avx512`] for `bf16` rows: each 32-value row segment is
+/// already 16 pairs.
 ///
 /// # Safety
-/// AVX-512 F; both blocks valid (`dst` for writes).
+/// AVX-512 F; `src` holds 16 rows of `depth`, `dst` `kblocks` tiles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+unsafe fn pack_group_bits_avx512(src: *const u16, depth: usize, kblocks: usize, dst: *mut u16) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller's blocks.
-    let r: [__m512; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(src.add(i * ls)) });
-    // Pairs of rows interleaved by element, then by pairs, then by 128-bit
-    // lanes twice.
+    for kb in 0..kblocks {
+        // SAFETY: row j, depths 32kb..32kb+32 (64 bytes), inside `src`.
+        let rows: [__m512; 16] = std::array::from_fn(|j| unsafe {
+            _mm512_loadu_ps(src.add(j * depth + kb * PAD).cast())
+        });
+        let tile = transpose16(rows);
+        for (p, row) in tile.iter().enumerate() {
+            // SAFETY: row p of tile kb, inside `dst`.
+            unsafe { _mm512_storeu_ps(dst.add(kb * TILE + p * 32).cast(), *row) };
+        }
+    }
+}
+
+/// The 16 x 16 transpose of 32-bit lanes: `out[i]` lane `j` is `r[j]` lane
+/// `i`. Interleaves pairs of rows by element, then by pairs, then by
+/// 128-bit lanes twice.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
     let t: [__m512; 16] = std::array::from_fn(|i| {
         let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
         if i % 2 == 0 {
@@ -465,17 +563,15 @@ unsafe fn transpose16(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
         }
     });
     // Rows i and i + 8: lanes 0, 2 / 1, 3 again.
-    for i in 0..16 {
+    std::array::from_fn(|i| {
         let j = i % 8;
         let (a, b) = (v[j], v[j + 8]);
-        let out = if i < 8 {
+        if i < 8 {
             _mm512_shuffle_f32x4::<0x88>(a, b)
         } else {
             _mm512_shuffle_f32x4::<0xdd>(a, b)
-        };
-        // SAFETY: the caller's block.
-        unsafe { _mm512_storeu_ps(dst.add(i * ld), out) };
-    }
+        }
+    })
 }
 
 /// 16-column groups of a packed `B` of `cols` columns: an even number.
@@ -537,8 +633,8 @@ mod amx {
 
     use super::TILE;
 
-    /// Whether the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F, BW and VL
-    /// for the packing) and Linux grants this process the tile data state
+    /// Whether the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F, BW, VL and
+    /// BF16 for the packing) and Linux grants this process the tile data state
     /// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
     pub fn available() -> bool {
         use std::arch::x86_64::__cpuid_count;
@@ -549,7 +645,8 @@ mod amx {
         let (tile, bf16) = (edx & (1 << 24) != 0, edx & (1 << 22) != 0);
         let avx512 = std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl");
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
         if !(tile && bf16 && avx512) {
             return false;
         }
@@ -818,29 +915,25 @@ mod tests {
     }
 
     #[test]
-    fn store_transposed_transposes() {
-        for &(rows, cols) in &[(16, 16), (37, 50), (5, 3), (64, 32)] {
-            let ldc = cols + 16;
-            let c = data(rows * ldc, 9);
-            let stride = rows + 3;
-            let mut dst = vec![f32::NAN; cols * stride];
-            // SAFETY: `dst` holds cols rows of `stride >= rows`.
-            unsafe { store_transposed(&c, ldc, rows, cols, dst.as_mut_ptr(), stride) };
-            for t in 0..cols {
-                for f in 0..rows {
-                    assert_eq!(dst[t * stride + f], c[f * ldc + t], "({t}, {f})");
-                }
-                assert!(
-                    dst[t * stride + rows..(t + 1) * stride]
-                        .iter()
-                        .all(|v| v.is_nan())
-                );
-            }
-        }
-    }
-
-    #[test]
     fn the_b_packers_agree() {
+        // Whole groups and depth blocks (the AVX-512 path on AMX CPUs).
+        let (depth, cols) = (96, 48);
+        let b = data(depth * cols, 4);
+        let bt: Vec<f32> = (0..cols * depth)
+            .map(|i| b[(i % depth) * cols + i / depth])
+            .collect();
+        let (mut by_rows, mut by_cols) = (PackedB::default(), PackedB::default());
+        by_rows.pack_rows(&b, depth, cols);
+        by_cols.pack_transposed(&bt, cols, depth);
+        assert!(by_rows.data == by_cols.data);
+        // From bf16 bits: the same tiles.
+        let bits = |v: &[f32]| v.iter().map(|&x| to_bf16(x)).collect::<Vec<u16>>();
+        let mut from_bits = PackedB::default();
+        from_bits.pack_transposed_bits(&bits(&bt), cols, depth);
+        assert!(from_bits.data == by_rows.data);
+        from_bits.pack_rows_bits(&bits(&b), depth, cols, cols);
+        assert!(from_bits.data == by_rows.data);
+        // Partial ones.
         let (depth, cols) = (70, 37);
         let b = data(depth * cols, 3);
         let bt: Vec<f32> = (0..cols * depth)
@@ -851,6 +944,22 @@ mod tests {
         let mut by_cols = PackedB::default();
         by_cols.pack_transposed(&bt, cols, depth);
         assert_eq!(by_rows.data, by_cols.data);
+        let bits = |v: &[f32]| v.iter().map(|&x| to_bf16(x)).collect::<Vec<u16>>();
+        let mut from_bits = PackedB::default();
+        from_bits.pack_transposed_bits(&bits(&bt), cols, depth);
+        assert_eq!(from_bits.data, by_rows.data);
+        // Rows read in place from a wider matrix: columns 3..3 + cols of
+        // rows `cols + 5` wide.
+        let wide: Vec<u16> = (0..depth)
+            .flat_map(|d| {
+                let mut r = vec![7u16; 3];
+                r.extend(bits(&b[d * cols..(d + 1) * cols]));
+                r.extend([9u16; 2]);
+                r
+            })
+            .collect();
+        from_bits.pack_rows_bits(&wide[3..], depth, cols + 5, cols);
+        assert_eq!(from_bits.data, by_rows.data);
         // Element (d, c) where the tiles read it.
         let kblocks = depth.div_ceil(PAD);
         for (d, c) in [(0, 0), (1, 0), (33, 17), (69, 36)] {

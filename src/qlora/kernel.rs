@@ -25,6 +25,8 @@ use std::ops::Range;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use half::slice::HalfFloatSliceExt;
+
 use super::bf16_gemm::{self, CpuMatmul, Engine};
 use super::nf4::{NF4_BLOCK, Nf4Tensor};
 
@@ -215,11 +217,10 @@ fn sgemm(dst: SharedOut, d: View, accumulate: bool, lhs: &[f32], l: View, rhs: &
     }
 }
 
-/// A thread's buffers for the AMX products: a packed weight chunk (as
-/// either operand) and the sums.
+/// A thread's buffers for the AMX products: a packed weight chunk and the
+/// sums.
 #[derive(Default)]
 struct AmxBuffers {
-    a: bf16_gemm::PackedA,
     b: bf16_gemm::PackedB,
     c: Vec<f32>,
 }
@@ -395,12 +396,12 @@ fn matmul_wt_on(
     out
 }
 
-/// [`matmul_wt`] on AMX, as `y = (W · xᵀ)ᵀ`: `x` packed once as the right
-/// operand, each thread's chunks of weight rows dequantized and packed as
-/// the left one, and each chunk's sums written transposed into `y`.
+/// [`matmul_wt`] on AMX: `x` packed once as the left operand; each thread
+/// dequantizes its chunks of weight rows, packs them as the right operand
+/// (`Wᵀ`) and copies each chunk's sums into its columns of `y`.
 fn matmul_wt_amx(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: SharedOut) {
-    let mut xt = bf16_gemm::PackedB::default();
-    xt.pack_transposed(x, m, k);
+    let mut xa = bf16_gemm::PackedA::default();
+    xa.pack(x, m, k, k, true);
     split(n, threads(), bf16_gemm::PAD)
         .into_par_iter()
         .for_each(|cols| {
@@ -409,24 +410,25 @@ fn matmul_wt_amx(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: Sha
                 with_amx(|amx| {
                     for start in cols.clone().step_by(rows) {
                         let end = (start + rows).min(cols.end);
-                        let chunk = &mut buf[..(end - start) * k];
-                        w.widen_into(start * k, chunk);
-                        amx.a.pack(chunk, end - start, k, k, false);
-                        let (rp, cp) = bf16_gemm::c_len(&amx.a, &xt);
-                        amx.c.resize(rp * cp, 0.0);
-                        bf16_gemm::gemm(&amx.a, 0, &xt, &mut amx.c, false);
-                        // SAFETY: columns start..end of the m x n output:
-                        // only this task writes them.
-                        unsafe {
-                            bf16_gemm::store_transposed(
-                                &amx.c,
-                                cp,
-                                end - start,
-                                m,
-                                dst.at(start),
-                                n,
-                            )
-                        };
+                        if let WeightRef::Bf16(wb) = w {
+                            let bits = wb[start * k..end * k].reinterpret_cast();
+                            amx.b.pack_transposed_bits(bits, end - start, k);
+                        } else {
+                            let chunk = &mut buf[..(end - start) * k];
+                            w.widen_into(start * k, chunk);
+                            amx.b.pack_transposed(chunk, end - start, k);
+                        }
+                        let (rp, ldc) = bf16_gemm::c_len(&xa, &amx.b);
+                        amx.c.resize(rp * ldc, 0.0);
+                        bf16_gemm::gemm(&xa, 0, &amx.b, &mut amx.c, false);
+                        for t in 0..m {
+                            // SAFETY: row t, columns start..end of the m x n
+                            // output: only this task writes those columns.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(dst.at(t * n + start), end - start)
+                            };
+                            row.copy_from_slice(&amx.c[t * ldc..t * ldc + end - start]);
+                        }
                     }
                 });
             });
@@ -448,13 +450,19 @@ fn matmul_w_amx(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: Sha
                 with_amx(|amx| {
                     for start in (0..n).step_by(rows) {
                         let end = (start + rows).min(n);
-                        let chunk = &mut buf[..(end - start) * width];
-                        // W[start..end, cols] (for NF4 whole blocks, as in
-                        // the f32 path).
-                        for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
-                            w.widen_into((start + i) * k + cols.start, row);
+                        if let WeightRef::Bf16(wb) = w {
+                            // W[start..end, cols], read in place.
+                            let bits = wb[start * k + cols.start..].reinterpret_cast();
+                            amx.b.pack_rows_bits(bits, end - start, k, width);
+                        } else {
+                            let chunk = &mut buf[..(end - start) * width];
+                            // W[start..end, cols] (for NF4 whole blocks, as
+                            // in the f32 path).
+                            for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
+                                w.widen_into((start + i) * k + cols.start, row);
+                            }
+                            amx.b.pack_rows(chunk, end - start, width);
                         }
-                        amx.b.pack_rows(chunk, end - start, width);
                         let (rp, cp) = bf16_gemm::c_len(&dya, &amx.b);
                         amx.c.resize(rp * cp, 0.0);
                         // `start` is a multiple of `rows`, itself of 32.
@@ -672,6 +680,18 @@ mod tests {
                 close(
                     &matmul_w_on(&dy, m, dense, n, k, CpuMatmul::Bf16, *engine),
                     &dx,
+                );
+                // A 16-bit weight: its values are already bf16.
+                let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let (y16, dx16) = reference(&rounded(&x), &rounded(&dy), m, &widen(&w16), n, k);
+                let b16 = WeightRef::Bf16(&w16);
+                close(
+                    &matmul_wt_on(&x, m, b16, n, k, CpuMatmul::Bf16, *engine),
+                    &y16,
+                );
+                close(
+                    &matmul_w_on(&dy, m, b16, n, k, CpuMatmul::Bf16, *engine),
+                    &dx16,
                 );
                 let Some(q) = q.as_ref().filter(|_| k % NF4_BLOCK == 0) else {
                     continue;
