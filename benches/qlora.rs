@@ -1,11 +1,15 @@
 //! `cargo bench --bench qlora`: one QLoRA training step per frozen-weight
-//! configuration, and NF4 dequantization throughput. Peak memory is measured
+//! configuration, NF4 dequantization throughput, and the frozen matmul
+//! kernels with `f32` and `bf16` products (`--cpu-matmul`; AMX where the
+//! CPU has it). Peak memory is measured
 //! per configuration in its own process by `scripts/qlora_peak.sh`.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use qlora_scale::qlora::bf16_gemm::{CpuMatmul, engine};
+use qlora_scale::qlora::kernel::{WeightRef, matmul_w, matmul_wt};
 use qlora_scale::qlora::nf4::Nf4Tensor;
 
 #[path = "qlora_support/mod.rs"]
@@ -44,5 +48,28 @@ fn dequant(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dequant, step);
+/// `y = x · Wᵀ` and `dx = dy · W` for an NF4 `W` of 2048 x 768 (a gate or
+/// up projection of the ~100M model) and 512 rows (batch 4 x 128), on
+/// rayon's threads. Throughput in multiply-adds times two (FLOP).
+fn frozen_matmul(c: &mut Criterion) {
+    let (m, n, k) = (512usize, 2048usize, 768usize);
+    let w: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.001).sin()).collect();
+    let q = Nf4Tensor::quantize(&w, &[n, k], false).expect("quantize");
+    let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.01).cos()).collect();
+    let dy: Vec<f32> = (0..m * n).map(|i| ((i as f32) * 0.02).cos()).collect();
+    let mut g = c.benchmark_group("frozen_matmul_nf4_512x768x2048");
+    g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+    eprintln!("bf16 engine: {:?}", engine());
+    for prec in [CpuMatmul::F32, CpuMatmul::Bf16] {
+        g.bench_function(format!("forward-{}", prec.name()), |b| {
+            b.iter(|| black_box(matmul_wt(&x, m, WeightRef::Nf4(&q), n, k, prec)))
+        });
+        g.bench_function(format!("backward-{}", prec.name()), |b| {
+            b.iter(|| black_box(matmul_w(&dy, m, WeightRef::Nf4(&q), n, k, prec)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, dequant, frozen_matmul, step);
 criterion_main!(benches);

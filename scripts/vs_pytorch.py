@@ -24,6 +24,8 @@ child process's own (wait4's ru_maxrss).
 bf16 operands and f32 sums) against bitsandbytes' `bnb_4bit_compute_dtype =
 bfloat16` (the blocks' NF4 products in bf16; the tied head, not a 4-bit
 layer, stays f32). Activations, adapters and the loss stay f32 on both.
+`--peft-dtype` gives PEFT's side another one (`train`'s bf16 products
+against PEFT's default f32 compute, say).
 
 Same thing: the trainable parameter counts must be equal and the step-1
 losses (before any update, so the base model's loss: LoRA's B starts at
@@ -170,7 +172,7 @@ def peft(a, ckpt, env, n):
     cmd = [sys.executable, os.path.abspath(__file__), "peft", "--model", a.model,
            "--data", os.path.join(a.work, "data", "train.jsonl"), "--steps", str(a.steps),
            "--batch", str(RECORDS), "--seq-len", str(a.seq_len), "--rank", str(a.rank),
-           "--lr", str(a.lr), "--threads", str(a.threads), "--dtype", a.dtype] + (["--checkpoint"] if ckpt else [])
+           "--lr", str(a.lr), "--threads", str(a.threads), "--dtype", a.peft_dtype or a.dtype] + (["--checkpoint"] if ckpt else [])
     log = os.path.join(a.work, f"peft-{n}.log")
     rss = run_child(cmd, env, log)
     with open(log) as f:
@@ -259,6 +261,8 @@ def main():
         q.add_argument("--threads", type=int, default=2)
         q.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
                        help="the frozen products' operands (see the module doc)")
+    c.add_argument("--peft-dtype", choices=["f32", "bf16"], default=None,
+                   help="PEFT's side only, when it differs from --dtype")
     pp = sub.choices["peft"]
     pp.add_argument("--model", required=True)
     pp.add_argument("--data", required=True)

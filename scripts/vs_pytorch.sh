@@ -11,7 +11,8 @@
 # and filled from PyPI when it has no python), THREADS (default 2), PYTHON
 # (the interpreter that makes the venv, default python3), DTYPE (f32, the
 # default, or bf16: the frozen products in bf16 on both sides, `train
-# --cpu-matmul bf16` against bitsandbytes' bf16 compute dtype).
+# --cpu-matmul bf16` against bitsandbytes' bf16 compute dtype), PEFT_DTYPE
+# (PEFT's side only, default DTYPE).
 #
 # Prints a Markdown table (tokens/s and peak RSS medians of each side, the
 # step-1 loss and the trainable parameter count) and the ratios, pair by
@@ -36,12 +37,12 @@ trap 'rm -rf "$work"' EXIT
 
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p')"
 echo "CPU features: $(grep -m1 -o -w -E 'avx2|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-echo "frozen products: ${DTYPE:-f32}; train's engine: $("$bin/train" --dry-run --cpu-matmul "${DTYPE:-f32}" --json 2>/dev/null | "$venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["frozen_products"])' || echo "?")"
+echo "frozen products: train ${DTYPE:-f32}, PEFT ${PEFT_DTYPE:-${DTYPE:-f32}}; train's engine: $("$bin/train" --dry-run --cpu-matmul "${DTYPE:-f32}" --json 2>/dev/null | "$venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["frozen_products"])' || echo "?")"
 echo "load before: $(uptime)"
 "$venv/bin/python" -c 'import torch, transformers, peft, bitsandbytes as b; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {b.__version__}")' 2>/dev/null
 status=0
 "$venv/bin/python" scripts/vs_pytorch.py compare --train "$bin/train" --model "$work/m100" \
   --work "$work" --rounds "$rounds" --steps "$steps" --threads "${THREADS:-2}" \
-  --dtype "${DTYPE:-f32}" || status=$?
+  --dtype "${DTYPE:-f32}" --peft-dtype "${PEFT_DTYPE:-${DTYPE:-f32}}" || status=$?
 echo "load after: $(uptime)"
 exit "$status"
