@@ -780,6 +780,35 @@ mod device {
     }
 
     #[test]
+    fn a_bf16_run_says_its_engine_and_warns_without_amx() {
+        use qlora_scale::qlora::bf16_gemm::{Engine, engine};
+        let sb = Sandbox::new();
+        let out = sb.run(&[
+            "--max-steps",
+            "1",
+            "--cpu-matmul",
+            "bf16",
+            "--output-dir",
+            "r",
+        ]);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        let warned = err.contains("--cpu-matmul bf16: this CPU has no Intel AMX");
+        match engine() {
+            Engine::Amx => {
+                assert!(
+                    err.contains("frozen products bf16 (AMX)") && !warned,
+                    "{err}"
+                )
+            }
+            Engine::Emulated => assert!(
+                err.contains("frozen products bf16 (emulated in f32: no AMX)") && warned,
+                "{err}"
+            ),
+        }
+    }
+
+    #[test]
     fn an_unknown_device_is_named() {
         let out = Sandbox::new().run(&["--dry-run", "--device", "gpu"]);
         let err = stderr(&out);

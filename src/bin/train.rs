@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use qlora_scale::hardware::{DeviceKind, MachineProfile, detect_machine, memory_profile};
+use qlora_scale::qlora::bf16_gemm::{self, CpuMatmul, Engine};
 use qlora_scale::saved_profile::default_profile_path;
 use qlora_scale::train::collective::SingleProcess;
 use qlora_scale::train::collective::{self, Collective};
@@ -535,6 +536,14 @@ impl Run<'_> {
             return Ok(());
         }
         tracing::info!("{}", self.setup_line());
+        if self.compute.device.is_cpu()
+            && spec.settings.cpu_matmul == CpuMatmul::Bf16
+            && bf16_gemm::engine() == Engine::Emulated
+        {
+            tracing::warn!(
+                "--cpu-matmul bf16: this CPU has no Intel AMX (or the OS does not grant it), so the bf16 products are emulated at f32 speed or slower; --cpu-matmul f32 is faster here"
+            );
+        }
         if let Some(m) = self.memory {
             self.check_memory(m)?;
         }

@@ -20,12 +20,14 @@
 //! has none, and neither has Candle), so this module issues the
 //! instructions itself through `asm!`.
 //!
-//! Layouts. `A` (`m x k`, the rows of the product) is `bf16` row-major with
-//! its rows and columns zero-padded to multiples of 32 ([`Lhs`]). `B`
-//! (`k x n`) is packed ([`pack_pairs`]) the way `tdpbf16ps` reads it:
-//! groups of 16 columns, each a run of `k / 32` blocks of 1 KiB; row `p` of
-//! a block holds, for each of its 16 columns, the two values at depths
-//! `2p` and `2p + 1`.
+//! Layouts ([`PackedA`], [`PackedB`]): the left operand `A` in blocks of
+//! 16 rows x 32 depths (1 KiB, one tile), the right operand `B` in groups
+//! of 16 columns, each a run of 1 KiB blocks whose row `p` holds, for each
+//! of the 16 columns, the values at depths `2p` and `2p + 1` (the pairs
+//! `tdpbf16ps` multiplies); rows, columns and depth zero-padded to
+//! multiples of 32. [`gemm()`] sums 2 x 2 tiles at a time, 512 depths a
+//! pass, into a row-major `f32` buffer ([`c_len`]). `docs/design-notes.md`
+//! says why it is laid out so.
 
 use std::sync::OnceLock;
 
@@ -579,7 +581,7 @@ pub fn packed_groups(cols: usize) -> usize {
     cols.div_ceil(32) * 2
 }
 
-/// The sums `C` of [`gemm`]: `rows_pad` rows (of `A`, padded to 32) of
+/// The sums `C` of [`gemm()`]: `rows_pad` rows (of `A`, padded to 32) of
 /// `ldc` values, the columns of `B` padded to 32 plus 16 more, so that
 /// rows are not a multiple of 4 KiB apart: a tile's 16 rows then fall in
 /// different cache sets.
