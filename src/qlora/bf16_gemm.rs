@@ -581,59 +581,75 @@ pub fn packed_groups(cols: usize) -> usize {
     cols.div_ceil(32) * 2
 }
 
-/// The sums `C` of [`gemm()`]: `rows_pad` rows (of `A`, padded to 32) of
-/// `ldc` values, the columns of `B` padded to 32 plus 16 more, so that
-/// rows are not a multiple of 4 KiB apart: a tile's 16 rows then fall in
-/// different cache sets.
-pub fn c_len(a: &PackedA, b: &PackedB) -> (usize, usize) {
-    (a.rows.div_ceil(PAD) * PAD, packed_groups(b.cols) * 16 + 16)
+/// Where [`gemm()`] writes: `rows x cols` `f32` values at `ptr`, rows `ld`
+/// values apart (a block of columns of a larger row-major matrix).
+#[derive(Clone, Copy, Debug)]
+pub struct Out {
+    /// The first value.
+    pub ptr: *mut f32,
+    /// Rows: those of `A`.
+    pub rows: usize,
+    /// Columns: those of `B`.
+    pub cols: usize,
+    /// Values from one row to the next, at least `cols`.
+    pub ld: usize,
 }
 
-/// `c (+)= A[.., 32·kb0 ..] · B` with AMX tiles: `B`'s depth of `A`'s,
+/// `out (+)= A[.., 32·kb0 ..] · B` with AMX tiles: `B`'s depth of `A`'s,
 /// from depth block `kb0` on (all of `A` when `kb0` is 0 and the depths
-/// agree). `c` is `rows_pad x ldc` row-major ([`c_len`]);
-/// `accumulate` adds to what it holds, else overwrites it.
+/// agree). The sums go straight into `out` (tiles past its edges through a
+/// scratch tile); `accumulate` adds to what it holds, else overwrites it.
+///
+/// # Safety
+/// `out` must be valid for reads and writes of its `rows x cols` values
+/// (reads only of values this call or an earlier one wrote, unless
+/// `accumulate`), and no other thread may touch them during the call.
 ///
 /// # Panics
-/// If `B` reaches past `A`'s depth or `c` has another size, or when
-/// [`engine`] is not [`Engine::Amx`].
-pub fn gemm(a: &PackedA, kb0: usize, b: &PackedB, c: &mut [f32], accumulate: bool) {
+/// If `B` reaches past `A`'s depth, `out` does not have `A`'s rows and
+/// `B`'s columns, or when [`engine`] is not [`Engine::Amx`].
+pub unsafe fn gemm(a: &PackedA, kb0: usize, b: &PackedB, out: Out, accumulate: bool) {
     assert_eq!(engine(), Engine::Amx, "bf16 gemm: no AMX on this CPU");
     assert!(
         kb0 + b.kblocks <= a.kblocks,
         "bf16 gemm: B is deeper than A"
     );
-    let (rows_pad, ldc) = c_len(a, b);
-    assert_eq!(
-        c.len(),
-        rows_pad * ldc,
-        "bf16 gemm: C is not {rows_pad} x {ldc}"
+    assert!(
+        out.rows == a.rows && out.cols == b.cols && out.ld >= out.cols,
+        "bf16 gemm: the output is not {} x {}",
+        a.rows,
+        b.cols
     );
+    if out.rows == 0 || out.cols == 0 {
+        return;
+    }
     if b.kblocks == 0 {
         if !accumulate {
-            c.fill(0.0);
+            for i in 0..out.rows {
+                // SAFETY: row i of `out`, valid for writes (the caller).
+                unsafe { std::ptr::write_bytes(out.ptr.add(i * out.ld), 0, out.cols) };
+            }
         }
         return;
     }
     let shape = amx::Shape {
-        rows_pad,
+        rows_pad: a.rows.div_ceil(PAD) * PAD,
         cols_pad: packed_groups(b.cols) * 16,
-        ldc,
         a_kblocks: a.kblocks,
         kb0,
         kblocks: b.kblocks,
     };
     // SAFETY: the engine is AMX; the packed sizes follow from their
     // `rows`/`cols`/`kblocks` (set together by the packers), the depth
-    // range was checked against both and `c` against the padded sizes.
-    unsafe { amx::gemm(&a.data, &b.data, c, shape, accumulate) };
+    // range was checked against both, and `out` is the caller's.
+    unsafe { amx::gemm(&a.data, &b.data, out, shape, accumulate) };
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
     //! The AMX kernel: 2 x 2 tiles of 16 x 16 `f32` sums per step.
 
-    use super::TILE;
+    use super::{Out, TILE};
 
     /// Whether the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F, BW, VL and
     /// BF16 for the packing) and Linux grants this process the tile data state
@@ -687,12 +703,10 @@ mod amx {
 
     /// The sizes of one product.
     pub struct Shape {
-        /// Rows of `A` and `C`, a multiple of 32.
+        /// Rows of `A`, a multiple of 32.
         pub rows_pad: usize,
-        /// Columns of `B` and `C`, a multiple of 32.
+        /// Columns of `B`, a multiple of 32.
         pub cols_pad: usize,
-        /// Values from one row of `C` to the next, at least `cols_pad`.
-        pub ldc: usize,
         /// Depth blocks of each row block of `A`.
         pub a_kblocks: usize,
         /// The first of them multiplied.
@@ -701,18 +715,91 @@ mod amx {
         pub kblocks: usize,
     }
 
+    /// A 16 x 16 tile of sums at `(r, c)` of `out`: in place when it lies
+    /// inside, else a scratch tile whose inside part is copied.
+    struct TileAt {
+        ptr: *mut f32,
+        /// Bytes from one row to the next.
+        stride: usize,
+        /// Rows and columns of it inside `out`, when it is a scratch tile.
+        part: Option<(usize, usize)>,
+        /// Where its inside part lives in `out`.
+        at: *mut f32,
+    }
+
+    impl TileAt {
+        fn new(out: Out, r: usize, c: usize, scratch: *mut f32) -> TileAt {
+            let (rows, cols) = (
+                out.rows.saturating_sub(r).min(16),
+                out.cols.saturating_sub(c).min(16),
+            );
+            let at = out.ptr.wrapping_add(r * out.ld + c);
+            if rows == 16 && cols == 16 {
+                TileAt {
+                    ptr: at,
+                    stride: out.ld * 4,
+                    part: None,
+                    at,
+                }
+            } else {
+                TileAt {
+                    ptr: scratch,
+                    stride: 64,
+                    part: Some((rows, cols)),
+                    at,
+                }
+            }
+        }
+
+        /// Fills the scratch tile from `out` (zeros outside it).
+        ///
+        /// # Safety
+        /// The inside part is readable.
+        unsafe fn fetch(&self, ld: usize) {
+            if let Some((rows, cols)) = self.part {
+                for i in 0..16 {
+                    for j in 0..16 {
+                        let v = if i < rows && j < cols {
+                            // SAFETY: inside `out` (the caller).
+                            unsafe { *self.at.add(i * ld + j) }
+                        } else {
+                            0.0
+                        };
+                        // SAFETY: the scratch tile has 256 values.
+                        unsafe { *self.ptr.add(i * 16 + j) = v };
+                    }
+                }
+            }
+        }
+
+        /// Copies the scratch tile's inside part into `out`.
+        ///
+        /// # Safety
+        /// The inside part is writable.
+        unsafe fn flush(&self, ld: usize) {
+            if let Some((rows, cols)) = self.part {
+                for i in 0..rows {
+                    for j in 0..cols {
+                        // SAFETY: inside `out` and the scratch tile.
+                        unsafe { *self.at.add(i * ld + j) = *self.ptr.add(i * 16 + j) };
+                    }
+                }
+            }
+        }
+    }
+
     /// See [`super::gemm`].
     ///
     /// # Safety
     /// The process has the tile permission; `a` holds `rows_pad / 16`
     /// row blocks of `a_kblocks` tiles, `b` `cols_pad / 16` groups of
-    /// `kblocks` tiles, `kb0 + kblocks <= a_kblocks`; `c` is `rows_pad x
+    /// `kblocks` tiles, `kb0 + kblocks <= a_kblocks`; `out` as
+    /// [`super::gemm`] asks, with `out.rows <= rows_pad` and `out.cols <=
     /// cols_pad`.
-    pub unsafe fn gemm(a: &[u16], b: &[u16], c: &mut [f32], shape: Shape, accumulate: bool) {
+    pub unsafe fn gemm(a: &[u16], b: &[u16], out: Out, shape: Shape, accumulate: bool) {
         let Shape {
             rows_pad,
             cols_pad,
-            ldc,
             a_kblocks,
             kb0,
             kblocks,
@@ -722,9 +809,10 @@ mod amx {
             a.len() >= rows_pad / 16 * a_kblocks * TILE
                 && b.len() >= cols_pad / 16 * kblocks * TILE
         );
-        assert!(ldc >= cols_pad && c.len() >= rows_pad * ldc);
+        assert!(out.rows <= rows_pad && out.cols <= cols_pad);
         let cfg = TileConfig::all_full();
-        let ldc_bytes = ldc * 4;
+        let mut scratch = [[0f32; 256]; 4];
+        let sp: *mut f32 = scratch.as_mut_ptr().cast();
         // SAFETY: `cfg` is a valid palette-1 configuration; the caller
         // guarantees the permission.
         unsafe { core::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
@@ -737,25 +825,34 @@ mod amx {
                 for g in (0..cols_pad / 16).step_by(2) {
                     let b0 = b[(g * kblocks + k0) * TILE..].as_ptr();
                     let b1 = b[((g + 1) * kblocks + k0) * TILE..].as_ptr();
-                    let c00 = c[r * ldc + g * 16..].as_mut_ptr();
-                    let c01 = c00.wrapping_add(16);
-                    let c10 = c00.wrapping_add(16 * ldc);
-                    let c11 = c10.wrapping_add(16);
+                    let (c, l) = (g * 16, out.ld);
+                    let t = [
+                        TileAt::new(out, r, c, sp),
+                        TileAt::new(out, r, c + 16, sp.wrapping_add(256)),
+                        TileAt::new(out, r + 16, c, sp.wrapping_add(512)),
+                        TileAt::new(out, r + 16, c + 16, sp.wrapping_add(768)),
+                    ];
                     // SAFETY: every tile lies inside its buffer: A blocks
                     // (r/16, k0..k0+kn) and (r/16+1, ..), B blocks of groups
-                    // g, g+1 (asserted lengths), and the C tiles at rows
-                    // r..r+32, columns 16g..16g+32 of the rows_pad x
-                    // cols_pad `c`.
+                    // g, g+1 (asserted lengths); the sum tiles are inside
+                    // `out` or scratch tiles (`TileAt`), and `out`'s values
+                    // are read only after this call wrote them or when
+                    // `accumulate` (the caller's guarantee).
                     unsafe {
                         if load {
+                            t.iter().for_each(|t| t.fetch(l));
                             core::arch::asm!(
-                                "tileloadd tmm0, [{c00} + {ldc} * 1]",
-                                "tileloadd tmm1, [{c01} + {ldc} * 1]",
-                                "tileloadd tmm2, [{c10} + {ldc} * 1]",
-                                "tileloadd tmm3, [{c11} + {ldc} * 1]",
-                                c00 = in(reg) c00, c01 = in(reg) c01,
-                                c10 = in(reg) c10, c11 = in(reg) c11,
-                                ldc = in(reg) ldc_bytes,
+                                "tileloadd tmm0, [{c00} + {s00} * 1]",
+                                "tileloadd tmm1, [{c01} + {s01} * 1]",
+                                c00 = in(reg) t[0].ptr, s00 = in(reg) t[0].stride,
+                                c01 = in(reg) t[1].ptr, s01 = in(reg) t[1].stride,
+                                options(nostack, readonly),
+                            );
+                            core::arch::asm!(
+                                "tileloadd tmm2, [{c10} + {s10} * 1]",
+                                "tileloadd tmm3, [{c11} + {s11} * 1]",
+                                c10 = in(reg) t[2].ptr, s10 = in(reg) t[2].stride,
+                                c11 = in(reg) t[3].ptr, s11 = in(reg) t[3].stride,
                                 options(nostack, readonly),
                             );
                         } else {
@@ -792,15 +889,20 @@ mod amx {
                             options(nostack, readonly),
                         );
                         core::arch::asm!(
-                            "tilestored [{c00} + {ldc} * 1], tmm0",
-                            "tilestored [{c01} + {ldc} * 1], tmm1",
-                            "tilestored [{c10} + {ldc} * 1], tmm2",
-                            "tilestored [{c11} + {ldc} * 1], tmm3",
-                            c00 = in(reg) c00, c01 = in(reg) c01,
-                            c10 = in(reg) c10, c11 = in(reg) c11,
-                            ldc = in(reg) ldc_bytes,
+                            "tilestored [{c00} + {s00} * 1], tmm0",
+                            "tilestored [{c01} + {s01} * 1], tmm1",
+                            c00 = in(reg) t[0].ptr, s00 = in(reg) t[0].stride,
+                            c01 = in(reg) t[1].ptr, s01 = in(reg) t[1].stride,
                             options(nostack),
                         );
+                        core::arch::asm!(
+                            "tilestored [{c10} + {s10} * 1], tmm2",
+                            "tilestored [{c11} + {s11} * 1], tmm3",
+                            c10 = in(reg) t[2].ptr, s10 = in(reg) t[2].stride,
+                            c11 = in(reg) t[3].ptr, s11 = in(reg) t[3].stride,
+                            options(nostack),
+                        );
+                        t.iter().for_each(|t| t.flush(l));
                     }
                 }
             }
@@ -821,13 +923,12 @@ mod amx {
     pub struct Shape {
         pub rows_pad: usize,
         pub cols_pad: usize,
-        pub ldc: usize,
         pub a_kblocks: usize,
         pub kb0: usize,
         pub kblocks: usize,
     }
 
-    pub unsafe fn gemm(_: &[u16], _: &[u16], _: &mut [f32], _: Shape, _: bool) {
+    pub unsafe fn gemm(_: &[u16], _: &[u16], _: super::Out, _: Shape, _: bool) {
         unreachable!("bf16 gemm: no AMX on this platform (engine() is Emulated)")
     }
 }
@@ -897,14 +998,30 @@ mod tests {
             let mut by_cols = PackedB::default();
             by_cols.pack_transposed(&bt, n, k);
             assert_eq!(by_rows.data, by_cols.data, "the two B packers agree");
-            let (rp, cp) = c_len(&pa, &by_rows);
+            // Columns 2..2 + n of rows n + 5 wide, the rest left alone.
+            let cp = n + 5;
             for accumulate in [false, true] {
-                let mut c = vec![if accumulate { 1.0f32 } else { f32::NAN }; rp * cp];
-                gemm(&pa, 0, &by_rows, &mut c, accumulate);
+                let mut c = vec![if accumulate { 1.0f32 } else { f32::NAN }; m * cp];
+                let out = Out {
+                    ptr: c.as_mut_ptr().wrapping_add(2),
+                    rows: m,
+                    cols: n,
+                    ld: cp,
+                };
+                if m > 0 {
+                    assert!(2 + (m - 1) * cp + n <= c.len());
+                }
+                // SAFETY: `out` lies inside `c`.
+                unsafe { gemm(&pa, 0, &by_rows, out, accumulate) };
                 let base = if accumulate { 1.0 } else { 0.0 };
                 for i in 0..m {
-                    for j in 0..n {
-                        let (g, w) = (f64::from(c[i * cp + j]), want[i * n + j]);
+                    for (j, &v) in c[i * cp..(i + 1) * cp].iter().enumerate() {
+                        if !(2..2 + n).contains(&j) {
+                            let untouched = if accumulate { v == 1.0 } else { v.is_nan() };
+                            assert!(untouched, "({i}, {j}) outside the output: {v}");
+                            continue;
+                        }
+                        let (g, w) = (f64::from(v), want[i * n + j - 2]);
                         assert!(
                             (g - base - w).abs() < 1e-5 * (1.0 + w.abs()),
                             "{m}x{k}x{n} ({i}, {j}): {g} vs {}",

@@ -217,12 +217,10 @@ fn sgemm(dst: SharedOut, d: View, accumulate: bool, lhs: &[f32], l: View, rhs: &
     }
 }
 
-/// A thread's buffers for the AMX products: a packed weight chunk and the
-/// sums.
+/// A thread's buffer for the AMX products: a packed weight chunk.
 #[derive(Default)]
 struct AmxBuffers {
     b: bf16_gemm::PackedB,
-    c: Vec<f32>,
 }
 
 thread_local! {
@@ -398,7 +396,7 @@ fn matmul_wt_on(
 
 /// [`matmul_wt`] on AMX: `x` packed once as the left operand; each thread
 /// dequantizes its chunks of weight rows, packs them as the right operand
-/// (`Wᵀ`) and copies each chunk's sums into its columns of `y`.
+/// (`Wᵀ`) and sums each chunk straight into its columns of `y`.
 fn matmul_wt_amx(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: SharedOut) {
     let mut xa = bf16_gemm::PackedA::default();
     xa.pack(x, m, k, k, true);
@@ -418,17 +416,16 @@ fn matmul_wt_amx(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: Sha
                             w.widen_into(start * k, chunk);
                             amx.b.pack_transposed(chunk, end - start, k);
                         }
-                        let (rp, ldc) = bf16_gemm::c_len(&xa, &amx.b);
-                        amx.c.resize(rp * ldc, 0.0);
-                        bf16_gemm::gemm(&xa, 0, &amx.b, &mut amx.c, false);
-                        for t in 0..m {
-                            // SAFETY: row t, columns start..end of the m x n
-                            // output: only this task writes those columns.
-                            let row = unsafe {
-                                std::slice::from_raw_parts_mut(dst.at(t * n + start), end - start)
-                            };
-                            row.copy_from_slice(&amx.c[t * ldc..t * ldc + end - start]);
-                        }
+                        let out = bf16_gemm::Out {
+                            ptr: dst.at(start),
+                            rows: m,
+                            cols: end - start,
+                            ld: n,
+                        };
+                        // SAFETY: columns start..end of the m x n output,
+                        // which only this task touches; the product writes
+                        // them before it reads them (no accumulation).
+                        unsafe { bf16_gemm::gemm(&xa, 0, &amx.b, out, false) };
                     }
                 });
             });
@@ -436,8 +433,8 @@ fn matmul_wt_amx(x: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: Sha
 }
 
 /// [`matmul_w`] on AMX: `dy` packed once as the left operand; each thread
-/// sums its output columns over chunks of weight rows (packed as the right
-/// operand) into its own `C`, then copies it out.
+/// sums its output columns of `dx` over chunks of weight rows (packed as
+/// the right operand), in place.
 fn matmul_w_amx(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: SharedOut) {
     let mut dya = bf16_gemm::PackedA::default();
     dya.pack(dy, m, n, n, true);
@@ -463,20 +460,18 @@ fn matmul_w_amx(dy: &[f32], m: usize, w: WeightRef, n: usize, k: usize, dst: Sha
                             }
                             amx.b.pack_rows(chunk, end - start, width);
                         }
-                        let (rp, cp) = bf16_gemm::c_len(&dya, &amx.b);
-                        amx.c.resize(rp * cp, 0.0);
                         // `start` is a multiple of `rows`, itself of 32.
                         let kb0 = start / bf16_gemm::PAD;
-                        bf16_gemm::gemm(&dya, kb0, &amx.b, &mut amx.c, start > 0);
-                    }
-                    let cp = bf16_gemm::c_len(&dya, &amx.b).1;
-                    for t in 0..m {
-                        // SAFETY: row t, columns `cols` of the m x k output:
-                        // only this task writes those columns.
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(dst.at(t * k + cols.start), width)
+                        let out = bf16_gemm::Out {
+                            ptr: dst.at(cols.start),
+                            rows: m,
+                            cols: width,
+                            ld: k,
                         };
-                        row.copy_from_slice(&amx.c[t * cp..t * cp + width]);
+                        // SAFETY: columns `cols` of the m x k output, which
+                        // only this task touches; the first chunk writes
+                        // them, the later ones add to them.
+                        unsafe { bf16_gemm::gemm(&dya, kb0, &amx.b, out, start > 0) };
                     }
                 });
             });
