@@ -290,28 +290,7 @@ impl PackedB {
     /// # Panics
     /// If `src` is not `cols * depth` long.
     pub fn pack_transposed(&mut self, src: &[f32], cols: usize, depth: usize) {
-        assert_eq!(src.len(), cols * depth, "bf16 pack: not {cols} x {depth}");
-        self.reset(depth, cols);
-        let kblocks = self.kblocks;
-        if kblocks == 0 {
-            return;
-        }
-        for (g, dst) in self.data.chunks_mut(kblocks * TILE).enumerate() {
-            let first = (g * 16).min(cols);
-            let n = cols.saturating_sub(first).min(16);
-            let rows = &src[first * depth..(first + n) * depth];
-            #[cfg(target_arch = "x86_64")]
-            if n == 16 && depth.is_multiple_of(PAD) && engine() == Engine::Amx {
-                // SAFETY: AVX-512 F and BF16 are present (AMX engine); the
-                // group's 16 rows of `depth` values and its `kblocks`
-                // tiles are in bounds.
-                unsafe { pack_group_avx512(rows.as_ptr(), depth, kblocks, dst.as_mut_ptr()) };
-                continue;
-            }
-            pack_b_transposed_group(n, depth, dst, |j, d, out| {
-                convert(&rows[j * depth + d.start..j * depth + d.end], out)
-            });
-        }
+        self.pack_groups(src, cols, depth, wide_group_f32(), convert);
     }
 
     /// [`Self::pack_transposed`] from `bf16` values (their bits): a 16-bit
@@ -320,6 +299,23 @@ impl PackedB {
     /// # Panics
     /// If `src` is not `cols * depth` long.
     pub fn pack_transposed_bits(&mut self, src: &[u16], cols: usize, depth: usize) {
+        self.pack_groups(src, cols, depth, wide_group_bits(), |from, to| {
+            to.copy_from_slice(from)
+        });
+    }
+
+    /// The 16-column groups of [`Self::pack_transposed`] from `cols` rows
+    /// of `depth` values of `src`: whole groups by `wide` on AMX CPUs (when
+    /// `depth` is whole depth blocks), the rest the plain way, `segment`
+    /// writing the `bf16` bits of a run of values.
+    fn pack_groups<T>(
+        &mut self,
+        src: &[T],
+        cols: usize,
+        depth: usize,
+        wide: Option<WideGroup<T>>,
+        segment: impl Fn(&[T], &mut [u16]),
+    ) {
         assert_eq!(src.len(), cols * depth, "bf16 pack: not {cols} x {depth}");
         self.reset(depth, cols);
         let kblocks = self.kblocks;
@@ -330,16 +326,20 @@ impl PackedB {
             let first = (g * 16).min(cols);
             let n = cols.saturating_sub(first).min(16);
             let rows = &src[first * depth..(first + n) * depth];
-            #[cfg(target_arch = "x86_64")]
-            if n == 16 && depth.is_multiple_of(PAD) && engine() == Engine::Amx {
-                // SAFETY: AVX-512 F is present (AMX engine); the group's 16
-                // rows of `depth` values and its `kblocks` tiles are in
-                // bounds.
-                unsafe { pack_group_bits_avx512(rows.as_ptr(), depth, kblocks, dst.as_mut_ptr()) };
+            if let Some(wide) = wide
+                && n == 16
+                && depth.is_multiple_of(PAD)
+                && engine() == Engine::Amx
+            {
+                // SAFETY: the AMX engine runs only on a CPU with AVX-512
+                // F, BW, VL and BF16 (`amx::available`), what `wide` needs;
+                // the group's 16 rows of `depth` values and its `kblocks`
+                // tiles are in bounds.
+                unsafe { wide(rows.as_ptr(), depth, kblocks, dst.as_mut_ptr()) };
                 continue;
             }
             pack_b_transposed_group(n, depth, dst, |j, d, out| {
-                out.copy_from_slice(&rows[j * depth + d.start..j * depth + d.end])
+                segment(&rows[j * depth + d.start..j * depth + d.end], out)
             });
         }
     }
@@ -468,6 +468,26 @@ fn pack_b_rows(src: &[f32], cols: usize, kblocks: usize, data: &mut [u16]) {
         }
     }
 }
+}
+
+/// A packer of one whole 16-row group with AVX-512: rows, depth, depth
+/// blocks, the group's tiles.
+type WideGroup<T> = unsafe fn(*const T, usize, usize, *mut u16);
+
+/// [`pack_group_avx512`] where it exists.
+fn wide_group_f32() -> Option<WideGroup<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    return Some(pack_group_avx512);
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// [`pack_group_bits_avx512`] where it exists.
+fn wide_group_bits() -> Option<WideGroup<u16>> {
+    #[cfg(target_arch = "x86_64")]
+    return Some(pack_group_bits_avx512);
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// One full group of [`PackedB::pack_transposed`]: the 16 rows at `src`
@@ -632,7 +652,7 @@ pub unsafe fn gemm(a: &PackedA, kb0: usize, b: &PackedB, out: Out, accumulate: b
         }
         return;
     }
-    let shape = amx::Shape {
+    let shape = Shape {
         rows_pad: a.rows.div_ceil(PAD) * PAD,
         cols_pad: packed_groups(b.cols) * 16,
         a_kblocks: a.kblocks,
@@ -645,11 +665,25 @@ pub unsafe fn gemm(a: &PackedA, kb0: usize, b: &PackedB, out: Out, accumulate: b
     unsafe { amx::gemm(&a.data, &b.data, out, shape, accumulate) };
 }
 
+/// The sizes of one product of the AMX kernel.
+struct Shape {
+    /// Rows of `A`, a multiple of 32.
+    rows_pad: usize,
+    /// Columns of `B`, a multiple of 32.
+    cols_pad: usize,
+    /// Depth blocks of each row block of `A`.
+    a_kblocks: usize,
+    /// The first of them multiplied.
+    kb0: usize,
+    /// Depth blocks multiplied (those of `B`).
+    kblocks: usize,
+}
+
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
     //! The AMX kernel: 2 x 2 tiles of 16 x 16 `f32` sums per step.
 
-    use super::{Out, TILE};
+    use super::{Out, Shape, TILE};
 
     /// Whether the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F, BW, VL and
     /// BF16 for the packing) and Linux grants this process the tile data state
@@ -700,20 +734,6 @@ mod amx {
     /// Depth blocks (of 32) per pass: the `A` panel of 32 rows x 512 depths
     /// (32 KiB) stays in L1 while the `B` panels stream past it.
     const KC: usize = 16;
-
-    /// The sizes of one product.
-    pub struct Shape {
-        /// Rows of `A`, a multiple of 32.
-        pub rows_pad: usize,
-        /// Columns of `B`, a multiple of 32.
-        pub cols_pad: usize,
-        /// Depth blocks of each row block of `A`.
-        pub a_kblocks: usize,
-        /// The first of them multiplied.
-        pub kb0: usize,
-        /// Depth blocks multiplied (those of `B`).
-        pub kblocks: usize,
-    }
 
     /// A 16 x 16 tile of sums at `(r, c)` of `out`: in place when it lies
     /// inside, else a scratch tile whose inside part is copied.
@@ -920,15 +940,7 @@ mod amx {
         false
     }
 
-    pub struct Shape {
-        pub rows_pad: usize,
-        pub cols_pad: usize,
-        pub a_kblocks: usize,
-        pub kb0: usize,
-        pub kblocks: usize,
-    }
-
-    pub unsafe fn gemm(_: &[u16], _: &[u16], _: super::Out, _: Shape, _: bool) {
+    pub unsafe fn gemm(_: &[u16], _: &[u16], _: super::Out, _: super::Shape, _: bool) {
         unreachable!("bf16 gemm: no AMX on this platform (engine() is Emulated)")
     }
 }
