@@ -60,11 +60,11 @@ fn frozen_matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("frozen_matmul_nf4_512x768x2048");
     g.throughput(Throughput::Elements((2 * m * n * k) as u64));
     eprintln!("bf16 engine: {:?}", engine());
-    for prec in [CpuMatmul::F32, CpuMatmul::Bf16] {
-        g.bench_function(format!("forward-{}", prec.name()), |b| {
+    for (prec, name) in [(CpuMatmul::F32, "f32"), (CpuMatmul::Bf16, "bf16")] {
+        g.bench_function(format!("forward-{name}"), |b| {
             b.iter(|| black_box(matmul_wt(&x, m, WeightRef::Nf4(&q), n, k, prec)))
         });
-        g.bench_function(format!("backward-{}", prec.name()), |b| {
+        g.bench_function(format!("backward-{name}"), |b| {
             b.iter(|| black_box(matmul_w(&dy, m, WeightRef::Nf4(&q), n, k, prec)))
         });
     }

@@ -62,14 +62,6 @@ impl CpuMatmul {
         }
     }
 
-    /// The setting's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            CpuMatmul::F32 => "f32",
-            CpuMatmul::Bf16 => "bf16",
-        }
-    }
-
     /// What computes it on this CPU, for the setup line and the dry run:
     /// `f32`, `bf16 (AMX)` or `bf16 (emulated in f32: no AMX)`.
     pub fn describe(self) -> &'static str {
@@ -175,11 +167,6 @@ pub struct PackedA {
 }
 
 impl PackedA {
-    /// Rows (unpadded).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Packs the row-major `rows x depth` `f32` values of `src`, rows
     /// `stride` apart; `parallel` splits the work between rayon's threads.
     ///
@@ -265,11 +252,6 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Columns (unpadded).
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Sizes the buffer for `depth x cols`; zeroes it unless the last
     /// packing had the same shape (whose padding is still zero).
     fn reset(&mut self, depth: usize, cols: usize) {
@@ -515,11 +497,8 @@ unsafe fn pack_group_avx512(src: *const f32, depth: usize, kblocks: usize, dst: 
             // SAFETY: both are 512 bits of plain data.
             unsafe { std::mem::transmute::<__m512bh, __m512>(pairs) }
         });
-        let tile = transpose16(rows);
-        for (p, row) in tile.iter().enumerate() {
-            // SAFETY: row p of tile kb, inside `dst`.
-            unsafe { _mm512_storeu_ps(dst.add(kb * TILE + p * 32).cast(), *row) };
-        }
+        // SAFETY: tile kb is inside `dst` (the caller).
+        unsafe { store_transposed(rows, dst.add(kb * TILE)) };
     }
 }
 
@@ -537,11 +516,22 @@ unsafe fn pack_group_bits_avx512(src: *const u16, depth: usize, kblocks: usize, 
         let rows: [__m512; 16] = std::array::from_fn(|j| unsafe {
             _mm512_loadu_ps(src.add(j * depth + kb * PAD).cast())
         });
-        let tile = transpose16(rows);
-        for (p, row) in tile.iter().enumerate() {
-            // SAFETY: row p of tile kb, inside `dst`.
-            unsafe { _mm512_storeu_ps(dst.add(kb * TILE + p * 32).cast(), *row) };
-        }
+        // SAFETY: tile kb is inside `dst` (the caller).
+        unsafe { store_transposed(rows, dst.add(kb * TILE)) };
+    }
+}
+
+/// Writes the 16 x 16 transpose of `rows` (32-bit lanes) as one tile at
+/// `dst`: row `p` of the tile is lane `p` of every row.
+///
+/// # Safety
+/// AVX-512 F; `dst` holds a tile (512 values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_transposed(rows: [std::arch::x86_64::__m512; 16], dst: *mut u16) {
+    for (p, row) in transpose16(rows).iter().enumerate() {
+        // SAFETY: row p of the tile, inside `dst`.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(dst.add(p * 32).cast(), *row) };
     }
 }
 
@@ -947,13 +937,8 @@ mod amx {
 
 #[cfg(test)]
 mod tests {
+    use super::super::kernel::tests::data;
     use super::*;
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
-            .collect()
-    }
 
     #[test]
     fn rounding_is_to_nearest_even() {

@@ -555,11 +555,12 @@ fn matmul_w_on(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use CpuMatmul::F32;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
+    /// `len` values in `[-0.5, 0.5)`, a fixed function of `seed`.
+    pub(in crate::qlora) fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
             .collect()
