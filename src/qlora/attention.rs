@@ -31,7 +31,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Shape, Storage, Tensor, WithDType};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
-use wide::f32x8;
+
+use super::vmath;
 
 /// The constants of one block's attention.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -186,8 +187,9 @@ impl AttentionOp {
 trait Real: WithDType {
     fn tanh(self) -> Self;
 
-    /// `row[j] = exp(row[j] - max)`; returns their sum.
-    fn exp_shifted(row: &mut [Self], max: Self) -> Self;
+    /// `row = softmax(row + mask)` in place, the row maximum subtracted
+    /// first.
+    fn softmax_masked(row: &mut [Self], mask: &[Self]);
 }
 
 impl Real for f32 {
@@ -195,23 +197,10 @@ impl Real for f32 {
         f32::tanh(self)
     }
 
-    /// Eight lanes at a time with `wide`'s `exp` (a scalar `expf` per score
-    /// was about 2% of a training step).
-    fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
-        let shift = f32x8::splat(max);
-        let (lanes, tail) = row.as_chunks_mut::<8>();
-        let mut acc = f32x8::ZERO;
-        for c in lanes {
-            let e = (f32x8::new(*c) - shift).exp();
-            acc += e;
-            *c = e.to_array();
-        }
-        let mut sum = acc.reduce_add();
-        for x in tail {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        sum
+    /// [`vmath`]'s lane kernel (`wide`'s eight-lane `exp` before it, a scalar
+    /// `expf` per score before that: about 2% of a training step).
+    fn softmax_masked(row: &mut [f32], mask: &[f32]) {
+        vmath::softmax_masked(row, mask);
     }
 }
 
@@ -220,13 +209,23 @@ impl Real for f64 {
         f64::tanh(self)
     }
 
-    fn exp_shifted(row: &mut [f64], max: f64) -> f64 {
+    fn softmax_masked(row: &mut [f64], mask: &[f64]) {
+        let mut max = f64::NEG_INFINITY;
+        for (x, &m) in row.iter_mut().zip(mask) {
+            *x += m;
+            if *x > max {
+                max = *x;
+            }
+        }
         let mut sum = 0.0;
-        for x in row {
+        for x in row.iter_mut() {
             *x = (*x - max).exp();
             sum += *x;
         }
-        sum
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
     }
 }
 
@@ -375,17 +374,7 @@ impl AttentionOp {
                     buf[i * keys..(i + 1) * keys].copy_from_slice(row);
                 }
             }
-            let mut max = T::from_f64(f64::NEG_INFINITY);
-            for (x, &m) in row.iter_mut().zip(&mask[i * keys..(i + 1) * keys]) {
-                *x += m;
-                if *x > max {
-                    max = *x;
-                }
-            }
-            let inv = T::one() / T::exp_shifted(row, max);
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
+            T::softmax_masked(row, &mask[i * keys..(i + 1) * keys]);
         }
     }
 

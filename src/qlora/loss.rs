@@ -19,7 +19,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-use wide::f32x8;
+
+use super::vmath;
 
 /// Mean negative log-likelihood of the masked next-token targets.
 /// `logits` `(b, t, v)`, `input_ids` `(b, t)`, `mask` `(b, t)` (1 = this
@@ -114,9 +115,9 @@ struct TokenNll {
 }
 
 /// The per-row arithmetic of [`TokenNll`]: exact `f64` for `f64` logits
-/// (the finite-difference tests run there); for `f32`, eight lanes at a time
-/// with `wide`'s vectorised `exp`, partial sums of at most [`SUM_BLOCK`]
-/// terms carried into an `f64` total. A training step takes three
+/// (the finite-difference tests run there); for `f32`, [`vmath`]'s lane
+/// kernels, partial sums of at most [`SUM_BLOCK`] terms carried into an
+/// `f64` total. A training step takes three
 /// exponentials per logit (32k-vocabulary rows: 24M per step at 4 x 64
 /// tokens); one scalar `f64` `exp` each took about 4% of a step's time.
 trait NllFloat: WithDType {
@@ -144,39 +145,16 @@ impl NllFloat for f64 {
 
 impl NllFloat for f32 {
     fn row_lse(row: &[f32]) -> f64 {
-        let (lanes, tail) = row.as_chunks::<8>();
-        let max = lanes
-            .iter()
-            .fold(f32x8::splat(f32::NEG_INFINITY), |m, c| {
-                m.max(f32x8::new(*c))
-            })
-            .to_array()
-            .into_iter()
-            .chain(tail.iter().copied())
-            .fold(f32::NEG_INFINITY, f32::max);
-        let shift = f32x8::splat(max);
-        let mut total = 0f64;
-        for block in lanes.chunks(SUM_BLOCK / 8) {
-            let acc = block
-                .iter()
-                .fold(f32x8::ZERO, |acc, c| acc + (f32x8::new(*c) - shift).exp());
-            total += acc.to_array().iter().map(|&s| f64::from(s)).sum::<f64>();
-        }
-        total += tail.iter().map(|&x| f64::from(x - max).exp()).sum::<f64>();
+        let max = vmath::max(row);
+        let total: f64 = row
+            .chunks(SUM_BLOCK)
+            .map(|block| f64::from(vmath::sum_exp(block, max)))
+            .sum();
         f64::from(max) + total.ln()
     }
 
     fn scaled_softmax(row: &[f32], lse: f64, g: f64, dst: &mut [f32]) {
-        let (lse, g) = (lse as f32, g as f32);
-        let (shift, scale) = (f32x8::splat(lse), f32x8::splat(g));
-        let (lanes, tail) = row.as_chunks::<8>();
-        let (out, out_tail) = dst.as_chunks_mut::<8>();
-        for (d, c) in out.iter_mut().zip(lanes) {
-            *d = ((f32x8::new(*c) - shift).exp() * scale).to_array();
-        }
-        for (d, x) in out_tail.iter_mut().zip(tail) {
-            *d = (x - lse).exp() * g;
-        }
+        vmath::exp_scaled(row, lse as f32, g as f32, dst);
     }
 }
 

@@ -38,6 +38,7 @@ pub mod nf4;
 pub mod nf4_device;
 pub mod recompute;
 pub mod softmax;
+pub mod vmath;
 
 pub use frozen::{FrozenLinear, FrozenStorage, FrozenWeight};
 pub use llama::{KvCache, LlamaConfig, LlamaModel, ModelOptions, RandomWeights};
