@@ -1,7 +1,8 @@
 //! `cargo bench --bench qlora`: one QLoRA training step per frozen-weight
 //! configuration, NF4 dequantization throughput, and the frozen matmul
 //! kernels with `f32` and `bf16` products (`--cpu-matmul`; AMX where the
-//! CPU has it). Peak memory is measured
+//! CPU has it), and LoRA's narrow product `x · Aᵀ` on its own kernel
+//! against the `gemm` crate. Peak memory is measured
 //! per configuration in its own process by `scripts/qlora_peak.sh`.
 
 use std::hint::black_box;
@@ -11,6 +12,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use qlora_scale::qlora::bf16_gemm::{CpuMatmul, engine};
 use qlora_scale::qlora::kernel::{WeightRef, matmul_w, matmul_wt};
 use qlora_scale::qlora::nf4::Nf4Tensor;
+use qlora_scale::qlora::skinny;
 
 #[path = "qlora_support/mod.rs"]
 mod support;
@@ -71,5 +73,59 @@ fn frozen_matmul(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dequant, frozen_matmul, step);
+/// `u = x · Aᵀ` for LoRA's `A` of rank 8 on 512 rows of 768 (the q
+/// projection's adapter at batch 4 x 128): the `skinny` kernel against the
+/// `gemm` crate as `lora_op` called it before, both on rayon's threads.
+fn lora_skinny(c: &mut Criterion) {
+    let (m, k, r) = (512usize, 768usize, 8usize);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.01).cos()).collect();
+    let a: Vec<f32> = (0..r * k).map(|i| ((i as f32) * 0.003).sin()).collect();
+    let mut out = vec![0f32; m * r];
+    let mut g = c.benchmark_group("lora_x_at_512x768_r8");
+    g.throughput(Throughput::Elements((2 * m * k * r) as u64));
+    g.bench_function("skinny", |b| {
+        b.iter(|| {
+            assert!(
+                skinny::rows_dot(&x, k, &a, r, &mut out),
+                "no AVX2 + FMA here"
+            );
+            black_box(out[0])
+        })
+    });
+    let threads = rayon::current_num_threads();
+    g.bench_function("gemm-crate", |b| {
+        b.iter(|| {
+            // SAFETY: `out` is `m x r` row-major; `x` (`m x k`, row-major)
+            // and `a` read as `k x r` (`a`'s rows as columns) lie inside
+            // their slices.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    r,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    r as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            };
+            black_box(out[0])
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, dequant, frozen_matmul, lora_skinny, step);
 criterion_main!(benches);

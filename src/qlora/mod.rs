@@ -37,6 +37,7 @@ pub mod loss;
 pub mod nf4;
 pub mod nf4_device;
 pub mod recompute;
+pub mod skinny;
 pub mod softmax;
 pub mod vmath;
 
