@@ -32,7 +32,7 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Shape, Storage, Tenso
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::vmath;
+use super::{buf, vmath};
 
 /// The constants of one block's attention.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -421,7 +421,7 @@ impl AttentionOp {
         let Dims {
             b, heads, kv, t, d, ..
         } = self.dims;
-        let mut out = vec![T::zero(); b * heads * t * d];
+        let mut out = buf::zeroed(b * heads * t * d);
         out.par_chunks_mut(self.dims.rep() * t * d)
             .enumerate()
             .for_each(|(i, o)| self.forward_group(x, i / kv, i % kv, o));
@@ -536,9 +536,9 @@ impl AttentionOp {
             d,
             ..
         } = self.dims;
-        let mut dq = vec![T::zero(); b * heads * t * d];
-        let mut dk = vec![T::zero(); b * kv * keys * d];
-        let mut dv = vec![T::zero(); b * kv * keys * d];
+        let mut dq = buf::zeroed(b * heads * t * d);
+        let mut dk = buf::zeroed(b * kv * keys * d);
+        let mut dv = buf::zeroed(b * kv * keys * d);
         dq.par_chunks_mut(self.dims.rep() * t * d)
             .zip(dk.par_chunks_mut(keys * d))
             .zip(dv.par_chunks_mut(keys * d))

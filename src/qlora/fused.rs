@@ -36,7 +36,7 @@ use candle_core::{WithDType, bail};
 use rayon::prelude::*;
 
 use super::llama::Activation;
-use super::vmath;
+use super::{buf, vmath};
 
 /// Elements per rayon task, at least (whole rows each). The per-element
 /// work is a few flops, so smaller tasks would cost more in scheduling
@@ -214,7 +214,7 @@ struct RmsNormOp {
 
 fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let (d, n) = (w.len(), task_len(w.len()));
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = buf::zeroed(x.len());
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
         .for_each(|(yc, xc)| {
@@ -232,7 +232,7 @@ fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
 /// sqrt(mean(x^2) + eps)`, per row.
 fn rms_bwd<T: Real>(x: &[T], dy: &[T], w: &[T], eps: f64) -> Vec<T> {
     let (d, n) = (w.len(), task_len(w.len()));
-    let mut dx = vec![T::zero(); x.len()];
+    let mut dx = buf::zeroed(x.len());
     dx.par_chunks_mut(n)
         .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
         .for_each_init(Vec::new, |g, (oc, (xc, gc))| {
@@ -365,7 +365,7 @@ fn gate_grad_chunk<T: WithDType>(
 /// `act(gate) * up`, chunk by chunk in parallel; `chunk` is the per-chunk
 /// arithmetic ([`gate_chunk`] or a vectorised one).
 fn gate_fwd<T: Real>(g: &[T], u: &[T], chunk: impl Fn(&[T], &[T], &mut [T]) + Sync) -> Vec<T> {
-    let mut y = vec![T::zero(); g.len()];
+    let mut y = buf::zeroed(g.len());
     y.par_chunks_mut(TASK_ELEMS)
         .zip(g.par_chunks(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)))
         .for_each(|(yc, (gc, uc))| chunk(gc, uc, yc));
@@ -380,7 +380,7 @@ fn gate_bwd<T: Real>(
     dy: &[T],
     chunk: impl Fn(&[T], &[T], &[T], &mut [T], &mut [T]) + Sync,
 ) -> (Vec<T>, Vec<T>) {
-    let (mut dg, mut du) = (vec![T::zero(); g.len()], vec![T::zero(); g.len()]);
+    let (mut dg, mut du) = (buf::zeroed(g.len()), buf::zeroed(g.len()));
     let n = TASK_ELEMS;
     dg.par_chunks_mut(n)
         .zip(du.par_chunks_mut(n))
@@ -531,7 +531,7 @@ struct RopeOp {
 /// + x1 sin`; the tail past `2 * half` is copied.
 fn rope_rows<T: Real>(x: &[T], (cos, sin): (&[T], &[T]), d: usize, t: usize) -> Vec<T> {
     let (n, half) = (task_len(d), cos.len() / t.max(1));
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = buf::zeroed(x.len());
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
         .enumerate()

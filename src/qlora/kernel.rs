@@ -28,6 +28,7 @@ use rayon::prelude::*;
 use half::slice::HalfFloatSliceExt;
 
 use super::bf16_gemm::{self, CpuMatmul, Engine};
+use super::buf;
 use super::nf4::{NF4_BLOCK, Nf4Tensor};
 
 /// Bytes of dequantized weight a thread holds at once: small enough to stay
@@ -361,7 +362,7 @@ fn matmul_wt_on(
         unsafe { out.set_len(m * n) };
         return out;
     }
-    let mut out = vec![0f32; m * n];
+    let mut out = buf::zeroed::<f32>(m * n);
     let x = operand(x, prec);
     let x = &x[..];
     let dst = SharedOut::of(&mut out);
@@ -514,7 +515,7 @@ fn matmul_w_on(
         unsafe { out.set_len(m * k) };
         return out;
     }
-    let mut out = vec![0f32; m * k];
+    let mut out = buf::zeroed::<f32>(m * k);
     let dy = operand(dy, prec);
     let dy = &dy[..];
     let dst = SharedOut::of(&mut out);

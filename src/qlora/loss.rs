@@ -20,7 +20,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::vmath;
+use super::{buf, vmath};
 
 /// Mean negative log-likelihood of the masked next-token targets.
 /// `logits` `(b, t, v)`, `input_ids` `(b, t)`, `mask` `(b, t)` (1 = this
@@ -175,7 +175,7 @@ fn nll_grad<T: NllFloat>(
     g: &[f64],
     nll: Option<&[f64]>,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = buf::zeroed(x.len());
     out.par_chunks_mut(v)
         .zip(x.par_chunks(v))
         .zip(targets.par_iter().zip(g.par_iter()))

@@ -22,6 +22,7 @@
 
 pub mod attention;
 pub mod bf16_gemm;
+pub mod buf;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod frozen;

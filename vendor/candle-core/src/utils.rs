@@ -320,6 +320,17 @@ impl BarrierPool {
         if n_items == 0 {
             return;
         }
+        // qlora-scale's patch (PATCHED.md): a pool without workers
+        // (CANDLE_NUM_THREADS=1) hands the chunks to rayon's threads, when
+        // there are several, instead of running them all on the caller.
+        if self.threads.is_empty() && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            let chunk = n_items.div_ceil(rayon::current_num_threads() * 8).max(1);
+            (0..n_items.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+            return;
+        }
         // nested use from a worker would deadlock on the call lock; run inline instead
         if IN_BARRIER_POOL.with(|f| f.get()) {
             f(0..n_items);
