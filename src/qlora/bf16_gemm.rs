@@ -183,8 +183,15 @@ impl PackedA {
         // The padding is zero from the last packing when the shape is the
         // same (packing writes only the values of `src`).
         if (self.rows, self.depth) != (rows, depth) || self.data.len() != rows_pad * kblocks * PAD {
-            self.data.clear();
-            self.data.resize(rows_pad * kblocks * PAD, 0);
+            // Cleared on rayon's threads when `parallel` (a `resize` was
+            // one `memset` of up to 32 MiB, the logits' gradient, on the
+            // calling thread).
+            let len = rows_pad * kblocks * PAD;
+            self.data = if parallel {
+                super::buf::filled(len, 0u16)
+            } else {
+                vec![0; len]
+            };
         }
         self.rows = rows;
         self.depth = depth;

@@ -24,17 +24,24 @@ const TASK_BYTES: usize = 64 << 10;
 /// `n` zeros, cleared on rayon's threads when the buffer is large enough
 /// for that to pay and small enough to come from the heap.
 pub fn zeroed<T: WithDType>(n: usize) -> Vec<T> {
+    filled(n, T::zero())
+}
+
+/// `n` copies of `zero` (the type's zero: for a larger buffer the
+/// allocator's fresh pages are taken as they are, through `vec!`), written
+/// on rayon's threads as [`zeroed`] says.
+pub fn filled<T: Copy + Send + Sync>(n: usize, zero: T) -> Vec<T> {
     let bytes = n.saturating_mul(std::mem::size_of::<T>());
     if !(PAR_MIN_BYTES..FRESH_PAGES_BYTES).contains(&bytes) || rayon::current_num_threads() < 2 {
-        return vec![T::zero(); n];
+        return vec![zero; n];
     }
     let mut v = Vec::with_capacity(n);
-    let per_task = (TASK_BYTES / std::mem::size_of::<T>()).max(1);
+    let per_task = (TASK_BYTES / std::mem::size_of::<T>().max(1)).max(1);
     v.spare_capacity_mut()[..n]
         .par_chunks_mut(per_task)
         .for_each(|chunk| {
             for x in chunk {
-                x.write(T::zero());
+                x.write(zero);
             }
         });
     // SAFETY: the capacity is at least `n`, and every one of the first `n`
@@ -57,5 +64,6 @@ mod tests {
         // Reused heap memory comes back cleared too.
         drop(vec![1.5f64; 100_000]);
         assert!(zeroed::<f64>(100_000).iter().all(|&x| x == 0.0));
+        assert!(filled(200_000, 0u16).iter().all(|&x| x == 0));
     }
 }

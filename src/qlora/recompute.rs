@@ -3,8 +3,8 @@
 //! Candle has none. [`CheckpointOp`] is a `CustomOp2` over the block input
 //! `x` and the block's adapter matrices packed into one vector `p`: its
 //! forward runs the block without recording a graph, so only `x` is kept;
-//! its backward recomputes the block with `x` and `p` as fresh variables and
-//! returns `dL/dx` and `dL/dp`. Candle's own backward of the packing
+//! its backward recomputes the block with `x` and each adapter matrix of
+//! `p` as fresh variables and returns `dL/dx` and `dL/dp`. Candle's own backward of the packing
 //! (`cat` of flattened `Var`s) then routes `dL/dp` to every adapter, so the
 //! caller's `loss.backward()` sees the same gradients as without
 //! checkpointing.
@@ -144,8 +144,16 @@ impl CustomOp2 for CheckpointOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let xv = Var::from_tensor(&x.detach())?;
-        let pv = Var::from_tensor(&p.detach())?;
-        let params = unpack(pv.as_tensor(), &self.shapes)?;
+        // One variable per adapter matrix, not slices of one packed
+        // variable: Candle's backward of a slice pads its gradient with
+        // zeros to the packed length and adds it up, a full-length zero
+        // fill, copy and sum per matrix (14 per Llama block), all on the
+        // calling thread.
+        let vars = unpack(&p.detach(), &self.shapes)?
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = self
             .block
             .forward_with(xv.as_tensor(), &params, &self.ctx, None)?;
@@ -155,10 +163,14 @@ impl CustomOp2 for CheckpointOp {
         let gp = if self.shapes.is_empty() {
             None
         } else {
-            Some(match grads.get(pv.as_tensor()) {
-                Some(g) => g.clone(),
-                None => pv.as_tensor().zeros_like()?,
-            })
+            let flat = params
+                .iter()
+                .map(|t| match grads.get(t) {
+                    Some(g) => g.flatten_all(),
+                    None => t.zeros_like()?.flatten_all(),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&flat, 0)?)
         };
         Ok((gx, gp))
     }
