@@ -4,10 +4,10 @@
 //! `x` and the block's adapter matrices packed into one vector `p`: its
 //! forward runs the block without recording a graph, so only `x` is kept;
 //! its backward recomputes the block with `x` and each adapter matrix of
-//! `p` as fresh variables and returns `dL/dx` and `dL/dp`. Candle's own backward of the packing
-//! (`cat` of flattened `Var`s) then routes `dL/dp` to every adapter, so the
-//! caller's `loss.backward()` sees the same gradients as without
-//! checkpointing.
+//! `p` as fresh variables and returns `dL/dx` and `dL/dp`. Candle's own
+//! backward of the packing (`cat` of flattened `Var`s) then routes `dL/dp`
+//! to every adapter, so the caller's `loss.backward()` sees the same
+//! gradients as without checkpointing.
 
 use std::sync::Arc;
 
