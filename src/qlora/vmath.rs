@@ -10,8 +10,9 @@
 //! the widest the CPU has at run time, so one portable binary gets 16-lane
 //! exponentials on an AVX-512 machine. The `wide` crate, used before, fixes
 //! its instruction set when the crate is compiled: four lanes (SSE2) in a
-//! portable build. On an AVX-512 Xeon these kernels are about 3.5 times as
-//! fast as `wide`'s eight-lane `exp` (`docs/design-notes.md`). No crate
+//! portable build. On an AVX-512 Xeon a one-off timing summed a row of
+//! exponentials about 3.5 times as fast as `wide`'s eight-lane `exp` did;
+//! whole training runs got 5-9% faster (`docs/design-notes.md`). No crate
 //! offers a vectorised `exp` chosen at run time on stable Rust, hence this
 //! one function written here.
 //!
