@@ -24,25 +24,27 @@ enum Isa {
     Avx2,
 }
 
-fn isa() -> Option<Isa> {
+/// The kernels this CPU can run, widest first.
+fn isas_here() -> Vec<Isa> {
+    #[allow(unused_mut)]
+    let mut isas = vec![];
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static ISA: OnceLock<Option<Isa>> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                Some(Isa::Avx512)
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                Some(Isa::Avx2)
-            } else {
-                None
-            }
-        })
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            isas.push(Isa::Avx2);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    None
+    isas
+}
+
+/// The widest kernel this CPU runs, if any (detected once).
+fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| isas_here().first().copied())
 }
 
 /// `out[i * r + j] = sum_t x[i * k + t] * a[j * k + t]`: `x` is `m x k`,
@@ -173,28 +175,39 @@ macro_rules! rows_dot_isa {
                 unsafe {
                     while i < m {
                         let (xi, oi) = (xp.add(i * k), op.add(i * r));
-                        let mut j = 0;
                         if i + 2 <= m {
-                            while j + 4 <= r {
-                                tile::<2, 4>(xi, ap.add(j * k), k, oi.add(j), r);
-                                j += 4;
-                            }
-                            while j < r {
-                                tile::<2, 1>(xi, ap.add(j * k), k, oi.add(j), r);
-                                j += 1;
-                            }
+                            row_block::<2>(xi, ap, k, oi, r);
                             i += 2;
                         } else {
-                            while j + 4 <= r {
-                                tile::<1, 4>(xi, ap.add(j * k), k, oi.add(j), r);
-                                j += 4;
-                            }
-                            while j < r {
-                                tile::<1, 1>(xi, ap.add(j * k), k, oi.add(j), r);
-                                j += 1;
-                            }
+                            row_block::<1>(xi, ap, k, oi, r);
                             i += 1;
                         }
+                    }
+                }
+            }
+
+            /// `R` rows of `x` against every row of `a`: four at a time,
+            /// then one by one.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn row_block<const R: usize>(
+                x: *const f32,
+                a: *const f32,
+                k: usize,
+                out: *mut f32,
+                r: usize,
+            ) {
+                let mut j = 0;
+                // SAFETY: the caller's rows; rows `j..j+4` or `j` of `a`
+                // are below `r`, their columns of `out` too.
+                unsafe {
+                    while j + 4 <= r {
+                        tile::<R, 4>(x, a.add(j * k), k, out.add(j), r);
+                        j += 4;
+                    }
+                    while j < r {
+                        tile::<R, 1>(x, a.add(j * k), k, out.add(j), r);
+                        j += 1;
                     }
                 }
             }
@@ -248,18 +261,7 @@ mod tests {
     /// rows, ranks that are not a multiple of four and depths with a tail.
     #[test]
     fn kernels_match_f64() {
-        let mut isas = vec![];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                isas.push(Isa::Avx2);
-            }
-        }
+        let isas = isas_here();
         if isas.is_empty() {
             eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 + FMA");
         }
