@@ -656,6 +656,27 @@ pub static SETTINGS: &[Setting] = &[
         "glibc malloc heaps at most (M_ARENA_MAX).",
     ),
     int(
+        "trainer",
+        "parallel_zero_min_bytes",
+        4 << 10,
+        32 << 20,
+        "Op output buffers from this size up are zero-filled on rayon's threads.",
+    ),
+    int(
+        "trainer",
+        "parallel_zero_task_bytes",
+        4 << 10,
+        32 << 20,
+        "Bytes each parallel zero-filling task clears.",
+    ),
+    int(
+        "trainer",
+        "lora_kernel_task_rows",
+        1,
+        1 << 16,
+        "Rows of the input per parallel task of LoRA's rank-wide product kernel.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

@@ -16,10 +16,10 @@ use rayon::prelude::*;
 const FRESH_PAGES_BYTES: usize = crate::tables::trainer::MALLOC_MMAP_THRESHOLD_BYTES as usize;
 
 /// Buffers below this many bytes are cleared on the calling thread.
-const PAR_MIN_BYTES: usize = 256 << 10;
+const PAR_MIN_BYTES: usize = crate::tables::trainer::PARALLEL_ZERO_MIN_BYTES as usize;
 
 /// Bytes each parallel task clears.
-const TASK_BYTES: usize = 64 << 10;
+const TASK_BYTES: usize = crate::tables::trainer::PARALLEL_ZERO_TASK_BYTES as usize;
 
 /// `n` zeros, cleared on rayon's threads when the buffer is large enough
 /// for that to pay and small enough to come from the heap.

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 /// Rows of `x` per parallel task.
-const TASK_ROWS: usize = 32;
+const TASK_ROWS: usize = crate::tables::trainer::LORA_KERNEL_TASK_ROWS as usize;
 
 /// The vector kernel this CPU runs, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 350051632875fbd1
+//   tables/defaults.toml 6f66fe150dec75fd
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml d7bb7540c9785cad
@@ -2090,6 +2090,12 @@ pub mod trainer {
     pub const MALLOC_TRIM_THRESHOLD_BYTES: u64 = 1073741824;
     ///glibc malloc heaps at most (M_ARENA_MAX).
     pub const MALLOC_ARENA_MAX: u64 = 1;
+    ///Op output buffers from this size up are zero-filled on rayon's threads.
+    pub const PARALLEL_ZERO_MIN_BYTES: u64 = 262144;
+    ///Bytes each parallel zero-filling task clears.
+    pub const PARALLEL_ZERO_TASK_BYTES: u64 = 65536;
+    ///Rows of the input per parallel task of LoRA's rank-wide product kernel.
+    pub const LORA_KERNEL_TASK_ROWS: u64 = 32;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
