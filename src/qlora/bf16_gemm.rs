@@ -684,10 +684,11 @@ mod amx {
 
     /// Whether the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F, BW, VL and
     /// BF16 for the packing) and Linux grants this process the tile data state
-    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), in a build with the `avx512`
+    /// feature.
     pub fn available() -> bool {
         use std::arch::x86_64::__cpuid_count;
-        if __cpuid_count(0, 0).eax < 7 {
+        if !cfg!(feature = "avx512") || __cpuid_count(0, 0).eax < 7 {
             return false;
         }
         let edx = __cpuid_count(7, 0).edx;

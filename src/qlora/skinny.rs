@@ -24,13 +24,14 @@ enum Isa {
     Avx2,
 }
 
-/// The kernels this CPU can run, widest first.
+/// The kernels this CPU can run, widest first (AVX-512 only in a build with
+/// the `avx512` feature).
 fn isas_here() -> Vec<Isa> {
     #[allow(unused_mut)]
     let mut isas = vec![];
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
             isas.push(Isa::Avx512);
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

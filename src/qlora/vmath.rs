@@ -6,7 +6,8 @@
 //! polynomial on the range-reduced argument, the power of two put together
 //! from its bits) that the compiler turns into SIMD code wherever it sits in
 //! a loop over lanes. The row kernels are compiled several times by the
-//! `multiversion` crate, for AVX-512, AVX2 + FMA and the baseline, and pick
+//! `multiversion` crate, for AVX-512 (in a build with the `avx512` feature,
+//! the default), AVX2 + FMA and the baseline, and pick
 //! the widest the CPU has at run time, so one portable binary gets 16-lane
 //! exponentials on an AVX-512 machine. The `wide` crate, used before, fixes
 //! its instruction set when the crate is compiled: four lanes (SSE2) in a
@@ -82,7 +83,11 @@ fn silu_d(x: f32) -> (f32, f32) {
 
 /// The largest element (`-inf` for an empty row). NaNs are skipped, as
 /// `f32::max` skips them.
-#[multiversion(targets = "simd")]
+#[cfg_attr(feature = "avx512", multiversion(targets = "simd"))]
+#[cfg_attr(
+    not(feature = "avx512"),
+    multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))
+)]
 pub fn max(row: &[f32]) -> f32 {
     let (lanes, tail) = row.as_chunks::<LANES>();
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -98,7 +103,11 @@ pub fn max(row: &[f32]) -> f32 {
 
 /// `sum(e^(x - shift))` over `row`, summed in [`LANES`] `f32` partial sums
 /// (callers keep rows short, or carry blocks into an `f64`).
-#[multiversion(targets = "simd")]
+#[cfg_attr(feature = "avx512", multiversion(targets = "simd"))]
+#[cfg_attr(
+    not(feature = "avx512"),
+    multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))
+)]
 pub fn sum_exp(row: &[f32], shift: f32) -> f32 {
     let (lanes, tail) = row.as_chunks::<LANES>();
     let mut acc = [0f32; LANES];
@@ -114,7 +123,11 @@ pub fn sum_exp(row: &[f32], shift: f32) -> f32 {
 ///
 /// # Panics
 /// If `src` and `dst` differ in length.
-#[multiversion(targets = "simd")]
+#[cfg_attr(feature = "avx512", multiversion(targets = "simd"))]
+#[cfg_attr(
+    not(feature = "avx512"),
+    multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))
+)]
 pub fn exp_scaled(src: &[f32], shift: f32, scale: f32, dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "exp_scaled: lengths differ");
     for (d, &x) in dst.iter_mut().zip(src) {
@@ -127,7 +140,11 @@ pub fn exp_scaled(src: &[f32], shift: f32, scale: f32, dst: &mut [f32]) {
 ///
 /// # Panics
 /// If `row` and `mask` differ in length.
-#[multiversion(targets = "simd")]
+#[cfg_attr(feature = "avx512", multiversion(targets = "simd"))]
+#[cfg_attr(
+    not(feature = "avx512"),
+    multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))
+)]
 pub fn softmax_masked(row: &mut [f32], mask: &[f32]) {
     assert_eq!(row.len(), mask.len(), "softmax_masked: lengths differ");
     let mut top = [f32::NEG_INFINITY; LANES];
@@ -169,7 +186,11 @@ pub fn softmax_masked(row: &mut [f32], mask: &[f32]) {
 ///
 /// # Panics
 /// If the slices differ in length.
-#[multiversion(targets = "simd")]
+#[cfg_attr(feature = "avx512", multiversion(targets = "simd"))]
+#[cfg_attr(
+    not(feature = "avx512"),
+    multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))
+)]
 pub fn silu_gate(g: &[f32], u: &[f32], y: &mut [f32]) {
     assert!(
         g.len() == y.len() && u.len() == y.len(),
@@ -184,7 +205,11 @@ pub fn silu_gate(g: &[f32], u: &[f32], y: &mut [f32]) {
 ///
 /// # Panics
 /// If the slices differ in length.
-#[multiversion(targets = "simd")]
+#[cfg_attr(feature = "avx512", multiversion(targets = "simd"))]
+#[cfg_attr(
+    not(feature = "avx512"),
+    multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))
+)]
 pub fn silu_gate_grad(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
     let n = g.len();
     assert!(
