@@ -127,5 +127,51 @@ fn lora_skinny(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dequant, frozen_matmul, lora_skinny, step);
+/// The AMX kernel alone on one thread, both operands packed beforehand: a
+/// 512 x 768 `A` against a 160-column `B` (one weight chunk of the forward
+/// product), written into an output 160 or 2048 columns wide (the second
+/// is where a chunk's columns sit in the forward product's output).
+fn amx_kernel(c: &mut Criterion) {
+    use qlora_scale::qlora::bf16_gemm::{Engine, Out, PackedA, PackedB, gemm};
+    if engine() != Engine::Amx {
+        eprintln!("amx_kernel: no AMX on this CPU, skipped");
+        return;
+    }
+    let (m, k, n) = (512usize, 768usize, 160usize);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.01).cos()).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.001).sin()).collect();
+    let mut a = PackedA::default();
+    a.pack(&x, m, k, k, false);
+    let mut b = PackedB::default();
+    b.pack_transposed(&w, n, k);
+    let mut g = c.benchmark_group("amx_kernel_512x768x160");
+    g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+    for ld in [n, 2048] {
+        let mut out = vec![0f32; m * ld];
+        g.bench_function(format!("ld{ld}"), |bch| {
+            bch.iter(|| {
+                let o = Out {
+                    ptr: out.as_mut_ptr(),
+                    rows: m,
+                    cols: n,
+                    ld,
+                };
+                // SAFETY: `out` holds `m` rows of `ld >= n` values, written
+                // before they are read; no other thread touches it.
+                unsafe { gemm(&a, 0, &b, o, false) };
+                black_box(out[0])
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    dequant,
+    frozen_matmul,
+    lora_skinny,
+    amx_kernel,
+    step
+);
 criterion_main!(benches);

@@ -729,9 +729,11 @@ mod amx {
         }
     }
 
-    /// Depth blocks (of 32) per pass: the `A` panel of 32 rows x 512 depths
-    /// (32 KiB) stays in L1 while the `B` panels stream past it.
-    const KC: usize = 16;
+    /// Depth blocks (of 32) per pass: the `A` panel of 32 rows x 256 depths
+    /// (16 KiB) stays in L1 while the `B` panels stream past it. On an AMX
+    /// Xeon (48 KiB L1) 8 ran the kernel alone faster than 4, 6, 12, 16 or
+    /// 24 (`cargo bench --bench qlora -- amx_kernel`, `docs/design-notes.md`).
+    const KC: usize = 8;
 
     /// A 16 x 16 tile of sums at `(r, c)` of `out`: in place when it lies
     /// inside, else a scratch tile whose inside part is copied.
@@ -806,6 +808,59 @@ mod amx {
         }
     }
 
+    /// Loads the four sum tiles `tmm0..tmm3` (row-major `(r, c)`,
+    /// `(r, c + 16)`, `(r + 16, c)`, `(r + 16, c + 16)`) from
+    /// `(address, bytes from row to row)`.
+    ///
+    /// # Safety
+    /// Tiles configured by [`TileConfig::all_full`]; each address holds 16
+    /// rows of 64 bytes at its stride.
+    #[inline(always)]
+    unsafe fn load_sums(at: [(*mut f32, usize); 4]) {
+        // SAFETY: the caller's.
+        unsafe {
+            core::arch::asm!(
+                "tileloadd tmm0, [{c00} + {s00} * 1]",
+                "tileloadd tmm1, [{c01} + {s01} * 1]",
+                c00 = in(reg) at[0].0, s00 = in(reg) at[0].1,
+                c01 = in(reg) at[1].0, s01 = in(reg) at[1].1,
+                options(nostack, readonly),
+            );
+            core::arch::asm!(
+                "tileloadd tmm2, [{c10} + {s10} * 1]",
+                "tileloadd tmm3, [{c11} + {s11} * 1]",
+                c10 = in(reg) at[2].0, s10 = in(reg) at[2].1,
+                c11 = in(reg) at[3].0, s11 = in(reg) at[3].1,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    /// Stores the sum tiles where [`load_sums`] loads them.
+    ///
+    /// # Safety
+    /// As [`load_sums`], the 16 rows writable.
+    #[inline(always)]
+    unsafe fn store_sums(at: [(*mut f32, usize); 4]) {
+        // SAFETY: the caller's.
+        unsafe {
+            core::arch::asm!(
+                "tilestored [{c00} + {s00} * 1], tmm0",
+                "tilestored [{c01} + {s01} * 1], tmm1",
+                c00 = in(reg) at[0].0, s00 = in(reg) at[0].1,
+                c01 = in(reg) at[1].0, s01 = in(reg) at[1].1,
+                options(nostack),
+            );
+            core::arch::asm!(
+                "tilestored [{c10} + {s10} * 1], tmm2",
+                "tilestored [{c11} + {s11} * 1], tmm3",
+                c10 = in(reg) at[2].0, s10 = in(reg) at[2].1,
+                c11 = in(reg) at[3].0, s11 = in(reg) at[3].1,
+                options(nostack),
+            );
+        }
+    }
+
     /// See [`super::gemm`].
     ///
     /// # Safety
@@ -831,16 +886,30 @@ mod amx {
         let cfg = TileConfig::all_full();
         let mut scratch = [[0f32; 256]; 4];
         let sp: *mut f32 = scratch.as_mut_ptr().cast();
+        let groups = cols_pad / 16;
+        let passes = kblocks.div_ceil(KC);
+        // Sums between depth passes, for the 32 rows in hand: one 1 KiB
+        // tile per (row block, column group), each contiguous. Kept in
+        // `out` instead, they came back from rows `ld` apart, which for a
+        // 2048-wide output all fall in one L1 set: the kernel alone ran
+        // 1.45x as long (`cargo bench --bench qlora -- amx_kernel`).
+        // Written by `tilestored` before any `tileloadd` reads it, so left
+        // uninitialised (only the pointer is used).
+        let mut panel = Vec::<f32>::with_capacity(if passes > 1 { 2 * groups * 256 } else { 0 });
+        let pp = panel.as_mut_ptr();
         // SAFETY: `cfg` is a valid palette-1 configuration; the caller
         // guarantees the permission.
         unsafe { core::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
-        for k0 in (0..kblocks).step_by(KC) {
-            let kn = KC.min(kblocks - k0);
-            let load = accumulate || k0 > 0;
-            for r in (0..rows_pad).step_by(32) {
+        for r in (0..rows_pad).step_by(32) {
+            for pass in 0..passes {
+                // Passes of equal depth (to a block): a short last pass
+                // would pay a round trip of the sums for little work.
+                let k0 = pass * kblocks / passes;
+                let kn = (pass + 1) * kblocks / passes - k0;
+                let (first, last) = (pass == 0, pass + 1 == passes);
                 let a0 = a[((r / 16) * a_kblocks + kb0 + k0) * TILE..].as_ptr();
                 let a1 = a[((r / 16 + 1) * a_kblocks + kb0 + k0) * TILE..].as_ptr();
-                for g in (0..cols_pad / 16).step_by(2) {
+                for g in (0..groups).step_by(2) {
                     let b0 = b[(g * kblocks + k0) * TILE..].as_ptr();
                     let b1 = b[((g + 1) * kblocks + k0) * TILE..].as_ptr();
                     let (c, l) = (g * 16, out.ld);
@@ -850,29 +919,23 @@ mod amx {
                         TileAt::new(out, r + 16, c, sp.wrapping_add(512)),
                         TileAt::new(out, r + 16, c + 16, sp.wrapping_add(768)),
                     ];
+                    let at_out = t.each_ref().map(|t| (t.ptr, t.stride));
+                    let at_panel = [(0, g), (0, g + 1), (1, g), (1, g + 1)]
+                        .map(|(i, j)| (pp.wrapping_add((i * groups + j) * 256), 64));
                     // SAFETY: every tile lies inside its buffer: A blocks
                     // (r/16, k0..k0+kn) and (r/16+1, ..), B blocks of groups
-                    // g, g+1 (asserted lengths); the sum tiles are inside
-                    // `out` or scratch tiles (`TileAt`), and `out`'s values
-                    // are read only after this call wrote them or when
-                    // `accumulate` (the caller's guarantee).
+                    // g, g+1 (asserted lengths), the panel's tiles (when
+                    // there are several passes: 2 x `groups` tiles); the
+                    // sum tiles are inside `out` or scratch tiles
+                    // (`TileAt`), and `out`'s values are read only after
+                    // this call wrote them or when `accumulate` (the
+                    // caller's guarantee).
                     unsafe {
-                        if load {
+                        if !first {
+                            load_sums(at_panel);
+                        } else if accumulate {
                             t.iter().for_each(|t| t.fetch(l));
-                            core::arch::asm!(
-                                "tileloadd tmm0, [{c00} + {s00} * 1]",
-                                "tileloadd tmm1, [{c01} + {s01} * 1]",
-                                c00 = in(reg) t[0].ptr, s00 = in(reg) t[0].stride,
-                                c01 = in(reg) t[1].ptr, s01 = in(reg) t[1].stride,
-                                options(nostack, readonly),
-                            );
-                            core::arch::asm!(
-                                "tileloadd tmm2, [{c10} + {s10} * 1]",
-                                "tileloadd tmm3, [{c11} + {s11} * 1]",
-                                c10 = in(reg) t[2].ptr, s10 = in(reg) t[2].stride,
-                                c11 = in(reg) t[3].ptr, s11 = in(reg) t[3].stride,
-                                options(nostack, readonly),
-                            );
+                            load_sums(at_out);
                         } else {
                             core::arch::asm!(
                                 "tilezero tmm0",
@@ -906,21 +969,12 @@ mod amx {
                             n = inout(reg) kn => _,
                             options(nostack, readonly),
                         );
-                        core::arch::asm!(
-                            "tilestored [{c00} + {s00} * 1], tmm0",
-                            "tilestored [{c01} + {s01} * 1], tmm1",
-                            c00 = in(reg) t[0].ptr, s00 = in(reg) t[0].stride,
-                            c01 = in(reg) t[1].ptr, s01 = in(reg) t[1].stride,
-                            options(nostack),
-                        );
-                        core::arch::asm!(
-                            "tilestored [{c10} + {s10} * 1], tmm2",
-                            "tilestored [{c11} + {s11} * 1], tmm3",
-                            c10 = in(reg) t[2].ptr, s10 = in(reg) t[2].stride,
-                            c11 = in(reg) t[3].ptr, s11 = in(reg) t[3].stride,
-                            options(nostack),
-                        );
-                        t.iter().for_each(|t| t.flush(l));
+                        if last {
+                            store_sums(at_out);
+                            t.iter().for_each(|t| t.flush(l));
+                        } else {
+                            store_sums(at_panel);
+                        }
                     }
                 }
             }
@@ -991,6 +1045,7 @@ mod tests {
             (17, 31, 3),
             (5, 0, 9),
             (40, 1100, 70),
+            (96, 520, 40),
         ] {
             let a = data(m * k, 1);
             let bt = data(n * k, 2);
