@@ -1,8 +1,8 @@
 //! `cargo bench --bench qlora`: one QLoRA training step per frozen-weight
 //! configuration, NF4 dequantization throughput, and the frozen matmul
 //! kernels with `f32` and `bf16` products (`--cpu-matmul`; AMX where the
-//! CPU has it), and LoRA's narrow product `x · Aᵀ` on its own kernel
-//! against the `gemm` crate. Peak memory is measured
+//! CPU has it), the AMX kernel alone on packed operands, and LoRA's narrow
+//! product `x · Aᵀ` on its own kernel against the `gemm` crate. Peak memory is measured
 //! per configuration in its own process by `scripts/qlora_peak.sh`.
 
 use std::hint::black_box;

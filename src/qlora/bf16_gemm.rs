@@ -154,13 +154,67 @@ macro_rules! wide_fn {
 /// Values in one 16 x 16 tile of `bf16` pairs (1 KiB).
 const TILE: usize = 512;
 
+/// One tile row (64 bytes) of `bf16` bits, on a cache line of its own.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+/// Packed `bf16` bits that start on a cache line, so that no tile row (64
+/// bytes) straddles two lines. A `Vec<u16>` of a packed operand's size
+/// comes from `mmap`, 16 bytes past a page boundary, and then each row a
+/// `tileloadd` reads touched two lines.
+#[derive(Default)]
+struct Lines(Vec<Line>);
+
+impl Lines {
+    /// `len` zeros (`len` a multiple of 32), cleared on rayon's threads
+    /// when `parallel` (`buf::filled`).
+    fn zeroed(len: usize, parallel: bool) -> Lines {
+        debug_assert_eq!(len % 32, 0, "whole lines");
+        let zero = Line([0; 32]);
+        Lines(if parallel {
+            super::buf::filled(len / 32, zero)
+        } else {
+            vec![zero; len / 32]
+        })
+    }
+}
+
+impl std::ops::Deref for Lines {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        // SAFETY: a `Line` is 32 `u16`s with no padding (`repr(C)`, 64
+        // bytes, aligned to 64), so the lines are `32 * len` of them.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 32) }
+    }
+}
+
+impl std::ops::DerefMut for Lines {
+    fn deref_mut(&mut self) -> &mut [u16] {
+        // SAFETY: as `deref`, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 32) }
+    }
+}
+
+impl PartialEq for Lines {
+    fn eq(&self, other: &Lines) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// The left operand `A` (`rows x depth`) packed for the tiles: blocks of 16
 /// rows x 32 depths (1 KiB), block `(rb, kb)` at `(rb * kblocks + kb) *
 /// 512`; rows padded to a multiple of 32, depth to a multiple of 32, with
 /// zeros.
 #[derive(Default)]
 pub struct PackedA {
-    data: Vec<u16>,
+    data: Lines,
     rows: usize,
     depth: usize,
     kblocks: usize,
@@ -187,11 +241,7 @@ impl PackedA {
             // one `memset` of up to 32 MiB, the logits' gradient, on the
             // calling thread).
             let len = rows_pad * kblocks * PAD;
-            self.data = if parallel {
-                super::buf::filled(len, 0u16)
-            } else {
-                vec![0; len]
-            };
+            self.data = Lines::zeroed(len, parallel);
         }
         self.rows = rows;
         self.depth = depth;
@@ -252,7 +302,7 @@ fn convert(src: &[f32], dst: &mut [u16]) {
 /// with zeros.
 #[derive(Default)]
 pub struct PackedB {
-    data: Vec<u16>,
+    data: Lines,
     cols: usize,
     depth: usize,
     kblocks: usize,
@@ -264,8 +314,7 @@ impl PackedB {
     fn reset(&mut self, depth: usize, cols: usize) {
         let len = packed_groups(cols) * depth.div_ceil(PAD) * TILE;
         if (self.cols, self.depth) != (cols, depth) || self.data.len() != len {
-            self.data.clear();
-            self.data.resize(len, 0);
+            self.data = Lines::zeroed(len, false);
         }
         self.cols = cols;
         self.depth = depth;
@@ -735,6 +784,12 @@ mod amx {
     /// 24 (`cargo bench --bench qlora -- amx_kernel`, `docs/design-notes.md`).
     const KC: usize = 8;
 
+    /// Depth blocks done in one pass all the same: a 32-row panel of up to
+    /// 512 depths (32 KiB) still fits L1, and one pass needs no round trip
+    /// of the sums. The input gradient's products (a weight chunk of 320
+    /// depths) ran 1.27x as long cut into two passes.
+    const KC_ONE_PASS: usize = 16;
+
     /// A 16 x 16 tile of sums at `(r, c)` of `out`: in place when it lies
     /// inside, else a scratch tile whose inside part is copied.
     struct TileAt {
@@ -807,6 +862,12 @@ mod amx {
             }
         }
     }
+
+    /// One tile of `f32` sums (16 x 16), its rows on cache lines of their
+    /// own.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct SumTile([f32; 256]);
 
     /// Loads the four sum tiles `tmm0..tmm3` (row-major `(r, c)`,
     /// `(r, c + 16)`, `(r + 16, c)`, `(r + 16, c + 16)`) from
@@ -884,10 +945,14 @@ mod amx {
         );
         assert!(out.rows <= rows_pad && out.cols <= cols_pad);
         let cfg = TileConfig::all_full();
-        let mut scratch = [[0f32; 256]; 4];
+        let mut scratch = [SumTile([0.0; 256]); 4];
         let sp: *mut f32 = scratch.as_mut_ptr().cast();
         let groups = cols_pad / 16;
-        let passes = kblocks.div_ceil(KC);
+        let passes = if kblocks <= KC_ONE_PASS {
+            1
+        } else {
+            kblocks.div_ceil(KC)
+        };
         // Sums between depth passes, for the 32 rows in hand: one 1 KiB
         // tile per (row block, column group), each contiguous. Kept in
         // `out` instead, they came back from rows `ld` apart, which for a
@@ -895,8 +960,8 @@ mod amx {
         // 1.45x as long (`cargo bench --bench qlora -- amx_kernel`).
         // Written by `tilestored` before any `tileloadd` reads it, so left
         // uninitialised (only the pointer is used).
-        let mut panel = Vec::<f32>::with_capacity(if passes > 1 { 2 * groups * 256 } else { 0 });
-        let pp = panel.as_mut_ptr();
+        let mut panel = Vec::<SumTile>::with_capacity(if passes > 1 { 2 * groups } else { 0 });
+        let pp: *mut f32 = panel.as_mut_ptr().cast();
         // SAFETY: `cfg` is a valid palette-1 configuration; the caller
         // guarantees the permission.
         unsafe { core::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
