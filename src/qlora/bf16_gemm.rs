@@ -180,6 +180,16 @@ impl Lines {
     }
 }
 
+impl Lines {
+    /// Makes these `len` zeros (`len` a multiple of 32), in the memory
+    /// they hold when it is large enough.
+    fn refill(&mut self, len: usize) {
+        debug_assert_eq!(len % 32, 0, "whole lines");
+        self.0.clear();
+        self.0.resize(len / 32, Line([0; 32]));
+    }
+}
+
 impl std::ops::Deref for Lines {
     type Target = [u16];
     fn deref(&self) -> &[u16] {
@@ -314,7 +324,7 @@ impl PackedB {
     fn reset(&mut self, depth: usize, cols: usize) {
         let len = packed_groups(cols) * depth.div_ceil(PAD) * TILE;
         if (self.cols, self.depth) != (cols, depth) || self.data.len() != len {
-            self.data = Lines::zeroed(len, false);
+            self.data.refill(len);
         }
         self.cols = cols;
         self.depth = depth;
