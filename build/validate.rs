@@ -677,6 +677,20 @@ pub static SETTINGS: &[Setting] = &[
         "Rows of the input per parallel task of LoRA's rank-wide product kernel.",
     ),
     int(
+        "trainer",
+        "amx_pass_depth_blocks",
+        1,
+        1 << 10,
+        "Depth blocks of 32 per pass of the AMX kernel when the depth needs several passes.",
+    ),
+    int(
+        "trainer",
+        "amx_one_pass_depth_blocks",
+        1,
+        1 << 10,
+        "Depth blocks of 32 the AMX kernel still does in one pass.",
+    ),
+    int(
         "embedded",
         "num_layers",
         1,

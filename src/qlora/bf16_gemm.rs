@@ -178,9 +178,7 @@ impl Lines {
             vec![zero; len / 32]
         })
     }
-}
 
-impl Lines {
     /// Makes these `len` zeros (`len` a multiple of 32), in the memory
     /// they hold when it is large enough.
     fn refill(&mut self, len: usize) {
@@ -790,15 +788,16 @@ mod amx {
 
     /// Depth blocks (of 32) per pass: the `A` panel of 32 rows x 256 depths
     /// (16 KiB) stays in L1 while the `B` panels stream past it. On an AMX
-    /// Xeon (48 KiB L1) 8 ran the kernel alone faster than 4, 6, 12, 16 or
-    /// 24 (`cargo bench --bench qlora -- amx_kernel`, `docs/design-notes.md`).
-    const KC: usize = 8;
+    /// Xeon (48 KiB L1) 8 ran the kernel alone faster than 4, 12, 16 or 24,
+    /// and as fast as 6 (`cargo bench --bench qlora -- amx_kernel`,
+    /// `docs/design-notes.md`).
+    const KC: usize = crate::tables::trainer::AMX_PASS_DEPTH_BLOCKS as usize;
 
     /// Depth blocks done in one pass all the same: a 32-row panel of up to
     /// 512 depths (32 KiB) still fits L1, and one pass needs no round trip
     /// of the sums. The input gradient's products (a weight chunk of 320
     /// depths) ran 1.27x as long cut into two passes.
-    const KC_ONE_PASS: usize = 16;
+    const KC_ONE_PASS: usize = crate::tables::trainer::AMX_ONE_PASS_DEPTH_BLOCKS as usize;
 
     /// A 16 x 16 tile of sums at `(r, c)` of `out`: in place when it lies
     /// inside, else a scratch tile whose inside part is copied.

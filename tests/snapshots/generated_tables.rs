@@ -3,7 +3,7 @@
 //   tables/size.toml eddb62f34808a96f
 //   tables/detect.toml 43267c404f92266f
 //   tables/hardware.toml e283f864638c8f70
-//   tables/defaults.toml 6f66fe150dec75fd
+//   tables/defaults.toml 934348f483d831ac
 //   tables/known_models.toml 52977fc7cf72a78f
 //   tables/profile.toml 176d841cffeec24a
 //   tables/memory.toml d7bb7540c9785cad
@@ -2096,6 +2096,10 @@ pub mod trainer {
     pub const PARALLEL_ZERO_TASK_BYTES: u64 = 65536;
     ///Rows of the input per parallel task of LoRA's rank-wide product kernel.
     pub const LORA_KERNEL_TASK_ROWS: u64 = 32;
+    ///Depth blocks of 32 per pass of the AMX kernel when the depth needs several passes.
+    pub const AMX_PASS_DEPTH_BLOCKS: u64 = 8;
+    ///Depth blocks of 32 the AMX kernel still does in one pass.
+    pub const AMX_ONE_PASS_DEPTH_BLOCKS: u64 = 16;
 }
 ///The built-in model of `train` (`tables/defaults.toml`, `[embedded]`).
 pub mod embedded {
