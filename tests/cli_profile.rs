@@ -15,6 +15,8 @@
 //!
 //! and review the diff.
 
+mod sandbox;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -35,7 +37,9 @@ struct Sandbox {
 
 impl Sandbox {
     fn new() -> Sandbox {
-        Sandbox { dir: sandbox_dir() }
+        Sandbox {
+            dir: sandbox::digitless_tempdir(),
+        }
     }
 
     /// The profile file the tests pass with `--profile-path`.
@@ -1264,22 +1268,4 @@ fn a_local_model_directory_is_sized_from_its_files() {
     assert!(out.status.success());
     assert!(stdout(&out).ends_with("\tsmall\t7\n"), "{}", stdout(&out));
     assert!(stderr(&out).contains("config.json"), "{}", stderr(&out));
-}
-
-/// A temporary directory whose name has no digit. Model paths under it are
-/// sized from their names, ancestors included (as a Hugging Face cache path
-/// is): a random name such as `.tmpjzXh4B` read as a 4B model and made a
-/// test of an unsizable folder fail now and then.
-fn sandbox_dir() -> tempfile::TempDir {
-    for _ in 0..1000 {
-        let dir = tempfile::Builder::new()
-            .prefix("sandbox-")
-            .tempdir()
-            .expect("temporary directory");
-        let name = dir.path().file_name().unwrap_or_default();
-        if !name.to_string_lossy().bytes().any(|b| b.is_ascii_digit()) {
-            return dir;
-        }
-    }
-    panic!("no temporary directory name without a digit in 1000 tries");
 }

@@ -22,6 +22,7 @@ use qlora_scale::{
 };
 use serde_json::Value;
 
+mod sandbox;
 mod train_common;
 
 const HW: [&str; 6] = ["--generation", "m2", "--chip", "ultra", "--memory", "192"];
@@ -32,7 +33,9 @@ struct Sandbox {
 
 impl Sandbox {
     fn new() -> Self {
-        Self { dir: sandbox_dir() }
+        Self {
+            dir: sandbox::digitless_tempdir(),
+        }
     }
 
     fn profile(&self) -> PathBuf {
@@ -867,22 +870,4 @@ fn help_snapshot() {
             &String::from_utf8(out.stdout).unwrap(),
         );
     }
-}
-
-/// A temporary directory whose name has no digit. Model paths under it are
-/// sized from their names, ancestors included (as a Hugging Face cache path
-/// is): a random name such as `.tmpjzXh4B` read as a 4B model and made a
-/// test of an unsizable folder fail now and then.
-fn sandbox_dir() -> tempfile::TempDir {
-    for _ in 0..1000 {
-        let dir = tempfile::Builder::new()
-            .prefix("sandbox-")
-            .tempdir()
-            .expect("temporary directory");
-        let name = dir.path().file_name().unwrap_or_default();
-        if !name.to_string_lossy().bytes().any(|b| b.is_ascii_digit()) {
-            return dir;
-        }
-    }
-    panic!("no temporary directory name without a digit in 1000 tries");
 }
